@@ -1,0 +1,272 @@
+//! The GPU context: a device and queue, either created from the environment or handed over by
+//! an application that already has them, plus the compiled kernels shared by every plan on it.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::kernels::KernelCache;
+
+/// Which device limits to ask the adapter for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceLimits {
+    /// wgpu's portable defaults (128 MiB storage bindings, 256 MiB buffers), lowered only where
+    /// the adapter has less: the same sizes work, or fail, on every machine.
+    #[default]
+    WgpuDefault,
+    /// Everything the adapter offers: the largest sizes this machine can run.
+    Adapter,
+}
+
+/// How to pick the adapter. [`AdapterOptions::from_env`] reads wgpu's usual variables.
+///
+/// ```
+/// use wgpu_attention::AdapterOptions;
+/// let opts = AdapterOptions {
+///     backends: Some(wgpu::Backends::VULKAN),
+///     adapter_name: Some("llvmpipe".into()),
+///     ..AdapterOptions::default()
+/// };
+/// assert!(opts.describe().contains("llvmpipe"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdapterOptions {
+    /// Backends to search; `None` means all that are compiled in.
+    pub backends: Option<wgpu::Backends>,
+    /// Take the first adapter whose name contains this (case-insensitive).
+    pub adapter_name: Option<String>,
+    /// Power preference when no name is given.
+    pub power_preference: wgpu::PowerPreference,
+    /// Which limits the device gets.
+    pub limits: DeviceLimits,
+}
+
+impl AdapterOptions {
+    /// Options from `WGPU_BACKEND` (e.g. `vulkan`, `gl`, `metal`, `dx12`, or a comma list),
+    /// `WGPU_ADAPTER_NAME` (a substring of the adapter's name) and `WGPU_POWER_PREF` (`low`,
+    /// `high`, `none`).
+    pub fn from_env() -> Self {
+        AdapterOptions {
+            backends: wgpu::Backends::from_env(),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            power_preference: wgpu::PowerPreference::from_env().unwrap_or_default(),
+            limits: DeviceLimits::WgpuDefault,
+        }
+    }
+
+    /// The backends that will be searched.
+    pub fn backends(&self) -> wgpu::Backends {
+        self.backends.unwrap_or(wgpu::Backends::all())
+    }
+
+    /// A one-line description of the request, for messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!("backends {:?}", self.backends());
+        if let Some(name) = &self.adapter_name {
+            s.push_str(&format!(", adapter name containing {name:?}"));
+        }
+        s.push_str(&format!(", power preference {:?}", self.power_preference));
+        s
+    }
+}
+
+/// A wgpu device and queue with the crate's compiled kernels.
+///
+/// Cloning is cheap and shares the device, queue and kernels. There is no global state: two
+/// contexts on two devices are independent.
+///
+/// ```no_run
+/// use wgpu_attention::GpuContext;
+/// // From the environment (WGPU_BACKEND, WGPU_ADAPTER_NAME, WGPU_POWER_PREF):
+/// let ctx = GpuContext::from_env()?;
+/// println!("running on {}", ctx.adapter_info().name);
+/// // Or from an application's own device and queue:
+/// let app = GpuContext::from_device(ctx.device().clone(), ctx.queue().clone());
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    kernels: Arc<KernelCache>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.info.name)
+            .field("backend", &self.info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuContext {
+    /// A context on the adapter the environment asks for (see [`AdapterOptions::from_env`]).
+    pub fn from_env() -> Result<Self> {
+        Self::from_options(&AdapterOptions::from_env())
+    }
+
+    /// A context on the adapter `options` describe; blocks until the device is ready.
+    pub fn from_options(options: &AdapterOptions) -> Result<Self> {
+        pollster::block_on(Self::from_options_async(options))
+    }
+
+    /// The async form of [`GpuContext::from_options`].
+    pub async fn from_options_async(options: &AdapterOptions) -> Result<Self> {
+        let instance = new_instance(options.backends());
+        let adapter = choose_adapter(&instance, options).await?;
+        let info = adapter.get_info();
+        let adapter_limits = adapter.limits();
+        let required_limits = match options.limits {
+            DeviceLimits::WgpuDefault => {
+                wgpu::Limits::default().or_worse_values_from(&adapter_limits)
+            }
+            DeviceLimits::Adapter => adapter_limits,
+        };
+        // Timestamps let the benchmark time each kernel; subgroups speed up reductions. Both
+        // are optional: the kernels have paths without them.
+        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+        let required_features = adapter.features() & wanted;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-attention"),
+                required_features,
+                required_limits,
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|source| Error::RequestDevice {
+                adapter: info.name.clone(),
+                source,
+            })?;
+        Ok(Self::with_info(device, queue, info))
+    }
+
+    /// A context on an application's existing device and queue. Nothing is created until a
+    /// plan is built; the application keeps using its device as before.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let info = device.adapter_info();
+        Self::with_info(device, queue, info)
+    }
+
+    fn with_info(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
+        let kernels = Arc::new(KernelCache::new(&device));
+        GpuContext {
+            device,
+            queue,
+            info,
+            kernels,
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The adapter's name, backend, type and driver.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The device's limits.
+    pub fn limits(&self) -> wgpu::Limits {
+        self.device.limits()
+    }
+
+    /// Whether kernels can be timed with timestamp queries.
+    pub fn has_timestamps(&self) -> bool {
+        self.device
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    pub(crate) fn kernels(&self) -> &KernelCache {
+        &self.kernels
+    }
+}
+
+/// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
+/// error wgpu reported as [`Error::Wgpu`], naming `stage`.
+pub(crate) fn scoped<T>(device: &wgpu::Device, stage: &str, f: impl FnOnce() -> T) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let value = f();
+    // Scopes pop in reverse order of their push.
+    let errors = [
+        pollster::block_on(validation.pop()),
+        pollster::block_on(internal.pop()),
+        pollster::block_on(oom.pop()),
+    ];
+    match errors.into_iter().flatten().next() {
+        None => Ok(value),
+        Some(e) => Err(Error::Wgpu {
+            stage: stage.to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter on the given backends, for listing.
+pub fn enumerate_adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let instance = new_instance(backends);
+    pollster::block_on(instance.enumerate_adapters(backends))
+}
+
+async fn choose_adapter(
+    instance: &wgpu::Instance,
+    options: &AdapterOptions,
+) -> Result<wgpu::Adapter> {
+    if let Some(name) = &options.adapter_name {
+        let wanted = name.to_lowercase();
+        let adapters = instance.enumerate_adapters(options.backends()).await;
+        let names: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?})", i.name, i.backend)
+            })
+            .collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+            .ok_or_else(|| Error::NoAdapter {
+                request: format!(
+                    "{}; adapters found: {}",
+                    options.describe(),
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            });
+    }
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: options.power_preference,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        })
+        .await
+        .map_err(|e| Error::NoAdapter {
+            request: format!("{}: {e}", options.describe()),
+        })
+}

@@ -1,0 +1,187 @@
+//! The one error type of the crate.
+//!
+//! Every variant names what went wrong in terms the caller can act on: the tensor and its shapes,
+//! the device limit and the size that was asked for, or how to get an adapter where none exists.
+
+use std::fmt;
+
+/// A shorthand for `Result<T, wgpu_attention::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A tensor shape, printed as `[2, 3, 4]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape(pub Vec<usize>);
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+impl From<&[usize]> for Shape {
+    fn from(dims: &[usize]) -> Self {
+        Shape(dims.to_vec())
+    }
+}
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matched the request (or the machine has none at all).
+    #[error(
+        "no GPU adapter found ({request}). Install a GPU driver, or Mesa's software Vulkan driver \
+         (lavapipe; on Debian/Ubuntu: `apt-get install mesa-vulkan-drivers libvulkan1`), or try \
+         another backend with WGPU_BACKEND=vulkan|metal|dx12|gl"
+    )]
+    NoAdapter {
+        /// What was asked for: backends, adapter name, power preference.
+        request: String,
+    },
+
+    /// The adapter refused to create a device.
+    #[error("the adapter `{adapter}` could not create a device: {source}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's reason.
+        source: wgpu::RequestDeviceError,
+    },
+
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {actual}, expected {expected}")]
+    ShapeMismatch {
+        /// The tensor's name (`x`, `w_q`, `key_mask`, ...).
+        name: String,
+        /// The shape the configuration calls for.
+        expected: Shape,
+        /// The shape that was given.
+        actual: Shape,
+    },
+
+    /// A tensor's data does not fill its declared shape.
+    #[error("tensor `{name}` has shape {shape} ({expected} values) but {actual} values were given")]
+    DataLength {
+        /// The tensor's name.
+        name: String,
+        /// The declared shape.
+        shape: Shape,
+        /// The product of the shape.
+        expected: usize,
+        /// The number of values given.
+        actual: usize,
+    },
+
+    /// A tensor the configuration needs was not given.
+    #[error("missing tensor `{name}` (expected shape {expected}): {why}")]
+    MissingTensor {
+        /// The tensor's name.
+        name: String,
+        /// The shape it should have.
+        expected: Shape,
+        /// Which part of the configuration needs it.
+        why: String,
+    },
+
+    /// A tensor was given that the configuration does not use.
+    #[error("tensor `{name}` was given but {why}")]
+    UnexpectedTensor {
+        /// The tensor's name.
+        name: String,
+        /// Why it does not fit.
+        why: String,
+    },
+
+    /// A dimension of the configuration is zero.
+    #[error("`{name}` is zero: every dimension of an attention layer must be at least 1")]
+    ZeroSize {
+        /// The dimension's name.
+        name: &'static str,
+    },
+
+    /// A size goes past a limit of the device (or of the 32-bit indexing the shaders use).
+    #[error("{what} needs {requested}, past the device limit `{limit}` = {max}{hint}")]
+    LimitExceeded {
+        /// The limit's name, as in `wgpu::Limits`.
+        limit: &'static str,
+        /// The limit's value on this device.
+        max: u64,
+        /// What was asked for.
+        requested: u64,
+        /// What needed it.
+        what: String,
+        /// A way out, if there is one (starts with "; ").
+        hint: String,
+    },
+
+    /// An input holds NaN or infinity. Attention mixes every key into every query, so a single
+    /// non-finite input would spread silently; it is refused instead.
+    #[error("tensor `{name}` holds {value} at index {index}: inputs must be finite")]
+    NonFinite {
+        /// The tensor's name.
+        name: String,
+        /// The multi-dimensional index of the first bad value.
+        index: Shape,
+        /// The value found.
+        value: f32,
+    },
+
+    /// A key-padding mask holds something other than 0 or 1.
+    #[error("key_mask holds {value} at index {index}: use 1 for a real token and 0 for padding")]
+    InvalidMask {
+        /// The multi-dimensional index of the bad value.
+        index: Shape,
+        /// The value found.
+        value: f32,
+    },
+
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A buffer handed in by the caller is too small or lacks a usage flag.
+    #[error("buffer `{name}`: {problem}")]
+    BadBuffer {
+        /// Which buffer (`x`, `key_mask`, `output`).
+        name: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// Bindings made by one plan were handed to another.
+    #[error("these bindings were made by another AttentionPlan; bind the buffers with this plan")]
+    ForeignBindings,
+
+    /// wgpu reported a validation, out-of-memory or internal error.
+    #[error("wgpu error while {stage}: {message}")]
+    Wgpu {
+        /// What the crate was doing.
+        stage: String,
+        /// wgpu's message.
+        message: String,
+    },
+
+    /// Mapping a buffer for read-back failed.
+    #[error("reading results back from the GPU failed: {0}")]
+    Map(#[from] wgpu::BufferAsyncError),
+
+    /// Waiting for the device failed (device lost or timed out).
+    #[error("waiting for the GPU failed: {0}")]
+    Poll(#[from] wgpu::PollError),
+}
+
+impl Error {
+    pub(crate) fn shape(name: &str, expected: &[usize], actual: &[usize]) -> Self {
+        Error::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.into(),
+            actual: actual.into(),
+        }
+    }
+}

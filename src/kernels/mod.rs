@@ -1,0 +1,351 @@
+//! The kernels' host side: shader sources, bind group layouts, compiled pipelines (cached per
+//! device and override values), the uniform parameters each kernel reads, and grid sizes.
+//!
+//! A kernel here is one WGSL file in `shaders/`. Its tile and workgroup sizes are `override`
+//! constants, so one source gives every specialisation; each specialisation is compiled once per
+//! [`crate::GpuContext`] and shared by all plans on it.
+
+pub(crate) mod gemm;
+pub(crate) mod scores;
+pub(crate) mod softmax;
+pub(crate) mod weighted_sum;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::context::scoped;
+use crate::error::{Error, Result};
+
+/// The WGSL kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `gemm.wgsl`: projection GEMM with bias.
+    Gemm,
+    /// `scores.wgsl`: scaled, masked `Q K^T`.
+    Scores,
+    /// `softmax.wgsl`: stable row softmax in place.
+    Softmax,
+    /// `weighted_sum.wgsl`: `P V`, heads concatenated.
+    WeightedSum,
+}
+
+/// How a kernel sees one binding.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+impl Kernel {
+    /// Every kernel, for validation and listing.
+    pub const ALL: [Kernel; 4] = [
+        Kernel::Gemm,
+        Kernel::Scores,
+        Kernel::Softmax,
+        Kernel::WeightedSum,
+    ];
+
+    /// The file name under `shaders/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Kernel::Gemm => "gemm.wgsl",
+            Kernel::Scores => "scores.wgsl",
+            Kernel::Softmax => "softmax.wgsl",
+            Kernel::WeightedSum => "weighted_sum.wgsl",
+        }
+    }
+
+    /// The WGSL source, compiled into the crate.
+    pub fn source(self) -> &'static str {
+        match self {
+            Kernel::Gemm => include_str!("../../shaders/gemm.wgsl"),
+            Kernel::Scores => include_str!("../../shaders/scores.wgsl"),
+            Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
+            Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
+        }
+    }
+
+    fn slots(self) -> &'static [Slot] {
+        use Slot::*;
+        match self {
+            Kernel::Gemm => &[Uniform, Read, Read, Read, ReadWrite],
+            Kernel::Scores => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Softmax => &[Uniform, Read, ReadWrite],
+            Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
+        }
+    }
+}
+
+/// Override values of one pipeline, as (name, value) pairs.
+pub(crate) type Overrides = Vec<(&'static str, f64)>;
+
+#[derive(PartialEq, Eq, Hash)]
+struct PipelineKey {
+    kernel: Kernel,
+    overrides: Vec<(&'static str, u64)>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    modules: HashMap<Kernel, wgpu::ShaderModule>,
+    layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
+}
+
+/// Compiled kernels of one device.
+pub(crate) struct KernelCache {
+    device: wgpu::Device,
+    state: Mutex<CacheState>,
+}
+
+/// A compiled kernel specialisation and the layout its bind groups use.
+#[derive(Clone, Debug)]
+pub(crate) struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl KernelCache {
+    pub fn new(device: &wgpu::Device) -> Self {
+        KernelCache {
+            device: device.clone(),
+            state: Mutex::new(CacheState::default()),
+        }
+    }
+
+    /// The pipeline of `kernel` specialised with `overrides`, compiled on first use.
+    pub fn pipeline(&self, kernel: Kernel, overrides: &[(&'static str, f64)]) -> Result<Pipeline> {
+        let key = PipelineKey {
+            kernel,
+            overrides: overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
+        };
+        // A poisoned lock only means another thread panicked mid-insert; the maps stay valid.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (bgl, layout) = match state.layouts.get(&kernel) {
+            Some(l) => l.clone(),
+            None => {
+                let l = self.create_layouts(kernel)?;
+                state.layouts.insert(kernel, l.clone());
+                l
+            }
+        };
+        if let Some(p) = state.pipelines.get(&key) {
+            return Ok(Pipeline {
+                pipeline: p.clone(),
+                layout: bgl,
+            });
+        }
+        let module = match state.modules.get(&kernel) {
+            Some(m) => m.clone(),
+            None => {
+                let m = scoped(
+                    &self.device,
+                    &format!("compiling {}", kernel.file_name()),
+                    || {
+                        self.device
+                            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                                label: Some(kernel.file_name()),
+                                source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
+                            })
+                    },
+                )?;
+                state.modules.insert(kernel, m.clone());
+                m
+            }
+        };
+        let stage = format!(
+            "building the {} pipeline with {overrides:?}",
+            kernel.file_name()
+        );
+        let pipeline = scoped(&self.device, &stage, || {
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(kernel.file_name()),
+                    layout: Some(&layout),
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: overrides,
+                        // Every kernel writes its workgroup tiles before reading them.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+        })?;
+        state.pipelines.insert(key, pipeline.clone());
+        Ok(Pipeline {
+            pipeline,
+            layout: bgl,
+        })
+    }
+
+    fn create_layouts(
+        &self,
+        kernel: Kernel,
+    ) -> Result<(wgpu::BindGroupLayout, wgpu::PipelineLayout)> {
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+            .slots()
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match slot {
+                    Slot::Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    Slot::Read | Slot::ReadWrite => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: matches!(slot, Slot::Read),
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        scoped(
+            &self.device,
+            &format!("laying out {}", kernel.file_name()),
+            || {
+                let bgl = self
+                    .device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(kernel.file_name()),
+                        entries: &entries,
+                    });
+                let layout = self
+                    .device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(kernel.file_name()),
+                        bind_group_layouts: &[Some(&bgl)],
+                        immediate_size: 0,
+                    });
+                (bgl, layout)
+            },
+        )
+    }
+}
+
+/// Workgroup counts for `total` workgroups, folded into 2D or 3D where one dimension would pass
+/// `max_per_dim`; kernels linearise the workgroup id and skip ids `>= total`.
+pub(crate) fn fold_grid(total: u32, max_per_dim: u32, what: &str) -> Result<[u32; 3]> {
+    let max = max_per_dim.max(1);
+    let x = total.clamp(1, max);
+    let rest = total.div_ceil(x);
+    let y = rest.clamp(1, max);
+    let z = rest.div_ceil(y);
+    if z > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_compute_workgroups_per_dimension",
+            max: max as u64,
+            requested: total as u64,
+            what: format!("{what} ({total} workgroups, more than max³)"),
+            hint: String::new(),
+        });
+    }
+    Ok([x, y, z.max(1)])
+}
+
+/// One dispatch of one kernel, before it is bound to buffers: which specialisation, the uniform
+/// parameters, and how many workgroups.
+pub(crate) struct DispatchSpec {
+    pub kernel: Kernel,
+    pub overrides: Overrides,
+    pub params: Vec<u8>,
+    pub workgroups: u32,
+}
+
+/// Workgroup shape of the tiled matmul kernels (gemm, scores, weighted_sum): `wg_x` x `wg_y`
+/// invocations, each owning a 4 x 4 block, over tiles `tile_k` deep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MatmulTiles {
+    pub wg_x: u32,
+    pub wg_y: u32,
+    pub tile_k: u32,
+}
+
+impl MatmulTiles {
+    /// 16 x 16 invocations (64 x 64 outputs) over 16-deep tiles, narrowed along x when the
+    /// output has fewer than 64 columns, and shrunk to fit the device's workgroup limits.
+    pub fn for_columns(cols: u32, limits: &wgpu::Limits) -> Self {
+        let mut wg_x = cols.div_ceil(4).next_power_of_two().clamp(1, 16);
+        let mut wg_y = 16;
+        let tile_k = 16;
+        while wg_x * wg_y > limits.max_compute_invocations_per_workgroup
+            || wg_x > limits.max_compute_workgroup_size_x
+            || wg_y > limits.max_compute_workgroup_size_y
+            || (wg_x + wg_y) * tile_k * 16 > limits.max_compute_workgroup_storage_size
+        {
+            if wg_y >= wg_x && wg_y > 1 {
+                wg_y /= 2;
+            } else if wg_x > 1 {
+                wg_x /= 2;
+            } else {
+                break;
+            }
+        }
+        MatmulTiles { wg_x, wg_y, tile_k }
+    }
+
+    /// Rows of output per workgroup.
+    pub fn tile_m(&self) -> u32 {
+        4 * self.wg_y
+    }
+
+    /// Columns of output per workgroup.
+    pub fn tile_n(&self) -> u32 {
+        4 * self.wg_x
+    }
+
+    pub fn overrides(&self) -> Overrides {
+        vec![
+            ("WG_X", self.wg_x as f64),
+            ("WG_Y", self.wg_y as f64),
+            ("TILE_K", self.tile_k as f64),
+        ]
+    }
+}
+
+/// `n` rounded up to a multiple of 4.
+pub(crate) fn pad4(n: u32) -> u32 {
+    n.div_ceil(4) * 4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_grid_covers_total_within_limit() {
+        for (total, max) in [
+            (1, 65535),
+            (65535, 65535),
+            (65536, 65535),
+            (10, 3),
+            (28, 3),
+            (5_000_000, 65535),
+        ] {
+            let [x, y, z] = fold_grid(total, max, "test").unwrap();
+            assert!(
+                x <= max && y <= max && z <= max,
+                "{total} {max}: {x} {y} {z}"
+            );
+            let covered = x as u64 * y as u64 * z as u64;
+            assert!(covered >= total as u64, "{total}: {x}x{y}x{z}");
+            // Folding wastes less than one row of the outer dimension.
+            assert!(
+                covered - (total as u64) < (x as u64) * (y as u64),
+                "{total}: {x}x{y}x{z}"
+            );
+        }
+        assert!(matches!(
+            fold_grid(28, 3, "big"),
+            Err(Error::LimitExceeded { .. })
+        ));
+    }
+}

@@ -1,0 +1,50 @@
+//! Host side of `weighted_sum.wgsl`: `P V` with the heads concatenated.
+
+use super::{DispatchSpec, Kernel, MatmulTiles};
+use crate::plan::Layout;
+
+/// Uniform parameters; the layout of `WeightedSumParams` in `weighted_sum.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct WeightedSumParams {
+    seq: u32,
+    seq_pad: u32,
+    heads: u32,
+    dvp4: u32,
+    head_dim_v: u32,
+    v_offset4: u32,
+    out_stride: u32,
+    tiles_n: u32,
+    tiles_per_head: u32,
+    total_tiles: u32,
+    causal: u32,
+    _pad: u32,
+}
+
+/// Every (batch, head) in one dispatch, written into `[batch, seq, heads * head_dim_v]`.
+pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
+    let tiles = MatmulTiles::for_columns(l.dvp, limits);
+    let tiles_n = l.dvp.div_ceil(tiles.tile_n());
+    let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
+    let total_tiles = tiles_per_head * l.batch * l.heads;
+    let params = WeightedSumParams {
+        seq: l.seq,
+        seq_pad: l.seq_pad,
+        heads: l.heads,
+        dvp4: l.dvp / 4,
+        head_dim_v: l.head_dim_v,
+        v_offset4: l.v_offset / 4,
+        out_stride: l.heads * l.head_dim_v,
+        tiles_n,
+        tiles_per_head,
+        total_tiles,
+        causal: l.causal as u32,
+        _pad: 0,
+    };
+    DispatchSpec {
+        kernel: Kernel::WeightedSum,
+        overrides: tiles.overrides(),
+        params: bytemuck::bytes_of(&params).to_vec(),
+        workgroups: total_tiles,
+    }
+}
