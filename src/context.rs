@@ -114,9 +114,17 @@ impl GpuContext {
     }
 
     /// The async form of [`GpuContext::from_options`].
+    ///
+    /// Without an explicit backend, Vulkan, Metal and DX12 are tried first and OpenGL only if
+    /// none of them has an adapter.
     pub async fn from_options_async(options: &AdapterOptions) -> Result<Self> {
-        let instance = new_instance(options.backends());
-        let adapter = choose_adapter(&instance, options).await?;
+        let adapter = match options.backends {
+            Some(backends) => choose_adapter(&new_instance(backends), options).await?,
+            None => match choose_adapter(&new_instance(wgpu::Backends::PRIMARY), options).await {
+                Ok(adapter) => adapter,
+                Err(_) => choose_adapter(&new_instance(wgpu::Backends::all()), options).await?,
+            },
+        };
         let info = adapter.get_info();
         let adapter_limits = adapter.limits();
         let required_limits = match options.limits {

@@ -78,3 +78,8 @@ pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};
 pub use reference::Intermediates;
 pub use tensor::Tensor;
 pub use weights::{AttentionInputs, AttentionWeights};
+
+// The README's examples compile as doctests, so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -3,7 +3,7 @@
 //!
 //! Data flows one way: [`AttentionConfig`] → [`AttentionPlan::new`] (pipelines, buffers) →
 //! [`AttentionPlan::encode`] (dispatches) → read back ([`AttentionPlan::run`]) → compare
-//! ([`crate::compare`]).
+//! ([`crate::compare()`]).
 
 use wgpu::util::DeviceExt;
 
