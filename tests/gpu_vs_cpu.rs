@@ -242,3 +242,65 @@ fn tile_edges() {
         check(c).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A device that allows only 5 workgroups per dimension forces every dispatch to fold into a
+/// 2D or 3D grid; the results must not change.
+#[test]
+fn grids_fold_past_max_workgroups_per_dimension() {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&Default::default())).expect("an adapter");
+    let limits = wgpu::Limits {
+        max_compute_workgroups_per_dimension: 5,
+        ..wgpu::Limits::default().or_worse_values_from(&adapter.limits())
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device");
+    let small = wgpu_attention::GpuContext::from_device(device, queue);
+    // 1 x 3 x 40 = 120 softmax rows, one workgroup each: a 5 x 5 x 5 grid.
+    let c = Case {
+        batch: 1,
+        seq: 40,
+        d_model: 12,
+        heads: 3,
+        head_dim: 5,
+        head_dim_v: 6,
+        causal: true,
+        padding: Some(0.2),
+        qkv_bias: true,
+        out: Some((7, true)),
+        scale: None,
+        intermediates: true,
+        seed: 21,
+    };
+    let (config, weights, inputs) = build(&c);
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    let mut plan = AttentionPlan::new(&small, &config, &weights).unwrap();
+    let out = plan.run(&inputs).unwrap();
+    let cmp = compare(&out, &cpu.output, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "{cmp}");
+    let probs = compare(
+        &plan.read_intermediates().unwrap().probs,
+        &cpu.probs,
+        Tolerance::F32,
+    )
+    .unwrap();
+    assert!(probs.passed(), "{probs}");
+
+    // 240 softmax rows need 240 workgroups, more than 5³ = 125: a clear error, not a bad launch.
+    let (config, weights, _) = build(&Case {
+        batch: 2,
+        ..c.clone()
+    });
+    assert_eq!(config.batch * config.heads * config.seq_len, 240);
+    let err = AttentionPlan::new(&small, &config, &weights).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("max_compute_workgroups_per_dimension"),
+        "{err}"
+    );
+}
