@@ -2,6 +2,24 @@
 
 use crate::error::{Error, Result};
 
+/// [`KernelChoice::Auto`] takes the fused kernel once the staged path's score matrix would
+/// be larger than this (16 MiB: seq 1024 with 4 heads).
+pub const AUTO_FUSED_ABOVE_BYTES: u64 = 16 << 20;
+
+/// Which GPU kernels compute `softmax(scale * Q K^T) V`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    /// Separate score, softmax and weighted-sum kernels. Stores the `[seq, seq]` score matrix of
+    /// every head, so scores and probabilities can be read back; memory grows with `seq²`.
+    Staged,
+    /// One kernel with an online softmax that never stores scores; memory grows with `seq`.
+    Fused,
+    /// The staged path while its score matrix is small and intermediates are wanted, the fused
+    /// kernel otherwise (see [`AttentionConfig::resolved_kernel`]).
+    #[default]
+    Auto,
+}
+
 /// The output projection applied after the heads are concatenated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputProjection {
@@ -48,8 +66,10 @@ pub struct AttentionConfig {
     pub key_padding_mask: bool,
     /// The output projection, if the layer has one.
     pub output_projection: Option<OutputProjection>,
+    /// Which kernels to run.
+    pub kernel: KernelChoice,
     /// Keep Q, K, V, scores and probabilities in separate buffers so they can be read back
-    /// (costs one more `[seq, seq]` buffer per head).
+    /// (the staged path only; costs one more `[seq, seq]` buffer per head).
     pub keep_intermediates: bool,
 }
 
@@ -74,6 +94,7 @@ impl AttentionConfig {
             causal: false,
             key_padding_mask: false,
             output_projection: None,
+            kernel: KernelChoice::Auto,
             keep_intermediates: false,
         }
     }
@@ -105,6 +126,12 @@ impl AttentionConfig {
     /// Adds an output projection to width `d_out`.
     pub fn with_output_projection(mut self, d_out: usize) -> Self {
         self.output_projection = Some(OutputProjection { d_out });
+        self
+    }
+
+    /// Picks the kernels.
+    pub fn with_kernel(mut self, kernel: KernelChoice) -> Self {
+        self.kernel = kernel;
         self
     }
 
@@ -165,6 +192,34 @@ impl AttentionConfig {
         2.0 * b * h * n * n * (self.head_dim + self.head_dim_v) as f64
     }
 
+    /// Bytes of the staged path's score matrix: `batch · heads · seq · seq` f32, rows padded
+    /// to a multiple of 4.
+    pub fn score_matrix_bytes(&self) -> u64 {
+        let padded = self.seq_len.div_ceil(4) * 4;
+        (self.batch * self.heads * self.seq_len) as u64 * padded as u64 * 4
+    }
+
+    /// The kernels a plan will run on a device with `limits`: [`KernelChoice::Staged`] or
+    /// [`KernelChoice::Fused`] as asked; for [`KernelChoice::Auto`], the staged path when
+    /// intermediates are kept (only it has scores to read back), else the fused kernel when the
+    /// score matrix would pass [`AUTO_FUSED_ABOVE_BYTES`] or the device's binding limit, else
+    /// the staged path.
+    pub fn resolved_kernel(&self, limits: &wgpu::Limits) -> KernelChoice {
+        match self.kernel {
+            KernelChoice::Auto if self.keep_intermediates => KernelChoice::Staged,
+            KernelChoice::Auto => {
+                let bytes = self.score_matrix_bytes();
+                if bytes > AUTO_FUSED_ABOVE_BYTES || bytes > limits.max_storage_buffer_binding_size
+                {
+                    KernelChoice::Fused
+                } else {
+                    KernelChoice::Staged
+                }
+            }
+            chosen => chosen,
+        }
+    }
+
     /// Checks sizes and scale.
     pub fn validate(&self) -> Result<()> {
         let dims = [
@@ -184,6 +239,13 @@ impl AttentionConfig {
             && p.d_out == 0
         {
             return Err(Error::ZeroSize { name: "d_out" });
+        }
+        if self.kernel == KernelChoice::Fused && self.keep_intermediates {
+            return Err(Error::InvalidConfig(
+                "the fused kernel never stores scores or probabilities, so intermediates cannot be \
+                 kept: use KernelChoice::Staged (or Auto) to read them back"
+                    .into(),
+            ));
         }
         let scale = self.scale_value();
         if !scale.is_finite() {

@@ -71,7 +71,7 @@ pub mod tensor;
 pub mod weights;
 
 pub use compare::{Comparison, Tolerance, compare};
-pub use config::{AttentionConfig, OutputProjection};
+pub use config::{AUTO_FUSED_ABOVE_BYTES, AttentionConfig, KernelChoice, OutputProjection};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use error::{Error, Result, Shape};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};

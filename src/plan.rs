@@ -7,7 +7,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::config::AttentionConfig;
+use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::{GpuContext, scoped};
 use crate::error::{Error, Result};
 use crate::kernels::{self, DispatchSpec, Pipeline, fold_grid, gemm, pad4};
@@ -42,10 +42,12 @@ pub(crate) struct Layout {
     pub scale: f32,
     pub causal: bool,
     pub has_mask: bool,
+    /// The resolved path: `Staged` or `Fused`.
+    pub kernel: KernelChoice,
 }
 
 impl Layout {
-    fn new(config: &AttentionConfig) -> Result<Self> {
+    fn new(config: &AttentionConfig, limits: &wgpu::Limits) -> Result<Self> {
         let to_u32 = |name: &'static str, v: usize| -> Result<u32> {
             u32::try_from(v).map_err(|_| Error::LimitExceeded {
                 limit: "u32 indexing",
@@ -89,6 +91,7 @@ impl Layout {
             scale: config.scale_value(),
             causal: config.causal,
             has_mask: config.key_padding_mask,
+            kernel: config.resolved_kernel(limits),
         })
     }
 
@@ -201,8 +204,10 @@ pub struct AttentionPlan {
     layout: Layout,
     weights: WeightBuffers,
     qkv: wgpu::Buffer,
-    scores: wgpu::Buffer,
-    probs: wgpu::Buffer,
+    /// The staged path's score matrix and its probabilities: two buffers when intermediates
+    /// are kept, else the same buffer twice (the softmax runs in place). `None` when fused.
+    scores: Option<(wgpu::Buffer, wgpu::Buffer)>,
+    /// The concatenated heads, when an output projection follows them.
     attention: Option<wgpu::Buffer>,
     steps: Vec<Step>,
     own: OwnIo,
@@ -223,144 +228,132 @@ impl AttentionPlan {
         weights: &AttentionWeights,
     ) -> Result<Self> {
         weights.validate(config)?;
-        let layout = Layout::new(config)?;
         let limits = ctx.limits();
+        let layout = Layout::new(config, &limits)?;
         check_sizes(config, &layout, &limits)?;
         let device = ctx.device();
-        scoped(device, "creating the plan's buffers", || {
-            let (w, b) = pack_qkv(config, &layout, weights);
-            let w_qkv = init_buffer(device, "w_qkv", &w);
-            let b_qkv = init_buffer(device, "b_qkv", &b);
-            let w_o = weights.w_o.as_ref().map(|w_o| {
-                let (w, b) = pack_out(&layout, w_o, weights.b_o.as_ref());
+        let (weight_buffers, qkv, scores, attention, own) =
+            scoped(device, "creating the plan's buffers", || {
+                let w_qkv = {
+                    let (w, b) = pack_qkv(config, &layout, weights);
+                    (
+                        init_buffer(device, "w_qkv", &w),
+                        init_buffer(device, "b_qkv", &b),
+                    )
+                };
+                let w_o = weights.w_o.as_ref().map(|w_o| {
+                    let (w, b) = pack_out(&layout, w_o, weights.b_o.as_ref());
+                    (
+                        init_buffer(device, "w_o", &w),
+                        init_buffer(device, "b_o", &b),
+                    )
+                });
+                let weight_buffers = WeightBuffers {
+                    w_qkv: w_qkv.0,
+                    b_qkv: w_qkv.1,
+                    w_o,
+                };
+                let qkv = buffer(device, "qkv", layout.qkv_len * 4, STORAGE);
+                let scores = (layout.kernel == KernelChoice::Staged).then(|| {
+                    let scores = buffer(device, "scores", layout.scores_len * 4, STORAGE);
+                    let probs = if config.keep_intermediates {
+                        buffer(device, "probs", layout.scores_len * 4, STORAGE)
+                    } else {
+                        scores.clone()
+                    };
+                    (scores, probs)
+                });
+                let attention = config.output_projection.map(|_| {
+                    let len = layout.tokens() * (layout.heads * layout.head_dim_v) as u64;
+                    buffer(device, "attention", len * 4, STORAGE)
+                });
                 (
-                    init_buffer(device, "w_o", &w),
-                    init_buffer(device, "b_o", &b),
+                    weight_buffers,
+                    qkv,
+                    scores,
+                    attention,
+                    own_io_buffers(device, &layout),
                 )
-            });
-            let weight_buffers = WeightBuffers { w_qkv, b_qkv, w_o };
-            let qkv = buffer(device, "qkv", layout.qkv_len * 4, STORAGE);
-            let scores = buffer(device, "scores", layout.scores_len * 4, STORAGE);
-            let probs = if config.keep_intermediates {
-                buffer(device, "probs", layout.scores_len * 4, STORAGE)
-            } else {
-                // Softmax runs in place over the scores.
-                scores.clone()
-            };
-            let attention = config.output_projection.map(|_| {
-                let len = layout.tokens() * (layout.heads * layout.head_dim_v) as u64;
-                buffer(device, "attention", len * 4, STORAGE)
-            });
-            let out_bytes = layout.tokens() * layout.d_out as u64 * 4;
-            let mask_bytes = if layout.has_mask {
-                layout.tokens() * 4
-            } else {
-                4
-            };
-            let staging = buffer(
-                device,
-                "staging",
-                out_bytes,
-                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            );
-            let x = buffer(
-                device,
-                "x",
-                layout.tokens() * layout.d_model as u64 * 4,
-                STORAGE,
-            );
-            let key_mask = buffer(device, "key_mask", mask_bytes, STORAGE);
-            let output = buffer(device, "output", out_bytes, STORAGE);
-            (
-                weight_buffers,
-                qkv,
-                scores,
-                probs,
-                attention,
+            })?;
+        let steps = build_steps(
+            ctx,
+            config,
+            &layout,
+            &weight_buffers,
+            &qkv,
+            scores.as_ref(),
+            attention.as_ref(),
+        )?;
+        let (x, key_mask, output, staging) = own;
+        let mut plan = AttentionPlan {
+            ctx: ctx.clone(),
+            config: config.clone(),
+            layout,
+            weights: weight_buffers,
+            qkv: qkv.clone(),
+            scores,
+            attention,
+            steps,
+            own: OwnIo {
+                bindings: AttentionBindings {
+                    owner: qkv,
+                    groups: Vec::new(),
+                },
                 x,
                 key_mask,
                 output,
                 staging,
-            )
-        })
-        .and_then(
-            |(weights, qkv, scores, probs, attention, x, key_mask, output, staging)| {
-                let steps = build_steps(
-                    ctx,
-                    config,
-                    &layout,
-                    &weights,
-                    &qkv,
-                    &scores,
-                    &probs,
-                    attention.as_ref(),
-                )?;
-                let mut memory_bytes = [
-                    &weights.w_qkv,
-                    &weights.b_qkv,
-                    &qkv,
-                    &scores,
-                    &x,
-                    &key_mask,
-                    &output,
-                    &staging,
-                ]
-                .iter()
-                .map(|b| b.size())
-                .sum::<u64>();
-                if config.keep_intermediates {
-                    memory_bytes += probs.size();
-                }
-                if let Some(a) = &attention {
-                    memory_bytes += a.size();
-                }
-                if let Some((w, b)) = &weights.w_o {
-                    memory_bytes += w.size() + b.size();
-                }
-                memory_bytes += steps
-                    .iter()
-                    .map(|s| match s {
-                        Step::Dispatch(stage) => stage.params.size(),
-                        Step::Copy { .. } => 0,
-                    })
-                    .sum::<u64>();
-                let placeholder = AttentionBindings {
-                    owner: qkv.clone(),
-                    groups: Vec::new(),
-                };
-                let mut plan = AttentionPlan {
-                    ctx: ctx.clone(),
-                    config: config.clone(),
-                    layout,
-                    weights,
-                    qkv,
-                    scores,
-                    probs,
-                    attention,
-                    steps,
-                    own: OwnIo {
-                        x,
-                        key_mask,
-                        output,
-                        staging,
-                        bindings: placeholder,
-                    },
-                    memory_bytes,
-                };
-                let (x, mask, out) = (
-                    plan.own.x.clone(),
-                    plan.own.key_mask.clone(),
-                    plan.own.output.clone(),
-                );
-                plan.own.bindings = plan.make_bindings(&x, &mask, &out)?;
-                Ok(plan)
             },
-        )
+            memory_bytes: 0,
+        };
+        plan.memory_bytes = plan.buffers().iter().map(|b| b.size()).sum();
+        let (x, mask, out) = (
+            plan.own.x.clone(),
+            plan.own.key_mask.clone(),
+            plan.own.output.clone(),
+        );
+        plan.own.bindings = plan.make_bindings(&x, &mask, &out)?;
+        Ok(plan)
+    }
+
+    /// Every buffer the plan owns, each once.
+    fn buffers(&self) -> Vec<&wgpu::Buffer> {
+        let mut all = vec![&self.weights.w_qkv, &self.weights.b_qkv, &self.qkv];
+        if let Some((w, b)) = &self.weights.w_o {
+            all.extend([w, b]);
+        }
+        if let Some((scores, probs)) = &self.scores {
+            all.extend([scores, probs]);
+        }
+        all.extend(&self.attention);
+        all.extend([
+            &self.own.x,
+            &self.own.key_mask,
+            &self.own.output,
+            &self.own.staging,
+        ]);
+        all.extend(self.steps.iter().filter_map(|s| match s {
+            Step::Dispatch(stage) => Some(&stage.params),
+            Step::Copy { .. } => None,
+        }));
+        let mut unique: Vec<&wgpu::Buffer> = Vec::with_capacity(all.len());
+        for b in all {
+            if !unique.contains(&b) {
+                unique.push(b);
+            }
+        }
+        unique
     }
 
     /// The configuration this plan runs.
     pub fn config(&self) -> &AttentionConfig {
         &self.config
+    }
+
+    /// The kernels this plan runs: [`KernelChoice::Staged`] or [`KernelChoice::Fused`] (an
+    /// `Auto` configuration resolved for this device).
+    pub fn kernel(&self) -> KernelChoice {
+        self.layout.kernel
     }
 
     /// The context the plan lives on.
@@ -592,8 +585,12 @@ impl AttentionPlan {
         let q = unpad_rows(&qkv[..rows * dp], dp, dk);
         let k = unpad_rows(&qkv[rows * dp..2 * rows * dp], dp, dk);
         let v = unpad_rows(&qkv[2 * rows * dp..], dvp, dv);
-        let scores = unpad_rows(&self.read_buffer(&self.scores)?, l.seq_pad as usize, n);
-        let probs = unpad_rows(&self.read_buffer(&self.probs)?, l.seq_pad as usize, n);
+        // keep_intermediates always resolves to the staged path, which has score buffers.
+        let (scores, probs) = self.scores.as_ref().ok_or_else(|| {
+            Error::InvalidConfig("the fused kernel stores no scores or probabilities".into())
+        })?;
+        let scores = unpad_rows(&self.read_buffer(scores)?, l.seq_pad as usize, n);
+        let probs = unpad_rows(&self.read_buffer(probs)?, l.seq_pad as usize, n);
         let output = self.read_buffer(&self.own.output)?;
         let attention = match &self.attention {
             Some(a) => self.read_buffer(a)?,
@@ -642,16 +639,15 @@ impl AttentionPlan {
     }
 }
 
-/// Every dispatch of the staged path, in order.
-#[allow(clippy::too_many_arguments)]
+/// Every dispatch of the plan, in order: the projection, the attention (staged or fused), the
+/// output projection.
 fn build_steps(
     ctx: &GpuContext,
     config: &AttentionConfig,
     l: &Layout,
     weights: &WeightBuffers,
     qkv: &wgpu::Buffer,
-    scores: &wgpu::Buffer,
-    probs: &wgpu::Buffer,
+    scores: Option<&(wgpu::Buffer, wgpu::Buffer)>,
     attention: Option<&wgpu::Buffer>,
 ) -> Result<Vec<Step>> {
     let limits = ctx.limits();
@@ -674,52 +670,60 @@ fn build_steps(
             resources,
         }))
     };
-    let mut steps = vec![
-        stage(
-            "project q, k, v",
-            gemm::spec(
-                l.batch * l.seq,
-                l.qkv_width(),
-                l.d_model,
-                gemm::Store::HeadSplit {
-                    seq: l.seq,
-                    heads: l.heads,
-                    width_qk: l.dp,
-                    width_v: l.dvp,
-                    k_offset: l.k_offset,
-                    v_offset: l.v_offset,
-                },
-                &limits,
-            ),
-            vec![Res::X, own(&weights.w_qkv), own(&weights.b_qkv), own(qkv)],
-        )?,
-        stage(
-            "scores",
-            kernels::scores::spec(l, &limits),
-            vec![own(qkv), Res::KeyMask, own(scores)],
-        )?,
-    ];
-    if config.keep_intermediates {
-        steps.push(Step::Copy {
-            from: scores.clone(),
-            to: probs.clone(),
-            bytes: scores.size(),
-        });
-    }
-    steps.push(stage(
-        "softmax",
-        kernels::softmax::spec(l, &limits),
-        vec![Res::KeyMask, own(probs)],
-    )?);
-    let heads_out = match attention {
+    // The heads go straight to the output unless a projection follows.
+    let heads_out = || match attention {
         Some(a) => own(a),
         None => Res::Output,
     };
-    steps.push(stage(
-        "weighted sum",
-        kernels::weighted_sum::spec(l, &limits),
-        vec![own(probs), own(qkv), heads_out],
-    )?);
+    let mut steps = vec![stage(
+        "project q, k, v",
+        gemm::spec(
+            l.batch * l.seq,
+            l.qkv_width(),
+            l.d_model,
+            gemm::Store::HeadSplit {
+                seq: l.seq,
+                heads: l.heads,
+                width_qk: l.dp,
+                width_v: l.dvp,
+                k_offset: l.k_offset,
+                v_offset: l.v_offset,
+            },
+            &limits,
+        ),
+        vec![Res::X, own(&weights.w_qkv), own(&weights.b_qkv), own(qkv)],
+    )?];
+    match scores {
+        None => steps.push(stage(
+            "fused attention",
+            kernels::fused::spec(l, &limits)?,
+            vec![own(qkv), Res::KeyMask, heads_out()],
+        )?),
+        Some((scores, probs)) => {
+            steps.push(stage(
+                "scores",
+                kernels::scores::spec(l, &limits),
+                vec![own(qkv), Res::KeyMask, own(scores)],
+            )?);
+            if config.keep_intermediates {
+                steps.push(Step::Copy {
+                    from: scores.clone(),
+                    to: probs.clone(),
+                    bytes: scores.size(),
+                });
+            }
+            steps.push(stage(
+                "softmax",
+                kernels::softmax::spec(l, &limits),
+                vec![Res::KeyMask, own(probs)],
+            )?);
+            steps.push(stage(
+                "weighted sum",
+                kernels::weighted_sum::spec(l, &limits),
+                vec![own(probs), own(qkv), heads_out()],
+            )?);
+        }
+    }
     if let (Some(a), Some((w_o, b_o))) = (attention, &weights.w_o) {
         steps.push(stage(
             "output projection",
@@ -739,13 +743,34 @@ fn build_steps(
     Ok(steps)
 }
 
+/// The plan's own input, mask, output and read-back buffers for [`AttentionPlan::run`].
+fn own_io_buffers(
+    device: &wgpu::Device,
+    l: &Layout,
+) -> (wgpu::Buffer, wgpu::Buffer, wgpu::Buffer, wgpu::Buffer) {
+    let out_bytes = l.tokens() * l.d_out as u64 * 4;
+    // Without a mask the kernels still bind one: four bytes they never read.
+    let mask_bytes = if l.has_mask { l.tokens() * 4 } else { 4 };
+    (
+        buffer(device, "x", l.tokens() * l.d_model as u64 * 4, STORAGE),
+        buffer(device, "key_mask", mask_bytes, STORAGE),
+        buffer(device, "output", out_bytes, STORAGE),
+        buffer(
+            device,
+            "staging",
+            out_bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        ),
+    )
+}
+
 /// Checks every buffer the plan will bind against the device's limits, naming the tensor.
 fn check_sizes(config: &AttentionConfig, l: &Layout, limits: &wgpu::Limits) -> Result<()> {
     let rows = format!(
         "batch {} x heads {} x seq {}",
         config.batch, config.heads, config.seq_len
     );
-    let tensors = [
+    let mut tensors = vec![
         ("the input x", l.tokens() * l.d_model as u64, String::new()),
         (
             "the packed q|k|v weights",
@@ -757,14 +782,6 @@ fn check_sizes(config: &AttentionConfig, l: &Layout, limits: &wgpu::Limits) -> R
             l.qkv_len,
             format!(" ({rows} x {} padded widths)", 2 * l.dp + l.dvp),
         ),
-        (
-            "the score matrix",
-            l.scores_len,
-            format!(
-                " ({rows} x {} keys, padded to {})",
-                config.seq_len, l.seq_pad
-            ),
-        ),
         ("the output", l.tokens() * l.d_out as u64, String::new()),
         (
             "the concatenated heads",
@@ -772,11 +789,21 @@ fn check_sizes(config: &AttentionConfig, l: &Layout, limits: &wgpu::Limits) -> R
             String::new(),
         ),
     ];
+    if l.kernel == KernelChoice::Staged {
+        tensors.push((
+            "the score matrix",
+            l.scores_len,
+            format!(
+                " ({rows} x {} keys, padded to {})",
+                config.seq_len, l.seq_pad
+            ),
+        ));
+    }
     for (what, elements, detail) in tensors {
         let bytes = elements * 4;
         let hint = if what == "the score matrix" {
-            "; the score matrix grows with seq², so shorten the sequence, use fewer heads or \
-             batch rows per call, or ask for the adapter's full limits (DeviceLimits::Adapter)"
+            "; the staged path stores a [seq, seq] score matrix per head: use the fused kernel \
+             (KernelChoice::Fused, or Auto), whose memory grows linearly with seq"
         } else {
             ""
         };

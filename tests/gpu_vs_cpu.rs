@@ -1,4 +1,5 @@
-//! GPU against the f64 CPU reference over many generated layers.
+//! GPU against the f64 CPU reference over many generated layers, through both the staged
+//! kernels and the fused kernel.
 //!
 //! Shapes: seq 1..=70 (so 1, tile edges 63/64/65 and odd lengths all occur), heads 1..=8, batch
 //! 1..=3, widths that are multiples of nothing, with and without causal masking, key padding
@@ -10,129 +11,24 @@
 
 mod common;
 
-use common::{Rng, ctx};
+use common::cases::{Case, build, case};
+use common::ctx;
 use proptest::prelude::*;
-use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, Tensor, Tolerance, compare,
-    reference,
-};
+use wgpu_attention::{AttentionPlan, KernelChoice, Tolerance, compare, reference};
 
-#[derive(Debug, Clone)]
-struct Case {
-    batch: usize,
-    seq: usize,
-    d_model: usize,
-    heads: usize,
-    head_dim: usize,
-    head_dim_v: usize,
-    causal: bool,
-    /// None: no mask; Some(p): each key is padding with probability p, and batch row 0 is
-    /// wholly padded when p > 0.5.
-    padding: Option<f64>,
-    qkv_bias: bool,
-    out: Option<(usize, bool)>,
-    scale: Option<f32>,
-    intermediates: bool,
-    seed: u64,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (
-        (
-            1usize..=3,
-            prop_oneof![1usize..=70, Just(1), Just(64), Just(65)],
-            1usize..=40,
-        ),
-        (
-            1usize..=8,
-            1usize..=20,
-            prop::option::weighted(0.3, 1usize..=20),
-        ),
-        (any::<bool>(), prop::option::of(0.0f64..0.9), any::<bool>()),
-        (
-            prop::option::of((1usize..=24, any::<bool>())),
-            prop::option::of(0.05f32..2.0),
-            any::<bool>(),
-        ),
-        any::<u64>(),
-    )
-        .prop_map(
-            |(
-                (batch, seq, d_model),
-                (heads, head_dim, dv),
-                (causal, padding, qkv_bias),
-                (out, scale, intermediates),
-                seed,
-            )| Case {
-                batch,
-                seq,
-                d_model,
-                heads,
-                head_dim,
-                head_dim_v: dv.unwrap_or(head_dim),
-                causal,
-                padding,
-                qkv_bias,
-                out,
-                scale,
-                intermediates,
-                seed,
-            },
-        )
-}
-
-fn build(c: &Case) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
-    let mut rng = Rng::new(c.seed);
-    let mut config = AttentionConfig::new(c.batch, c.seq, c.d_model, c.heads, c.head_dim)
-        .with_head_dim_v(c.head_dim_v);
-    config.scale = c.scale;
-    config.causal = c.causal;
-    config.key_padding_mask = c.padding.is_some();
-    config.keep_intermediates = c.intermediates;
-    let (qk, v) = (c.heads * c.head_dim, c.heads * c.head_dim_v);
-    let w_std = 1.0 / (c.d_model as f32).sqrt();
-    let mut weights = AttentionWeights::new(
-        rng.tensor(&[c.d_model, qk], w_std),
-        rng.tensor(&[c.d_model, qk], w_std),
-        rng.tensor(&[c.d_model, v], w_std),
-    );
-    if c.qkv_bias {
-        weights = weights.with_qkv_bias(
-            rng.tensor(&[qk], 0.1),
-            rng.tensor(&[qk], 0.1),
-            rng.tensor(&[v], 0.1),
-        );
-    }
-    if let Some((d_out, bias)) = c.out {
-        config = config.with_output_projection(d_out);
-        let b_o = bias.then(|| rng.tensor(&[d_out], 0.1));
-        weights =
-            weights.with_output_projection(rng.tensor(&[v, d_out], 1.0 / (v as f32).sqrt()), b_o);
-    }
-    let mut inputs = AttentionInputs::new(rng.tensor(&[c.batch, c.seq, c.d_model], 1.0));
-    if let Some(p) = c.padding {
-        let mask: Vec<f32> = (0..c.batch * c.seq)
-            .map(|i| {
-                let whole_row_padded = p > 0.5 && i < c.seq;
-                if whole_row_padded || rng.uniform() < p {
-                    0.0
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        inputs = inputs.with_key_mask(Tensor::new([c.batch, c.seq], mask).unwrap());
-    }
-    (config, weights, inputs)
-}
-
+/// Runs a case through the staged kernels (reading back every intermediate when the case keeps
+/// them) and through the fused kernel, and compares everything with the reference.
 fn check(c: &Case) -> Result<(), TestCaseError> {
     let (config, weights, inputs) = build(c);
     let cpu = reference::run(&config, &weights, &inputs).unwrap();
-    let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
-    let out = plan.run(&inputs).unwrap();
-    let tol = Tolerance::F32;
-    let mut tensors = vec![("output", out, cpu.output.clone())];
+    let staged = config.clone().with_kernel(KernelChoice::Staged);
+    let mut plan = AttentionPlan::new(ctx(), &staged, &weights).unwrap();
+    prop_assert_eq!(plan.kernel(), KernelChoice::Staged);
+    let mut tensors = vec![(
+        "staged output",
+        plan.run(&inputs).unwrap(),
+        cpu.output.clone(),
+    )];
     if c.intermediates {
         let gpu = plan.read_intermediates().unwrap();
         tensors.extend([
@@ -145,8 +41,17 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             ("output (intermediates)", gpu.output, cpu.output.clone()),
         ]);
     }
+    let mut fused_config = config.with_kernel(KernelChoice::Fused);
+    fused_config.keep_intermediates = false;
+    let mut fused = AttentionPlan::new(ctx(), &fused_config, &weights).unwrap();
+    prop_assert_eq!(fused.kernel(), KernelChoice::Fused);
+    tensors.push((
+        "fused output",
+        fused.run(&inputs).unwrap(),
+        cpu.output.clone(),
+    ));
     for (name, gpu, reference) in &tensors {
-        let cmp = compare(gpu, reference, tol).unwrap();
+        let cmp = compare(gpu, reference, Tolerance::F32).unwrap();
         prop_assert!(cmp.passed(), "{name}: {cmp}\ncase {c:?}");
         prop_assert!(gpu.data().iter().all(|v| !v.is_nan()), "{name} has NaN");
     }

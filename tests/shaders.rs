@@ -50,7 +50,14 @@ fn specialisations(kernel: Kernel) -> Vec<Vec<(&'static str, f64)>> {
                 ("HEAD_SPLIT", 0.0),
             ],
         ],
-        _ => vec![vec![], vec![("WG_X", 2.0), ("WG_Y", 16.0), ("TILE_K", 8.0)]],
+        Kernel::Fused => vec![
+            vec![],
+            vec![("TY", 4.0), ("NV", 2.0), ("DK", 8.0), ("VK", 8.0)],
+            vec![("TY", 2.0), ("NV", 4.0), ("DK", 4.0), ("VK", 4.0)],
+        ],
+        Kernel::Scores | Kernel::WeightedSum => {
+            vec![vec![], vec![("WG_X", 2.0), ("WG_Y", 16.0), ("TILE_K", 8.0)]]
+        }
     }
 }
 

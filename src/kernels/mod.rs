@@ -5,6 +5,7 @@
 //! constants, so one source gives every specialisation; each specialisation is compiled once per
 //! [`crate::GpuContext`] and shared by all plans on it.
 
+pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod scores;
 pub(crate) mod softmax;
@@ -27,6 +28,8 @@ pub enum Kernel {
     Softmax,
     /// `weighted_sum.wgsl`: `P V`, heads concatenated.
     WeightedSum,
+    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass.
+    Fused,
 }
 
 /// How a kernel sees one binding.
@@ -39,11 +42,12 @@ enum Slot {
 
 impl Kernel {
     /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 4] = [
+    pub const ALL: [Kernel; 5] = [
         Kernel::Gemm,
         Kernel::Scores,
         Kernel::Softmax,
         Kernel::WeightedSum,
+        Kernel::Fused,
     ];
 
     /// The file name under `shaders/`.
@@ -53,6 +57,7 @@ impl Kernel {
             Kernel::Scores => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
+            Kernel::Fused => "fused_attention.wgsl",
         }
     }
 
@@ -63,6 +68,7 @@ impl Kernel {
             Kernel::Scores => include_str!("../../shaders/scores.wgsl"),
             Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
             Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
+            Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
         }
     }
 
@@ -73,6 +79,7 @@ impl Kernel {
             Kernel::Scores => &[Uniform, Read, Read, ReadWrite],
             Kernel::Softmax => &[Uniform, Read, ReadWrite],
             Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Fused => &[Uniform, Read, Read, ReadWrite],
         }
     }
 }

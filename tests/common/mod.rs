@@ -2,6 +2,8 @@
 //! example's tensors, and seeded N(0,1)-like data.
 #![allow(dead_code)]
 
+pub mod cases;
+
 use std::sync::OnceLock;
 
 use wgpu_attention::{AttentionConfig, AttentionInputs, AttentionWeights, GpuContext, Tensor};

@@ -1,0 +1,170 @@
+//! Host side of `fused_attention.wgsl`: the FlashAttention-2 style kernel, with its tile shape
+//! chosen to fit the device's workgroup memory and invocation limits.
+
+use super::{DispatchSpec, Kernel};
+use crate::error::{Error, Result};
+use crate::plan::Layout;
+
+/// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct FusedParams {
+    seq: u32,
+    heads: u32,
+    dp4: u32,
+    dvp4: u32,
+    head_dim_v: u32,
+    q_offset4: u32,
+    k_offset4: u32,
+    v_offset4: u32,
+    out_stride: u32,
+    q_blocks: u32,
+    total_tiles: u32,
+    causal: u32,
+    has_mask: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+
+/// The widest value head the kernel keeps in registers: 4 vec4 columns per invocation across
+/// 16 invocations.
+pub(crate) const MAX_HEAD_DIM_V: u32 = 256;
+
+/// The fused kernel's override constants (see the shader's opening comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FusedTiles {
+    pub tx: u32,
+    pub ty: u32,
+    pub nv: u32,
+    pub dk: u32,
+    pub vk: u32,
+}
+
+impl FusedTiles {
+    /// Bytes of workgroup memory: the P tile, the staging area and the reduction row.
+    pub fn workgroup_bytes(&self) -> u32 {
+        let p_tile = 4 * self.ty * self.tx * 16;
+        let stage = (self.dk * (self.ty + self.tx)).max(self.vk * self.tx * self.nv) * 16;
+        let red = 4 * self.ty * self.tx * 4;
+        p_tile + stage + red
+    }
+
+    /// The largest tiles that fit: 32 query rows by 64 keys where possible, deeper staging
+    /// first, fewer rows last (fewer rows means K and V are re-read more often).
+    pub fn choose(dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
+        let tx = 16;
+        let nv = dvp.div_ceil(4 * tx).max(1);
+        if dvp > MAX_HEAD_DIM_V {
+            return Err(Error::LimitExceeded {
+                limit: "fused kernel head_dim_v",
+                max: MAX_HEAD_DIM_V as u64,
+                requested: dvp as u64,
+                what: "the value head width (padded to a multiple of 4)".into(),
+                hint: "; use the staged kernels (KernelChoice::Staged)".into(),
+            });
+        }
+        for ty in [8, 4, 2, 1] {
+            for (dk, vk) in [(16, 16), (8, 16), (16, 8), (8, 8), (8, 4), (4, 4)] {
+                let t = FusedTiles { tx, ty, nv, dk, vk };
+                if t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+                    && tx * ty <= limits.max_compute_invocations_per_workgroup
+                    && tx <= limits.max_compute_workgroup_size_x
+                    && ty <= limits.max_compute_workgroup_size_y
+                {
+                    return Ok(t);
+                }
+            }
+        }
+        Err(Error::LimitExceeded {
+            limit: "max_compute_workgroup_storage_size",
+            max: limits.max_compute_workgroup_storage_size as u64,
+            requested: FusedTiles {
+                tx,
+                ty: 1,
+                nv,
+                dk: 4,
+                vk: 4,
+            }
+            .workgroup_bytes() as u64,
+            what: "the fused kernel's smallest tiles".into(),
+            hint: "; use the staged kernels (KernelChoice::Staged)".into(),
+        })
+    }
+
+    fn overrides(&self) -> Vec<(&'static str, f64)> {
+        vec![
+            ("TX", self.tx as f64),
+            ("TY", self.ty as f64),
+            ("NV", self.nv as f64),
+            ("DK", self.dk as f64),
+            ("VK", self.vk as f64),
+        ]
+    }
+}
+
+/// Every (batch, head, block of query rows) in one dispatch.
+pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
+    let tiles = FusedTiles::choose(l.dvp, limits)?;
+    let q_blocks = l.seq.div_ceil(4 * tiles.ty);
+    let total_tiles = q_blocks * l.batch * l.heads;
+    let params = FusedParams {
+        seq: l.seq,
+        heads: l.heads,
+        dp4: l.dp / 4,
+        dvp4: l.dvp / 4,
+        head_dim_v: l.head_dim_v,
+        q_offset4: l.q_offset / 4,
+        k_offset4: l.k_offset / 4,
+        v_offset4: l.v_offset / 4,
+        out_stride: l.heads * l.head_dim_v,
+        q_blocks,
+        total_tiles,
+        causal: l.causal as u32,
+        has_mask: l.has_mask as u32,
+        scale: l.scale,
+        _pad: [0; 2],
+    };
+    Ok(DispatchSpec {
+        kernel: Kernel::Fused,
+        overrides: tiles.overrides(),
+        params: bytemuck::bytes_of(&params).to_vec(),
+        workgroups: total_tiles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_fit_the_default_limits_for_every_head_width() {
+        let limits = wgpu::Limits::default();
+        for dvp in (4..=256).step_by(4) {
+            let t = FusedTiles::choose(dvp, &limits).unwrap();
+            assert!(
+                t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size,
+                "{dvp}: {t:?}"
+            );
+            assert!(
+                4 * t.tx * t.nv >= dvp,
+                "{dvp}: {t:?} does not cover the head"
+            );
+            assert!(t.nv <= 4 && (4 * t.tx).is_multiple_of(t.vk));
+            assert!(t.dk.is_multiple_of(4) && t.vk.is_multiple_of(4));
+        }
+        // Head width 64 gets the full 32 x 64 tile.
+        assert_eq!(FusedTiles::choose(64, &limits).unwrap().ty, 8);
+        assert!(FusedTiles::choose(260, &limits).is_err());
+        let tiny = wgpu::Limits {
+            max_compute_workgroup_storage_size: 1024,
+            ..limits
+        };
+        assert!(matches!(
+            FusedTiles::choose(64, &tiny),
+            Err(Error::LimitExceeded {
+                limit: "max_compute_workgroup_storage_size",
+                ..
+            })
+        ));
+    }
+}

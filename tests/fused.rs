@@ -1,0 +1,248 @@
+//! The fused kernel beyond the shared generated cases: every head width from 16 to 256, a
+//! 16384-token sequence inside wgpu's default limits, memory that grows linearly with the
+//! sequence, and how `KernelChoice::Auto` decides.
+
+mod common;
+
+use common::cases::{Case, build};
+use common::{Rng, ctx};
+use wgpu_attention::{
+    AUTO_FUSED_ABOVE_BYTES, AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights,
+    Error, KernelChoice, Tensor, Tolerance, compare, reference,
+};
+
+fn fused_case(head_dim: usize, head_dim_v: usize, causal: bool, padding: Option<f64>) -> Case {
+    Case {
+        batch: 2,
+        seq: 70,
+        d_model: 24,
+        heads: 2,
+        head_dim,
+        head_dim_v,
+        causal,
+        padding,
+        qkv_bias: true,
+        out: None,
+        scale: None,
+        intermediates: false,
+        seed: head_dim as u64 * 1000 + head_dim_v as u64,
+    }
+}
+
+#[test]
+fn every_head_width_from_16_to_256() {
+    let widths = [
+        (16, 16),
+        (24, 24),
+        (32, 32),
+        (48, 48),
+        (64, 64),
+        (80, 80),
+        (96, 96),
+        (128, 128),
+        (160, 160),
+        (192, 192),
+        (256, 256),
+        (256, 40),
+        (20, 256),
+    ];
+    for (i, &(d, dv)) in widths.iter().enumerate() {
+        let c = fused_case(d, dv, i % 2 == 0, (i % 3 == 0).then_some(0.3));
+        let (config, weights, inputs) = build(&c);
+        let config = config.with_kernel(KernelChoice::Fused);
+        let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+        let gpu = plan.run(&inputs).unwrap();
+        let cpu = reference::run(&config, &weights, &inputs).unwrap();
+        let cmp = compare(&gpu, &cpu.output, Tolerance::F32).unwrap();
+        assert!(cmp.passed(), "head_dim {d}, head_dim_v {dv}: {cmp}");
+    }
+}
+
+#[test]
+fn head_dim_v_past_256_is_refused_with_a_way_out() {
+    let (config, weights, _) = build(&fused_case(8, 260, false, None));
+    let err = AttentionPlan::new(
+        ctx(),
+        &config.clone().with_kernel(KernelChoice::Fused),
+        &weights,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: "fused kernel head_dim_v",
+                max: 256,
+                requested: 260,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .ends_with("use the staged kernels (KernelChoice::Staged)"),
+        "{err}"
+    );
+    assert!(AttentionPlan::new(ctx(), &config.with_kernel(KernelChoice::Staged), &weights).is_ok());
+}
+
+/// f64 attention for chosen query rows of a one-head layer without biases, streaming over the
+/// keys so the 16384 x 16384 matrix is never stored.
+fn reference_rows(
+    config: &AttentionConfig,
+    weights: &AttentionWeights,
+    inputs: &AttentionInputs,
+    rows: &[usize],
+) -> Vec<Vec<f64>> {
+    let (n, dm, d) = (config.seq_len, config.d_model, config.head_dim);
+    let x = inputs.x.data();
+    let project = |w: &Tensor| -> Vec<f64> {
+        (0..n * d)
+            .map(|e| {
+                (0..dm)
+                    .map(|k| x[(e / d) * dm + k] as f64 * w.data()[k * d + e % d] as f64)
+                    .sum()
+            })
+            .collect()
+    };
+    let (q, k, v) = (
+        project(&weights.w_q),
+        project(&weights.w_k),
+        project(&weights.w_v),
+    );
+    let mask = inputs.key_mask.as_ref().map(|m| m.data());
+    let scale = config.scale_value() as f64;
+    rows.iter()
+        .map(|&i| {
+            let allowed = |j: usize| (!config.causal || j <= i) && mask.is_none_or(|m| m[j] != 0.0);
+            let score = |j: usize| scale * (0..d).map(|e| q[i * d + e] * k[j * d + e]).sum::<f64>();
+            let max = (0..n)
+                .filter(|&j| allowed(j))
+                .map(score)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let mut out = vec![0.0; d];
+            let mut sum = 0.0;
+            for j in (0..n).filter(|&j| allowed(j)) {
+                let p = (score(j) - max).exp();
+                sum += p;
+                for e in 0..d {
+                    out[e] += p * v[j * d + e];
+                }
+            }
+            out.iter()
+                .map(|o| if sum > 0.0 { o / sum } else { 0.0 })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_thousand_tokens_within_default_limits() {
+    // The staged path would need a 1 GiB score matrix here (past the 128 MiB binding limit);
+    // Auto picks the fused kernel, whose buffers are all linear in seq.
+    let n = 16384;
+    let mut rng = Rng::new(16384);
+    let config = AttentionConfig::new(1, n, 8, 1, 8)
+        .causal()
+        .with_key_padding_mask();
+    assert_eq!(config.resolved_kernel(&ctx().limits()), KernelChoice::Fused);
+    let weights = AttentionWeights::new(
+        rng.tensor(&[8, 8], 0.35),
+        rng.tensor(&[8, 8], 0.35),
+        rng.tensor(&[8, 8], 0.35),
+    );
+    let mask: Vec<f32> = (0..n)
+        .map(|j| if j % 7 == 3 || j == 0 { 0.0 } else { 1.0 })
+        .collect();
+    let inputs = AttentionInputs::new(rng.tensor(&[1, n, 8], 1.0))
+        .with_key_mask(Tensor::new([1, n], mask).unwrap());
+    let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+    assert_eq!(plan.kernel(), KernelChoice::Fused);
+    assert!(
+        plan.gpu_memory_bytes() < 8 << 20,
+        "{} bytes",
+        plan.gpu_memory_bytes()
+    );
+    let out = plan.run(&inputs).unwrap();
+    // Row 0 sees only key 0, which is padding: zeros. The others against streamed f64 rows.
+    let rows = [
+        0, 1, 2, 3, 4, 63, 64, 65, 1000, 4097, 8191, 12345, 16382, 16383,
+    ];
+    let expected = reference_rows(&config, &weights, &inputs, &rows);
+    assert!(expected[0].iter().all(|&v| v == 0.0));
+    for (&i, want) in rows.iter().zip(&expected) {
+        let got = &out.data()[i * 8..(i + 1) * 8];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                Tolerance::F32.ratio(*g as f64, *w) <= 1.0,
+                "row {i}: gpu {got:?} ref {want:?}"
+            );
+        }
+    }
+    // Head width 64 at the same length fits the default limits too.
+    let wide = AttentionConfig::new(1, n, 64, 1, 64);
+    let w = || Tensor::zeros([64, 64]);
+    let plan = AttentionPlan::new(ctx(), &wide, &AttentionWeights::new(w(), w(), w())).unwrap();
+    assert_eq!(plan.kernel(), KernelChoice::Fused);
+}
+
+#[test]
+fn fused_memory_grows_linearly_staged_quadratically() {
+    let bytes = |n: usize, kernel: KernelChoice| {
+        let config = AttentionConfig::new(1, n, 64, 1, 64).with_kernel(kernel);
+        let w = || Tensor::zeros([64, 64]);
+        AttentionPlan::new(ctx(), &config, &AttentionWeights::new(w(), w(), w()))
+            .unwrap()
+            .gpu_memory_bytes() as f64
+    };
+    let fused = bytes(8192, KernelChoice::Fused) / bytes(4096, KernelChoice::Fused);
+    assert!(
+        (1.9..=2.05).contains(&fused),
+        "fused 4096 -> 8192 grew {fused}x"
+    );
+    // What the staged path holds beyond the fused one is its score matrix (and two small
+    // uniform buffers, which cancel in the difference): it grows by exactly 4 (2048² - 1024²).
+    let extra = |n: usize| bytes(n, KernelChoice::Staged) - bytes(n, KernelChoice::Fused);
+    assert_eq!(
+        extra(2048) - extra(1024),
+        (4 * (2048 * 2048 - 1024 * 1024)) as f64
+    );
+    assert!(extra(2048) / extra(1024) > 3.99);
+}
+
+#[test]
+fn auto_takes_fused_for_large_score_matrices_and_staged_for_intermediates() {
+    let limits = ctx().limits();
+    let small = AttentionConfig::new(1, 64, 8, 2, 4);
+    assert_eq!(small.resolved_kernel(&limits), KernelChoice::Staged);
+    // 4 heads x 1024 x 1024 x 4 bytes is exactly 16 MiB: still staged; one token more is not.
+    let edge = AttentionConfig::new(1, 1024, 8, 4, 4);
+    assert_eq!(edge.score_matrix_bytes(), AUTO_FUSED_ABOVE_BYTES);
+    assert_eq!(edge.resolved_kernel(&limits), KernelChoice::Staged);
+    let past = AttentionConfig::new(1, 1025, 8, 4, 4);
+    assert_eq!(past.resolved_kernel(&limits), KernelChoice::Fused);
+    assert_eq!(
+        past.clone().with_intermediates().resolved_kernel(&limits),
+        KernelChoice::Staged
+    );
+    assert_eq!(
+        small
+            .clone()
+            .with_kernel(KernelChoice::Fused)
+            .resolved_kernel(&limits),
+        KernelChoice::Fused
+    );
+
+    let err = small
+        .with_kernel(KernelChoice::Fused)
+        .with_intermediates()
+        .validate()
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)));
+    assert!(
+        err.to_string()
+            .contains("use KernelChoice::Staged (or Auto) to read them back"),
+        "{err}"
+    );
+}
