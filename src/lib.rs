@@ -68,6 +68,7 @@ pub mod kernels;
 pub mod plan;
 pub mod reference;
 pub mod tensor;
+pub mod timing;
 pub mod weights;
 
 pub use compare::{Comparison, Tolerance, compare};
@@ -77,6 +78,7 @@ pub use error::{Error, Result, Shape};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};
 pub use reference::Intermediates;
 pub use tensor::Tensor;
+pub use timing::{StageTime, StageTimes, TimingSource};
 pub use weights::{AttentionInputs, AttentionWeights};
 
 // The README's examples compile as doctests, so they cannot drift from the API.

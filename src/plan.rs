@@ -5,6 +5,8 @@
 //! [`AttentionPlan::encode`] (dispatches) → read back ([`AttentionPlan::run`]) → compare
 //! ([`crate::compare()`]).
 
+use std::time::Instant;
+
 use wgpu::util::DeviceExt;
 
 use crate::config::{AttentionConfig, KernelChoice};
@@ -13,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::kernels::{self, DispatchSpec, Pipeline, fold_grid, gemm, pad4};
 use crate::reference::Intermediates;
 use crate::tensor::Tensor;
+use crate::timing::{GpuTimer, StageTime, StageTimes, TimingSource, since};
 use crate::weights::{AttentionInputs, AttentionWeights};
 
 /// Sizes and offsets the kernels agree on, in f32 elements, checked to fit u32 indexing.
@@ -212,6 +215,8 @@ pub struct AttentionPlan {
     steps: Vec<Step>,
     own: OwnIo,
     memory_bytes: u64,
+    /// Timestamp queries, made by the first [`AttentionPlan::time_stages`].
+    timer: Option<GpuTimer>,
 }
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -305,6 +310,7 @@ impl AttentionPlan {
                 staging,
             },
             memory_bytes: 0,
+            timer: None,
         };
         plan.memory_bytes = plan.buffers().iter().map(|b| b.size()).sum();
         let (x, mask, out) = (
@@ -463,46 +469,132 @@ impl AttentionPlan {
         encoder: &mut wgpu::CommandEncoder,
         bindings: &AttentionBindings,
     ) -> Result<()> {
+        self.check_owner(bindings)?;
+        for i in 0..self.steps.len() {
+            self.record(encoder, bindings, i, None);
+        }
+        Ok(())
+    }
+
+    fn check_owner(&self, bindings: &AttentionBindings) -> Result<()> {
         if bindings.owner != self.qkv || bindings.groups.len() != self.steps.len() {
             return Err(Error::ForeignBindings);
         }
-        for (step, group) in self.steps.iter().zip(&bindings.groups) {
-            match (step, group) {
-                (Step::Dispatch(stage), Some(group)) => {
-                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: Some(stage.label),
-                        timestamp_writes: None,
+        Ok(())
+    }
+
+    /// Records step `i`; a dispatch gets its own compute pass, timed if `timestamps` is given.
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bindings: &AttentionBindings,
+        i: usize,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) {
+        match (&self.steps[i], &bindings.groups[i]) {
+            (Step::Dispatch(stage), Some(group)) => {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(stage.label),
+                    timestamp_writes: timestamps,
+                });
+                pass.set_pipeline(&stage.pipeline.pipeline);
+                pass.set_bind_group(0, group, &[]);
+                let [x, y, z] = stage.grid;
+                pass.dispatch_workgroups(x, y, z);
+            }
+            (Step::Copy { from, to, bytes }, _) => {
+                encoder.copy_buffer_to_buffer(from, 0, to, 0, *bytes);
+            }
+            // check_owner pairs every dispatch with a bind group.
+            (Step::Dispatch(_), None) => {}
+        }
+    }
+
+    /// The stages this plan dispatches, in order.
+    pub fn stages(&self) -> Vec<&'static str> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Dispatch(stage) => Some(stage.label),
+                Step::Copy { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Uploads `inputs` and runs the layer once more, timing each stage on the GPU: with
+    /// timestamp queries where the device has them (their buffers are made on the first call
+    /// and reused), else with the wall clock around each stage submitted alone. The output is
+    /// left in the plan's output buffer, not read back.
+    pub fn time_stages(&mut self, inputs: &AttentionInputs) -> Result<StageTimes> {
+        inputs.validate(&self.config)?;
+        let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
+        let dispatches: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| matches!(self.steps[i], Step::Dispatch(_)))
+            .collect();
+        let labels = self.stages();
+        if self.ctx.has_timestamps() && self.timer.is_none() {
+            let timer = scoped(&device, "creating timestamp queries", || {
+                GpuTimer::new(&device, dispatches.len() as u32)
+            })?;
+            self.timer = Some(timer);
+        }
+        if let Some(timer) = &self.timer {
+            scoped(&device, "timing the layer", || {
+                self.upload(inputs);
+                let mut encoder = device.create_command_encoder(&Default::default());
+                let mut timed = 0;
+                for i in 0..self.steps.len() {
+                    let writes = dispatches.contains(&i).then(|| {
+                        timed += 1;
+                        timer.writes(timed - 1)
                     });
-                    pass.set_pipeline(&stage.pipeline.pipeline);
-                    pass.set_bind_group(0, group, &[]);
-                    let [x, y, z] = stage.grid;
-                    pass.dispatch_workgroups(x, y, z);
+                    self.record(&mut encoder, &self.own.bindings, i, writes);
                 }
-                (Step::Copy { from, to, bytes }, _) => {
-                    encoder.copy_buffer_to_buffer(from, 0, to, 0, *bytes);
-                }
-                (Step::Dispatch(_), None) => return Err(Error::ForeignBindings),
+                timer.resolve(&mut encoder);
+                queue.submit([encoder.finish()]);
+            })?;
+            let seconds = timer.read(&device, &queue)?;
+            return Ok(StageTimes {
+                source: TimingSource::Timestamps,
+                stages: labels
+                    .into_iter()
+                    .zip(seconds)
+                    .map(|(stage, seconds)| StageTime { stage, seconds })
+                    .collect(),
+            });
+        }
+        scoped(&device, "uploading inputs", || self.upload(inputs))?;
+        device.poll(wgpu::PollType::wait_indefinitely())?;
+        let mut stages = Vec::with_capacity(labels.len());
+        for i in 0..self.steps.len() {
+            let start = Instant::now();
+            scoped(&device, "timing a stage", || {
+                let mut encoder = device.create_command_encoder(&Default::default());
+                self.record(&mut encoder, &self.own.bindings, i, None);
+                queue.submit([encoder.finish()]);
+            })?;
+            device.poll(wgpu::PollType::wait_indefinitely())?;
+            if let Step::Dispatch(stage) = &self.steps[i] {
+                stages.push(StageTime {
+                    stage: stage.label,
+                    seconds: since(start),
+                });
             }
         }
-        Ok(())
+        Ok(StageTimes {
+            source: TimingSource::WallClock,
+            stages,
+        })
     }
 
     /// Uploads `inputs`, runs the layer and reads the output back, blocking until the GPU is
     /// done. The second and later calls create no pipelines, buffers or bind groups.
     pub fn run(&mut self, inputs: &AttentionInputs) -> Result<Tensor> {
         self.submit(inputs)?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.own
-            .staging
-            .map_async(wgpu::MapMode::Read, .., move |r| {
-                let _ = tx.send(r);
-            });
-        self.ctx
-            .device()
-            .poll(wgpu::PollType::wait_indefinitely())?;
-        let mapped = rx.recv().map_err(|_| wgpu::BufferAsyncError)?;
-        mapped?;
-        self.take_output()
+        let data = map_and_read(self.ctx.device(), &self.own.staging, |bytes| {
+            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
+        })?;
+        Tensor::new(self.config.output_shape().to_vec(), data)
     }
 
     /// The async form of [`AttentionPlan::run`]. It waits for the read-back without blocking, so
@@ -518,18 +610,27 @@ impl AttentionPlan {
             });
         let mapped = rx.await.map_err(|_| wgpu::BufferAsyncError)?;
         mapped?;
-        self.take_output()
+        let data = read_mapped(&self.own.staging, |bytes| {
+            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
+        })?;
+        Tensor::new(self.config.output_shape().to_vec(), data)
+    }
+
+    /// Writes `inputs` into the plan's own buffers (checked by the caller).
+    fn upload(&self, inputs: &AttentionInputs) {
+        let queue = self.ctx.queue();
+        queue.write_buffer(&self.own.x, 0, bytemuck::cast_slice(inputs.x.data()));
+        if let Some(mask) = &inputs.key_mask {
+            let words: Vec<u32> = mask.data().iter().map(|&m| (m != 0.0) as u32).collect();
+            queue.write_buffer(&self.own.key_mask, 0, bytemuck::cast_slice(&words));
+        }
     }
 
     fn submit(&self, inputs: &AttentionInputs) -> Result<()> {
         inputs.validate(&self.config)?;
         let queue = self.ctx.queue();
         scoped(self.ctx.device(), "running the layer", || {
-            queue.write_buffer(&self.own.x, 0, bytemuck::cast_slice(inputs.x.data()));
-            if let Some(mask) = &inputs.key_mask {
-                let words: Vec<u32> = mask.data().iter().map(|&m| (m != 0.0) as u32).collect();
-                queue.write_buffer(&self.own.key_mask, 0, bytemuck::cast_slice(&words));
-            }
+            self.upload(inputs);
             let mut encoder =
                 self.ctx
                     .device()
@@ -547,22 +648,6 @@ impl AttentionPlan {
             queue.submit([encoder.finish()]);
             encoded
         })?
-    }
-
-    fn take_output(&self) -> Result<Tensor> {
-        let data = {
-            let view = self
-                .own
-                .staging
-                .get_mapped_range(..)
-                .map_err(|e| Error::Wgpu {
-                    stage: "reading the output".into(),
-                    message: e.to_string(),
-                })?;
-            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
-        };
-        self.own.staging.unmap();
-        Tensor::new(self.config.output_shape().to_vec(), data)
     }
 
     /// Reads back every intermediate of the last [`AttentionPlan::run`] (Q, K, V, scores,
@@ -622,21 +707,39 @@ impl AttentionPlan {
             self.ctx.queue().submit([encoder.finish()]);
             staging
         })?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        device.poll(wgpu::PollType::wait_indefinitely())?;
-        rx.recv().map_err(|_| wgpu::BufferAsyncError)??;
-        let data = bytemuck::cast_slice::<u8, f32>(&staging.get_mapped_range(..).map_err(|e| {
-            Error::Wgpu {
-                stage: "reading an intermediate".into(),
-                message: e.to_string(),
-            }
-        })?)
-        .to_vec();
-        Ok(data)
+        map_and_read(device, &staging, |bytes| {
+            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
+        })
     }
+}
+
+/// Maps `buffer` (after the work that fills it was submitted), waits for the device, hands the
+/// bytes to `read` and unmaps.
+pub(crate) fn map_and_read<T>(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    read: impl FnOnce(&[u8]) -> T,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    device.poll(wgpu::PollType::wait_indefinitely())?;
+    rx.recv().map_err(|_| wgpu::BufferAsyncError)??;
+    read_mapped(buffer, read)
+}
+
+/// Hands the bytes of a mapped `buffer` to `read`, then unmaps it.
+fn read_mapped<T>(buffer: &wgpu::Buffer, read: impl FnOnce(&[u8]) -> T) -> Result<T> {
+    let value = {
+        let view = buffer.get_mapped_range(..).map_err(|e| Error::Wgpu {
+            stage: "reading results back".into(),
+            message: e.to_string(),
+        })?;
+        read(&view)
+    };
+    buffer.unmap();
+    Ok(value)
 }
 
 /// Every dispatch of the plan, in order: the projection, the attention (staged or fused), the

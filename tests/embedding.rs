@@ -197,3 +197,51 @@ fn run_async_returns_the_same_result() {
     poller.join().unwrap();
     assert_eq!(result.unwrap(), blocking);
 }
+
+#[test]
+fn stages_are_timed_on_the_gpu() {
+    let ctx = ctx();
+    let (config, weights, inputs) = layer(&mut Rng::new(13));
+    for (kernel, stages) in [
+        (
+            wgpu_attention::KernelChoice::Staged,
+            vec![
+                "project q, k, v",
+                "scores",
+                "softmax",
+                "weighted sum",
+                "output projection",
+            ],
+        ),
+        (
+            wgpu_attention::KernelChoice::Fused,
+            vec!["project q, k, v", "fused attention", "output projection"],
+        ),
+    ] {
+        let mut plan =
+            AttentionPlan::new(ctx, &config.clone().with_kernel(kernel), &weights).unwrap();
+        assert_eq!(plan.stages(), stages);
+        for _ in 0..2 {
+            let times = plan.time_stages(&inputs).unwrap();
+            let names: Vec<&str> = times.stages.iter().map(|s| s.stage).collect();
+            assert_eq!(names, stages);
+            assert!(
+                times
+                    .stages
+                    .iter()
+                    .all(|s| s.seconds > 0.0 && s.seconds < 10.0),
+                "{times:?}"
+            );
+            let projections =
+                times.get("project q, k, v").unwrap() + times.get("output projection").unwrap();
+            assert!((times.total() - times.attention() - projections).abs() < 1e-12);
+        }
+        // Timing leaves the plan as it was: a run still gives the reference's answer.
+        let cpu = reference::run(&config, &weights, &inputs).unwrap();
+        assert!(
+            compare(&plan.run(&inputs).unwrap(), &cpu.output, Tolerance::F32)
+                .unwrap()
+                .passed()
+        );
+    }
+}

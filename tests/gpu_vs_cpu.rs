@@ -209,3 +209,34 @@ fn grids_fold_past_max_workgroups_per_dimension() {
         "{err}"
     );
 }
+
+/// The streaming reference gives the full reference's rows, bit for bit.
+#[test]
+fn output_rows_equal_the_full_reference() {
+    let c = Case {
+        batch: 2,
+        seq: 33,
+        d_model: 10,
+        heads: 3,
+        head_dim: 4,
+        head_dim_v: 5,
+        causal: true,
+        padding: Some(0.6),
+        qkv_bias: true,
+        out: Some((6, true)),
+        scale: Some(0.7),
+        intermediates: false,
+        seed: 99,
+    };
+    let (config, weights, inputs) = build(&c);
+    let full = reference::run(&config, &weights, &inputs).unwrap();
+    let rows: Vec<(usize, usize)> = (0..2).flat_map(|b| (0..33).map(move |i| (b, i))).collect();
+    let streamed = reference::output_rows(&config, &weights, &inputs, &rows).unwrap();
+    let flat: Vec<f32> = streamed.into_iter().flatten().collect();
+    assert_eq!(flat, full.output.data());
+    let err = reference::output_rows(&config, &weights, &inputs, &[(2, 0)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: row (2, 0) is outside batch 2 x seq 33"
+    );
+}
