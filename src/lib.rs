@@ -63,6 +63,7 @@
 pub mod compare;
 pub mod config;
 pub mod context;
+pub mod cpu;
 pub mod error;
 pub mod kernels;
 pub mod plan;
@@ -73,6 +74,7 @@ pub mod weights;
 
 pub use compare::{Comparison, Tolerance, compare};
 pub use config::{AUTO_FUSED_ABOVE_BYTES, AttentionConfig, KernelChoice, OutputProjection};
+pub use cpu::{AttentionShape, CpuAttention};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use error::{Error, Result, Shape};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};
