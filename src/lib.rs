@@ -74,8 +74,8 @@ pub mod weights;
 
 pub use compare::{Comparison, Tolerance, compare};
 pub use config::{AUTO_FUSED_ABOVE_BYTES, AttentionConfig, KernelChoice, OutputProjection};
-pub use cpu::{AttentionShape, CpuAttention};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
+pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};
 pub use reference::Intermediates;

@@ -1,0 +1,152 @@
+//! The program end to end, as a user runs it: the walkthrough prints the worked example's exact
+//! numbers, the benchmark writes valid JSON, CSV and SVG for a tiny sweep, `adapters` names
+//! the one it would choose. They need an adapter and fail without one.
+#![cfg(feature = "cli")]
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn program() -> Command {
+    Command::cargo_bin("wgpu-attention").expect("the wgpu-attention binary is built")
+}
+
+#[test]
+fn walkthrough_prints_every_step_with_the_exact_numbers() {
+    let out = program().arg("walkthrough").assert().success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    for step in 1..=8 {
+        assert!(
+            stdout.contains(&format!("Step {step}: ")),
+            "step {step} missing:\n{stdout}"
+        );
+    }
+    // Softmax rows and outputs of ../shared/worked-example.md, to the 6 decimals f32 holds.
+    // Output 1 shows twice (steps 7 and 8), GPU and CPU each time.
+    for (row, times) in [
+        ("[  0.063379  0.468311  0.468311 ]", 2),
+        ("[  0.000006  0.982008  0.017986 ]", 2),
+        ("[  0.000295  0.880537  0.119168 ]", 2),
+        ("[  1.936621  6.683105  1.595068 ]", 4),
+        ("[  1.999705  7.759892  0.358389 ]", 2),
+    ] {
+        assert_eq!(stdout.matches(row).count(), times, "{row}:\n{stdout}");
+    }
+    // Output 2: the GPU may differ from the reference in the 7th digit, never more.
+    assert!(stdout.contains("[  1.999994  7.96399"), "{stdout}");
+    assert!(stdout.contains("Every step agrees"), "{stdout}");
+}
+
+#[test]
+fn walkthrough_with_the_transformer_scale() {
+    let scale = (1.0f32 / 3f32.sqrt()).to_string();
+    program()
+        .args(["walkthrough", "--scale", &scale])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "[  1.863874  6.319371  1.704189 ]",
+        ))
+        .stdout(predicate::str::contains(
+            "[  1.992555  7.479636  0.735877 ]",
+        ));
+}
+
+#[test]
+fn bench_writes_json_csv_and_svg_for_a_tiny_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let (json, csv, svg) = (
+        dir.path().join("b.json"),
+        dir.path().join("b.csv"),
+        dir.path().join("b.svg"),
+    );
+    program()
+        .args([
+            "bench",
+            "--seq",
+            "8,16",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--causal",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--csv")
+        .arg(&csv)
+        .arg("--plot")
+        .arg(&svg)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("4*B*H*N*N*D"))
+        .stdout(predicate::str::contains("fus/stg"));
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["heads"], 2);
+    assert_eq!(report["causal"], true);
+    assert!(report["adapter"].as_str().is_some_and(|a| !a.is_empty()));
+    let gpu = report["gpu"].as_array().unwrap();
+    assert_eq!(gpu.len(), 4, "two lengths x two paths");
+    for row in gpu {
+        assert!(row["seq"] == 8 || row["seq"] == 16);
+        assert!(row["kernel"] == "staged" || row["kernel"] == "fused");
+        for key in ["gpu", "attention", "end_to_end"] {
+            let median = row[key]["median"].as_f64().unwrap();
+            let min = row[key]["min"].as_f64().unwrap();
+            assert!(median > 0.0 && min > 0.0 && min <= median, "{key}: {row}");
+        }
+        assert!(row["attention_gflops"].as_f64().unwrap() > 0.0);
+        assert!(row["layer_gflops"].as_f64().unwrap() > 0.0);
+        assert!(row["error"]["max_abs"].as_f64().unwrap() < 1e-4);
+        assert_eq!(row["error"]["passed"], true);
+        assert!(row["memory_bytes"].as_u64().unwrap() > 0);
+        assert!(!row["stages"].as_array().unwrap().is_empty());
+    }
+    let cpu = report["cpu"].as_array().unwrap();
+    assert_eq!(cpu.len(), 2);
+    assert!(
+        cpu.iter()
+            .all(|r| r["layer_gflops"].as_f64().unwrap() > 0.0 && r["error"]["passed"] == true)
+    );
+
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1 + 4 + 2,
+        "header, 4 GPU rows, 2 CPU rows:\n{csv}"
+    );
+    assert!(lines[0].starts_with("seq,path,adapter,timing,"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        svg.starts_with("<svg")
+            && svg.contains("sequence length")
+            && svg.contains("fused: attention")
+    );
+}
+
+#[test]
+fn adapters_lists_and_chooses() {
+    program()
+        .arg("adapters")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("[0] "))
+        .stdout(predicate::str::contains("timestamp queries"))
+        .stdout(predicate::str::contains("chosen: "))
+        .stdout(predicate::str::contains("why: "));
+}
+
+#[test]
+fn an_adapter_that_does_not_exist_is_a_clear_failure() {
+    program()
+        .args(["walkthrough", "--adapter", "no-such-gpu"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no GPU adapter found"))
+        .stderr(predicate::str::contains("mesa-vulkan-drivers"));
+}

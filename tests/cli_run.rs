@@ -1,0 +1,637 @@
+//! `wgpu-attention run` end to end: safetensors files in, the program run as a user runs it,
+//! safetensors files out. Runs that reach the GPU need an adapter and fail without one.
+#![cfg(feature = "cli")]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use wgpu_attention::{
+    AttentionConfig, AttentionInputs, AttentionWeights, Tensor, Tolerance, compare, reference,
+};
+
+const X: [f32; 12] = [1., 0., 1., 0., 0., 2., 0., 2., 1., 1., 1., 1.];
+const W_Q: [f32; 12] = [1., 0., 1., 1., 0., 0., 0., 0., 1., 0., 1., 1.];
+const W_K: [f32; 12] = [0., 0., 1., 1., 1., 0., 0., 1., 0., 1., 1., 0.];
+const W_V: [f32; 12] = [0., 2., 0., 0., 3., 0., 1., 0., 3., 1., 1., 0.];
+const OUT_SCALE_1: [f32; 9] = [
+    1.9366211, 6.6831053, 1.5950684, 1.999994, 7.9639916, 0.0539764, 1.9997046, 7.7598923,
+    0.3583893,
+];
+const OUT_DEFAULT_SCALE: [f32; 9] = [
+    1.8638742, 6.319371, 1.7041887, 1.9991096, 7.8141235, 0.2734721, 1.9925551, 7.4796356,
+    0.7358773,
+];
+
+/// A tensor as stored: dtype, shape, little-endian bytes.
+struct Stored {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn f32s(shape: &[usize], data: &[f32]) -> Stored {
+    assert_eq!(shape.iter().product::<usize>(), data.len());
+    Stored {
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        bytes: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+fn from_tensor(t: &Tensor) -> Stored {
+    f32s(t.shape(), t.data())
+}
+
+/// Rows and columns swapped, as PyTorch's nn.Linear stores the same projection.
+fn transposed(rows: usize, cols: usize, data: &[f32]) -> Stored {
+    let t: Vec<f32> = (0..rows * cols)
+        .map(|i| data[(i % rows) * cols + i / rows])
+        .collect();
+    f32s(&[cols, rows], &t)
+}
+
+fn save(path: &Path, tensors: Vec<(&str, Stored)>) {
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, s)| {
+            let view = TensorView::new(s.dtype, s.shape.clone(), &s.bytes).unwrap();
+            (*name, view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// Every tensor of an output file, which must all be F32.
+fn load(path: &Path) -> BTreeMap<String, Tensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    file.iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32, "{name}");
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (
+                name.to_string(),
+                Tensor::new(view.shape().to_vec(), data).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The worked example: 2-D x [3, 4] and three [4, 3] weights.
+fn worked_example() -> Vec<(&'static str, Stored)> {
+    vec![
+        ("x", f32s(&[3, 4], &X)),
+        ("w_q", f32s(&[4, 3], &W_Q)),
+        ("w_k", f32s(&[4, 3], &W_K)),
+        ("w_v", f32s(&[4, 3], &W_V)),
+    ]
+}
+
+/// A scratch directory with `in.safetensors` holding `tensors`, and the output's path.
+struct Case {
+    _dir: tempfile::TempDir,
+    input: PathBuf,
+    output: PathBuf,
+}
+
+impl Case {
+    fn new(tensors: Vec<(&str, Stored)>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        save(&input, tensors);
+        Case {
+            input,
+            output: dir.path().join("out.safetensors"),
+            _dir: dir,
+        }
+    }
+
+    fn run(&self, flags: &[&str]) -> assert_cmd::assert::Assert {
+        Command::cargo_bin("wgpu-attention")
+            .unwrap()
+            .arg("run")
+            .arg("--input")
+            .arg(&self.input)
+            .arg("--output")
+            .arg(&self.output)
+            .args(flags)
+            .assert()
+    }
+
+    /// Runs expecting success and returns what was written.
+    fn ok(&self, flags: &[&str]) -> BTreeMap<String, Tensor> {
+        self.run(flags)
+            .success()
+            .stdout(predicate::str::contains("pass"));
+        load(&self.output)
+    }
+
+    /// Runs expecting failure with `message` on stderr, and no output file.
+    fn fails(&self, flags: &[&str], message: &str) {
+        self.run(flags)
+            .failure()
+            .stderr(predicate::str::contains(message));
+        assert!(!self.output.exists(), "a failed run left {:?}", self.output);
+        let leftovers: Vec<_> = std::fs::read_dir(self.output.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "in.safetensors")
+            .collect();
+        assert!(leftovers.is_empty(), "a failed run left {leftovers:?}");
+    }
+}
+
+fn assert_close(actual: &Tensor, shape: &[usize], expected: &[f32], atol: f32) {
+    assert_eq!(actual.shape(), shape);
+    for (i, (a, e)) in actual.data().iter().zip(expected).enumerate() {
+        assert!((a - e).abs() <= atol, "element {i}: {a} vs {e}");
+    }
+}
+
+#[test]
+fn worked_example_unscaled() {
+    let case = Case::new(worked_example());
+    let out = case.ok(&["--scale", "1"]);
+    assert_eq!(out.keys().collect::<Vec<_>>(), ["out"]);
+    assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
+}
+
+#[test]
+fn worked_example_with_the_default_scale() {
+    let case = Case::new(worked_example());
+    let out = case.ok(&[]);
+    assert_close(&out["out"], &[3, 3], &OUT_DEFAULT_SCALE, 1e-6);
+}
+
+#[test]
+fn torch_layout_reads_transposed_weights() {
+    let case = Case::new(vec![
+        ("x", f32s(&[1, 3, 4], &X)),
+        ("w_q", transposed(4, 3, &W_Q)),
+        ("w_k", transposed(4, 3, &W_K)),
+        ("w_v", transposed(4, 3, &W_V)),
+    ]);
+    let out = case.ok(&["--torch-layout", "--scale", "1"]);
+    // A 3-D x keeps its batch axis.
+    assert_close(&out["out"], &[1, 3, 3], &OUT_SCALE_1, 1e-6);
+}
+
+#[test]
+fn the_report_names_the_adapter_the_check_and_the_file() {
+    let case = Case::new(worked_example());
+    case.run(&["--scale", "1"])
+        .success()
+        .stdout(predicate::str::contains("adapter "))
+        .stdout(predicate::str::contains(
+            "|gpu - ref| <= 1e-5 + 1e-4 * |ref|",
+        ))
+        .stdout(predicate::str::is_match(r"out\s+\[3, 3\]").unwrap())
+        .stdout(predicate::str::contains("wrote "));
+}
+
+/// A seeded generator so the multi-head data is the same on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(shape.to_vec(), self.values(n, scale)).unwrap()
+    }
+}
+
+/// Two heads of width 3 (values 2), batch 2, seq 5, d_model 8, every optional tensor, and a
+/// mask that hides key 0 of the second row, so with --causal its first query sees nothing.
+fn multi_head() -> (AttentionConfig, AttentionWeights, AttentionInputs) {
+    let mut rng = Rng(7);
+    let config = AttentionConfig::new(2, 5, 8, 2, 3)
+        .with_head_dim_v(2)
+        .causal()
+        .with_key_padding_mask()
+        .with_output_projection(5);
+    let weights = AttentionWeights::new(
+        rng.tensor(&[8, 6], 0.5),
+        rng.tensor(&[8, 6], 0.5),
+        rng.tensor(&[8, 4], 0.5),
+    )
+    .with_qkv_bias(
+        rng.tensor(&[6], 0.1),
+        rng.tensor(&[6], 0.1),
+        rng.tensor(&[4], 0.1),
+    )
+    .with_output_projection(rng.tensor(&[4, 5], 0.5), Some(rng.tensor(&[5], 0.1)));
+    let mask = Tensor::new([2, 5], vec![1., 1., 1., 0., 0., 0., 1., 1., 1., 1.]).unwrap();
+    let inputs = AttentionInputs::new(rng.tensor(&[2, 5, 8], 1.0)).with_key_mask(mask);
+    (config, weights, inputs)
+}
+
+fn multi_head_file(w: &AttentionWeights, i: &AttentionInputs) -> Case {
+    let mask: Vec<u8> = i
+        .key_mask
+        .as_ref()
+        .unwrap()
+        .data()
+        .iter()
+        .map(|&m| m as u8)
+        .collect();
+    let mut tensors: Vec<(&str, Stored)> = w
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, from_tensor(t)))
+        .collect();
+    tensors.push(("x", from_tensor(&i.x)));
+    tensors.push((
+        "key_mask",
+        Stored {
+            dtype: Dtype::BOOL,
+            shape: vec![2, 5],
+            bytes: mask,
+        },
+    ));
+    Case::new(tensors)
+}
+
+#[test]
+fn multi_head_with_biases_projection_mask_and_causal_matches_the_reference() {
+    let (config, weights, inputs) = multi_head();
+    let case = multi_head_file(&weights, &inputs);
+    let out = case.ok(&["--heads", "2", "--causal"]);
+    let expected = reference::run(&config, &weights, &inputs).unwrap();
+    let check = compare(&out["out"], &expected.output, Tolerance::F32).unwrap();
+    assert!(check.passed(), "{check}");
+    assert_eq!(out["out"].shape(), &[2, 5, 5]);
+    // Query 0 of row 1 has every key masked: its heads give zeros, so only b_o remains.
+    let b_o = weights.b_o.as_ref().unwrap().data();
+    assert_close(
+        &Tensor::new([5], out["out"].data()[25..30].to_vec()).unwrap(),
+        &[5],
+        b_o,
+        1e-6,
+    );
+}
+
+#[test]
+fn intermediates_are_written_with_their_shapes_and_checked() {
+    let (config, weights, inputs) = multi_head();
+    let case = multi_head_file(&weights, &inputs);
+    let out = case.ok(&["--heads", "2", "--causal", "--intermediates"]);
+    let expected = reference::run(&config, &weights, &inputs).unwrap();
+    let shapes: [(&str, &[usize], &Tensor); 7] = [
+        ("out", &[2, 5, 5], &expected.output),
+        ("q", &[2, 2, 5, 3], &expected.q),
+        ("k", &[2, 2, 5, 3], &expected.k),
+        ("v", &[2, 2, 5, 2], &expected.v),
+        ("scores", &[2, 2, 5, 5], &expected.scores),
+        ("probs", &[2, 2, 5, 5], &expected.probs),
+        ("attention", &[2, 5, 4], &expected.attention),
+    ];
+    assert_eq!(out.len(), shapes.len());
+    for (name, shape, reference) in shapes {
+        assert_eq!(out[name].shape(), shape, "{name}");
+        let check = compare(&out[name], reference, Tolerance::F32).unwrap();
+        assert!(check.passed(), "{name}: {check}");
+    }
+    // Causal: query 0 never sees key 1, so that score is stored as -inf.
+    assert_eq!(out["scores"].get(&[0, 0, 0, 1]), Some(f32::NEG_INFINITY));
+}
+
+#[test]
+fn intermediates_of_a_2d_x_lose_the_batch_axis() {
+    let case = Case::new(worked_example());
+    let out = case.ok(&["--scale", "1", "--intermediates"]);
+    assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
+    // The worked example's queries and scores.
+    assert_close(
+        &out["q"],
+        &[1, 3, 3],
+        &[1., 0., 2., 2., 2., 2., 2., 1., 3.],
+        1e-6,
+    );
+    assert_close(
+        &out["scores"],
+        &[1, 3, 3],
+        &[2., 4., 4., 4., 16., 12., 4., 12., 10.],
+        1e-5,
+    );
+    assert_eq!(out["probs"].shape(), &[1, 3, 3]);
+    assert_eq!(out["attention"].shape(), &[3, 3]);
+}
+
+#[test]
+fn a_failed_run_leaves_an_existing_output_untouched() {
+    let case = Case::new(vec![("x", f32s(&[3, 4], &X))]);
+    std::fs::write(&case.output, b"earlier result").unwrap();
+    case.run(&[]).failure();
+    assert_eq!(std::fs::read(&case.output).unwrap(), b"earlier result");
+}
+
+// Bad files: each must fail with a message naming the problem, and write nothing.
+
+fn without(name: &str) -> Vec<(&'static str, Stored)> {
+    worked_example()
+        .into_iter()
+        .filter(|(n, _)| *n != name)
+        .collect()
+}
+
+fn with(name: &'static str, stored: Stored) -> Vec<(&'static str, Stored)> {
+    let mut tensors = without(name);
+    tensors.push((name, stored));
+    tensors
+}
+
+#[test]
+fn missing_tensor() {
+    Case::new(without("w_k")).fails(
+        &[],
+        "missing tensor `w_k`, expected shape [4, 3] ([d_model, heads*head_dim] in the x @ W \
+         layout [in, out]); the file holds w_q, w_v, x",
+    );
+}
+
+#[test]
+fn f16_weights_are_refused() {
+    let f16 = Stored {
+        dtype: Dtype::F16,
+        shape: vec![4, 3],
+        bytes: vec![0; 24],
+    };
+    Case::new(with("w_q", f16)).fails(
+        &[],
+        "tensor `w_q` has dtype F16, expected F32; save it with tensor.float()",
+    );
+}
+
+#[test]
+fn integer_weights_are_refused() {
+    let i32s = Stored {
+        dtype: Dtype::I32,
+        shape: vec![4, 3],
+        bytes: W_Q.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(),
+    };
+    Case::new(with("w_q", i32s)).fails(&[], "tensor `w_q` has dtype I32, expected F32");
+}
+
+#[test]
+fn wrong_width() {
+    Case::new(with("w_k", f32s(&[4, 2], &[0.; 8]))).fails(
+        &[],
+        "tensor `w_k` has shape [4, 2], expected [4, 3] ([d_model, heads*head_dim] in the x @ W \
+         layout [in, out])",
+    );
+}
+
+#[test]
+fn transposed_weights_without_torch_layout_get_a_hint() {
+    Case::new(with("w_q", transposed(4, 3, &W_Q))).fails(
+        &[],
+        "tensor `w_q` has shape [3, 4], expected [4, heads*head_dim] ([d_model, heads*head_dim] \
+         in the x @ W layout [in, out]); it looks transposed: weights saved from PyTorch's \
+         nn.Linear are [out_features, in_features], so pass --torch-layout",
+    );
+}
+
+#[test]
+fn torch_layout_names_the_layout_it_assumed() {
+    Case::new(worked_example()).fails(
+        &["--torch-layout"],
+        "tensor `w_q` has shape [4, 3], expected [heads*head_dim, 4] ([heads*head_dim, d_model] \
+         in PyTorch's nn.Linear layout [out_features, in_features], as --torch-layout asks); it \
+         looks transposed",
+    );
+}
+
+#[test]
+fn heads_must_divide_the_width() {
+    Case::new(worked_example()).fails(
+        &["--heads", "2"],
+        "tensor `w_q` has shape [4, 3]: its 3 columns (heads*head_dim) cannot be split into \
+         --heads 2 equal heads",
+    );
+}
+
+#[test]
+fn unknown_tensor_names_are_refused() {
+    Case::new(with("wq", f32s(&[4, 3], &W_Q))).fails(
+        &[],
+        "unknown tensor `wq` (did you mean `w_q`?); this program reads only x, w_q, w_k, w_v, \
+         b_q, b_k, b_v, w_o, b_o, key_mask",
+    );
+}
+
+#[test]
+fn unreadable_file() {
+    let case = Case::new(worked_example());
+    let missing = case.input.with_file_name("nowhere.safetensors");
+    Command::cargo_bin("wgpu-attention")
+        .unwrap()
+        .args(["run", "--input"])
+        .arg(&missing)
+        .arg("--output")
+        .arg(&case.output)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("nowhere.safetensors"))
+        .stderr(predicate::str::contains("No such file or directory"));
+    assert!(!case.output.exists());
+}
+
+#[test]
+fn truncated_file() {
+    let case = Case::new(worked_example());
+    let bytes = std::fs::read(&case.input).unwrap();
+    std::fs::write(&case.input, &bytes[..bytes.len() / 2]).unwrap();
+    case.fails(&[], "truncated or not a safetensors file");
+}
+
+#[test]
+fn truncated_tensor_data() {
+    let case = Case::new(worked_example());
+    let bytes = std::fs::read(&case.input).unwrap();
+    std::fs::write(&case.input, &bytes[..bytes.len() - 10]).unwrap();
+    case.fails(
+        &[],
+        "truncated or not a safetensors file: the header describes 192 bytes of tensor data, \
+         but 182 bytes follow it",
+    );
+}
+
+#[test]
+fn not_a_safetensors_file() {
+    let case = Case::new(worked_example());
+    let mut rng = Rng(3);
+    let noise: Vec<u8> = rng
+        .values(1000, 1.0)
+        .iter()
+        .map(|v| (v * 127.0) as i8 as u8)
+        .collect();
+    std::fs::write(&case.input, noise).unwrap();
+    case.fails(&[], "truncated or not a safetensors file");
+}
+
+#[test]
+fn mask_values_must_be_zero_or_one() {
+    let mask = Stored {
+        dtype: Dtype::U8,
+        shape: vec![3],
+        bytes: vec![1, 2, 1],
+    };
+    Case::new(with("key_mask", mask)).fails(
+        &[],
+        "tensor `key_mask` holds 2 at index [1]: use 1 for a real token and 0 for padding",
+    );
+}
+
+#[test]
+fn mask_shape_follows_x() {
+    Case::new(with("key_mask", f32s(&[1, 3], &[1., 1., 1.]))).fails(
+        &[],
+        "tensor `key_mask` has shape [1, 3], expected [3] ([seq])",
+    );
+}
+
+#[test]
+fn non_finite_inputs_are_refused() {
+    let mut x = X;
+    x[5] = f32::NAN;
+    Case::new(with("x", f32s(&[3, 4], &x))).fails(
+        &[],
+        "tensor `x` holds NaN at index [1, 1]: inputs must be finite",
+    );
+}
+
+#[test]
+fn output_bias_needs_an_output_projection() {
+    Case::new(with("b_o", f32s(&[3], &[0.; 3]))).fails(
+        &[],
+        "tensor `b_o` was given but there is no output projection `w_o` for it to bias",
+    );
+}
+
+#[test]
+fn an_impossible_check_fails_and_writes_nothing() {
+    // Zero tolerance cannot hold for hundreds of f32 values (exponentials among them) checked
+    // against an f64 reference.
+    let (_, weights, inputs) = multi_head();
+    multi_head_file(&weights, &inputs).fails(
+        &[
+            "--heads",
+            "2",
+            "--causal",
+            "--intermediates",
+            "--tolerance-atol",
+            "0",
+            "--tolerance-rtol",
+            "0",
+        ],
+        "GPU and CPU reference disagree: `",
+    );
+}
+
+#[test]
+fn negative_tolerances_are_refused() {
+    Case::new(worked_example()).fails(
+        &["--tolerance-rtol", "-1"],
+        "--tolerance-rtol must be a finite number >= 0, got -1",
+    );
+}
+
+#[test]
+fn an_output_in_a_missing_directory_is_refused_before_any_work() {
+    let case = Case::new(worked_example());
+    let output = case
+        .output
+        .with_file_name("no-such-dir")
+        .join("out.safetensors");
+    Command::cargo_bin("wgpu-attention")
+        .unwrap()
+        .args(["run", "--input"])
+        .arg(&case.input)
+        .arg("--output")
+        .arg(&output)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no-such-dir` is not a directory"));
+}
+
+#[test]
+fn every_kernel_choice_gives_the_worked_example() {
+    for kernel in ["staged", "fused", "auto"] {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.safetensors");
+        let output = dir.path().join("out.safetensors");
+        save(
+            &input,
+            vec![
+                ("x", f32s(&[3, 4], &X)),
+                ("w_q", f32s(&[4, 3], &W_Q)),
+                ("w_k", f32s(&[4, 3], &W_K)),
+                ("w_v", f32s(&[4, 3], &W_V)),
+            ],
+        );
+        Command::cargo_bin("wgpu-attention")
+            .unwrap()
+            .args(["run", "--scale", "1", "--kernel", kernel, "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .assert()
+            .success();
+        let bytes = std::fs::read(&output).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let out: Vec<f32> = file
+            .tensor("out")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        for (got, want) in out.iter().zip(OUT_SCALE_1) {
+            assert!((got - want).abs() < 1e-6, "{kernel}: {out:?}");
+        }
+    }
+    // The fused kernel keeps no intermediates, so asking for both is a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    save(
+        &input,
+        vec![
+            ("x", f32s(&[3, 4], &X)),
+            ("w_q", f32s(&[4, 3], &W_Q)),
+            ("w_k", f32s(&[4, 3], &W_K)),
+            ("w_v", f32s(&[4, 3], &W_V)),
+        ],
+    );
+    let output = dir.path().join("out.safetensors");
+    Command::cargo_bin("wgpu-attention")
+        .unwrap()
+        .args(["run", "--kernel", "fused", "--intermediates", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "use KernelChoice::Staged (or Auto)",
+        ));
+    assert!(!output.exists());
+}
