@@ -16,24 +16,29 @@
 //   3  out       storage, read_write f32 [batch, seq, out_stride]; this head's columns start at
 //                                    h * head_dim_v
 //
-// A workgroup of TX x TY invocations owns BR = 4 TY query rows of one (batch, head) and walks
-// the keys in blocks of BC = 4 TX (with causal masking it stops after its last row: blocks
-// wholly above the diagonal are never touched). Per key block:
-//   1. S = Q Kᵀ for the BR x BC block, each invocation a 4 x 4 block in named vec4 registers,
-//      with Q and K staged through workgroup memory DK columns at a time (vec4 loads);
-//   2. the online softmax: block row maxima reduced through workgroup memory, the running max
-//      m raised, p = exp2(s - m) (scores carry scale · log2 e, so exp2 is exact exp), the
-//      running sum l and the output accumulator rescaled by exp2(m_old - m_new);
-//   3. O += P V, P staged in workgroup memory, V staged VK keys at a time; each invocation owns
-//      4 rows x NV vec4 columns (columns 4 tx + 4 TX c, so neighbours read neighbours).
-// At the end O is divided by l once. Masked scores never enter exp: a mask vector selects 0.
-// The workgroup id is linearised over a possibly folded grid.
+// A workgroup of TX x TY invocations owns BR = 8 TY query rows of one (batch, head) and walks
+// the keys in blocks of BC = 8 TX; with causal masking it stops after its last row, so blocks
+// wholly above the diagonal are never touched. Each invocation owns 8 rows (8 ty .. 8 ty + 7):
+//   1. S = Q Kᵀ for its 8 rows x 8 keys (keys tx + TX j, interleaved so neighbouring
+//      invocations read neighbouring rows of K), 64 scores in named vec4 registers, from Q and K
+//      staged in workgroup memory DK columns at a time as straight vec4 copies; each loaded vec4
+//      feeds 8 dot products;
+//   2. the online softmax: row maxima and sums combined across the TX invocations of a row
+//      through workgroup memory as vec4s, scores in the exp2 domain (scale · log2 e folded in),
+//      the running max raised, the running sum and the output rescaled by exp2(m_old - m_new);
+//   3. O += P V: P written to workgroup memory, V staged VK keys at a time; each invocation
+//      owns 8 rows x NV vec4 columns (columns 4 (tx + TX c)), and each loaded vec4 of V feeds
+//      8 rows.
+// At the end O is divided by the running sum once. Masked scores never enter exp: they are set
+// to LOWEST and selected out. Workgroup rows are padded (stride DK4 + 1 vec4) so that reads of
+// eight neighbouring rows fall in distinct banks. The workgroup id is linearised over a
+// possibly folded grid.
 
-override TX: u32 = 16u;  // BC = 4 TX keys per block; also the column invocations of O
-override TY: u32 = 8u;   // BR = 4 TY query rows per workgroup
-override NV: u32 = 1u;   // vec4 columns of O per invocation: dvp <= 16 TX NV, at most 4
+override TX: u32 = 8u;   // BC = 8 TX keys per block; also the column invocations of O
+override TY: u32 = 8u;   // BR = 8 TY query rows per workgroup
+override NV: u32 = 2u;   // vec4 columns of O per invocation and row: dvp <= 4 TX NV, NV <= 4
 override DK: u32 = 16u;  // head-dim columns of Q and K staged per step (a multiple of 4)
-override VK: u32 = 16u;  // keys of V staged per step (a multiple of 4 dividing 4 TX)
+override VK: u32 = 16u;  // keys of V staged per step (a multiple of 4 dividing 8 TX)
 
 const LOWEST: f32 = -3.402823e38;
 const LOG2E: f32 = 1.4426950408889634;
@@ -62,13 +67,20 @@ struct FusedParams {
 @group(0) @binding(2) var<storage, read> key_mask: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-// P of the current block: p_tile[row * TX + k4] holds keys 4 k4 .. 4 k4 + 3 of row `row`.
-var<workgroup> p_tile: array<vec4<f32>, 4u * TY * TX>;
-// Staging, shared by the two phases: Q and K columns while scoring (q at [kk * TY + r4], k at
-// DK * TY + [kk * TX + c4]), then V rows while weighting ([key * TX * NV + c * TX + tx]).
-var<workgroup> stage: array<vec4<f32>, max(DK * (TY + TX), VK * TX * NV)>;
-// Per-row partial maxima, then partial sums: red[row * TX + tx].
-var<workgroup> red: array<f32, 4u * TY * TX>;
+// Staging, shared by the two phases. Scoring: Q rows at [row * (DK/4 + 1) + d4], then K rows
+// at K_AT + [key * (DK/4 + 1) + d4]. Weighting: V rows at [key * TX * NV + c * TX + t].
+var<workgroup> stage: array<vec4<f32>, max((8u * TY + 8u * TX) * (DK / 4u + 1u), VK * TX * NV)>;
+// P of the current block: p_tile[row * 2 TX + key / 4][key % 4].
+var<workgroup> p_tile: array<vec4<f32>, 16u * TY * TX>;
+// Per-row partial maxima, then sums, of each invocation: red[t * 2 TY + r4] holds rows
+// 4 r4 .. 4 r4 + 3 of invocation column t.
+var<workgroup> red: array<vec4<f32>, 2u * TY * TX>;
+
+// Eight scores of one row: keys tx + TX j for j = 0..3 (a) and 4..7 (b).
+struct Keys8 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
 
 // One output row's columns owned by an invocation; members past NV stay zero and unused.
 struct Row {
@@ -76,6 +88,25 @@ struct Row {
     c1: vec4<f32>,
     c2: vec4<f32>,
     c3: vec4<f32>,
+}
+
+// The eight keys of an invocation at one depth step, in named registers.
+struct K8 {
+    k0: vec4<f32>,
+    k1: vec4<f32>,
+    k2: vec4<f32>,
+    k3: vec4<f32>,
+    k4: vec4<f32>,
+    k5: vec4<f32>,
+    k6: vec4<f32>,
+    k7: vec4<f32>,
+}
+
+fn dot8(s: Keys8, q: vec4<f32>, k: K8) -> Keys8 {
+    return Keys8(
+        s.a + vec4<f32>(dot(q, k.k0), dot(q, k.k1), dot(q, k.k2), dot(q, k.k3)),
+        s.b + vec4<f32>(dot(q, k.k4), dot(q, k.k5), dot(q, k.k6), dot(q, k.k7)),
+    );
 }
 
 fn fma_row(acc: Row, w: f32, v: Row) -> Row {
@@ -100,35 +131,56 @@ fn v_row(key: u32, tx: u32) -> Row {
     return r;
 }
 
-fn allowed(b: u32, i: u32, j: u32) -> bool {
-    if (j >= p.seq) {
-        return false;
+// Whether the eight keys of this invocation in the block starting at kb are real (in range and
+// not padding); causality is checked per row.
+fn keys_present(b: u32, kb: u32, tx: u32) -> Keys8 {
+    var a = vec4<f32>(0.0);
+    var c = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let k0 = kb + tx + TX * j;
+        let k1 = kb + tx + TX * (j + 4u);
+        if (k0 < p.seq && (p.has_mask == 0u || key_mask[b * p.seq + k0] != 0u)) { a[j] = 1.0; }
+        if (k1 < p.seq && (p.has_mask == 0u || key_mask[b * p.seq + k1] != 0u)) { c[j] = 1.0; }
     }
-    if (p.causal != 0u && j > i) {
-        return false;
-    }
-    return p.has_mask == 0u || key_mask[b * p.seq + j] != 0u;
+    return Keys8(a, c);
 }
 
-// Scales a row of four scores into the exp2 domain and marks the keys the query may attend.
-fn mask_scores(s: vec4<f32>, b: u32, i: u32, j0: u32, ok: ptr<function, vec4<bool>>) -> vec4<f32> {
-    let o = vec4<bool>(allowed(b, i, j0), allowed(b, i, j0 + 1u), allowed(b, i, j0 + 2u), allowed(b, i, j0 + 3u));
-    *ok = o;
-    return select(vec4<f32>(LOWEST), s * (p.scale * LOG2E), o);
+// Scales a row's scores into the exp2 domain and sets masked ones to LOWEST.
+fn mask_row(s: Keys8, present: Keys8, i: u32, kb: u32, tx: u32) -> Keys8 {
+    let j_a = vec4<u32>(kb + tx) + vec4<u32>(0u, TX, 2u * TX, 3u * TX);
+    let j_b = j_a + vec4<u32>(4u * TX);
+    let causal = p.causal != 0u;
+    let ok_a = present.a > vec4<f32>(0.0) & (vec4<bool>(!causal) | j_a <= vec4<u32>(i));
+    let ok_b = present.b > vec4<f32>(0.0) & (vec4<bool>(!causal) | j_b <= vec4<u32>(i));
+    let k = p.scale * LOG2E;
+    return Keys8(select(vec4<f32>(LOWEST), s.a * k, ok_a), select(vec4<f32>(LOWEST), s.b * k, ok_b));
 }
 
-fn row_max_partial(s: vec4<f32>) -> f32 {
-    return max(max(s.x, s.y), max(s.z, s.w));
+fn row_max(s: Keys8) -> f32 {
+    let m = max(s.a, s.b);
+    return max(max(m.x, m.y), max(m.z, m.w));
 }
 
-// The maximum (or sum) over the TX partials of one row.
-fn reduce_row(row: u32, take_max: bool) -> f32 {
-    var acc = red[row * TX];
-    for (var t = 1u; t < TX; t++) {
-        let v = red[row * TX + t];
-        acc = select(acc + v, max(acc, v), take_max);
+fn exp_row(s: Keys8, m: f32) -> Keys8 {
+    return Keys8(
+        select(vec4<f32>(0.0), exp2(s.a - m), s.a != vec4<f32>(LOWEST)),
+        select(vec4<f32>(0.0), exp2(s.b - m), s.b != vec4<f32>(LOWEST)),
+    );
+}
+
+fn row_sum(s: Keys8) -> f32 {
+    let t = s.a + s.b;
+    return (t.x + t.y) + (t.z + t.w);
+}
+
+fn store_p(row: u32, tx: u32, w: Keys8) {
+    let base = row * 2u * TX;
+    for (var j = 0u; j < 4u; j++) {
+        let k0 = tx + TX * j;
+        let k1 = k0 + 4u * TX;
+        p_tile[base + k0 / 4u][k0 % 4u] = w.a[j];
+        p_tile[base + k1 / 4u][k1 % 4u] = w.b[j];
     }
-    return acc;
 }
 
 fn store_row(b: u32, h: u32, i: u32, tx: u32, o: Row, l: f32) {
@@ -136,8 +188,7 @@ fn store_row(b: u32, h: u32, i: u32, tx: u32, o: Row, l: f32) {
         return;
     }
     // A query with nothing to attend has l = 0 and o = 0: its output is zero.
-    let inv = select(0.0, 1.0 / l, l > 0.0);
-    let r = scale_row(o, inv);
+    let r = scale_row(o, select(0.0, 1.0 / l, l > 0.0));
     let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
     for (var c = 0u; c < NV; c++) {
         var v = r.c0;
@@ -167,24 +218,34 @@ fn main(
     let bh = tile / p.q_blocks;
     let b = bh / p.heads;
     let h = bh % p.heads;
-    let br = 4u * TY;
-    let bc = 4u * TX;
+    let br = 8u * TY;
+    let bc = 8u * TX;
     let row0 = (tile % p.q_blocks) * br;
     let tx = lid.x;
     let ty = lid.y;
     let threads = TX * TY;
-    let i0 = row0 + 4u * ty;
+    let r0 = 8u * ty;
+    let i0 = row0 + r0;
+    let dk4 = DK / 4u;
+    let stride = dk4 + 1u;
+    let k_at = br * stride;
     let q_base = p.q_offset4 + bh * p.seq * p.dp4;
     let k_base = p.k_offset4 + bh * p.seq * p.dp4;
     let v_base = p.v_offset4 + bh * p.seq * p.dvp4;
 
-    var m = vec4<f32>(LOWEST);
-    var l = vec4<f32>(0.0);
+    var m_lo = vec4<f32>(LOWEST);
+    var m_hi = vec4<f32>(LOWEST);
+    var l_lo = vec4<f32>(0.0);
+    var l_hi = vec4<f32>(0.0);
     let zero = Row(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     var o0 = zero;
     var o1 = zero;
     var o2 = zero;
     var o3 = zero;
+    var o4 = zero;
+    var o5 = zero;
+    var o6 = zero;
+    var o7 = zero;
 
     var key_end = p.seq;
     if (p.causal != 0u) {
@@ -193,123 +254,154 @@ fn main(
 
     for (var kb = 0u; kb < key_end; kb += bc) {
         // 1. Scores of this block.
-        var s0 = vec4<f32>(0.0);
-        var s1 = vec4<f32>(0.0);
-        var s2 = vec4<f32>(0.0);
-        var s3 = vec4<f32>(0.0);
+        let none = Keys8(vec4<f32>(0.0), vec4<f32>(0.0));
+        var s0 = none;
+        var s1 = none;
+        var s2 = none;
+        var s3 = none;
+        var s4 = none;
+        var s5 = none;
+        var s6 = none;
+        var s7 = none;
         for (var d0 = 0u; d0 < 4u * p.dp4; d0 += DK) {
-            let depth4 = DK / 4u;
-            for (var e = li; e < (br + bc) * depth4; e += threads) {
-                let r = e / depth4;
-                let d4 = d0 / 4u + e % depth4;
-                let kk = 4u * (e % depth4);
+            for (var e = li; e < (br + bc) * dk4; e += threads) {
+                let r = e / dk4;
+                let d4 = d0 / 4u + e % dk4;
                 var v = vec4<f32>(0.0);
                 if (r < br) {
                     if (row0 + r < p.seq && d4 < p.dp4) {
                         v = qkv[q_base + (row0 + r) * p.dp4 + d4];
                     }
-                    stage[kk * TY + r / 4u][r % 4u] = v.x;
-                    stage[(kk + 1u) * TY + r / 4u][r % 4u] = v.y;
-                    stage[(kk + 2u) * TY + r / 4u][r % 4u] = v.z;
-                    stage[(kk + 3u) * TY + r / 4u][r % 4u] = v.w;
-                } else {
-                    let c = r - br;
-                    if (kb + c < p.seq && d4 < p.dp4) {
-                        v = qkv[k_base + (kb + c) * p.dp4 + d4];
-                    }
-                    let k_at = DK * TY;
-                    stage[k_at + kk * TX + c / 4u][c % 4u] = v.x;
-                    stage[k_at + (kk + 1u) * TX + c / 4u][c % 4u] = v.y;
-                    stage[k_at + (kk + 2u) * TX + c / 4u][c % 4u] = v.z;
-                    stage[k_at + (kk + 3u) * TX + c / 4u][c % 4u] = v.w;
+                } else if (kb + r - br < p.seq && d4 < p.dp4) {
+                    v = qkv[k_base + (kb + r - br) * p.dp4 + d4];
                 }
+                stage[r * stride + e % dk4] = v;
             }
             workgroupBarrier();
-            for (var kk = 0u; kk < DK; kk++) {
-                let qv = stage[kk * TY + ty];
-                let kv = stage[DK * TY + kk * TX + tx];
-                s0 += qv.x * kv;
-                s1 += qv.y * kv;
-                s2 += qv.z * kv;
-                s3 += qv.w * kv;
+            for (var d4 = 0u; d4 < dk4; d4++) {
+                let kr = k_at + tx * stride + d4;
+                let ks = TX * stride;
+                let k = K8(stage[kr], stage[kr + ks], stage[kr + 2u * ks], stage[kr + 3u * ks],
+                    stage[kr + 4u * ks], stage[kr + 5u * ks], stage[kr + 6u * ks], stage[kr + 7u * ks]);
+                s0 = dot8(s0, stage[r0 * stride + d4], k);
+                s1 = dot8(s1, stage[(r0 + 1u) * stride + d4], k);
+                s2 = dot8(s2, stage[(r0 + 2u) * stride + d4], k);
+                s3 = dot8(s3, stage[(r0 + 3u) * stride + d4], k);
+                s4 = dot8(s4, stage[(r0 + 4u) * stride + d4], k);
+                s5 = dot8(s5, stage[(r0 + 5u) * stride + d4], k);
+                s6 = dot8(s6, stage[(r0 + 6u) * stride + d4], k);
+                s7 = dot8(s7, stage[(r0 + 7u) * stride + d4], k);
             }
             workgroupBarrier();
         }
 
         // 2. Online softmax: raise the running max, weight, rescale what came before.
-        let j0 = kb + 4u * tx;
-        var ok0: vec4<bool>;
-        var ok1: vec4<bool>;
-        var ok2: vec4<bool>;
-        var ok3: vec4<bool>;
-        s0 = mask_scores(s0, b, i0, j0, &ok0);
-        s1 = mask_scores(s1, b, i0 + 1u, j0, &ok1);
-        s2 = mask_scores(s2, b, i0 + 2u, j0, &ok2);
-        s3 = mask_scores(s3, b, i0 + 3u, j0, &ok3);
-        let r0 = 4u * ty;
-        red[r0 * TX + tx] = row_max_partial(s0);
-        red[(r0 + 1u) * TX + tx] = row_max_partial(s1);
-        red[(r0 + 2u) * TX + tx] = row_max_partial(s2);
-        red[(r0 + 3u) * TX + tx] = row_max_partial(s3);
+        let present = keys_present(b, kb, tx);
+        s0 = mask_row(s0, present, i0, kb, tx);
+        s1 = mask_row(s1, present, i0 + 1u, kb, tx);
+        s2 = mask_row(s2, present, i0 + 2u, kb, tx);
+        s3 = mask_row(s3, present, i0 + 3u, kb, tx);
+        s4 = mask_row(s4, present, i0 + 4u, kb, tx);
+        s5 = mask_row(s5, present, i0 + 5u, kb, tx);
+        s6 = mask_row(s6, present, i0 + 6u, kb, tx);
+        s7 = mask_row(s7, present, i0 + 7u, kb, tx);
+        let red_at = tx * 2u * TY + 2u * ty;
+        red[red_at] = vec4<f32>(row_max(s0), row_max(s1), row_max(s2), row_max(s3));
+        red[red_at + 1u] = vec4<f32>(row_max(s4), row_max(s5), row_max(s6), row_max(s7));
         workgroupBarrier();
-        let m_new = max(m, vec4<f32>(reduce_row(r0, true), reduce_row(r0 + 1u, true), reduce_row(r0 + 2u, true), reduce_row(r0 + 3u, true)));
+        var mb_lo = m_lo;
+        var mb_hi = m_hi;
+        for (var t = 0u; t < TX; t++) {
+            mb_lo = max(mb_lo, red[t * 2u * TY + 2u * ty]);
+            mb_hi = max(mb_hi, red[t * 2u * TY + 2u * ty + 1u]);
+        }
         workgroupBarrier();
-        let p0 = select(vec4<f32>(0.0), exp2(s0 - m_new.x), ok0);
-        let p1 = select(vec4<f32>(0.0), exp2(s1 - m_new.y), ok1);
-        let p2 = select(vec4<f32>(0.0), exp2(s2 - m_new.z), ok2);
-        let p3 = select(vec4<f32>(0.0), exp2(s3 - m_new.w), ok3);
-        p_tile[r0 * TX + tx] = p0;
-        p_tile[(r0 + 1u) * TX + tx] = p1;
-        p_tile[(r0 + 2u) * TX + tx] = p2;
-        p_tile[(r0 + 3u) * TX + tx] = p3;
-        red[r0 * TX + tx] = (p0.x + p0.y) + (p0.z + p0.w);
-        red[(r0 + 1u) * TX + tx] = (p1.x + p1.y) + (p1.z + p1.w);
-        red[(r0 + 2u) * TX + tx] = (p2.x + p2.y) + (p2.z + p2.w);
-        red[(r0 + 3u) * TX + tx] = (p3.x + p3.y) + (p3.z + p3.w);
+        let w0 = exp_row(s0, mb_lo.x);
+        let w1 = exp_row(s1, mb_lo.y);
+        let w2 = exp_row(s2, mb_lo.z);
+        let w3 = exp_row(s3, mb_lo.w);
+        let w4 = exp_row(s4, mb_hi.x);
+        let w5 = exp_row(s5, mb_hi.y);
+        let w6 = exp_row(s6, mb_hi.z);
+        let w7 = exp_row(s7, mb_hi.w);
+        store_p(r0, tx, w0);
+        store_p(r0 + 1u, tx, w1);
+        store_p(r0 + 2u, tx, w2);
+        store_p(r0 + 3u, tx, w3);
+        store_p(r0 + 4u, tx, w4);
+        store_p(r0 + 5u, tx, w5);
+        store_p(r0 + 6u, tx, w6);
+        store_p(r0 + 7u, tx, w7);
+        red[red_at] = vec4<f32>(row_sum(w0), row_sum(w1), row_sum(w2), row_sum(w3));
+        red[red_at + 1u] = vec4<f32>(row_sum(w4), row_sum(w5), row_sum(w6), row_sum(w7));
         // While every key so far is masked m stays LOWEST and alpha is 1: l and o are still 0.
-        let alpha = exp2(m - m_new);
-        m = m_new;
-        o0 = scale_row(o0, alpha.x);
-        o1 = scale_row(o1, alpha.y);
-        o2 = scale_row(o2, alpha.z);
-        o3 = scale_row(o3, alpha.w);
+        let a_lo = exp2(m_lo - mb_lo);
+        let a_hi = exp2(m_hi - mb_hi);
+        m_lo = mb_lo;
+        m_hi = mb_hi;
+        o0 = scale_row(o0, a_lo.x);
+        o1 = scale_row(o1, a_lo.y);
+        o2 = scale_row(o2, a_lo.z);
+        o3 = scale_row(o3, a_lo.w);
+        o4 = scale_row(o4, a_hi.x);
+        o5 = scale_row(o5, a_hi.y);
+        o6 = scale_row(o6, a_hi.z);
+        o7 = scale_row(o7, a_hi.w);
         workgroupBarrier();
-        l = alpha * l + vec4<f32>(reduce_row(r0, false), reduce_row(r0 + 1u, false), reduce_row(r0 + 2u, false), reduce_row(r0 + 3u, false));
+        var sum_lo = vec4<f32>(0.0);
+        var sum_hi = vec4<f32>(0.0);
+        for (var t = 0u; t < TX; t++) {
+            sum_lo += red[t * 2u * TY + 2u * ty];
+            sum_hi += red[t * 2u * TY + 2u * ty + 1u];
+        }
+        l_lo = a_lo * l_lo + sum_lo;
+        l_hi = a_hi * l_hi + sum_hi;
 
-        // 3. O += P V, VK keys at a time.
+        // 3. O += P V, VK keys at a time; each V vec4 feeds eight rows.
         for (var v0 = 0u; v0 < bc; v0 += VK) {
             for (var e = li; e < VK * TX * NV; e += threads) {
-                let key = e / (TX * NV);
-                // Column group c4 = c TX + t holds value columns 4 c4 .. 4 c4 + 3, so the
-                // invocation at tx reads groups tx, tx + TX, ... : neighbours read neighbours.
+                let key = kb + v0 + e / (TX * NV);
+                // Column group c4 = c TX + t holds value columns 4 c4 .. 4 c4 + 3.
                 let c4 = e % (TX * NV);
                 var v = vec4<f32>(0.0);
-                if (kb + v0 + key < p.seq && c4 < p.dvp4) {
-                    v = qkv[v_base + (kb + v0 + key) * p.dvp4 + c4];
+                if (key < p.seq && c4 < p.dvp4) {
+                    v = qkv[v_base + key * p.dvp4 + c4];
                 }
                 stage[e] = v;
             }
             workgroupBarrier();
             for (var k4 = 0u; k4 < VK / 4u; k4++) {
                 let at = (v0 / 4u) + k4;
-                let w0 = p_tile[r0 * TX + at];
-                let w1 = p_tile[(r0 + 1u) * TX + at];
-                let w2 = p_tile[(r0 + 2u) * TX + at];
-                let w3 = p_tile[(r0 + 3u) * TX + at];
+                let q0 = p_tile[r0 * 2u * TX + at];
+                let q1 = p_tile[(r0 + 1u) * 2u * TX + at];
+                let q2 = p_tile[(r0 + 2u) * 2u * TX + at];
+                let q3 = p_tile[(r0 + 3u) * 2u * TX + at];
+                let q4 = p_tile[(r0 + 4u) * 2u * TX + at];
+                let q5 = p_tile[(r0 + 5u) * 2u * TX + at];
+                let q6 = p_tile[(r0 + 6u) * 2u * TX + at];
+                let q7 = p_tile[(r0 + 7u) * 2u * TX + at];
                 for (var kk = 0u; kk < 4u; kk++) {
                     let vr = v_row(4u * k4 + kk, tx);
-                    o0 = fma_row(o0, w0[kk], vr);
-                    o1 = fma_row(o1, w1[kk], vr);
-                    o2 = fma_row(o2, w2[kk], vr);
-                    o3 = fma_row(o3, w3[kk], vr);
+                    o0 = fma_row(o0, q0[kk], vr);
+                    o1 = fma_row(o1, q1[kk], vr);
+                    o2 = fma_row(o2, q2[kk], vr);
+                    o3 = fma_row(o3, q3[kk], vr);
+                    o4 = fma_row(o4, q4[kk], vr);
+                    o5 = fma_row(o5, q5[kk], vr);
+                    o6 = fma_row(o6, q6[kk], vr);
+                    o7 = fma_row(o7, q7[kk], vr);
                 }
             }
             workgroupBarrier();
         }
     }
 
-    store_row(b, h, i0, tx, o0, l.x);
-    store_row(b, h, i0 + 1u, tx, o1, l.y);
-    store_row(b, h, i0 + 2u, tx, o2, l.z);
-    store_row(b, h, i0 + 3u, tx, o3, l.w);
+    store_row(b, h, i0, tx, o0, l_lo.x);
+    store_row(b, h, i0 + 1u, tx, o1, l_lo.y);
+    store_row(b, h, i0 + 2u, tx, o2, l_lo.z);
+    store_row(b, h, i0 + 3u, tx, o3, l_lo.w);
+    store_row(b, h, i0 + 4u, tx, o4, l_hi.x);
+    store_row(b, h, i0 + 5u, tx, o5, l_hi.y);
+    store_row(b, h, i0 + 6u, tx, o6, l_hi.z);
+    store_row(b, h, i0 + 7u, tx, o7, l_hi.w);
 }

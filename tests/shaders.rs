@@ -52,8 +52,27 @@ fn specialisations(kernel: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         ],
         Kernel::Fused => vec![
             vec![],
-            vec![("TY", 4.0), ("NV", 2.0), ("DK", 8.0), ("VK", 8.0)],
-            vec![("TY", 2.0), ("NV", 4.0), ("DK", 4.0), ("VK", 4.0)],
+            vec![
+                ("TX", 16.0),
+                ("TY", 4.0),
+                ("NV", 1.0),
+                ("DK", 8.0),
+                ("VK", 8.0),
+            ],
+            vec![
+                ("TX", 16.0),
+                ("TY", 1.0),
+                ("NV", 4.0),
+                ("DK", 4.0),
+                ("VK", 4.0),
+            ],
+            vec![
+                ("TX", 8.0),
+                ("TY", 2.0),
+                ("NV", 3.0),
+                ("DK", 16.0),
+                ("VK", 16.0),
+            ],
         ],
         Kernel::Scores | Kernel::WeightedSum => {
             vec![vec![], vec![("WG_X", 2.0), ("WG_Y", 16.0), ("TILE_K", 8.0)]]

@@ -26,8 +26,8 @@ struct FusedParams {
     _pad: [u32; 2],
 }
 
-/// The widest value head the kernel keeps in registers: 4 vec4 columns per invocation across
-/// 16 invocations.
+/// The widest value head the kernel keeps in registers: 4 vec4 columns per row and invocation
+/// across 16 invocations.
 pub(crate) const MAX_HEAD_DIM_V: u32 = 256;
 
 /// The fused kernel's override constants (see the shader's opening comment).
@@ -41,19 +41,19 @@ pub(crate) struct FusedTiles {
 }
 
 impl FusedTiles {
-    /// Bytes of workgroup memory: the P tile, the staging area and the reduction row.
+    /// Bytes of workgroup memory: the staging area, the P tile and the reduction rows.
     pub fn workgroup_bytes(&self) -> u32 {
-        let p_tile = 4 * self.ty * self.tx * 16;
-        let stage = (self.dk * (self.ty + self.tx)).max(self.vk * self.tx * self.nv) * 16;
-        let red = 4 * self.ty * self.tx * 4;
-        p_tile + stage + red
+        let rows = 8 * self.ty + 8 * self.tx;
+        let stage = (rows * (self.dk / 4 + 1)).max(self.vk * self.tx * self.nv);
+        let p_tile = 16 * self.ty * self.tx;
+        let red = 2 * self.ty * self.tx;
+        (stage + p_tile + red) * 16
     }
 
-    /// The largest tiles that fit: 32 query rows by 64 keys where possible, deeper staging
-    /// first, fewer rows last (fewer rows means K and V are re-read more often).
+    /// The largest tiles that fit the device: 64 query rows by 64 keys where the value head
+    /// is at most 64 wide (two vec4 columns per row and invocation), 128 keys for wider heads;
+    /// deeper staging first, fewer rows last (fewer rows means K and V are re-read more often).
     pub fn choose(dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
-        let tx = 16;
-        let nv = dvp.div_ceil(4 * tx).max(1);
         if dvp > MAX_HEAD_DIM_V {
             return Err(Error::LimitExceeded {
                 limit: "fused kernel head_dim_v",
@@ -63,32 +63,40 @@ impl FusedTiles {
                 hint: "; use the staged kernels (KernelChoice::Staged)".into(),
             });
         }
-        for ty in [8, 4, 2, 1] {
-            for (dk, vk) in [(16, 16), (8, 16), (16, 8), (8, 8), (8, 4), (4, 4)] {
-                let t = FusedTiles { tx, ty, nv, dk, vk };
-                if t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
-                    && tx * ty <= limits.max_compute_invocations_per_workgroup
-                    && tx <= limits.max_compute_workgroup_size_x
-                    && ty <= limits.max_compute_workgroup_size_y
-                {
-                    return Ok(t);
+        // Registers per invocation grow with NV: keep it at 2 where 16 columns allow.
+        let widths: &[u32] = if dvp <= 64 { &[8, 16] } else { &[16, 8] };
+        let mut smallest = u32::MAX;
+        for &tx in widths {
+            let nv = dvp.div_ceil(4 * tx).max(1);
+            if nv > 4 {
+                continue;
+            }
+            for ty in [8, 4, 2, 1] {
+                for (dk, vk) in [(16, 16), (16, 8), (8, 16), (8, 8), (8, 4), (4, 4)] {
+                    let t = FusedTiles { tx, ty, nv, dk, vk };
+                    smallest = smallest.min(t.workgroup_bytes());
+                    if t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+                        && tx * ty <= limits.max_compute_invocations_per_workgroup
+                        && tx <= limits.max_compute_workgroup_size_x
+                        && ty <= limits.max_compute_workgroup_size_y
+                    {
+                        return Ok(t);
+                    }
                 }
             }
         }
         Err(Error::LimitExceeded {
             limit: "max_compute_workgroup_storage_size",
             max: limits.max_compute_workgroup_storage_size as u64,
-            requested: FusedTiles {
-                tx,
-                ty: 1,
-                nv,
-                dk: 4,
-                vk: 4,
-            }
-            .workgroup_bytes() as u64,
+            requested: smallest as u64,
             what: "the fused kernel's smallest tiles".into(),
             hint: "; use the staged kernels (KernelChoice::Staged)".into(),
         })
+    }
+
+    /// Query rows per workgroup.
+    pub fn rows(&self) -> u32 {
+        8 * self.ty
     }
 
     fn overrides(&self) -> Vec<(&'static str, f64)> {
@@ -105,7 +113,7 @@ impl FusedTiles {
 /// Every (batch, head, block of query rows) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
     let tiles = FusedTiles::choose(l.dvp, limits)?;
-    let q_blocks = l.seq.div_ceil(4 * tiles.ty);
+    let q_blocks = l.seq.div_ceil(tiles.rows());
     let total_tiles = q_blocks * l.batch * l.heads;
     let params = FusedParams {
         seq: l.seq,
@@ -149,11 +157,16 @@ mod tests {
                 4 * t.tx * t.nv >= dvp,
                 "{dvp}: {t:?} does not cover the head"
             );
-            assert!(t.nv <= 4 && (4 * t.tx).is_multiple_of(t.vk));
+            assert!(t.nv <= 4 && (8 * t.tx).is_multiple_of(t.vk));
             assert!(t.dk.is_multiple_of(4) && t.vk.is_multiple_of(4));
         }
-        // Head width 64 gets the full 32 x 64 tile.
-        assert_eq!(FusedTiles::choose(64, &limits).unwrap().ty, 8);
+        // With more workgroup memory, head width 64 gets 64 rows by 64 keys.
+        let roomy = wgpu::Limits {
+            max_compute_workgroup_storage_size: 32768,
+            ..limits.clone()
+        };
+        let t = FusedTiles::choose(64, &roomy).unwrap();
+        assert_eq!((t.tx, t.ty, t.nv), (8, 8, 2));
         assert!(FusedTiles::choose(260, &limits).is_err());
         let tiny = wgpu::Limits {
             max_compute_workgroup_storage_size: 1024,
