@@ -16,7 +16,7 @@
 //   3  out       storage, read_write f32 [batch, seq, out_stride]; this head's columns start at
 //                                    h * head_dim_v
 //
-// A workgroup of TX x TY invocations owns BR = 8 TY query rows of one (batch, head) and walks
+// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns BR = 8 TY query rows of one (batch, head) and walks
 // the keys in blocks of BC = 8 TX; with causal masking it stops after its last row, so blocks
 // wholly above the diagonal are never touched. Each invocation owns 8 rows (8 ty .. 8 ty + 7):
 //   1. S = Q Kᵀ for its 8 rows x 8 keys (keys tx + TX j, interleaved so neighbouring
@@ -75,52 +75,6 @@ var<workgroup> p_tile: array<vec4<f32>, 16u * TY * TX>;
 // Per-row partial maxima, then sums, of each invocation: red[t * 2 TY + r4] holds rows
 // 4 r4 .. 4 r4 + 3 of invocation column t.
 var<workgroup> red: array<vec4<f32>, 2u * TY * TX>;
-
-// Eight scores of one row: keys tx + TX j for j = 0..3 (a) and 4..7 (b).
-struct Keys8 {
-    a: vec4<f32>,
-    b: vec4<f32>,
-}
-
-// One output row's columns owned by an invocation; members past NV stay zero and unused.
-struct Row {
-    c0: vec4<f32>,
-    c1: vec4<f32>,
-    c2: vec4<f32>,
-    c3: vec4<f32>,
-}
-
-// The eight keys of an invocation at one depth step, in named registers.
-struct K8 {
-    k0: vec4<f32>,
-    k1: vec4<f32>,
-    k2: vec4<f32>,
-    k3: vec4<f32>,
-    k4: vec4<f32>,
-    k5: vec4<f32>,
-    k6: vec4<f32>,
-    k7: vec4<f32>,
-}
-
-fn dot8(s: Keys8, q: vec4<f32>, k: K8) -> Keys8 {
-    return Keys8(
-        s.a + vec4<f32>(dot(q, k.k0), dot(q, k.k1), dot(q, k.k2), dot(q, k.k3)),
-        s.b + vec4<f32>(dot(q, k.k4), dot(q, k.k5), dot(q, k.k6), dot(q, k.k7)),
-    );
-}
-
-fn fma_row(acc: Row, w: f32, v: Row) -> Row {
-    var r = acc;
-    r.c0 += w * v.c0;
-    if (NV > 1u) { r.c1 += w * v.c1; }
-    if (NV > 2u) { r.c2 += w * v.c2; }
-    if (NV > 3u) { r.c3 += w * v.c3; }
-    return r;
-}
-
-fn scale_row(acc: Row, s: f32) -> Row {
-    return Row(acc.c0 * s, acc.c1 * s, acc.c2 * s, acc.c3 * s);
-}
 
 fn v_row(key: u32, tx: u32) -> Row {
     let base = key * TX * NV + tx;
@@ -237,15 +191,7 @@ fn main(
     var m_hi = vec4<f32>(LOWEST);
     var l_lo = vec4<f32>(0.0);
     var l_hi = vec4<f32>(0.0);
-    let zero = Row(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var o0 = zero;
-    var o1 = zero;
-    var o2 = zero;
-    var o3 = zero;
-    var o4 = zero;
-    var o5 = zero;
-    var o6 = zero;
-    var o7 = zero;
+    var o = rows_zero();
 
     var key_end = p.seq;
     if (p.causal != 0u) {
@@ -254,15 +200,7 @@ fn main(
 
     for (var kb = 0u; kb < key_end; kb += bc) {
         // 1. Scores of this block.
-        let none = Keys8(vec4<f32>(0.0), vec4<f32>(0.0));
-        var s0 = none;
-        var s1 = none;
-        var s2 = none;
-        var s3 = none;
-        var s4 = none;
-        var s5 = none;
-        var s6 = none;
-        var s7 = none;
+        var s = scores_zero();
         for (var d0 = 0u; d0 < 4u * p.dp4; d0 += DK) {
             for (var e = li; e < (br + bc) * dk4; e += threads) {
                 let r = e / dk4;
@@ -279,35 +217,34 @@ fn main(
             }
             workgroupBarrier();
             for (var d4 = 0u; d4 < dk4; d4++) {
-                let kr = k_at + tx * stride + d4;
+                let q = r0 * stride + d4;
+                let k = k_at + tx * stride + d4;
                 let ks = TX * stride;
-                let k = K8(stage[kr], stage[kr + ks], stage[kr + 2u * ks], stage[kr + 3u * ks],
-                    stage[kr + 4u * ks], stage[kr + 5u * ks], stage[kr + 6u * ks], stage[kr + 7u * ks]);
-                s0 = dot8(s0, stage[r0 * stride + d4], k);
-                s1 = dot8(s1, stage[(r0 + 1u) * stride + d4], k);
-                s2 = dot8(s2, stage[(r0 + 2u) * stride + d4], k);
-                s3 = dot8(s3, stage[(r0 + 3u) * stride + d4], k);
-                s4 = dot8(s4, stage[(r0 + 4u) * stride + d4], k);
-                s5 = dot8(s5, stage[(r0 + 5u) * stride + d4], k);
-                s6 = dot8(s6, stage[(r0 + 6u) * stride + d4], k);
-                s7 = dot8(s7, stage[(r0 + 7u) * stride + d4], k);
+                s = qk8(
+                    s,
+                    Col8(stage[q], stage[q + stride], stage[q + 2u * stride], stage[q + 3u * stride],
+                        stage[q + 4u * stride], stage[q + 5u * stride], stage[q + 6u * stride],
+                        stage[q + 7u * stride]),
+                    K8(stage[k], stage[k + ks], stage[k + 2u * ks], stage[k + 3u * ks],
+                        stage[k + 4u * ks], stage[k + 5u * ks], stage[k + 6u * ks], stage[k + 7u * ks]),
+                );
             }
             workgroupBarrier();
         }
 
         // 2. Online softmax: raise the running max, weight, rescale what came before.
         let present = keys_present(b, kb, tx);
-        s0 = mask_row(s0, present, i0, kb, tx);
-        s1 = mask_row(s1, present, i0 + 1u, kb, tx);
-        s2 = mask_row(s2, present, i0 + 2u, kb, tx);
-        s3 = mask_row(s3, present, i0 + 3u, kb, tx);
-        s4 = mask_row(s4, present, i0 + 4u, kb, tx);
-        s5 = mask_row(s5, present, i0 + 5u, kb, tx);
-        s6 = mask_row(s6, present, i0 + 6u, kb, tx);
-        s7 = mask_row(s7, present, i0 + 7u, kb, tx);
+        s.s0 = mask_row(s.s0, present, i0, kb, tx);
+        s.s1 = mask_row(s.s1, present, i0 + 1u, kb, tx);
+        s.s2 = mask_row(s.s2, present, i0 + 2u, kb, tx);
+        s.s3 = mask_row(s.s3, present, i0 + 3u, kb, tx);
+        s.s4 = mask_row(s.s4, present, i0 + 4u, kb, tx);
+        s.s5 = mask_row(s.s5, present, i0 + 5u, kb, tx);
+        s.s6 = mask_row(s.s6, present, i0 + 6u, kb, tx);
+        s.s7 = mask_row(s.s7, present, i0 + 7u, kb, tx);
         let red_at = tx * 2u * TY + 2u * ty;
-        red[red_at] = vec4<f32>(row_max(s0), row_max(s1), row_max(s2), row_max(s3));
-        red[red_at + 1u] = vec4<f32>(row_max(s4), row_max(s5), row_max(s6), row_max(s7));
+        red[red_at] = vec4<f32>(row_max(s.s0), row_max(s.s1), row_max(s.s2), row_max(s.s3));
+        red[red_at + 1u] = vec4<f32>(row_max(s.s4), row_max(s.s5), row_max(s.s6), row_max(s.s7));
         workgroupBarrier();
         var mb_lo = m_lo;
         var mb_hi = m_hi;
@@ -316,14 +253,14 @@ fn main(
             mb_hi = max(mb_hi, red[t * 2u * TY + 2u * ty + 1u]);
         }
         workgroupBarrier();
-        let w0 = exp_row(s0, mb_lo.x);
-        let w1 = exp_row(s1, mb_lo.y);
-        let w2 = exp_row(s2, mb_lo.z);
-        let w3 = exp_row(s3, mb_lo.w);
-        let w4 = exp_row(s4, mb_hi.x);
-        let w5 = exp_row(s5, mb_hi.y);
-        let w6 = exp_row(s6, mb_hi.z);
-        let w7 = exp_row(s7, mb_hi.w);
+        let w0 = exp_row(s.s0, mb_lo.x);
+        let w1 = exp_row(s.s1, mb_lo.y);
+        let w2 = exp_row(s.s2, mb_lo.z);
+        let w3 = exp_row(s.s3, mb_lo.w);
+        let w4 = exp_row(s.s4, mb_hi.x);
+        let w5 = exp_row(s.s5, mb_hi.y);
+        let w6 = exp_row(s.s6, mb_hi.z);
+        let w7 = exp_row(s.s7, mb_hi.w);
         store_p(r0, tx, w0);
         store_p(r0 + 1u, tx, w1);
         store_p(r0 + 2u, tx, w2);
@@ -339,14 +276,14 @@ fn main(
         let a_hi = exp2(m_hi - mb_hi);
         m_lo = mb_lo;
         m_hi = mb_hi;
-        o0 = scale_row(o0, a_lo.x);
-        o1 = scale_row(o1, a_lo.y);
-        o2 = scale_row(o2, a_lo.z);
-        o3 = scale_row(o3, a_lo.w);
-        o4 = scale_row(o4, a_hi.x);
-        o5 = scale_row(o5, a_hi.y);
-        o6 = scale_row(o6, a_hi.z);
-        o7 = scale_row(o7, a_hi.w);
+        o.r0 = scale_row(o.r0, a_lo.x);
+        o.r1 = scale_row(o.r1, a_lo.y);
+        o.r2 = scale_row(o.r2, a_lo.z);
+        o.r3 = scale_row(o.r3, a_lo.w);
+        o.r4 = scale_row(o.r4, a_hi.x);
+        o.r5 = scale_row(o.r5, a_hi.y);
+        o.r6 = scale_row(o.r6, a_hi.z);
+        o.r7 = scale_row(o.r7, a_hi.w);
         workgroupBarrier();
         var sum_lo = vec4<f32>(0.0);
         var sum_hi = vec4<f32>(0.0);
@@ -371,37 +308,23 @@ fn main(
             }
             workgroupBarrier();
             for (var k4 = 0u; k4 < VK / 4u; k4++) {
-                let at = (v0 / 4u) + k4;
-                let q0 = p_tile[r0 * 2u * TX + at];
-                let q1 = p_tile[(r0 + 1u) * 2u * TX + at];
-                let q2 = p_tile[(r0 + 2u) * 2u * TX + at];
-                let q3 = p_tile[(r0 + 3u) * 2u * TX + at];
-                let q4 = p_tile[(r0 + 4u) * 2u * TX + at];
-                let q5 = p_tile[(r0 + 5u) * 2u * TX + at];
-                let q6 = p_tile[(r0 + 6u) * 2u * TX + at];
-                let q7 = p_tile[(r0 + 7u) * 2u * TX + at];
-                for (var kk = 0u; kk < 4u; kk++) {
-                    let vr = v_row(4u * k4 + kk, tx);
-                    o0 = fma_row(o0, q0[kk], vr);
-                    o1 = fma_row(o1, q1[kk], vr);
-                    o2 = fma_row(o2, q2[kk], vr);
-                    o3 = fma_row(o3, q3[kk], vr);
-                    o4 = fma_row(o4, q4[kk], vr);
-                    o5 = fma_row(o5, q5[kk], vr);
-                    o6 = fma_row(o6, q6[kk], vr);
-                    o7 = fma_row(o7, q7[kk], vr);
-                }
+                let at = r0 * 2u * TX + v0 / 4u + k4;
+                let ps = 2u * TX;
+                let col = Col8(p_tile[at], p_tile[at + ps], p_tile[at + 2u * ps], p_tile[at + 3u * ps],
+                    p_tile[at + 4u * ps], p_tile[at + 5u * ps], p_tile[at + 6u * ps], p_tile[at + 7u * ps]);
+                let kk = 4u * k4;
+                o = mma8(o, col, v_row(kk, tx), v_row(kk + 1u, tx), v_row(kk + 2u, tx), v_row(kk + 3u, tx));
             }
             workgroupBarrier();
         }
     }
 
-    store_row(b, h, i0, tx, o0, l_lo.x);
-    store_row(b, h, i0 + 1u, tx, o1, l_lo.y);
-    store_row(b, h, i0 + 2u, tx, o2, l_lo.z);
-    store_row(b, h, i0 + 3u, tx, o3, l_lo.w);
-    store_row(b, h, i0 + 4u, tx, o4, l_hi.x);
-    store_row(b, h, i0 + 5u, tx, o5, l_hi.y);
-    store_row(b, h, i0 + 6u, tx, o6, l_hi.z);
-    store_row(b, h, i0 + 7u, tx, o7, l_hi.w);
+    store_row(b, h, i0, tx, o.r0, l_lo.x);
+    store_row(b, h, i0 + 1u, tx, o.r1, l_lo.y);
+    store_row(b, h, i0 + 2u, tx, o.r2, l_lo.z);
+    store_row(b, h, i0 + 3u, tx, o.r3, l_lo.w);
+    store_row(b, h, i0 + 4u, tx, o.r4, l_hi.x);
+    store_row(b, h, i0 + 5u, tx, o.r5, l_hi.y);
+    store_row(b, h, i0 + 6u, tx, o.r6, l_hi.z);
+    store_row(b, h, i0 + 7u, tx, o.r7, l_hi.w);
 }

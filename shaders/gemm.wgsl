@@ -18,16 +18,17 @@
 //               m = b * seq + t lands at offset + ((b * H + h) * seq + t) * W + d. This fuses the
 //               split into heads into the store, so no transpose pass is needed.
 //
-// Tiling: a workgroup of WG_X x WG_Y invocations owns a (4 WG_Y) x (4 WG_X) tile of C; each
-// invocation owns a 4 x 4 block, kept in four named vec4 accumulators (naga turns arrays indexed
-// by loop variables into memory round-trips). Tiles of A and B, TILE_K deep, are staged through
-// workgroup memory: A transposed so that four consecutive rows are one vec4, B as vec4 rows.
-// The grid may be folded into 2D/3D to respect max_compute_workgroups_per_dimension, so the
+// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns 8 TY rows by 4 TX NV columns of
+// C; each invocation 8 rows by NV vec4 column groups (tx + TX c), in named registers. Tiles of
+// A (as vec4 along k, rows padded to TK/4 + 1 vec4 so neighbouring rows use distinct banks)
+// and B, TK deep, are staged through workgroup memory; each loaded vec4 of B feeds 8 rows. The
+// grid may be folded into 2D/3D to respect max_compute_workgroups_per_dimension, so the
 // workgroup id is linearised and workgroups past the last tile return at once (uniformly).
 
-override WG_X: u32 = 16u;
-override WG_Y: u32 = 16u;
-override TILE_K: u32 = 16u;
+override TX: u32 = 8u;
+override TY: u32 = 8u;
+override NV: u32 = 2u;
+override TK: u32 = 16u; // a multiple of 4
 override HEAD_SPLIT: bool = false;
 
 struct GemmParams {
@@ -55,10 +56,26 @@ struct GemmParams {
 @group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
-// a_tile[kk * WG_Y + r4] holds rows 4 r4 .. 4 r4 + 3 of column kk of the A tile.
-var<workgroup> a_tile: array<vec4<f32>, TILE_K * WG_Y>;
-// b_tile[kk * WG_X + c4] holds columns 4 c4 .. 4 c4 + 3 of row kk of the B tile.
-var<workgroup> b_tile: array<vec4<f32>, TILE_K * WG_X>;
+// a_tile[row * (TK/4 + 1) + k4]: A[row0 + row, k0 + 4 k4 .. + 3].
+var<workgroup> a_tile: array<vec4<f32>, 8u * TY * (TK / 4u + 1u)>;
+// b_tile[kk * TX * NV + g]: B[k0 + kk, column group g of the tile].
+var<workgroup> b_tile: array<vec4<f32>, TK * TX * NV>;
+
+fn a_at(m: u32, k: u32) -> f32 {
+    if (m < p.m && k < p.k) {
+        return a[m * p.k + k];
+    }
+    return 0.0;
+}
+
+fn b_row(kk: u32, tx: u32) -> Row {
+    let base = kk * TX * NV + tx;
+    var r = Row(b_tile[base], vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    if (NV > 1u) { r.c1 = b_tile[base + TX]; }
+    if (NV > 2u) { r.c2 = b_tile[base + 2u * TX]; }
+    if (NV > 3u) { r.c3 = b_tile[base + 3u * TX]; }
+    return r;
+}
 
 fn store4(m: u32, n4: u32, v: vec4<f32>) {
     if (m >= p.m) {
@@ -97,7 +114,22 @@ fn store4(m: u32, n4: u32, v: vec4<f32>) {
     }
 }
 
-@compute @workgroup_size(WG_X, WG_Y)
+// Adds the bias and stores one row's NV column groups.
+fn store_row(m: u32, g0: u32, tx: u32, r: Row) {
+    let n4_total = p.n / 4u;
+    for (var cg = 0u; cg < NV; cg++) {
+        let n4 = g0 + tx + TX * cg;
+        if (n4 < n4_total) {
+            var v = r.c0;
+            if (cg == 1u) { v = r.c1; }
+            if (cg == 2u) { v = r.c2; }
+            if (cg == 3u) { v = r.c3; }
+            store4(m, n4, v + bias[n4]);
+        }
+    }
+}
+
+@compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
@@ -108,34 +140,30 @@ fn main(
     if (tile >= p.total_tiles) {
         return;
     }
-    let row0 = (tile / p.tiles_n) * 4u * WG_Y;
-    let col4_0 = (tile % p.tiles_n) * WG_X;
+    let bm = 8u * TY;
+    let groups = TX * NV;
+    let row0 = (tile / p.tiles_n) * bm;
+    let g0 = (tile % p.tiles_n) * groups;
     let n4_total = p.n / 4u;
-    let threads = WG_X * WG_Y;
+    let threads = TX * TY;
+    let tk4 = TK / 4u;
+    let stride = tk4 + 1u;
+    let tx = lid.x;
+    let r0 = 8u * lid.y;
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-
-    for (var k0 = 0u; k0 < p.k; k0 += TILE_K) {
-        // Consecutive invocations read consecutive k of one row of A: coalesced.
-        for (var e = li; e < 4u * WG_Y * TILE_K; e += threads) {
-            let r = e / TILE_K;
-            let kk = e % TILE_K;
+    var acc = rows_zero();
+    for (var k0 = 0u; k0 < p.k; k0 += TK) {
+        // A may have any width, so its rows are read as scalars and packed into vec4s.
+        for (var e = li; e < bm * tk4; e += threads) {
+            let r = e / tk4;
+            let k = k0 + 4u * (e % tk4);
             let m = row0 + r;
-            let k = k0 + kk;
-            var v = 0.0;
-            if (m < p.m && k < p.k) {
-                v = a[m * p.k + k];
-            }
-            a_tile[kk * WG_Y + r / 4u][r % 4u] = v;
+            a_tile[r * stride + e % tk4] =
+                vec4<f32>(a_at(m, k), a_at(m, k + 1u), a_at(m, k + 2u), a_at(m, k + 3u));
         }
-        for (var e = li; e < TILE_K * WG_X; e += threads) {
-            let kk = e / WG_X;
-            let c4 = e % WG_X;
-            let k = k0 + kk;
-            let n4 = col4_0 + c4;
+        for (var e = li; e < TK * groups; e += threads) {
+            let k = k0 + e / groups;
+            let n4 = g0 + e % groups;
             var v = vec4<f32>(0.0);
             if (k < p.k && n4 < n4_total) {
                 v = b[k * n4_total + n4];
@@ -143,25 +171,31 @@ fn main(
             b_tile[e] = v;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            let av = a_tile[kk * WG_Y + lid.y];
-            let bv = b_tile[kk * WG_X + lid.x];
-            acc0 += av.x * bv;
-            acc1 += av.y * bv;
-            acc2 += av.z * bv;
-            acc3 += av.w * bv;
+        for (var k4 = 0u; k4 < tk4; k4++) {
+            let at = r0 * stride + k4;
+            let col = Col8(
+                a_tile[at],
+                a_tile[at + stride],
+                a_tile[at + 2u * stride],
+                a_tile[at + 3u * stride],
+                a_tile[at + 4u * stride],
+                a_tile[at + 5u * stride],
+                a_tile[at + 6u * stride],
+                a_tile[at + 7u * stride],
+            );
+            let kk = 4u * k4;
+            acc = mma8(acc, col, b_row(kk, tx), b_row(kk + 1u, tx), b_row(kk + 2u, tx), b_row(kk + 3u, tx));
         }
         workgroupBarrier();
     }
 
-    let n4 = col4_0 + lid.x;
-    if (n4 >= n4_total) {
-        return;
-    }
-    let bias4 = bias[n4];
-    let m0 = row0 + 4u * lid.y;
-    store4(m0, n4, acc0 + bias4);
-    store4(m0 + 1u, n4, acc1 + bias4);
-    store4(m0 + 2u, n4, acc2 + bias4);
-    store4(m0 + 3u, n4, acc3 + bias4);
+    let m0 = row0 + r0;
+    store_row(m0, g0, tx, acc.r0);
+    store_row(m0 + 1u, g0, tx, acc.r1);
+    store_row(m0 + 2u, g0, tx, acc.r2);
+    store_row(m0 + 3u, g0, tx, acc.r3);
+    store_row(m0 + 4u, g0, tx, acc.r4);
+    store_row(m0 + 5u, g0, tx, acc.r5);
+    store_row(m0 + 6u, g0, tx, acc.r6);
+    store_row(m0 + 7u, g0, tx, acc.r7);
 }

@@ -1,10 +1,10 @@
-// Score matrix: S = scale · Q K^T per (batch, head), masked.
+// Score matrix: S = scale · Q Kᵀ per (batch, head), masked.
 //
 // Computes, for every batch·head bh and query i, key j < seq:
 //     S[bh, i, j] = scale * dot(Q[bh, i, :], K[bh, j, :])   where query i may attend key j
 //     S[bh, i, j] = -inf                                     where it may not (causal: j > i;
 //                                                            padding: key_mask[b, j] == 0)
-// Columns seq .. seq_pad - 1 (row padding) are written as -inf too.
+// Columns seq .. seq_pad - 1 (row padding) are left alone: softmax.wgsl never reads them.
 //
 // Bindings (group 0):
 //   0  params    uniform             ScoreParams, below
@@ -12,16 +12,20 @@
 //                                    [batch, heads, seq, dp4] (head width padded with zeros to a
 //                                    multiple of 4)
 //   2  key_mask  storage, read       u32 [batch, seq]; 0 = padding (read only if has_mask != 0)
-//   3  scores    storage, read_write vec4<f32> [batch * heads, seq, seq_pad / 4]
+//   3  scores    storage, read_write f32 [batch * heads, seq, seq_pad]
 //
-// Tiling as in gemm.wgsl: a (4 WG_Y) x (4 WG_X) tile of S per workgroup, 4 x 4 per invocation in
-// named vec4 accumulators, Q and K tiles TILE_K deep staged transposed in workgroup memory and
-// loaded as vec4 along the head dimension. Causal tiles wholly above the diagonal skip the
-// products and only write -inf. The workgroup id is linearised over a possibly folded grid.
+// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns 8 TY queries by 8 TX keys of one
+// head; each invocation 8 queries by 8 keys (keys tx + TX j, interleaved so neighbouring
+// invocations read neighbouring rows of K), 64 scores in named registers. Q and K are staged
+// DK columns at a time as straight vec4 copies, rows padded to DK/4 + 1 vec4 so eight
+// neighbouring rows fall in distinct banks; each loaded vec4 feeds 8 dot products. Causal tiles
+// wholly above the diagonal skip the products and only write -inf. The workgroup id is
+// linearised over a possibly folded grid.
 
-override WG_X: u32 = 16u;
-override WG_Y: u32 = 16u;
-override TILE_K: u32 = 16u; // a multiple of 4
+override TX: u32 = 8u;
+override TY: u32 = 8u;
+override DK: u32 = 16u; // a multiple of 4
+override NV: u32 = 1u;  // tiles.wgsl's row helpers need it; the scores use none
 
 struct ScoreParams {
     seq: u32,
@@ -41,68 +45,40 @@ struct ScoreParams {
 @group(0) @binding(0) var<uniform> p: ScoreParams;
 @group(0) @binding(1) var<storage, read> qkv: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> key_mask: array<u32>;
-@group(0) @binding(3) var<storage, read_write> scores: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> scores: array<f32>;
 
-// q_tile[kk * WG_Y + r4]: queries 4 r4 .. 4 r4 + 3 at depth kk; k_tile likewise for keys.
-var<workgroup> q_tile: array<vec4<f32>, TILE_K * WG_Y>;
-var<workgroup> k_tile: array<vec4<f32>, TILE_K * WG_X>;
+// Q rows at [row * (DK/4 + 1) + d4], then K rows at 8 TY (DK/4 + 1) + [key * (DK/4 + 1) + d4].
+var<workgroup> stage: array<vec4<f32>, (8u * TY + 8u * TX) * (DK / 4u + 1u)>;
 
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
 
 fn masked(b: u32, i: u32, j: u32) -> bool {
-    if (j >= p.seq) {
-        return true;
-    }
     if (p.causal != 0u && j > i) {
         return true;
     }
     return p.has_mask != 0u && key_mask[b * p.seq + j] == 0u;
 }
 
-// Loads rows row0 .. row0 + 4 n4_rows - 1 of one head's Q or K, depth k0 .. k0 + TILE_K - 1,
-// transposed into q_tile (to_q) or k_tile.
-fn load_tile(to_q: bool, offset4: u32, bh: u32, row0: u32, rows: u32, k0: u32, li: u32) {
-    let depth4 = TILE_K / 4u;
-    for (var e = li; e < rows * depth4; e += WG_X * WG_Y) {
-        let r = e / depth4;
-        let kq = e % depth4;
-        let row = row0 + r;
-        let d4 = k0 / 4u + kq;
-        var v = vec4<f32>(0.0);
-        if (row < p.seq && d4 < p.dp4) {
-            v = qkv[offset4 + (bh * p.seq + row) * p.dp4 + d4];
-        }
-        let kk = 4u * kq;
-        if (to_q) {
-            q_tile[kk * WG_Y + r / 4u][r % 4u] = v.x;
-            q_tile[(kk + 1u) * WG_Y + r / 4u][r % 4u] = v.y;
-            q_tile[(kk + 2u) * WG_Y + r / 4u][r % 4u] = v.z;
-            q_tile[(kk + 3u) * WG_Y + r / 4u][r % 4u] = v.w;
-        } else {
-            k_tile[kk * WG_X + r / 4u][r % 4u] = v.x;
-            k_tile[(kk + 1u) * WG_X + r / 4u][r % 4u] = v.y;
-            k_tile[(kk + 2u) * WG_X + r / 4u][r % 4u] = v.z;
-            k_tile[(kk + 3u) * WG_X + r / 4u][r % 4u] = v.w;
-        }
-    }
-}
-
-fn store_row(bh: u32, b: u32, i: u32, j0: u32, acc: vec4<f32>) {
-    if (i >= p.seq || j0 >= p.seq_pad) {
+fn store_row(bh: u32, b: u32, i: u32, col0: u32, tx: u32, s: Keys8) {
+    if (i >= p.seq) {
         return;
     }
-    var out = acc * p.scale;
-    for (var c = 0u; c < 4u; c++) {
-        if (masked(b, i, j0 + c)) {
-            out[c] = neg_inf();
+    let base = (bh * p.seq + i) * p.seq_pad;
+    for (var j = 0u; j < 8u; j++) {
+        let key = col0 + tx + TX * j;
+        var v = s.a[j % 4u];
+        if (j >= 4u) {
+            v = s.b[j % 4u];
+        }
+        if (key < p.seq) {
+            scores[base + key] = select(p.scale * v, neg_inf(), masked(b, i, key));
         }
     }
-    scores[((bh * p.seq + i) * p.seq_pad + j0) / 4u] = out;
 }
 
-@compute @workgroup_size(WG_X, WG_Y)
+@compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
@@ -113,40 +89,65 @@ fn main(
     if (tile >= p.total_tiles) {
         return;
     }
+    let bm = 8u * TY;
+    let bn = 8u * TX;
     let bh = tile / p.tiles_per_head;
     let b = bh / p.heads;
     let in_head = tile % p.tiles_per_head;
-    let row0 = (in_head / p.tiles_n) * 4u * WG_Y;
-    let col0 = (in_head % p.tiles_n) * 4u * WG_X;
+    let row0 = (in_head / p.tiles_n) * bm;
+    let col0 = (in_head % p.tiles_n) * bn;
+    let threads = TX * TY;
+    let dk4 = DK / 4u;
+    let stride = dk4 + 1u;
+    let k_at = bm * stride;
+    let tx = lid.x;
+    let r0 = 8u * lid.y;
+    let q_base = p.q_offset4 + bh * p.seq * p.dp4;
+    let k_base = p.k_offset4 + bh * p.seq * p.dp4;
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-
+    var acc = scores_zero();
     // Every key of this tile lies after every query of it: all masked, nothing to compute.
-    let above_diagonal = p.causal != 0u && col0 > row0 + 4u * WG_Y - 1u;
+    let above_diagonal = p.causal != 0u && col0 > row0 + bm - 1u;
     if (!above_diagonal) {
-        for (var k0 = 0u; k0 < 4u * p.dp4; k0 += TILE_K) {
-            load_tile(true, p.q_offset4, bh, row0, 4u * WG_Y, k0, li);
-            load_tile(false, p.k_offset4, bh, col0, 4u * WG_X, k0, li);
+        for (var d0 = 0u; d0 < 4u * p.dp4; d0 += DK) {
+            for (var e = li; e < (bm + bn) * dk4; e += threads) {
+                let r = e / dk4;
+                let d4 = d0 / 4u + e % dk4;
+                var v = vec4<f32>(0.0);
+                if (r < bm) {
+                    if (row0 + r < p.seq && d4 < p.dp4) {
+                        v = qkv[q_base + (row0 + r) * p.dp4 + d4];
+                    }
+                } else if (col0 + r - bm < p.seq && d4 < p.dp4) {
+                    v = qkv[k_base + (col0 + r - bm) * p.dp4 + d4];
+                }
+                stage[r * stride + e % dk4] = v;
+            }
             workgroupBarrier();
-            for (var kk = 0u; kk < TILE_K; kk++) {
-                let qv = q_tile[kk * WG_Y + lid.y];
-                let kv = k_tile[kk * WG_X + lid.x];
-                acc0 += qv.x * kv;
-                acc1 += qv.y * kv;
-                acc2 += qv.z * kv;
-                acc3 += qv.w * kv;
+            for (var d4 = 0u; d4 < dk4; d4++) {
+                let q = r0 * stride + d4;
+                let k = k_at + tx * stride + d4;
+                let ks = TX * stride;
+                acc = qk8(
+                    acc,
+                    Col8(stage[q], stage[q + stride], stage[q + 2u * stride], stage[q + 3u * stride],
+                        stage[q + 4u * stride], stage[q + 5u * stride], stage[q + 6u * stride],
+                        stage[q + 7u * stride]),
+                    K8(stage[k], stage[k + ks], stage[k + 2u * ks], stage[k + 3u * ks],
+                        stage[k + 4u * ks], stage[k + 5u * ks], stage[k + 6u * ks], stage[k + 7u * ks]),
+                );
             }
             workgroupBarrier();
         }
     }
 
-    let i0 = row0 + 4u * lid.y;
-    let j0 = col0 + 4u * lid.x;
-    store_row(bh, b, i0, j0, acc0);
-    store_row(bh, b, i0 + 1u, j0, acc1);
-    store_row(bh, b, i0 + 2u, j0, acc2);
-    store_row(bh, b, i0 + 3u, j0, acc3);
+    let i0 = row0 + r0;
+    store_row(bh, b, i0, col0, tx, acc.s0);
+    store_row(bh, b, i0 + 1u, col0, tx, acc.s1);
+    store_row(bh, b, i0 + 2u, col0, tx, acc.s2);
+    store_row(bh, b, i0 + 3u, col0, tx, acc.s3);
+    store_row(bh, b, i0 + 4u, col0, tx, acc.s4);
+    store_row(bh, b, i0 + 5u, col0, tx, acc.s5);
+    store_row(bh, b, i0 + 6u, col0, tx, acc.s6);
+    store_row(bh, b, i0 + 7u, col0, tx, acc.s7);
 }

@@ -13,15 +13,17 @@
 //   3  out     storage, read_write f32 [batch, seq, out_stride]; this head's columns start at
 //                                  h * head_dim_v
 //
-// Tiling as in gemm.wgsl: a (4 WG_Y) x (4 WG_X) tile of O (queries x value columns) per
-// workgroup, 4 x 4 per invocation in named vec4 accumulators, P and V tiles TILE_K keys deep
-// staged in workgroup memory with vec4 loads. With causal masking the walk over keys stops after
-// the tile's last query (P is zero beyond it). The workgroup id is linearised over a possibly
-// folded grid.
+// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns 8 TY queries by 4 TX NV value
+// columns of one head; each invocation 8 queries by NV vec4 column groups (tx + TX c), in named
+// registers. P and V tiles TK keys deep are staged through workgroup memory as straight vec4
+// copies (P rows padded to TK/4 + 1 vec4); each vec4 of V feeds 8 queries. With causal masking
+// the walk over keys stops after the tile's last query (P is zero beyond it). The workgroup id
+// is linearised over a possibly folded grid.
 
-override WG_X: u32 = 16u;
-override WG_Y: u32 = 16u;
-override TILE_K: u32 = 16u; // a multiple of 4
+override TX: u32 = 8u;
+override TY: u32 = 8u;
+override NV: u32 = 2u;
+override TK: u32 = 16u; // a multiple of 4
 
 struct WeightedSumParams {
     seq: u32,
@@ -43,24 +45,40 @@ struct WeightedSumParams {
 @group(0) @binding(2) var<storage, read> qkv: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-// p_tile[kk * WG_Y + r4]: probabilities of queries 4 r4 .. 4 r4 + 3 for key kk of the tile.
-var<workgroup> p_tile: array<vec4<f32>, TILE_K * WG_Y>;
-// v_tile[kk * WG_X + c4]: value columns 4 c4 .. 4 c4 + 3 of key kk of the tile.
-var<workgroup> v_tile: array<vec4<f32>, TILE_K * WG_X>;
+// p_tile[row * (TK/4 + 1) + k4]: P[query row0 + row, keys k0 + 4 k4 .. + 3].
+var<workgroup> p_tile: array<vec4<f32>, 8u * TY * (TK / 4u + 1u)>;
+// v_tile[kk * TX * NV + g]: V[key k0 + kk, column group g of the tile].
+var<workgroup> v_tile: array<vec4<f32>, TK * TX * NV>;
 
-fn store_row(b: u32, h: u32, i: u32, d0: u32, acc: vec4<f32>) {
+fn v_row(kk: u32, tx: u32) -> Row {
+    let base = kk * TX * NV + tx;
+    var r = Row(v_tile[base], vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    if (NV > 1u) { r.c1 = v_tile[base + TX]; }
+    if (NV > 2u) { r.c2 = v_tile[base + 2u * TX]; }
+    if (NV > 3u) { r.c3 = v_tile[base + 3u * TX]; }
+    return r;
+}
+
+fn store_row(b: u32, h: u32, i: u32, g0: u32, tx: u32, r: Row) {
     if (i >= p.seq) {
         return;
     }
     let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
-    for (var c = 0u; c < 4u; c++) {
-        if (d0 + c < p.head_dim_v) {
-            out[base + d0 + c] = acc[c];
+    for (var cg = 0u; cg < NV; cg++) {
+        var v = r.c0;
+        if (cg == 1u) { v = r.c1; }
+        if (cg == 2u) { v = r.c2; }
+        if (cg == 3u) { v = r.c3; }
+        let d0 = 4u * (g0 + tx + TX * cg);
+        for (var e = 0u; e < 4u; e++) {
+            if (d0 + e < p.head_dim_v) {
+                out[base + d0 + e] = v[e];
+            }
         }
     }
 }
 
-@compute @workgroup_size(WG_X, WG_Y)
+@compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
@@ -71,67 +89,74 @@ fn main(
     if (tile >= p.total_tiles) {
         return;
     }
+    let bm = 8u * TY;
+    let groups = TX * NV;
     let bh = tile / p.tiles_per_head;
     let in_head = tile % p.tiles_per_head;
-    let row0 = (in_head / p.tiles_n) * 4u * WG_Y;
-    let col4_0 = (in_head % p.tiles_n) * WG_X;
+    let row0 = (in_head / p.tiles_n) * bm;
+    let g0 = (in_head % p.tiles_n) * groups;
     let n4 = p.seq_pad / 4u;
-    let depth4 = TILE_K / 4u;
+    let threads = TX * TY;
+    let tk4 = TK / 4u;
+    let stride = tk4 + 1u;
+    let tx = lid.x;
+    let r0 = 8u * lid.y;
+    let v_base = p.v_offset4 + bh * p.seq * p.dvp4;
 
     var key_end = p.seq;
     if (p.causal != 0u) {
-        key_end = min(p.seq, row0 + 4u * WG_Y);
+        key_end = min(p.seq, row0 + bm);
     }
 
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-
-    for (var k0 = 0u; k0 < key_end; k0 += TILE_K) {
-        for (var e = li; e < 4u * WG_Y * depth4; e += WG_X * WG_Y) {
-            let r = e / depth4;
-            let kq = e % depth4;
+    var acc = rows_zero();
+    for (var k0 = 0u; k0 < key_end; k0 += TK) {
+        for (var e = li; e < bm * tk4; e += threads) {
+            let r = e / tk4;
             let i = row0 + r;
-            let j4 = k0 / 4u + kq;
+            let j4 = k0 / 4u + e % tk4;
             var v = vec4<f32>(0.0);
             if (i < p.seq && j4 < n4) {
                 v = probs[(bh * p.seq + i) * n4 + j4];
             }
-            let kk = 4u * kq;
-            p_tile[kk * WG_Y + r / 4u][r % 4u] = v.x;
-            p_tile[(kk + 1u) * WG_Y + r / 4u][r % 4u] = v.y;
-            p_tile[(kk + 2u) * WG_Y + r / 4u][r % 4u] = v.z;
-            p_tile[(kk + 3u) * WG_Y + r / 4u][r % 4u] = v.w;
+            p_tile[r * stride + e % tk4] = v;
         }
-        for (var e = li; e < TILE_K * WG_X; e += WG_X * WG_Y) {
-            let kk = e / WG_X;
-            let c4 = col4_0 + e % WG_X;
-            let j = k0 + kk;
+        for (var e = li; e < TK * groups; e += threads) {
+            let j = k0 + e / groups;
+            let c4 = g0 + e % groups;
             var v = vec4<f32>(0.0);
             if (j < p.seq && c4 < p.dvp4) {
-                v = qkv[p.v_offset4 + (bh * p.seq + j) * p.dvp4 + c4];
+                v = qkv[v_base + j * p.dvp4 + c4];
             }
             v_tile[e] = v;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            let pv = p_tile[kk * WG_Y + lid.y];
-            let vv = v_tile[kk * WG_X + lid.x];
-            acc0 += pv.x * vv;
-            acc1 += pv.y * vv;
-            acc2 += pv.z * vv;
-            acc3 += pv.w * vv;
+        for (var k4 = 0u; k4 < tk4; k4++) {
+            let at = r0 * stride + k4;
+            let col = Col8(
+                p_tile[at],
+                p_tile[at + stride],
+                p_tile[at + 2u * stride],
+                p_tile[at + 3u * stride],
+                p_tile[at + 4u * stride],
+                p_tile[at + 5u * stride],
+                p_tile[at + 6u * stride],
+                p_tile[at + 7u * stride],
+            );
+            let kk = 4u * k4;
+            acc = mma8(acc, col, v_row(kk, tx), v_row(kk + 1u, tx), v_row(kk + 2u, tx), v_row(kk + 3u, tx));
         }
         workgroupBarrier();
     }
 
     let b = bh / p.heads;
     let h = bh % p.heads;
-    let i0 = row0 + 4u * lid.y;
-    let d0 = 4u * (col4_0 + lid.x);
-    store_row(b, h, i0, d0, acc0);
-    store_row(b, h, i0 + 1u, d0, acc1);
-    store_row(b, h, i0 + 2u, d0, acc2);
-    store_row(b, h, i0 + 3u, d0, acc3);
+    let i0 = row0 + r0;
+    store_row(b, h, i0, g0, tx, acc.r0);
+    store_row(b, h, i0 + 1u, g0, tx, acc.r1);
+    store_row(b, h, i0 + 2u, g0, tx, acc.r2);
+    store_row(b, h, i0 + 3u, g0, tx, acc.r3);
+    store_row(b, h, i0 + 4u, g0, tx, acc.r4);
+    store_row(b, h, i0 + 5u, g0, tx, acc.r5);
+    store_row(b, h, i0 + 6u, g0, tx, acc.r6);
+    store_row(b, h, i0 + 7u, g0, tx, acc.r7);
 }

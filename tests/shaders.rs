@@ -38,15 +38,17 @@ fn specialisations(kernel: Kernel) -> Vec<Vec<(&'static str, f64)>> {
         Kernel::Gemm => vec![
             vec![],
             vec![
-                ("WG_X", 1.0),
-                ("WG_Y", 16.0),
-                ("TILE_K", 16.0),
+                ("TX", 1.0),
+                ("TY", 8.0),
+                ("NV", 1.0),
+                ("TK", 16.0),
                 ("HEAD_SPLIT", 1.0),
             ],
             vec![
-                ("WG_X", 8.0),
-                ("WG_Y", 8.0),
-                ("TILE_K", 8.0),
+                ("TX", 8.0),
+                ("TY", 2.0),
+                ("NV", 3.0),
+                ("TK", 8.0),
                 ("HEAD_SPLIT", 0.0),
             ],
         ],
@@ -74,9 +76,11 @@ fn specialisations(kernel: Kernel) -> Vec<Vec<(&'static str, f64)>> {
                 ("VK", 16.0),
             ],
         ],
-        Kernel::Scores | Kernel::WeightedSum => {
-            vec![vec![], vec![("WG_X", 2.0), ("WG_Y", 16.0), ("TILE_K", 8.0)]]
-        }
+        Kernel::Scores => vec![vec![], vec![("TX", 2.0), ("TY", 4.0), ("DK", 8.0)]],
+        Kernel::WeightedSum => vec![
+            vec![],
+            vec![("TX", 2.0), ("TY", 4.0), ("NV", 4.0), ("TK", 4.0)],
+        ],
     }
 }
 

@@ -1,6 +1,6 @@
 //! Host side of `gemm.wgsl`: the projection GEMM with bias.
 
-use super::{DispatchSpec, Kernel, MatmulTiles};
+use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
 
 /// Uniform parameters; the layout of `GemmParams` in `gemm.wgsl`.
 #[repr(C)]
@@ -41,8 +41,8 @@ pub(crate) enum Store {
 /// `C[m, n] = A[m, k] · B[k, n] + bias[n]` with `n` a multiple of 4.
 pub(crate) fn spec(m: u32, n: u32, k: u32, store: Store, limits: &wgpu::Limits) -> DispatchSpec {
     debug_assert!(n.is_multiple_of(4), "gemm needs padded columns");
-    let tiles = MatmulTiles::for_columns(n, limits);
-    let tiles_n = n.div_ceil(tiles.tile_n());
+    let tiles = MatmulTiles::for_columns(n, Columns::Vec4Groups, limits);
+    let tiles_n = (n / 4).div_ceil(tiles.groups());
     let total_tiles = tiles_n * m.div_ceil(tiles.tile_m());
     let mut params = GemmParams {
         m,
@@ -76,7 +76,7 @@ pub(crate) fn spec(m: u32, n: u32, k: u32, store: Store, limits: &wgpu::Limits) 
             true
         }
     };
-    let mut overrides = tiles.overrides();
+    let mut overrides = tiles.overrides("TK");
     overrides.push(("HEAD_SPLIT", if head_split { 1.0 } else { 0.0 }));
     DispatchSpec {
         kernel: Kernel::Gemm,

@@ -61,14 +61,35 @@ impl Kernel {
         }
     }
 
-    /// The WGSL source, compiled into the crate.
-    pub fn source(self) -> &'static str {
+    /// The kernel's own WGSL file, as written.
+    pub fn file_source(self) -> &'static str {
         match self {
             Kernel::Gemm => include_str!("../../shaders/gemm.wgsl"),
             Kernel::Scores => include_str!("../../shaders/scores.wgsl"),
             Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
             Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
             Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
+        }
+    }
+
+    /// The module compiled: the register-tile helpers of `shaders/tiles.wgsl` ahead of the
+    /// kernels that use them.
+    pub fn source(self) -> &'static str {
+        macro_rules! with_tiles {
+            ($file:literal) => {
+                concat!(
+                    include_str!("../../shaders/tiles.wgsl"),
+                    "\n",
+                    include_str!(concat!("../../shaders/", $file))
+                )
+            };
+        }
+        match self {
+            Kernel::Gemm => with_tiles!("gemm.wgsl"),
+            Kernel::Scores => with_tiles!("scores.wgsl"),
+            Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
+            Kernel::WeightedSum => with_tiles!("weighted_sum.wgsl"),
+            Kernel::Fused => with_tiles!("fused_attention.wgsl"),
         }
     }
 
@@ -267,53 +288,97 @@ pub(crate) struct DispatchSpec {
     pub workgroups: u32,
 }
 
-/// Workgroup shape of the tiled matmul kernels (gemm, scores, weighted_sum): `wg_x` x `wg_y`
-/// invocations, each owning a 4 x 4 block, over tiles `tile_k` deep.
+/// Workgroup shape of the register-tiled kernels (gemm, scores, weighted_sum; see
+/// `shaders/tiles.wgsl`): `tx` x `ty` invocations, each owning 8 rows and either `nv` vec4
+/// column groups (gemm, weighted_sum) or 8 keys (scores), over tiles `tk` deep.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MatmulTiles {
-    pub wg_x: u32,
-    pub wg_y: u32,
-    pub tile_k: u32,
+    pub tx: u32,
+    pub ty: u32,
+    pub nv: u32,
+    pub tk: u32,
+}
+
+/// What a tiled kernel produces per invocation along its columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Columns {
+    /// `nv` vec4 column groups: `4 tx nv` columns per workgroup.
+    Vec4Groups,
+    /// Eight keys: `8 tx` columns per workgroup.
+    Keys,
 }
 
 impl MatmulTiles {
-    /// 16 x 16 invocations (64 x 64 outputs) over 16-deep tiles, narrowed along x when the
-    /// output has fewer than 64 columns, and shrunk to fit the device's workgroup limits.
-    pub fn for_columns(cols: u32, limits: &wgpu::Limits) -> Self {
-        let mut wg_x = cols.div_ceil(4).next_power_of_two().clamp(1, 16);
-        let mut wg_y = 16;
-        let tile_k = 16;
-        while wg_x * wg_y > limits.max_compute_invocations_per_workgroup
-            || wg_x > limits.max_compute_workgroup_size_x
-            || wg_y > limits.max_compute_workgroup_size_y
-            || (wg_x + wg_y) * tile_k * 16 > limits.max_compute_workgroup_storage_size
-        {
-            if wg_y >= wg_x && wg_y > 1 {
-                wg_y /= 2;
-            } else if wg_x > 1 {
-                wg_x /= 2;
+    /// 8 x 8 invocations with two vec4 column groups each (64 x 64 outputs per workgroup) over
+    /// 16-deep tiles, narrowed when the output has fewer columns, and shrunk to fit the
+    /// device's workgroup limits.
+    pub fn for_columns(cols: u32, columns: Columns, limits: &wgpu::Limits) -> Self {
+        let (mut tx, nv) = match columns {
+            Columns::Vec4Groups => {
+                let groups = cols.div_ceil(4);
+                if groups >= 16 {
+                    (8, 2)
+                } else {
+                    (groups.next_power_of_two().clamp(1, 8), 1)
+                }
+            }
+            Columns::Keys => (cols.div_ceil(8).next_power_of_two().clamp(1, 8), 1),
+        };
+        let mut t = MatmulTiles {
+            tx,
+            ty: 8,
+            nv,
+            tk: 16,
+        };
+        while !t.fits(columns, limits) {
+            if t.ty > 1 {
+                t.ty /= 2;
+            } else if t.tk > 4 {
+                t.tk /= 2;
+            } else if tx > 1 {
+                tx /= 2;
+                t.tx = tx;
             } else {
                 break;
             }
         }
-        MatmulTiles { wg_x, wg_y, tile_k }
+        t
+    }
+
+    fn fits(&self, columns: Columns, limits: &wgpu::Limits) -> bool {
+        let padded_rows = |rows: u32| rows * (self.tk / 4 + 1);
+        let vec4s = match columns {
+            Columns::Vec4Groups => padded_rows(8 * self.ty) + self.tk * self.tx * self.nv,
+            Columns::Keys => padded_rows(8 * self.ty + 8 * self.tx),
+        };
+        vec4s * 16 <= limits.max_compute_workgroup_storage_size
+            && self.tx * self.ty <= limits.max_compute_invocations_per_workgroup
+            && self.tx <= limits.max_compute_workgroup_size_x
+            && self.ty <= limits.max_compute_workgroup_size_y
     }
 
     /// Rows of output per workgroup.
     pub fn tile_m(&self) -> u32 {
-        4 * self.wg_y
+        8 * self.ty
     }
 
-    /// Columns of output per workgroup.
-    pub fn tile_n(&self) -> u32 {
-        4 * self.wg_x
+    /// vec4 column groups per workgroup (gemm, weighted_sum).
+    pub fn groups(&self) -> u32 {
+        self.tx * self.nv
     }
 
-    pub fn overrides(&self) -> Overrides {
+    /// Keys per workgroup (scores).
+    pub fn keys(&self) -> u32 {
+        8 * self.tx
+    }
+
+    /// The override constants; the depth is `TK` for the matmuls and `DK` for the scores.
+    pub fn overrides(&self, depth_name: &'static str) -> Overrides {
         vec![
-            ("WG_X", self.wg_x as f64),
-            ("WG_Y", self.wg_y as f64),
-            ("TILE_K", self.tile_k as f64),
+            ("TX", self.tx as f64),
+            ("TY", self.ty as f64),
+            ("NV", self.nv as f64),
+            (depth_name, self.tk as f64),
         ]
     }
 }

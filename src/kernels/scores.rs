@@ -1,6 +1,6 @@
 //! Host side of `scores.wgsl`: the scaled, masked score matrix.
 
-use super::{DispatchSpec, Kernel, MatmulTiles};
+use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
 use crate::plan::Layout;
 
 /// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
@@ -23,8 +23,8 @@ struct ScoreParams {
 
 /// Scores of every (batch, head) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    let tiles = MatmulTiles::for_columns(l.seq, limits);
-    let tiles_n = l.seq.div_ceil(tiles.tile_n());
+    let tiles = MatmulTiles::for_columns(l.seq, Columns::Keys, limits);
+    let tiles_n = l.seq.div_ceil(tiles.keys());
     let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
     let total_tiles = tiles_per_head * l.batch * l.heads;
     let params = ScoreParams {
@@ -43,7 +43,7 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
     };
     DispatchSpec {
         kernel: Kernel::Scores,
-        overrides: tiles.overrides(),
+        overrides: tiles.overrides("DK"),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
     }

@@ -18,8 +18,12 @@ struct SoftmaxParams {
 
 /// One workgroup per row of every (batch, head).
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    // Enough invocations to cover a row in one vec4 stride each, a power of two, at most 256.
-    let mut wg = (l.seq_pad / 4).next_power_of_two().clamp(32, 256);
+    // About eight vec4 per invocation: the reduction (log2 WG barrier steps through
+    // workgroup memory) then stays small beside the row it reduces. A power of two, 8 to 256.
+    let mut wg = (l.seq_pad / 4)
+        .div_ceil(8)
+        .next_power_of_two()
+        .clamp(8, 256);
     while wg > 1
         && (wg > limits.max_compute_invocations_per_workgroup
             || wg > limits.max_compute_workgroup_size_x)

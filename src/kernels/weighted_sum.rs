@@ -1,6 +1,6 @@
 //! Host side of `weighted_sum.wgsl`: `P V` with the heads concatenated.
 
-use super::{DispatchSpec, Kernel, MatmulTiles};
+use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
 use crate::plan::Layout;
 
 /// Uniform parameters; the layout of `WeightedSumParams` in `weighted_sum.wgsl`.
@@ -23,8 +23,8 @@ struct WeightedSumParams {
 
 /// Every (batch, head) in one dispatch, written into `[batch, seq, heads * head_dim_v]`.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    let tiles = MatmulTiles::for_columns(l.dvp, limits);
-    let tiles_n = l.dvp.div_ceil(tiles.tile_n());
+    let tiles = MatmulTiles::for_columns(l.dvp, Columns::Vec4Groups, limits);
+    let tiles_n = (l.dvp / 4).div_ceil(tiles.groups());
     let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
     let total_tiles = tiles_per_head * l.batch * l.heads;
     let params = WeightedSumParams {
@@ -43,7 +43,7 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
     };
     DispatchSpec {
         kernel: Kernel::WeightedSum,
-        overrides: tiles.overrides(),
+        overrides: tiles.overrides("TK"),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
     }
