@@ -470,8 +470,27 @@ impl AttentionPlan {
         bindings: &AttentionBindings,
     ) -> Result<()> {
         self.check_owner(bindings)?;
-        for i in 0..self.steps.len() {
-            self.record(encoder, bindings, i, None);
+        // Runs of dispatches share one compute pass: wgpu orders them with barriers inside it,
+        // and each pass begun and ended costs time on every backend. Copies split the runs.
+        let steps: Vec<(&Step, &Option<wgpu::BindGroup>)> =
+            self.steps.iter().zip(&bindings.groups).collect();
+        for run in steps
+            .chunk_by(|a, b| matches!(a.0, Step::Dispatch(_)) && matches!(b.0, Step::Dispatch(_)))
+        {
+            if let [(Step::Copy { from, to, bytes }, _)] = run {
+                encoder.copy_buffer_to_buffer(from, 0, to, 0, *bytes);
+                continue;
+            }
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("attention"),
+                timestamp_writes: None,
+            });
+            for (step, group) in run {
+                match (step, group) {
+                    (Step::Dispatch(stage), Some(group)) => dispatch(&mut pass, stage, group),
+                    _ => return Err(Error::ForeignBindings),
+                }
+            }
         }
         Ok(())
     }
@@ -483,7 +502,8 @@ impl AttentionPlan {
         Ok(())
     }
 
-    /// Records step `i`; a dispatch gets its own compute pass, timed if `timestamps` is given.
+    /// Records step `i` alone; a dispatch gets a compute pass of its own, timed if
+    /// `timestamps` is given.
     fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -497,10 +517,7 @@ impl AttentionPlan {
                     label: Some(stage.label),
                     timestamp_writes: timestamps,
                 });
-                pass.set_pipeline(&stage.pipeline.pipeline);
-                pass.set_bind_group(0, group, &[]);
-                let [x, y, z] = stage.grid;
-                pass.dispatch_workgroups(x, y, z);
+                dispatch(&mut pass, stage, group);
             }
             (Step::Copy { from, to, bytes }, _) => {
                 encoder.copy_buffer_to_buffer(from, 0, to, 0, *bytes);
@@ -740,6 +757,13 @@ fn read_mapped<T>(buffer: &wgpu::Buffer, read: impl FnOnce(&[u8]) -> T) -> Resul
     };
     buffer.unmap();
     Ok(value)
+}
+
+fn dispatch(pass: &mut wgpu::ComputePass<'_>, stage: &Stage, group: &wgpu::BindGroup) {
+    pass.set_pipeline(&stage.pipeline.pipeline);
+    pass.set_bind_group(0, group, &[]);
+    let [x, y, z] = stage.grid;
+    pass.dispatch_workgroups(x, y, z);
 }
 
 /// Every dispatch of the plan, in order: the projection, the attention (staged or fused), the

@@ -1,7 +1,7 @@
 //! Host side of `fused_attention.wgsl`: the FlashAttention-2 style kernel, with its tile shape
 //! chosen to fit the device's workgroup memory and invocation limits.
 
-use super::{DispatchSpec, Kernel};
+use super::{DispatchSpec, Kernel, rows_per_eight};
 use crate::error::{Error, Result};
 use crate::plan::Layout;
 
@@ -50,10 +50,11 @@ impl FusedTiles {
         (stage + p_tile + red) * 16
     }
 
-    /// The largest tiles that fit the device: 64 query rows by 64 keys where the value head
-    /// is at most 64 wide (two vec4 columns per row and invocation), 128 keys for wider heads;
-    /// deeper staging first, fewer rows last (fewer rows means K and V are re-read more often).
-    pub fn choose(dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
+    /// Tiles for `seq` tokens and value heads `dvp` wide: up to 64 query rows by 64 keys, no
+    /// more invocations than rows and keys to cover, enough column invocations that each holds
+    /// at most 2 vec4 of a row (4 for heads past 128), then shrunk (fewer rows, shallower
+    /// staging) until the device's workgroup memory and invocation limits are met.
+    pub fn choose(seq: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
         if dvp > MAX_HEAD_DIM_V {
             return Err(Error::LimitExceeded {
                 limit: "fused kernel head_dim_v",
@@ -63,27 +64,28 @@ impl FusedTiles {
                 hint: "; use the staged kernels (KernelChoice::Staged)".into(),
             });
         }
-        // Registers per invocation grow with NV: keep it at 2 where 16 columns allow.
-        let widths: &[u32] = if dvp <= 64 { &[8, 16] } else { &[16, 8] };
+        let tx = rows_per_eight(seq)
+            .max(dvp.div_ceil(8).next_power_of_two())
+            .clamp(1, 16);
+        let nv = dvp.div_ceil(4 * tx).max(1);
         let mut smallest = u32::MAX;
-        for &tx in widths {
-            let nv = dvp.div_ceil(4 * tx).max(1);
-            if nv > 4 {
-                continue;
-            }
-            for ty in [8, 4, 2, 1] {
-                for (dk, vk) in [(16, 16), (16, 8), (8, 16), (8, 8), (8, 4), (4, 4)] {
-                    let t = FusedTiles { tx, ty, nv, dk, vk };
-                    smallest = smallest.min(t.workgroup_bytes());
-                    if t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
-                        && tx * ty <= limits.max_compute_invocations_per_workgroup
-                        && tx <= limits.max_compute_workgroup_size_x
-                        && ty <= limits.max_compute_workgroup_size_y
-                    {
-                        return Ok(t);
-                    }
+        let mut ty = rows_per_eight(seq);
+        while ty >= 1 {
+            for (dk, vk) in [(16, 16), (16, 8), (8, 16), (8, 8), (8, 4), (4, 4)] {
+                if !(8 * tx).is_multiple_of(vk) {
+                    continue;
+                }
+                let t = FusedTiles { tx, ty, nv, dk, vk };
+                smallest = smallest.min(t.workgroup_bytes());
+                if t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+                    && tx * ty <= limits.max_compute_invocations_per_workgroup
+                    && tx <= limits.max_compute_workgroup_size_x
+                    && ty <= limits.max_compute_workgroup_size_y
+                {
+                    return Ok(t);
                 }
             }
+            ty /= 2;
         }
         Err(Error::LimitExceeded {
             limit: "max_compute_workgroup_storage_size",
@@ -112,7 +114,7 @@ impl FusedTiles {
 
 /// Every (batch, head, block of query rows) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
-    let tiles = FusedTiles::choose(l.dvp, limits)?;
+    let tiles = FusedTiles::choose(l.seq, l.dvp, limits)?;
     let q_blocks = l.seq.div_ceil(tiles.rows());
     let total_tiles = q_blocks * l.batch * l.heads;
     let params = FusedParams {
@@ -147,33 +149,38 @@ mod tests {
     #[test]
     fn tiles_fit_the_default_limits_for_every_head_width() {
         let limits = wgpu::Limits::default();
-        for dvp in (4..=256).step_by(4) {
-            let t = FusedTiles::choose(dvp, &limits).unwrap();
-            assert!(
-                t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size,
-                "{dvp}: {t:?}"
-            );
-            assert!(
-                4 * t.tx * t.nv >= dvp,
-                "{dvp}: {t:?} does not cover the head"
-            );
-            assert!(t.nv <= 4 && (8 * t.tx).is_multiple_of(t.vk));
-            assert!(t.dk.is_multiple_of(4) && t.vk.is_multiple_of(4));
+        for seq in [1, 3, 17, 64, 1000] {
+            for dvp in (4..=256).step_by(4) {
+                let t = FusedTiles::choose(seq, dvp, &limits).unwrap();
+                assert!(
+                    t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size,
+                    "{seq} {dvp}: {t:?}"
+                );
+                assert!(
+                    4 * t.tx * t.nv >= dvp,
+                    "{dvp}: {t:?} does not cover the head"
+                );
+                assert!(t.nv <= 4 && (8 * t.tx).is_multiple_of(t.vk));
+                assert!(t.dk.is_multiple_of(4) && t.vk.is_multiple_of(4));
+            }
         }
+        // Three tokens of width 4 (the worked example) take one invocation.
+        let t = FusedTiles::choose(3, 4, &limits).unwrap();
+        assert_eq!((t.tx, t.ty, t.nv), (1, 1, 1));
         // With more workgroup memory, head width 64 gets 64 rows by 64 keys.
         let roomy = wgpu::Limits {
             max_compute_workgroup_storage_size: 32768,
             ..limits.clone()
         };
-        let t = FusedTiles::choose(64, &roomy).unwrap();
+        let t = FusedTiles::choose(1024, 64, &roomy).unwrap();
         assert_eq!((t.tx, t.ty, t.nv), (8, 8, 2));
-        assert!(FusedTiles::choose(260, &limits).is_err());
+        assert!(FusedTiles::choose(64, 260, &limits).is_err());
         let tiny = wgpu::Limits {
             max_compute_workgroup_storage_size: 1024,
             ..limits
         };
         assert!(matches!(
-            FusedTiles::choose(64, &tiny),
+            FusedTiles::choose(64, 64, &tiny),
             Err(Error::LimitExceeded {
                 limit: "max_compute_workgroup_storage_size",
                 ..

@@ -41,7 +41,7 @@ pub(crate) enum Store {
 /// `C[m, n] = A[m, k] · B[k, n] + bias[n]` with `n` a multiple of 4.
 pub(crate) fn spec(m: u32, n: u32, k: u32, store: Store, limits: &wgpu::Limits) -> DispatchSpec {
     debug_assert!(n.is_multiple_of(4), "gemm needs padded columns");
-    let tiles = MatmulTiles::for_columns(n, Columns::Vec4Groups, limits);
+    let tiles = MatmulTiles::for_shape(m, n, Columns::Vec4Groups, limits);
     let tiles_n = (n / 4).div_ceil(tiles.groups());
     let total_tiles = tiles_n * m.div_ceil(tiles.tile_m());
     let mut params = GemmParams {

@@ -310,9 +310,9 @@ pub(crate) enum Columns {
 
 impl MatmulTiles {
     /// 8 x 8 invocations with two vec4 column groups each (64 x 64 outputs per workgroup) over
-    /// 16-deep tiles, narrowed when the output has fewer columns, and shrunk to fit the
-    /// device's workgroup limits.
-    pub fn for_columns(cols: u32, columns: Columns, limits: &wgpu::Limits) -> Self {
+    /// 16-deep tiles, narrowed when the output has fewer rows or columns (no invocation
+    /// without work), and shrunk to fit the device's workgroup limits.
+    pub fn for_shape(rows: u32, cols: u32, columns: Columns, limits: &wgpu::Limits) -> Self {
         let (mut tx, nv) = match columns {
             Columns::Vec4Groups => {
                 let groups = cols.div_ceil(4);
@@ -326,7 +326,7 @@ impl MatmulTiles {
         };
         let mut t = MatmulTiles {
             tx,
-            ty: 8,
+            ty: rows_per_eight(rows),
             nv,
             tk: 16,
         };
@@ -381,6 +381,11 @@ impl MatmulTiles {
             (depth_name, self.tk as f64),
         ]
     }
+}
+
+/// Invocations needed along a dimension of `n` when each owns eight: a power of two, 1 to 8.
+pub(crate) fn rows_per_eight(n: u32) -> u32 {
+    n.div_ceil(8).next_power_of_two().clamp(1, 8)
 }
 
 /// `n` rounded up to a multiple of 4.

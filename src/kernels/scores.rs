@@ -23,7 +23,7 @@ struct ScoreParams {
 
 /// Scores of every (batch, head) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    let tiles = MatmulTiles::for_columns(l.seq, Columns::Keys, limits);
+    let tiles = MatmulTiles::for_shape(l.seq, l.seq, Columns::Keys, limits);
     let tiles_n = l.seq.div_ceil(tiles.keys());
     let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
     let total_tiles = tiles_per_head * l.batch * l.heads;

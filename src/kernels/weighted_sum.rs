@@ -23,7 +23,7 @@ struct WeightedSumParams {
 
 /// Every (batch, head) in one dispatch, written into `[batch, seq, heads * head_dim_v]`.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    let tiles = MatmulTiles::for_columns(l.dvp, Columns::Vec4Groups, limits);
+    let tiles = MatmulTiles::for_shape(l.seq, l.dvp, Columns::Vec4Groups, limits);
     let tiles_n = (l.dvp / 4).div_ceil(tiles.groups());
     let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
     let total_tiles = tiles_per_head * l.batch * l.heads;
