@@ -73,7 +73,7 @@ pub mod timing;
 pub mod weights;
 
 pub use compare::{Comparison, Tolerance, compare};
-pub use config::{AUTO_FUSED_ABOVE_BYTES, AttentionConfig, KernelChoice, OutputProjection};
+pub use config::{AttentionConfig, FUSED_MAX_HEAD_DIM_V, KernelChoice, OutputProjection};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};

@@ -50,7 +50,7 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    fn new(config: &AttentionConfig, limits: &wgpu::Limits) -> Result<Self> {
+    fn new(config: &AttentionConfig) -> Result<Self> {
         let to_u32 = |name: &'static str, v: usize| -> Result<u32> {
             u32::try_from(v).map_err(|_| Error::LimitExceeded {
                 limit: "u32 indexing",
@@ -94,7 +94,7 @@ impl Layout {
             scale: config.scale_value(),
             causal: config.causal,
             has_mask: config.key_padding_mask,
-            kernel: config.resolved_kernel(limits),
+            kernel: config.resolved_kernel(),
         })
     }
 
@@ -234,7 +234,7 @@ impl AttentionPlan {
     ) -> Result<Self> {
         weights.validate(config)?;
         let limits = ctx.limits();
-        let layout = Layout::new(config, &limits)?;
+        let layout = Layout::new(config)?;
         check_sizes(config, &layout, &limits)?;
         let device = ctx.device();
         let (weight_buffers, qkv, scores, attention, own) =

@@ -7,8 +7,8 @@ mod common;
 use common::cases::{Case, build};
 use common::{Rng, ctx};
 use wgpu_attention::{
-    AUTO_FUSED_ABOVE_BYTES, AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights,
-    Error, KernelChoice, Tensor, Tolerance, compare, reference,
+    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, Error, FUSED_MAX_HEAD_DIM_V,
+    KernelChoice, Tensor, Tolerance, compare, reference,
 };
 
 fn fused_case(head_dim: usize, head_dim_v: usize, causal: bool, padding: Option<f64>) -> Case {
@@ -96,7 +96,7 @@ fn sixteen_thousand_tokens_within_default_limits() {
     let config = AttentionConfig::new(1, n, 8, 1, 8)
         .causal()
         .with_key_padding_mask();
-    assert_eq!(config.resolved_kernel(&ctx().limits()), KernelChoice::Fused);
+    assert_eq!(config.resolved_kernel(), KernelChoice::Fused);
     let weights = AttentionWeights::new(
         rng.tensor(&[8, 8], 0.35),
         rng.tensor(&[8, 8], 0.35),
@@ -165,26 +165,27 @@ fn fused_memory_grows_linearly_staged_quadratically() {
 }
 
 #[test]
-fn auto_takes_fused_for_large_score_matrices_and_staged_for_intermediates() {
-    let limits = ctx().limits();
-    let small = AttentionConfig::new(1, 64, 8, 2, 4);
-    assert_eq!(small.resolved_kernel(&limits), KernelChoice::Staged);
-    // 4 heads x 1024 x 1024 x 4 bytes is exactly 16 MiB: still staged; one token more is not.
-    let edge = AttentionConfig::new(1, 1024, 8, 4, 4);
-    assert_eq!(edge.score_matrix_bytes(), AUTO_FUSED_ABOVE_BYTES);
-    assert_eq!(edge.resolved_kernel(&limits), KernelChoice::Staged);
-    let past = AttentionConfig::new(1, 1025, 8, 4, 4);
-    assert_eq!(past.resolved_kernel(&limits), KernelChoice::Fused);
+fn auto_takes_fused_unless_intermediates_or_a_wide_value_head() {
+    let small = AttentionConfig::new(1, 3, 4, 1, 3);
+    assert_eq!(small.resolved_kernel(), KernelChoice::Fused);
     assert_eq!(
-        past.clone().with_intermediates().resolved_kernel(&limits),
+        AttentionConfig::new(1, 16384, 8, 1, 8).resolved_kernel(),
+        KernelChoice::Fused
+    );
+    assert_eq!(
+        small.clone().with_intermediates().resolved_kernel(),
         KernelChoice::Staged
     );
+    let wide = AttentionConfig::new(1, 64, 8, 1, 8).with_head_dim_v(FUSED_MAX_HEAD_DIM_V + 1);
+    assert_eq!(wide.resolved_kernel(), KernelChoice::Staged);
+    let widest = AttentionConfig::new(1, 64, 8, 1, 8).with_head_dim_v(FUSED_MAX_HEAD_DIM_V);
+    assert_eq!(widest.resolved_kernel(), KernelChoice::Fused);
     assert_eq!(
         small
             .clone()
-            .with_kernel(KernelChoice::Fused)
-            .resolved_kernel(&limits),
-        KernelChoice::Fused
+            .with_kernel(KernelChoice::Staged)
+            .resolved_kernel(),
+        KernelChoice::Staged
     );
 
     let err = small

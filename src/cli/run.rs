@@ -46,7 +46,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub intermediates: bool,
     /// GPU kernels: the staged ones (scores, softmax, weighted sum), the fused one, or auto
-    /// (staged for small score matrices and with --intermediates, fused otherwise).
+    /// (fused, except with --intermediates or a value head wider than 256).
     #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
     pub kernel: KernelArg,
     /// Absolute part of the check |gpu - ref| <= atol + rtol*|ref| [default: 1e-5].

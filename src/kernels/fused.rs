@@ -28,7 +28,7 @@ struct FusedParams {
 
 /// The widest value head the kernel keeps in registers: 4 vec4 columns per row and invocation
 /// across 16 invocations.
-pub(crate) const MAX_HEAD_DIM_V: u32 = 256;
+pub(crate) const MAX_HEAD_DIM_V: u32 = crate::config::FUSED_MAX_HEAD_DIM_V as u32;
 
 /// The fused kernel's override constants (see the shader's opening comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
