@@ -150,3 +150,61 @@ fn an_adapter_that_does_not_exist_is_a_clear_failure() {
         .stderr(predicate::str::contains("no GPU adapter found"))
         .stderr(predicate::str::contains("mesa-vulkan-drivers"));
 }
+
+#[test]
+fn bench_compare_reports_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("compare.json");
+    program()
+        .args([
+            "bench",
+            "--compare",
+            "--repeats",
+            "5",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Burn fused ms"))
+        .stdout(predicate::str::contains("tiny whole call"))
+        .stdout(predicate::str::contains(
+            "fast CPU attention >= 128 GFLOP/s",
+        ));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let shapes = report["shapes"].as_array().unwrap();
+    let names: Vec<&str> = shapes
+        .iter()
+        .map(|s| s["shape"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "H=1 N=3 D=3",
+            "H=8 N=128 D=64",
+            "H=8 N=512 D=64",
+            "H=8 N=1024 D=64",
+            "H=8 N=1024 D=64 causal"
+        ]
+    );
+    for s in shapes {
+        let (staged, fused) = (
+            s["staged_ms"].as_f64().unwrap(),
+            s["fused_ms"].as_f64().unwrap(),
+        );
+        assert!(staged > 0.0 && fused > 0.0, "{s}");
+        assert!((s["fused_over_staged"].as_f64().unwrap() - fused / staged).abs() < 1e-9);
+    }
+    let causal = report["causal_over_dense"].as_f64().unwrap();
+    assert!(
+        causal > 0.0 && causal < 1.0,
+        "causal skips blocks: {causal}"
+    );
+    let tiny = &report["tiny"];
+    assert!(tiny["round_trip_ms"].as_f64().unwrap() > 0.0);
+    assert!(tiny["fused_call_ms"].as_f64().unwrap() > tiny["fused_gpu_ms"].as_f64().unwrap() * 0.5);
+    assert!(report["projection_gflops"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["cpu"].as_array().unwrap().len(), 2);
+}

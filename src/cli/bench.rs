@@ -75,6 +75,12 @@ pub struct BenchArgs {
     /// Draw time and GFLOP/s against sequence length as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Instead of the sweep: staged against fused at the shapes of the reference table (Burn
+    /// on lavapipe), with ratios and the performance targets, the tiny-call cost, the CPU path
+    /// against the f64 reference and, on GPUs, the GEMM roofline. Honours --repeats, --warmup
+    /// and --json.
+    #[arg(long)]
+    pub compare: bool,
 }
 
 impl BenchArgs {
@@ -96,6 +102,7 @@ impl BenchArgs {
             json: None,
             csv: None,
             plot: None,
+            compare: false,
         }
     }
 
@@ -135,7 +142,7 @@ pub struct Stat {
 }
 
 impl Stat {
-    fn of(samples: &[f64]) -> Stat {
+    pub fn of(samples: &[f64]) -> Stat {
         let mut s = samples.to_vec();
         s.sort_by(f64::total_cmp);
         let mid = s.len() / 2;
@@ -232,6 +239,9 @@ pub fn main(
     args: &BenchArgs,
     progress: &MultiProgress,
 ) -> Result<(), CliError> {
+    if args.compare {
+        return super::compare::main(adapter, args);
+    }
     // The sweep reaches past wgpu's portable defaults where the adapter allows.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
     let info = ctx.adapter_info().clone();

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod compare;
 mod error;
 mod files;
 mod layer;
