@@ -178,6 +178,11 @@ struct OwnIo {
     output: wgpu::Buffer,
     staging: wgpu::Buffer,
     bindings: AttentionBindings,
+    /// Mapped upload buffers, reused once the GPU has copied out of them: `queue.write_buffer`
+    /// would create a staging buffer on every call.
+    belt: wgpu::util::StagingBelt,
+    /// The mask as the u32 words the kernels read, converted without allocating per call.
+    mask_words: Vec<u32>,
 }
 
 /// One attention layer on the GPU: pipelines, weights, intermediate buffers and bind groups,
@@ -290,6 +295,16 @@ impl AttentionPlan {
             attention.as_ref(),
         )?;
         let (x, key_mask, output, staging) = own;
+        let upload_bytes = x.size() + if layout.has_mask { key_mask.size() } else { 0 };
+        let belt = wgpu::util::StagingBelt::new(device.clone(), upload_bytes.next_multiple_of(256));
+        let mask_words = vec![
+            0;
+            if layout.has_mask {
+                layout.tokens() as usize
+            } else {
+                0
+            }
+        ];
         let mut plan = AttentionPlan {
             ctx: ctx.clone(),
             config: config.clone(),
@@ -308,6 +323,8 @@ impl AttentionPlan {
                 key_mask,
                 output,
                 staging,
+                belt,
+                mask_words,
             },
             memory_bytes: 0,
             timer: None,
@@ -555,10 +572,11 @@ impl AttentionPlan {
             })?;
             self.timer = Some(timer);
         }
-        if let Some(timer) = &self.timer {
-            scoped(&device, "timing the layer", || {
-                self.upload(inputs);
+        // Taken out while recording, which needs the plan mutably for the upload.
+        if let Some(timer) = self.timer.take() {
+            let recorded = scoped(&device, "timing the layer", || {
                 let mut encoder = device.create_command_encoder(&Default::default());
+                self.upload(&mut encoder, inputs);
                 let mut timed = 0;
                 for i in 0..self.steps.len() {
                     let writes = dispatches.contains(&i).then(|| {
@@ -569,8 +587,11 @@ impl AttentionPlan {
                 }
                 timer.resolve(&mut encoder);
                 queue.submit([encoder.finish()]);
-            })?;
-            let seconds = timer.read(&device, &queue)?;
+                self.own.belt.recall();
+            });
+            let seconds = recorded.and_then(|()| timer.read(&device, &queue));
+            self.timer = Some(timer);
+            let seconds = seconds?;
             return Ok(StageTimes {
                 source: TimingSource::Timestamps,
                 stages: labels
@@ -580,7 +601,12 @@ impl AttentionPlan {
                     .collect(),
             });
         }
-        scoped(&device, "uploading inputs", || self.upload(inputs))?;
+        scoped(&device, "uploading inputs", || {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            self.upload(&mut encoder, inputs);
+            queue.submit([encoder.finish()]);
+            self.own.belt.recall();
+        })?;
         device.poll(wgpu::PollType::wait_indefinitely())?;
         let mut stages = Vec::with_capacity(labels.len());
         for i in 0..self.steps.len() {
@@ -633,27 +659,38 @@ impl AttentionPlan {
         Tensor::new(self.config.output_shape().to_vec(), data)
     }
 
-    /// Writes `inputs` into the plan's own buffers (checked by the caller).
-    fn upload(&self, inputs: &AttentionInputs) {
-        let queue = self.ctx.queue();
-        queue.write_buffer(&self.own.x, 0, bytemuck::cast_slice(inputs.x.data()));
-        if let Some(mask) = &inputs.key_mask {
-            let words: Vec<u32> = mask.data().iter().map(|&m| (m != 0.0) as u32).collect();
-            queue.write_buffer(&self.own.key_mask, 0, bytemuck::cast_slice(&words));
+    /// Records the upload of `inputs` (checked by the caller) into the plan's own buffers,
+    /// through the staging belt; call [`wgpu::util::StagingBelt::recall`] after submitting.
+    fn upload(&mut self, encoder: &mut wgpu::CommandEncoder, inputs: &AttentionInputs) {
+        let own = &mut self.own;
+        let x: &[u8] = bytemuck::cast_slice(inputs.x.data());
+        if let Some(size) = wgpu::BufferSize::new(x.len() as u64) {
+            own.belt
+                .write_buffer(encoder, &own.x, 0, size)
+                .copy_from_slice(x);
         }
+        if let Some(mask) = &inputs.key_mask {
+            for (w, &m) in own.mask_words.iter_mut().zip(mask.data()) {
+                *w = (m != 0.0) as u32;
+            }
+            let words: &[u8] = bytemuck::cast_slice(&own.mask_words);
+            if let Some(size) = wgpu::BufferSize::new(words.len() as u64) {
+                own.belt
+                    .write_buffer(encoder, &own.key_mask, 0, size)
+                    .copy_from_slice(words);
+            }
+        }
+        own.belt.finish();
     }
 
-    fn submit(&self, inputs: &AttentionInputs) -> Result<()> {
+    fn submit(&mut self, inputs: &AttentionInputs) -> Result<()> {
         inputs.validate(&self.config)?;
-        let queue = self.ctx.queue();
-        scoped(self.ctx.device(), "running the layer", || {
-            self.upload(inputs);
-            let mut encoder =
-                self.ctx
-                    .device()
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("attention"),
-                    });
+        let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
+        scoped(&device, "running the layer", || {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("attention"),
+            });
+            self.upload(&mut encoder, inputs);
             let encoded = self.encode(&mut encoder, &self.own.bindings);
             encoder.copy_buffer_to_buffer(
                 &self.own.output,
@@ -663,6 +700,7 @@ impl AttentionPlan {
                 self.own.staging.size(),
             );
             queue.submit([encoder.finish()]);
+            self.own.belt.recall();
             encoded
         })?
     }

@@ -50,11 +50,11 @@ impl FusedTiles {
         (stage + p_tile + red) * 16
     }
 
-    /// Tiles for `seq` tokens and value heads `dvp` wide: up to 64 query rows by 64 keys, no
+    /// Tiles for `seq` tokens, query/key heads `dp` wide and value heads `dvp` wide: up to 64 query rows by 64 keys, no
     /// more invocations than rows and keys to cover, enough column invocations that each holds
     /// at most 2 vec4 of a row (4 for heads past 128), then shrunk (fewer rows, shallower
     /// staging) until the device's workgroup memory and invocation limits are met.
-    pub fn choose(seq: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
+    pub fn choose(seq: u32, dp: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
         if dvp > MAX_HEAD_DIM_V {
             return Err(Error::LimitExceeded {
                 limit: "fused kernel head_dim_v",
@@ -72,7 +72,8 @@ impl FusedTiles {
         let mut ty = rows_per_eight(seq);
         while ty >= 1 {
             for (dk, vk) in [(16, 16), (16, 8), (8, 16), (8, 8), (8, 4), (4, 4)] {
-                if !(8 * tx).is_multiple_of(vk) {
+                // Staging deeper than the head or wider than the block only moves zeros.
+                if !(8 * tx).is_multiple_of(vk) || (dk > 4 && dk > dp) {
                     continue;
                 }
                 let t = FusedTiles { tx, ty, nv, dk, vk };
@@ -114,7 +115,7 @@ impl FusedTiles {
 
 /// Every (batch, head, block of query rows) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
-    let tiles = FusedTiles::choose(l.seq, l.dvp, limits)?;
+    let tiles = FusedTiles::choose(l.seq, l.dp, l.dvp, limits)?;
     let q_blocks = l.seq.div_ceil(tiles.rows());
     let total_tiles = q_blocks * l.batch * l.heads;
     let params = FusedParams {
@@ -151,7 +152,7 @@ mod tests {
         let limits = wgpu::Limits::default();
         for seq in [1, 3, 17, 64, 1000] {
             for dvp in (4..=256).step_by(4) {
-                let t = FusedTiles::choose(seq, dvp, &limits).unwrap();
+                let t = FusedTiles::choose(seq, 64, dvp, &limits).unwrap();
                 assert!(
                     t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size,
                     "{seq} {dvp}: {t:?}"
@@ -165,22 +166,22 @@ mod tests {
             }
         }
         // Three tokens of width 4 (the worked example) take one invocation.
-        let t = FusedTiles::choose(3, 4, &limits).unwrap();
-        assert_eq!((t.tx, t.ty, t.nv), (1, 1, 1));
+        let t = FusedTiles::choose(3, 4, 4, &limits).unwrap();
+        assert_eq!((t.tx, t.ty, t.nv, t.dk), (1, 1, 1, 4));
         // With more workgroup memory, head width 64 gets 64 rows by 64 keys.
         let roomy = wgpu::Limits {
             max_compute_workgroup_storage_size: 32768,
             ..limits.clone()
         };
-        let t = FusedTiles::choose(1024, 64, &roomy).unwrap();
+        let t = FusedTiles::choose(1024, 64, 64, &roomy).unwrap();
         assert_eq!((t.tx, t.ty, t.nv), (8, 8, 2));
-        assert!(FusedTiles::choose(64, 260, &limits).is_err());
+        assert!(FusedTiles::choose(64, 64, 260, &limits).is_err());
         let tiny = wgpu::Limits {
             max_compute_workgroup_storage_size: 1024,
             ..limits
         };
         assert!(matches!(
-            FusedTiles::choose(64, 64, &tiny),
+            FusedTiles::choose(64, 64, 64, &tiny),
             Err(Error::LimitExceeded {
                 limit: "max_compute_workgroup_storage_size",
                 ..
