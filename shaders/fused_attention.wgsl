@@ -19,10 +19,8 @@
 // Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns BR = 8 TY query rows of one (batch, head) and walks
 // the keys in blocks of BC = 8 TX; with causal masking it stops after its last row, so blocks
 // wholly above the diagonal are never touched. Each invocation owns 8 rows (8 ty .. 8 ty + 7):
-//   1. S = Q Kᵀ for its 8 rows x 8 keys (keys tx + TX j, interleaved so neighbouring
-//      invocations read neighbouring rows of K), 64 scores in named vec4 registers, from Q and K
-//      staged in workgroup memory DK columns at a time as straight vec4 copies; each loaded vec4
-//      feeds 8 dot products;
+//   1. S = Q Kᵀ for its 8 rows x 8 keys, 64 scores in named registers: the score kernel's tile,
+//      shared with it in score_tile.wgsl;
 //   2. the online softmax: row maxima and sums combined across the TX invocations of a row
 //      through workgroup memory as vec4s, scores in the exp2 domain (scale · log2 e folded in),
 //      the running max raised, the running sum and the output rescaled by exp2(m_old - m_new);
@@ -180,9 +178,6 @@ fn main(
     let threads = TX * TY;
     let r0 = 8u * ty;
     let i0 = row0 + r0;
-    let dk4 = DK / 4u;
-    let stride = dk4 + 1u;
-    let k_at = br * stride;
     let q_base = p.q_offset4 + bh * p.seq * p.dp4;
     let k_base = p.k_offset4 + bh * p.seq * p.dp4;
     let v_base = p.v_offset4 + bh * p.seq * p.dvp4;
@@ -199,38 +194,8 @@ fn main(
     }
 
     for (var kb = 0u; kb < key_end; kb += bc) {
-        // 1. Scores of this block.
-        var s = scores_zero();
-        for (var d0 = 0u; d0 < 4u * p.dp4; d0 += DK) {
-            for (var e = li; e < (br + bc) * dk4; e += threads) {
-                let r = e / dk4;
-                let d4 = d0 / 4u + e % dk4;
-                var v = vec4<f32>(0.0);
-                if (r < br) {
-                    if (row0 + r < p.seq && d4 < p.dp4) {
-                        v = qkv[q_base + (row0 + r) * p.dp4 + d4];
-                    }
-                } else if (kb + r - br < p.seq && d4 < p.dp4) {
-                    v = qkv[k_base + (kb + r - br) * p.dp4 + d4];
-                }
-                stage[r * stride + e % dk4] = v;
-            }
-            workgroupBarrier();
-            for (var d4 = 0u; d4 < dk4; d4++) {
-                let q = r0 * stride + d4;
-                let k = k_at + tx * stride + d4;
-                let ks = TX * stride;
-                s = qk8(
-                    s,
-                    Col8(stage[q], stage[q + stride], stage[q + 2u * stride], stage[q + 3u * stride],
-                        stage[q + 4u * stride], stage[q + 5u * stride], stage[q + 6u * stride],
-                        stage[q + 7u * stride]),
-                    K8(stage[k], stage[k + ks], stage[k + 2u * ks], stage[k + 3u * ks],
-                        stage[k + 4u * ks], stage[k + 5u * ks], stage[k + 6u * ks], stage[k + 7u * ks]),
-                );
-            }
-            workgroupBarrier();
-        }
+        // 1. Scores of this block (score_tile.wgsl).
+        var s = score_tile(q_base, k_base, row0, kb, tx, ty, li);
 
         // 2. Online softmax: raise the running max, weight, rescale what came before.
         let present = keys_present(b, kb, tx);
@@ -319,12 +284,7 @@ fn main(
         }
     }
 
-    store_row(b, h, i0, tx, o.r0, l_lo.x);
-    store_row(b, h, i0 + 1u, tx, o.r1, l_lo.y);
-    store_row(b, h, i0 + 2u, tx, o.r2, l_lo.z);
-    store_row(b, h, i0 + 3u, tx, o.r3, l_lo.w);
-    store_row(b, h, i0 + 4u, tx, o.r4, l_hi.x);
-    store_row(b, h, i0 + 5u, tx, o.r5, l_hi.y);
-    store_row(b, h, i0 + 6u, tx, o.r6, l_hi.z);
-    store_row(b, h, i0 + 7u, tx, o.r7, l_hi.w);
+    for (var r = 0u; r < 8u; r++) {
+        store_row(b, h, i0 + r, tx, row_of(o, r), select(l_hi[r % 4u], l_lo[r % 4u], r < 4u));
+    }
 }

@@ -190,12 +190,7 @@ fn main(
     }
 
     let m0 = row0 + r0;
-    store_row(m0, g0, tx, acc.r0);
-    store_row(m0 + 1u, g0, tx, acc.r1);
-    store_row(m0 + 2u, g0, tx, acc.r2);
-    store_row(m0 + 3u, g0, tx, acc.r3);
-    store_row(m0 + 4u, g0, tx, acc.r4);
-    store_row(m0 + 5u, g0, tx, acc.r5);
-    store_row(m0 + 6u, g0, tx, acc.r6);
-    store_row(m0 + 7u, g0, tx, acc.r7);
+    for (var r = 0u; r < 8u; r++) {
+        store_row(m0 + r, g0, tx, row_of(acc, r));
+    }
 }

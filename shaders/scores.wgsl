@@ -14,13 +14,11 @@
 //   2  key_mask  storage, read       u32 [batch, seq]; 0 = padding (read only if has_mask != 0)
 //   3  scores    storage, read_write f32 [batch * heads, seq, seq_pad]
 //
-// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns 8 TY queries by 8 TX keys of one
-// head; each invocation 8 queries by 8 keys (keys tx + TX j, interleaved so neighbouring
-// invocations read neighbouring rows of K), 64 scores in named registers. Q and K are staged
-// DK columns at a time as straight vec4 copies, rows padded to DK/4 + 1 vec4 so eight
-// neighbouring rows fall in distinct banks; each loaded vec4 feeds 8 dot products. Causal tiles
-// wholly above the diagonal skip the products and only write -inf. The workgroup id is
-// linearised over a possibly folded grid.
+// Tiling (tiles.wgsl, score_tile.wgsl): a workgroup of TX x TY invocations owns 8 TY queries by
+// 8 TX keys of one head; each invocation 8 queries by 8 keys (keys tx + TX j), 64 scores in
+// named registers, from Q and K staged DK columns at a time; each loaded vec4 feeds 8 dot
+// products. Causal tiles wholly above the diagonal skip the products and only write -inf. The
+// workgroup id is linearised over a possibly folded grid.
 
 override TX: u32 = 8u;
 override TY: u32 = 8u;
@@ -96,10 +94,6 @@ fn main(
     let in_head = tile % p.tiles_per_head;
     let row0 = (in_head / p.tiles_n) * bm;
     let col0 = (in_head % p.tiles_n) * bn;
-    let threads = TX * TY;
-    let dk4 = DK / 4u;
-    let stride = dk4 + 1u;
-    let k_at = bm * stride;
     let tx = lid.x;
     let r0 = 8u * lid.y;
     let q_base = p.q_offset4 + bh * p.seq * p.dp4;
@@ -107,47 +101,12 @@ fn main(
 
     var acc = scores_zero();
     // Every key of this tile lies after every query of it: all masked, nothing to compute.
-    let above_diagonal = p.causal != 0u && col0 > row0 + bm - 1u;
-    if (!above_diagonal) {
-        for (var d0 = 0u; d0 < 4u * p.dp4; d0 += DK) {
-            for (var e = li; e < (bm + bn) * dk4; e += threads) {
-                let r = e / dk4;
-                let d4 = d0 / 4u + e % dk4;
-                var v = vec4<f32>(0.0);
-                if (r < bm) {
-                    if (row0 + r < p.seq && d4 < p.dp4) {
-                        v = qkv[q_base + (row0 + r) * p.dp4 + d4];
-                    }
-                } else if (col0 + r - bm < p.seq && d4 < p.dp4) {
-                    v = qkv[k_base + (col0 + r - bm) * p.dp4 + d4];
-                }
-                stage[r * stride + e % dk4] = v;
-            }
-            workgroupBarrier();
-            for (var d4 = 0u; d4 < dk4; d4++) {
-                let q = r0 * stride + d4;
-                let k = k_at + tx * stride + d4;
-                let ks = TX * stride;
-                acc = qk8(
-                    acc,
-                    Col8(stage[q], stage[q + stride], stage[q + 2u * stride], stage[q + 3u * stride],
-                        stage[q + 4u * stride], stage[q + 5u * stride], stage[q + 6u * stride],
-                        stage[q + 7u * stride]),
-                    K8(stage[k], stage[k + ks], stage[k + 2u * ks], stage[k + 3u * ks],
-                        stage[k + 4u * ks], stage[k + 5u * ks], stage[k + 6u * ks], stage[k + 7u * ks]),
-                );
-            }
-            workgroupBarrier();
-        }
+    if (!(p.causal != 0u && col0 > row0 + bm - 1u)) {
+        acc = score_tile(q_base, k_base, row0, col0, tx, lid.y, li);
     }
 
     let i0 = row0 + r0;
-    store_row(bh, b, i0, col0, tx, acc.s0);
-    store_row(bh, b, i0 + 1u, col0, tx, acc.s1);
-    store_row(bh, b, i0 + 2u, col0, tx, acc.s2);
-    store_row(bh, b, i0 + 3u, col0, tx, acc.s3);
-    store_row(bh, b, i0 + 4u, col0, tx, acc.s4);
-    store_row(bh, b, i0 + 5u, col0, tx, acc.s5);
-    store_row(bh, b, i0 + 6u, col0, tx, acc.s6);
-    store_row(bh, b, i0 + 7u, col0, tx, acc.s7);
+    for (var r = 0u; r < 8u; r++) {
+        store_row(bh, b, i0 + r, col0, tx, keys_of(acc, r));
+    }
 }

@@ -53,6 +53,20 @@ fn rows_zero() -> Rows8 {
     return Rows8(z, z, z, z, z, z, z, z);
 }
 
+// Row r of an accumulator, for loops over the rows (unrolled by the compiler).
+fn row_of(acc: Rows8, r: u32) -> Row {
+    switch r {
+        case 0u: { return acc.r0; }
+        case 1u: { return acc.r1; }
+        case 2u: { return acc.r2; }
+        case 3u: { return acc.r3; }
+        case 4u: { return acc.r4; }
+        case 5u: { return acc.r5; }
+        case 6u: { return acc.r6; }
+        default: { return acc.r7; }
+    }
+}
+
 fn scale_row(acc: Row, s: f32) -> Row {
     return Row(acc.c0 * s, acc.c1 * s, acc.c2 * s, acc.c3 * s);
 }
@@ -118,6 +132,20 @@ struct K8 {
 fn scores_zero() -> Scores8 {
     let z = Keys8(vec4<f32>(0.0), vec4<f32>(0.0));
     return Scores8(z, z, z, z, z, z, z, z);
+}
+
+// Row r of a score tile, for loops over the rows (unrolled by the compiler).
+fn keys_of(acc: Scores8, r: u32) -> Keys8 {
+    switch r {
+        case 0u: { return acc.s0; }
+        case 1u: { return acc.s1; }
+        case 2u: { return acc.s2; }
+        case 3u: { return acc.s3; }
+        case 4u: { return acc.s4; }
+        case 5u: { return acc.s5; }
+        case 6u: { return acc.s6; }
+        default: { return acc.s7; }
+    }
 }
 
 fn dot8(s: Keys8, q: vec4<f32>, k: K8) -> Keys8 {

@@ -151,12 +151,7 @@ fn main(
     let b = bh / p.heads;
     let h = bh % p.heads;
     let i0 = row0 + r0;
-    store_row(b, h, i0, g0, tx, acc.r0);
-    store_row(b, h, i0 + 1u, g0, tx, acc.r1);
-    store_row(b, h, i0 + 2u, g0, tx, acc.r2);
-    store_row(b, h, i0 + 3u, g0, tx, acc.r3);
-    store_row(b, h, i0 + 4u, g0, tx, acc.r4);
-    store_row(b, h, i0 + 5u, g0, tx, acc.r5);
-    store_row(b, h, i0 + 6u, g0, tx, acc.r6);
-    store_row(b, h, i0 + 7u, g0, tx, acc.r7);
+    for (var r = 0u; r < 8u; r++) {
+        store_row(b, h, i0 + r, g0, tx, row_of(acc, r));
+    }
 }

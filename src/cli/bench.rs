@@ -497,15 +497,7 @@ fn measure_cpu(
         layer_times.push(start.elapsed().as_secs_f64());
     }
     // The attention alone on already-projected inputs, as attention libraries are compared.
-    let shape = AttentionShape {
-        batch: config.batch,
-        heads: config.heads,
-        seq: config.seq_len,
-        head_dim: config.head_dim,
-        head_dim_v: config.head_dim_v,
-        scale: config.scale_value(),
-        causal: config.causal,
-    };
+    let shape = AttentionShape::of(config);
     let qk_len = config.batch * config.heads * config.seq_len * config.head_dim;
     let q: Vec<f32> = inputs
         .x

@@ -73,23 +73,20 @@ impl Kernel {
     }
 
     /// The module compiled: the register-tile helpers of `shaders/tiles.wgsl` ahead of the
-    /// kernels that use them.
+    /// kernels that use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two
+    /// that compute scores.
     pub fn source(self) -> &'static str {
-        macro_rules! with_tiles {
-            ($file:literal) => {
-                concat!(
-                    include_str!("../../shaders/tiles.wgsl"),
-                    "\n",
-                    include_str!(concat!("../../shaders/", $file))
-                )
+        macro_rules! with {
+            ($($file:literal),+) => {
+                concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+)
             };
         }
         match self {
-            Kernel::Gemm => with_tiles!("gemm.wgsl"),
-            Kernel::Scores => with_tiles!("scores.wgsl"),
+            Kernel::Gemm => with!("tiles.wgsl", "gemm.wgsl"),
+            Kernel::Scores => with!("tiles.wgsl", "score_tile.wgsl", "scores.wgsl"),
             Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
-            Kernel::WeightedSum => with_tiles!("weighted_sum.wgsl"),
-            Kernel::Fused => with_tiles!("fused_attention.wgsl"),
+            Kernel::WeightedSum => with!("tiles.wgsl", "weighted_sum.wgsl"),
+            Kernel::Fused => with!("tiles.wgsl", "score_tile.wgsl", "fused_attention.wgsl"),
         }
     }
 
