@@ -54,12 +54,7 @@ fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Ve
 #[test]
 fn records_into_the_apps_encoder_with_the_apps_buffers() {
     // The application owns its device...
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&Default::default())).expect("an adapter");
-    let (device, queue) =
-        pollster::block_on(adapter.request_device(&Default::default())).expect("a device");
+    let (device, queue) = common::app_device(|_| {});
     let (config, weights, inputs) = layer(&mut Rng::new(11));
 
     // ...and its buffers: the input written by "an earlier pass", the mask as u32, the output.

@@ -298,19 +298,7 @@ fn bad_application_buffers() {
 fn wgpu_validation_errors_are_captured_and_returned() {
     // An application device limited to 3 storage buffers per stage cannot lay out the GEMM
     // kernel (it binds 4): wgpu's validation error comes back as Error::Wgpu, not a panic.
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&Default::default())).expect("an adapter");
-    let limits = wgpu::Limits {
-        max_storage_buffers_per_shader_stage: 3,
-        ..wgpu::Limits::default().or_worse_values_from(&adapter.limits())
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device");
+    let (device, queue) = common::app_device(|l| l.max_storage_buffers_per_shader_stage = 3);
     let app = GpuContext::from_device(device, queue);
     let (config, weights, _) = worked_example(Some(1.0));
     let err = AttentionPlan::new(&app, &config, &weights).unwrap_err();

@@ -152,19 +152,7 @@ fn tile_edges() {
 /// 2D or 3D grid; the results must not change.
 #[test]
 fn grids_fold_past_max_workgroups_per_dimension() {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&Default::default())).expect("an adapter");
-    let limits = wgpu::Limits {
-        max_compute_workgroups_per_dimension: 5,
-        ..wgpu::Limits::default().or_worse_values_from(&adapter.limits())
-    };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: limits,
-        ..Default::default()
-    }))
-    .expect("a device");
+    let (device, queue) = common::app_device(|l| l.max_compute_workgroups_per_dimension = 5);
     let small = wgpu_attention::GpuContext::from_device(device, queue);
     // 1 x 3 x 40 = 120 softmax rows, one workgroup each: a 5 x 5 x 5 grid.
     let c = Case {

@@ -24,6 +24,22 @@ pub fn ctx() -> &'static GpuContext {
     })
 }
 
+/// A device of the application's own, made with wgpu directly (not through this crate), with
+/// wgpu's default limits as `adjust` changes them.
+pub fn app_device(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&Default::default())).expect("an adapter");
+    let mut limits = wgpu::Limits::default().or_worse_values_from(&adapter.limits());
+    adjust(&mut limits);
+    pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .expect("a device")
+}
+
 pub fn t(shape: &[usize], data: &[f32]) -> Tensor {
     Tensor::new(shape.to_vec(), data.to_vec()).unwrap()
 }
