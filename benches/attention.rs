@@ -41,13 +41,19 @@ fn layer(seq: usize) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
     (config, weights, inputs)
 }
 
-fn kernels(c: &mut Criterion) {
-    let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
-    let mut group = c.benchmark_group("gpu stage");
+/// Ten samples over three seconds: enough for these kernels on a software adapter, whose
+/// largest shape takes most of a second per run.
+fn short(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
+}
+
+fn kernels(c: &mut Criterion) {
+    let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
+    let mut group = c.benchmark_group("gpu stage");
+    short(&mut group);
     for seq in SEQS {
         let (config, weights, inputs) = layer(seq);
         for kernel in [KernelChoice::Staged, KernelChoice::Fused] {
@@ -84,10 +90,7 @@ fn kernels(c: &mut Criterion) {
 fn whole_layer(c: &mut Criterion) {
     let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
     let mut group = c.benchmark_group("layer end to end");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    short(&mut group);
     for seq in SEQS {
         let (config, weights, inputs) = layer(seq);
         for kernel in [KernelChoice::Staged, KernelChoice::Fused] {

@@ -143,10 +143,7 @@ fn store_row(b: u32, h: u32, i: u32, tx: u32, o: Row, l: f32) {
     let r = scale_row(o, select(0.0, 1.0 / l, l > 0.0));
     let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
     for (var c = 0u; c < NV; c++) {
-        var v = r.c0;
-        if (c == 1u) { v = r.c1; }
-        if (c == 2u) { v = r.c2; }
-        if (c == 3u) { v = r.c3; }
+        let v = col_of(r, c);
         let d0 = 4u * (tx + c * TX);
         for (var e = 0u; e < 4u; e++) {
             if (d0 + e < p.head_dim_v) {

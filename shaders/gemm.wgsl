@@ -120,11 +120,7 @@ fn store_row(m: u32, g0: u32, tx: u32, r: Row) {
     for (var cg = 0u; cg < NV; cg++) {
         let n4 = g0 + tx + TX * cg;
         if (n4 < n4_total) {
-            var v = r.c0;
-            if (cg == 1u) { v = r.c1; }
-            if (cg == 2u) { v = r.c2; }
-            if (cg == 3u) { v = r.c3; }
-            store4(m, n4, v + bias[n4]);
+            store4(m, n4, col_of(r, cg) + bias[n4]);
         }
     }
 }

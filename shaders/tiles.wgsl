@@ -67,6 +67,16 @@ fn row_of(acc: Rows8, r: u32) -> Row {
     }
 }
 
+// Column group c of a row, for loops over the NV groups (unrolled by the compiler).
+fn col_of(r: Row, c: u32) -> vec4<f32> {
+    switch c {
+        case 0u: { return r.c0; }
+        case 1u: { return r.c1; }
+        case 2u: { return r.c2; }
+        default: { return r.c3; }
+    }
+}
+
 fn scale_row(acc: Row, s: f32) -> Row {
     return Row(acc.c0 * s, acc.c1 * s, acc.c2 * s, acc.c3 * s);
 }

@@ -65,10 +65,7 @@ fn store_row(b: u32, h: u32, i: u32, g0: u32, tx: u32, r: Row) {
     }
     let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
     for (var cg = 0u; cg < NV; cg++) {
-        var v = r.c0;
-        if (cg == 1u) { v = r.c1; }
-        if (cg == 2u) { v = r.c2; }
-        if (cg == 3u) { v = r.c3; }
+        let v = col_of(r, cg);
         let d0 = 4u * (g0 + tx + TX * cg);
         for (var e = 0u; e < 4u; e++) {
             if (d0 + e < p.head_dim_v) {
