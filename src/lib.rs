@@ -72,7 +72,7 @@ pub mod tensor;
 pub mod timing;
 pub mod weights;
 
-pub use compare::{Comparison, Tolerance, compare};
+pub use compare::{Comparison, Rule, Tolerance, compare, compare_bounded};
 pub use config::{AttentionConfig, FUSED_MAX_HEAD_DIM_V, KernelChoice, OutputProjection};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use cpu::{AttentionShape, CpuAttention};

@@ -6,31 +6,112 @@ pub mod cases;
 
 use std::sync::OnceLock;
 
-use wgpu_attention::{AttentionConfig, AttentionInputs, AttentionWeights, GpuContext, Tensor};
+use wgpu_attention::{
+    AdapterOptions, AttentionConfig, AttentionInputs, AttentionWeights, DeviceLimits, GpuContext,
+    Tensor,
+};
 
-/// The context every GPU test shares. A machine without an adapter fails here, loudly: CI must
-/// never report GPU tests as passed without running them.
+/// Which device limits the suite's shared context ([`ctx`]) is made with, from
+/// `WGPU_ATTENTION_TEST_LIMITS`:
+/// - `webgpu` (the default): exactly `wgpu::Limits::default()`, which are WebGPU's defaults, so
+///   the suite shows the crate runs where a browser's WebGPU does;
+/// - `downlevel`: exactly `wgpu::Limits::downlevel_defaults()` (WebGL2-class devices);
+/// - `adapter`: everything the adapter offers, as the program's `run` and `bench` ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    WebGpu,
+    Downlevel,
+    Adapter,
+}
+
+impl Profile {
+    pub fn from_env() -> Profile {
+        match std::env::var("WGPU_ATTENTION_TEST_LIMITS").as_deref() {
+            Err(_) | Ok("") | Ok("webgpu") => Profile::WebGpu,
+            Ok("downlevel") => Profile::Downlevel,
+            Ok("adapter") => Profile::Adapter,
+            Ok(other) => {
+                panic!("WGPU_ATTENTION_TEST_LIMITS={other:?}: use webgpu, downlevel or adapter")
+            }
+        }
+    }
+}
+
+/// The context every GPU test shares, with the limits of [`Profile::from_env`]. A machine
+/// without an adapter fails here, loudly: CI must never report GPU tests as passed without
+/// running them.
 pub fn ctx() -> &'static GpuContext {
     static CTX: OnceLock<GpuContext> = OnceLock::new();
     CTX.get_or_init(|| {
-        let ctx =
-            GpuContext::from_env().unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+        let profile = Profile::from_env();
+        let ctx = match profile {
+            Profile::WebGpu => exact_limits(wgpu::Limits::default()),
+            Profile::Downlevel => exact_limits(wgpu::Limits::downlevel_defaults()),
+            Profile::Adapter => adapter_ctx().clone(),
+        };
         let info = ctx.adapter_info();
         eprintln!(
-            "GPU tests run on {} ({:?}, {:?})",
+            "GPU tests run on {} ({:?}, {:?}) with the {profile:?} limits profile",
             info.name, info.backend, info.device_type
         );
         ctx
     })
 }
 
+/// A context with the adapter's own limits, made the way the program makes it: the tile
+/// choices `run` and `bench` ship (on lavapipe, 32 KiB of workgroup memory where WebGPU's
+/// defaults give 16).
+pub fn adapter_ctx() -> &'static GpuContext {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let options = AdapterOptions {
+            limits: DeviceLimits::Adapter,
+            ..AdapterOptions::from_env()
+        };
+        GpuContext::from_options(&options)
+            .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+    })
+}
+
+/// The contexts a test of tile choices runs on: the suite's profile and the adapter's limits,
+/// each named; one when they are the same.
+pub fn contexts() -> Vec<(&'static str, &'static GpuContext)> {
+    let mut all = vec![("test profile", ctx())];
+    if Profile::from_env() != Profile::Adapter && adapter_ctx().limits() != ctx().limits() {
+        all.push(("adapter limits", adapter_ctx()));
+    }
+    all
+}
+
+/// A context on a device requested with exactly `limits`, and the optional features the
+/// library itself asks for, so the kernels take the same paths.
+fn exact_limits(limits: wgpu::Limits) -> GpuContext {
+    let adapter = env_adapter();
+    let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("wgpu-attention tests"),
+        required_features: adapter.features() & wanted,
+        required_limits: limits,
+        ..Default::default()
+    }))
+    .unwrap_or_else(|e| panic!("the adapter refuses the test limits profile: {e}"));
+    GpuContext::from_device(device, queue)
+}
+
+/// The adapter the environment asks for (WGPU_BACKEND, WGPU_ADAPTER_NAME), as wgpu picks it.
+fn env_adapter() -> wgpu::Adapter {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
+        &instance, None,
+    ))
+    .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+}
+
 /// A device of the application's own, made with wgpu directly (not through this crate), with
 /// wgpu's default limits as `adjust` changes them.
 pub fn app_device(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu::Queue) {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&Default::default())).expect("an adapter");
+    let adapter = env_adapter();
     let mut limits = wgpu::Limits::default().or_worse_values_from(&adapter.limits());
     adjust(&mut limits);
     pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
