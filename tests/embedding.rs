@@ -51,21 +51,110 @@ fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Ve
     bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec()
 }
 
+/// The application's own compute kernel: `dst = src * factor`. Factors that are powers of two
+/// keep every value exact, so the layer's results can be checked through it.
+const APP_SHADER: &str = r#"
+@group(0) @binding(0) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
+override factor: f32;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    if (id.x < arrayLength(&dst)) {
+        dst[id.x] = src[id.x] * factor;
+    }
+}
+"#;
+
+/// One of the app's passes: `dst = src * factor` over `len` elements.
+struct AppPass {
+    pipeline: wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+    len: u32,
+}
+
+impl AppPass {
+    fn new(device: &wgpu::Device, factor: f64, src: &wgpu::Buffer, dst: &wgpu::Buffer) -> Self {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("app kernel"),
+            source: wgpu::ShaderSource::Wgsl(APP_SHADER.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("app kernel"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[("factor", factor)],
+                ..Default::default()
+            },
+            cache: None,
+        });
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("app kernel"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: src.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: dst.as_entire_binding(),
+                },
+            ],
+        });
+        AppPass {
+            pipeline,
+            group,
+            len: (dst.size() / 4) as u32,
+        }
+    }
+
+    fn record(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.group, &[]);
+        pass.dispatch_workgroups(self.len.div_ceil(64), 1, 1);
+    }
+}
+
 #[test]
-fn records_into_the_apps_encoder_with_the_apps_buffers() {
+fn records_into_the_apps_encoder_between_the_apps_own_passes() {
     // The application owns its device...
     let (device, queue) = common::app_device(|_| {});
-    let (config, weights, inputs) = layer(&mut Rng::new(11));
+    let (config, weights, first) = layer(&mut Rng::new(11));
+    let (_, _, second) = layer(&mut Rng::new(12));
+    assert_ne!(first.x, second.x);
 
-    // ...and its buffers: the input written by "an earlier pass", the mask as u32, the output.
+    // ...and its buffers. The layer's input `x` starts as zeros: only the app's own pass, in
+    // the same encoder, fills it, from the app's source data at twice the size.
     let storage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let x = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("app x"),
-        contents: bytemuck::cast_slice(inputs.x.data()),
-        usage: storage,
-    });
-    let mask_words: Vec<u32> = inputs
+    let init = |label: &str, data: &[u8]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: data,
+            usage: storage,
+        })
+    };
+    let doubled = |inputs: &AttentionInputs| -> Vec<f32> {
+        inputs.x.data().iter().map(|v| v * 2.0).collect()
+    };
+    let sources = [
+        init("app source 1", bytemuck::cast_slice(&doubled(&first))),
+        init("app source 2", bytemuck::cast_slice(&doubled(&second))),
+    ];
+    let empty = |label: &str, len: usize| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (len * 4) as u64,
+            usage: storage,
+            mapped_at_creation: false,
+        })
+    };
+    let x = empty("app x", first.x.len());
+    let mask_words: Vec<u32> = first
         .key_mask
         .as_ref()
         .unwrap()
@@ -73,18 +162,13 @@ fn records_into_the_apps_encoder_with_the_apps_buffers() {
         .iter()
         .map(|&m| m as u32)
         .collect();
-    let mask = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("app mask"),
-        contents: bytemuck::cast_slice(&mask_words),
-        usage: storage,
-    });
+    let mask = init("app mask", bytemuck::cast_slice(&mask_words));
     let out_len = config.output_shape().iter().product::<usize>();
-    let output = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("app output"),
-        size: (out_len * 4) as u64,
-        usage: storage,
-        mapped_at_creation: false,
-    });
+    let output = empty("app output", out_len);
+    let results = [
+        empty("app result 1", out_len),
+        empty("app result 2", out_len),
+    ];
 
     let ctx = GpuContext::from_device(device.clone(), queue.clone());
     let plan = AttentionPlan::new(&ctx, &config, &weights).unwrap();
@@ -96,26 +180,29 @@ fn records_into_the_apps_encoder_with_the_apps_buffers() {
         })
         .unwrap();
 
-    // The app's encoder: its own work before, the layer, its own work after.
-    let before = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("app scratch"),
-        size: 16,
-        usage: wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    // One encoder: [app: x = source 1 / 2] [layer] [app: result 1 = output * 4]
+    //              [app: x = source 2 / 2] [layer] [app: result 2 = output * 4]
     let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.clear_buffer(&before, 0, None);
-    plan.encode(&mut encoder, &bindings).unwrap();
+    for (source, result) in sources.iter().zip(&results) {
+        AppPass::new(&device, 0.5, source, &x).record(&mut encoder);
+        plan.encode(&mut encoder, &bindings).unwrap();
+        AppPass::new(&device, 4.0, &output, result).record(&mut encoder);
+    }
     queue.submit([encoder.finish()]);
 
-    let gpu = Tensor::new(
-        config.output_shape().to_vec(),
-        read(&device, &queue, &output),
-    )
-    .unwrap();
-    let cpu = reference::run(&config, &weights, &inputs).unwrap();
-    let cmp = compare(&gpu, &cpu.output, Tolerance::F32).unwrap();
-    assert!(cmp.passed(), "{cmp}");
+    for (name, inputs, result) in [
+        ("first", &first, &results[0]),
+        ("second", &second, &results[1]),
+    ] {
+        let gpu: Vec<f32> = read(&device, &queue, result)
+            .iter()
+            .map(|v| v / 4.0)
+            .collect();
+        let gpu = Tensor::new(config.output_shape().to_vec(), gpu).unwrap();
+        let cpu = reference::run(&config, &weights, inputs).unwrap();
+        let cmp = compare(&gpu, &cpu.output, Tolerance::F32).unwrap();
+        assert!(cmp.passed(), "{name} input: {cmp}");
+    }
 }
 
 #[test]
@@ -190,7 +277,11 @@ fn run_async_returns_the_same_result() {
     let result = pollster::block_on(plan.run_async(&inputs));
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     poller.join().unwrap();
-    assert_eq!(result.unwrap(), blocking);
+    let result = result.unwrap();
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    let cmp = compare(&result, &cpu.output, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "run_async: {cmp}");
+    assert_eq!(result, blocking);
 }
 
 #[test]

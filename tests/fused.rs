@@ -5,7 +5,7 @@
 mod common;
 
 use common::cases::{Case, build};
-use common::{Rng, ctx};
+use common::{Rng, contexts, ctx};
 use wgpu_attention::{
     AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, Error, FUSED_MAX_HEAD_DIM_V,
     KernelChoice, Tensor, Tolerance, compare, reference,
@@ -14,7 +14,8 @@ use wgpu_attention::{
 fn fused_case(head_dim: usize, head_dim_v: usize, causal: bool, padding: Option<f64>) -> Case {
     Case {
         batch: 2,
-        seq: 70,
+        // Past 129, so the adapter's limits take 64-row query blocks where they fit.
+        seq: 130,
         d_model: 24,
         heads: 2,
         head_dim,
@@ -29,6 +30,27 @@ fn fused_case(head_dim: usize, head_dim_v: usize, causal: bool, padding: Option<
     }
 }
 
+/// Runs `c` with `kernel` on every test context and checks the output against the reference.
+fn check_kernel(c: &Case, kernel: KernelChoice) {
+    let (config, weights, inputs) = build(c);
+    let config = config.with_kernel(kernel);
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    for (limits, context) in contexts() {
+        let mut plan = AttentionPlan::new(context, &config, &weights).unwrap();
+        assert_eq!(plan.kernel(), kernel);
+        let gpu = plan.run(&inputs).unwrap();
+        let cmp = compare(&gpu, &cpu.output, Tolerance::F32).unwrap();
+        assert!(
+            cmp.passed(),
+            "{kernel:?}, {limits}, head_dim {}, head_dim_v {}: {cmp}",
+            c.head_dim,
+            c.head_dim_v
+        );
+    }
+}
+
+/// Every head width through both kernels (the staged ones too, which have their own tiles
+/// for wide heads), on the test profile's limits and the adapter's.
 #[test]
 fn every_head_width_from_16_to_256() {
     let widths = [
@@ -48,19 +70,15 @@ fn every_head_width_from_16_to_256() {
     ];
     for (i, &(d, dv)) in widths.iter().enumerate() {
         let c = fused_case(d, dv, i % 2 == 0, (i % 3 == 0).then_some(0.3));
-        let (config, weights, inputs) = build(&c);
-        let config = config.with_kernel(KernelChoice::Fused);
-        let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
-        let gpu = plan.run(&inputs).unwrap();
-        let cpu = reference::run(&config, &weights, &inputs).unwrap();
-        let cmp = compare(&gpu, &cpu.output, Tolerance::F32).unwrap();
-        assert!(cmp.passed(), "head_dim {d}, head_dim_v {dv}: {cmp}");
+        check_kernel(&c, KernelChoice::Fused);
+        check_kernel(&c, KernelChoice::Staged);
     }
 }
 
 #[test]
 fn head_dim_v_past_256_is_refused_with_a_way_out() {
-    let (config, weights, _) = build(&fused_case(8, 260, false, None));
+    let c = fused_case(8, 260, false, Some(0.3));
+    let (config, weights, _) = build(&c);
     let err = AttentionPlan::new(
         ctx(),
         &config.clone().with_kernel(KernelChoice::Fused),
@@ -84,7 +102,8 @@ fn head_dim_v_past_256_is_refused_with_a_way_out() {
             .ends_with("use the staged kernels (KernelChoice::Staged)"),
         "{err}"
     );
-    assert!(AttentionPlan::new(ctx(), &config.with_kernel(KernelChoice::Staged), &weights).is_ok());
+    // The way out works: the staged kernels give the reference's answer.
+    check_kernel(&c, KernelChoice::Staged);
 }
 
 #[test]

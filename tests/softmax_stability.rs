@@ -1,13 +1,14 @@
 //! The softmax is stable (scores near ±1e4, where a naive exp overflows or underflows to 0/0),
+//! on the staged kernels and on the fused one's online softmax,
 //! fully masked rows give zeros rather than NaN, and non-finite inputs are refused with an error
 //! naming the tensor and the index (the documented NaN policy: refuse, never propagate).
 
 mod common;
 
-use common::{ctx, t};
+use common::{contexts, ctx, t};
 use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, Error, Tolerance, compare,
-    reference,
+    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, Error, KernelChoice,
+    Tolerance, compare, compare_bounded, reference,
 };
 
 /// One head of width 1 with unit weights and scale 1: score(i, j) = x_i * x_j, value_j = x_j.
@@ -64,11 +65,65 @@ fn scores_near_plus_and_minus_1e4() {
     assert!(gpu.probs.data()[2 * xs.len() + 2] > 0.99);
 }
 
+/// The same extremes on the fused kernel, the default path, where the online softmax meets
+/// them tile by tile: 130 tokens make three key tiles of 64 (0..64, 64..128, 128..130), the
+/// ±1e4 scores come in the 2nd and 3rd so the running max is raised from ordinary scores to 1e4
+/// and everything before rescaled by exp2(-1e4) = 0, and batch row 1 pads the whole first key
+/// tile, so its queries start on a tile with no key at all.
 #[test]
-fn naive_softmax_would_overflow_here() {
-    // The scores above are beyond f32 exp: this is what the stable softmax avoids.
-    assert!(1e4f32.exp().is_infinite());
-    assert_eq!((-1e4f32).exp(), 0.0);
+fn scores_near_1e4_in_later_key_tiles_on_the_fused_kernel() {
+    let seq = 130;
+    let mut xs: Vec<f32> = (0..seq).map(|j| 0.5 * (j as f32 * 0.7).sin()).collect();
+    for (j, x) in [(70, 100.0), (100, -100.0), (128, -99.9), (129, 99.95)] {
+        xs[j] = x;
+    }
+    let config = AttentionConfig::new(2, seq, 1, 1, 1)
+        .with_scale(1.0)
+        .causal()
+        .with_key_padding_mask()
+        .with_kernel(KernelChoice::Fused);
+    let one = || t(&[1, 1], &[1.0]);
+    let weights = AttentionWeights::new(one(), one(), one());
+    let mask: Vec<f32> = (0..2 * seq)
+        .map(|i| {
+            let (b, j) = (i / seq, i % seq);
+            if b == 1 && (j < 64 || j == 129) {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let x: Vec<f32> = xs.iter().chain(&xs).copied().collect();
+    let inputs = AttentionInputs::new(t(&[2, seq, 1], &x)).with_key_mask(t(&[2, seq], &mask));
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    let bound = reference::error_bound(&config, &weights, &inputs).unwrap();
+    assert!(cpu.scores.data().iter().any(|&s| s >= 9999.0));
+    assert!(
+        cpu.scores
+            .data()
+            .iter()
+            .any(|&s| s <= -9999.0 && s.is_finite())
+    );
+    let exact = cpu.output.data();
+    // Query 129 of row 0 weighs key 70 (score 9995) against itself (9990.0025): mostly 100.
+    assert!((exact[129] - 99.9997).abs() < 1e-3, "{}", exact[129]);
+    // Row 1's first 64 queries see only padding.
+    assert!(exact[seq..seq + 64].iter().all(|&o| o == 0.0));
+    for (limits, context) in contexts() {
+        let mut plan = AttentionPlan::new(context, &config, &weights).unwrap();
+        assert_eq!(plan.kernel(), KernelChoice::Fused);
+        let gpu = plan.run(&inputs).unwrap();
+        assert!(
+            gpu.data().iter().all(|v| v.is_finite()),
+            "{limits}: {gpu:?}"
+        );
+        let cmp = compare_bounded(&gpu, &cpu.output, &bound).unwrap();
+        assert!(cmp.passed(), "{limits}: {cmp}");
+        let cmp = compare(&gpu, &cpu.output, Tolerance::new(1e-5, 2e-3)).unwrap();
+        assert!(cmp.passed(), "{limits}: {cmp}");
+        assert!(gpu.data()[seq..seq + 64].iter().all(|&o| o == 0.0));
+    }
 }
 
 #[test]
@@ -149,11 +204,16 @@ fn non_finite_inputs_are_refused_with_their_index() {
         let err = reference::run(&config, &weights, &inputs).unwrap_err();
         assert!(matches!(err, Error::NonFinite { .. }));
     }
-    // The plan is still usable after a refused call.
-    let out = plan
-        .run(&AttentionInputs::new(t(&[1, 3, 1], &[0.0, 0.0, 0.0])))
-        .unwrap();
-    assert_eq!(out.data(), &[0.0, 0.0, 0.0]);
+    // The plan is still usable after a refused call, and computes: not zeros from zeros.
+    let good = AttentionInputs::new(t(&[1, 3, 1], &[0.5, -1.0, 2.0]));
+    let out = plan.run(&good).unwrap();
+    let expected = reference::run(&config, &weights, &good).unwrap().output;
+    assert!(
+        expected.data().iter().all(|&v| v.abs() > 0.1),
+        "{expected:?}"
+    );
+    let cmp = compare(&out, &expected, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "{cmp}");
 
     let nan_weight = AttentionWeights::new(
         t(&[1, 1], &[1.0]),

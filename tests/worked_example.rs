@@ -1,5 +1,6 @@
 //! The worked example of ../shared/worked-example.md, step by step, on the CPU reference and on
-//! the GPU: every intermediate must equal the exact numbers to 1e-6.
+//! the GPU's staged kernels and its fused kernel: every intermediate (and the fused output) must
+//! equal the exact numbers to 1e-6.
 
 // The constants keep every digit worked-example.md prints, trailing zeros included.
 #![allow(clippy::excessive_precision)]
@@ -7,7 +8,10 @@
 mod common;
 
 use common::{ctx, worked_example};
-use wgpu_attention::{AttentionPlan, Intermediates, Tensor, Tolerance, compare, reference};
+use wgpu_attention::{
+    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, Intermediates, KernelChoice,
+    Tensor, Tolerance, compare, reference,
+};
 
 const EXACT: Tolerance = Tolerance::new(1e-6, 0.0);
 
@@ -65,6 +69,49 @@ fn gpu_matches_every_step() {
     assert_close("gpu run output", &out, &OUTPUTS, EXACT);
     let r = plan.read_intermediates().unwrap();
     assert_steps("gpu", &r);
+}
+
+#[test]
+fn fused_kernel_matches_the_outputs() {
+    for scale in [Some(1.0), None] {
+        let (mut config, weights, inputs) = worked_example(scale);
+        config.keep_intermediates = false;
+        let config = config.with_kernel(KernelChoice::Fused);
+        let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+        assert_eq!(plan.kernel(), KernelChoice::Fused);
+        let expected = if scale.is_some() {
+            &OUTPUTS
+        } else {
+            &OUTPUTS_SCALED
+        };
+        assert_close("gpu fused", &plan.run(&inputs).unwrap(), expected, EXACT);
+    }
+}
+
+/// The default scale is 1/sqrt(head_dim), the query/key width, not the value width: written
+/// out by hand, not through `scale_value()`. Two tokens x = [1, 0] of width 1, head_dim 4 with
+/// unit query and key weights, one value column equal to x: query 0 scores the keys
+/// [4·scale, 0], so its output is the weight of key 0, 1/(1 + e^(-4·scale)). With scale 1/2
+/// that is 1/(1 + e^-2) = 0.8807971; 1/sqrt(head_dim_v) = 1 would give 0.9820138.
+#[test]
+fn default_scale_uses_head_dim_not_head_dim_v() {
+    let config = AttentionConfig::new(1, 2, 1, 1, 4).with_head_dim_v(1);
+    let weights = AttentionWeights::new(
+        Tensor::new([1, 4], vec![1.0; 4]).unwrap(),
+        Tensor::new([1, 4], vec![1.0; 4]).unwrap(),
+        Tensor::new([1, 1], vec![1.0]).unwrap(),
+    );
+    let inputs = AttentionInputs::new(Tensor::new([1, 2, 1], vec![1.0, 0.0]).unwrap());
+    // Query 1 (x = 0) scores both keys 0 and weighs their values 1 and 0 equally.
+    let expected = [0.880_797_1, 0.5];
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    assert_close("cpu", &cpu.output, &expected, EXACT);
+    for kernel in [KernelChoice::Staged, KernelChoice::Fused] {
+        let config = config.clone().with_kernel(kernel);
+        let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+        let gpu = plan.run(&inputs).unwrap();
+        assert_close(&format!("{kernel:?}"), &gpu, &expected, EXACT);
+    }
 }
 
 #[test]

@@ -31,13 +31,19 @@ pub fn case() -> impl Strategy<Value = Case> {
     (
         (
             1usize..=3,
-            prop_oneof![1usize..=70, Just(1), Just(64), Just(65)],
+            prop_oneof![
+                3 => 1usize..=70,
+                1 => Just(1),
+                1 => prop_oneof![Just(64), Just(65)],
+                2 => 127usize..=130,
+                1 => 255usize..=257,
+            ],
             1usize..=40,
         ),
         (
-            1usize..=8,
-            1usize..=20,
-            prop::option::weighted(0.3, 1usize..=20),
+            1usize..=4,
+            head_width(),
+            prop::option::weighted(0.3, head_width()),
         ),
         (any::<bool>(), prop::option::of(0.0f64..0.9), any::<bool>()),
         (
@@ -70,6 +76,16 @@ pub fn case() -> impl Strategy<Value = Case> {
                 seed,
             },
         )
+}
+
+/// Head widths 1..=130: small ones often (cheap, and every remainder mod 4 and 8), the odd
+/// widths past the vec4 and tile boundaries always in reach.
+fn head_width() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => 1usize..=20,
+        2 => 1usize..=130,
+        1 => prop_oneof![Just(33), Just(65), Just(127)],
+    ]
 }
 
 pub fn build(c: &Case) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
