@@ -87,7 +87,7 @@ fn f32_layer(
     let scale = config.scale_value() * if bug == Bug::ScaleOff { 1.01 } else { 1.0 };
     let d_out = config.d_out();
     let mut out = Vec::with_capacity(n * d_out);
-    for i in 0..n {
+    for (i, query) in q.iter().enumerate() {
         let mut heads = vec![0.0f32; h * dv];
         for head in 0..h {
             let keys = if bug == Bug::DropLastKey && i > 0 {
@@ -99,7 +99,7 @@ fn f32_layer(
                 .map(|j| {
                     let mut dot = 0.0f32;
                     for d in 0..dk {
-                        dot += q[i][head * dk + d] * k[j][head * dk + d];
+                        dot += query[head * dk + d] * k[j][head * dk + d];
                     }
                     scale * dot
                 })
