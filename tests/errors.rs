@@ -313,3 +313,19 @@ fn wgpu_validation_errors_are_captured_and_returned() {
         "{err}"
     );
 }
+
+/// The suite's context has exactly the limits its profile names (WGPU_ATTENTION_TEST_LIMITS), so
+/// a run under `webgpu` shows the crate within WebGPU's defaults and not the adapter's more.
+#[test]
+fn the_suite_runs_on_the_limits_its_profile_names() {
+    let want = match common::Profile::from_env() {
+        common::Profile::WebGpu => wgpu::Limits::default(),
+        common::Profile::Downlevel => wgpu::Limits::downlevel_defaults(),
+        common::Profile::Adapter => common::env_adapter().limits(),
+    };
+    assert_eq!(ctx().limits(), want);
+    assert_eq!(
+        common::adapter_ctx().limits(),
+        common::env_adapter().limits()
+    );
+}

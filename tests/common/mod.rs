@@ -99,7 +99,7 @@ fn exact_limits(limits: wgpu::Limits) -> GpuContext {
 }
 
 /// The adapter the environment asks for (WGPU_BACKEND, WGPU_ADAPTER_NAME), as wgpu picks it.
-fn env_adapter() -> wgpu::Adapter {
+pub fn env_adapter() -> wgpu::Adapter {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
