@@ -46,6 +46,8 @@ enum Bug {
     ScaleOff,
     /// The weights are normalised over one key too many (a stale running sum).
     ExtraSumTerm,
+    /// The values are kept with f16's 11 significant bits (a half-precision buffer).
+    HalfValues,
 }
 
 /// The layer in plain f32 loops, sequential sums: an f32 computation independent of the crate.
@@ -81,9 +83,14 @@ fn f32_layer(
     let k: Vec<Vec<f32>> = (0..n)
         .map(|t| project(&weights.w_k, &weights.b_k, t))
         .collect();
-    let v: Vec<Vec<f32>> = (0..n)
+    let mut v: Vec<Vec<f32>> = (0..n)
         .map(|t| project(&weights.w_v, &weights.b_v, t))
         .collect();
+    if bug == Bug::HalfValues {
+        // Round to nearest at f16's 10 stored mantissa bits (f16's range is not the point).
+        let half = |x: f32| f32::from_bits((x.to_bits() + 0x1000) & !0x1FFF);
+        v.iter_mut().flatten().for_each(|x| *x = half(*x));
+    }
     let scale = config.scale_value() * if bug == Bug::ScaleOff { 1.01 } else { 1.0 };
     let d_out = config.d_out();
     let mut out = Vec::with_capacity(n * d_out);
@@ -142,7 +149,12 @@ fn a_correct_f32_bert_sized_result_passes_and_bugs_fail() {
     let c = compare_bounded(&correct, &exact, &bound).unwrap();
     eprintln!("correct f32: {c}");
     assert!(c.passed(), "{c}");
-    for bug in [Bug::DropLastKey, Bug::ScaleOff, Bug::ExtraSumTerm] {
+    for bug in [
+        Bug::DropLastKey,
+        Bug::ScaleOff,
+        Bug::ExtraSumTerm,
+        Bug::HalfValues,
+    ] {
         let wrong = f32_layer(&config, &weights, &inputs, bug);
         let c = compare_bounded(&wrong, &exact, &bound).unwrap();
         eprintln!("{bug:?}: {c}");
