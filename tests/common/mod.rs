@@ -98,14 +98,23 @@ fn exact_limits(limits: wgpu::Limits) -> GpuContext {
     GpuContext::from_device(device, queue)
 }
 
-/// The adapter the environment asks for (WGPU_BACKEND, WGPU_ADAPTER_NAME), as wgpu picks it.
+/// The adapter the library chose for [`adapter_ctx`], as the very object the library holds:
+/// on OpenGL a second adapter object would lock the instance's one EGL context under a lock of
+/// its own (see `enumerate_adapters`).
 pub fn env_adapter() -> wgpu::Adapter {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
-        &instance, None,
-    ))
-    .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+    let info = adapter_ctx().adapter_info();
+    // The backend set the library enumerated: the one asked for, or the one it fell back to.
+    let backends = AdapterOptions::from_env().backends.unwrap_or(
+        if wgpu::Backends::PRIMARY.contains(info.backend.into()) {
+            wgpu::Backends::PRIMARY
+        } else {
+            wgpu::Backends::SECONDARY
+        },
+    );
+    wgpu_attention::enumerate_adapters(backends)
+        .into_iter()
+        .find(|a| a.get_info() == *info)
+        .unwrap_or_else(|| panic!("the library's adapter {info:?} is not among its adapters"))
 }
 
 /// A device of the application's own, made with wgpu directly (not through this crate), with
