@@ -452,12 +452,22 @@ impl Layer<'_> {
         } else {
             // Far from first order: |Δ ln p_j| <= e_j + max_l e_l, every term counted.
             for &j in &attended {
-                let e = |j: usize| own[j] + from_query[j] + rounding(j) + g_normalise;
-                let moved = (e(j) + largest + g_normalise).exp_m1();
-                for d in 0..dv {
-                    shared[d] += probs[j] * moved * (values[j].value[d].abs() + values[j].error[d]);
+                let moved =
+                    (own[j] + from_query[j] + rounding(j) + largest + 2.0 * g_normalise).exp_m1();
+                let v = &values[j];
+                for ((s, value), error) in shared.iter_mut().zip(&v.value).zip(&v.error) {
+                    *s += probs[j] * moved * (value.abs() + error);
                 }
             }
+        }
+        // Exact and computed outputs both average the attended values: they can differ by no
+        // more than the values' spread, however far the weights move.
+        for (d, s) in shared.iter_mut().enumerate() {
+            let (lo, hi) = attended.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &j| {
+                let (v, e) = (values[j].value[d], values[j].error[d]);
+                (lo.min(v - e), hi.max(v + e))
+            });
+            *s = s.min(hi - lo);
         }
         let g_sum = gamma(n + rescales + 1);
         let error = (0..dv)
