@@ -9,7 +9,11 @@ pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod scores;
 pub(crate) mod softmax;
+mod variants;
 pub(crate) mod weighted_sum;
+
+#[doc(hidden)]
+pub use variants::{Variant, variants};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -33,12 +37,68 @@ pub enum Kernel {
 }
 
 /// How a kernel sees one binding.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `var<uniform>`.
     Uniform,
+    /// `var<storage, read>`.
     Read,
+    /// `var<storage, read_write>`.
     ReadWrite,
 }
+
+/// One binding of a kernel's pipeline layout, as the host creates it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Binding {
+    /// The `@group` index.
+    pub group: u32,
+    /// The `@binding` index within the group.
+    pub binding: u32,
+    /// How the kernel sees the buffer.
+    pub access: Access,
+    /// Bytes the bound range must hold at least; the uniform struct's size for uniforms.
+    pub min_binding_size: Option<std::num::NonZeroU64>,
+    /// The Rust layout of the uniform struct bound here.
+    pub uniform: Option<&'static UniformLayout>,
+}
+
+/// The Rust side of a WGSL uniform struct: its name, size and fields, for checking against the
+/// shader (tests/shaders.rs) and for the binding's minimum size.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct UniformLayout {
+    /// The struct's name, the same in Rust and WGSL.
+    pub name: &'static str,
+    /// `size_of` the struct in bytes.
+    pub size: usize,
+    /// Every field as (name, byte offset), in declaration order.
+    pub fields: &'static [(&'static str, usize)],
+}
+
+/// Declares a kernel's uniform parameter struct and, from the same token list, its
+/// [`UniformLayout`] as `NAME::LAYOUT`, so the list of fields cannot drift from the struct.
+macro_rules! uniform_params {
+    ($(#[$meta:meta])* struct $name:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        pub(crate) struct $name {
+            $($field: $ty),+
+        }
+
+        impl $name {
+            pub(crate) const LAYOUT: $crate::kernels::UniformLayout =
+                $crate::kernels::UniformLayout {
+                    name: stringify!($name),
+                    size: ::core::mem::size_of::<$name>(),
+                    fields: &[$((stringify!($field), ::core::mem::offset_of!($name, $field))),+],
+                };
+        }
+    };
+}
+pub(crate) use uniform_params;
 
 impl Kernel {
     /// Every kernel, for validation and listing.
@@ -76,29 +136,75 @@ impl Kernel {
     /// kernels that use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two
     /// that compute scores.
     pub fn source(self) -> &'static str {
+        self.composition().0
+    }
+
+    /// The files `source` joins, in order, as (file name, text), each followed there by a
+    /// newline, so that a compiler's line number can be traced to its file.
+    #[doc(hidden)]
+    pub fn parts(self) -> &'static [(&'static str, &'static str)] {
+        self.composition().1
+    }
+
+    /// The composed source and its parts, from one list of files per kernel.
+    fn composition(self) -> (&'static str, &'static [(&'static str, &'static str)]) {
         macro_rules! with {
             ($($file:literal),+) => {
-                concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+)
+                (
+                    concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+),
+                    &[$(($file, include_str!(concat!("../../shaders/", $file)))),+],
+                )
             };
         }
         match self {
             Kernel::Gemm => with!("tiles.wgsl", "gemm.wgsl"),
             Kernel::Scores => with!("tiles.wgsl", "score_tile.wgsl", "scores.wgsl"),
-            Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
+            Kernel::Softmax => with!("softmax.wgsl"),
             Kernel::WeightedSum => with!("tiles.wgsl", "weighted_sum.wgsl"),
             Kernel::Fused => with!("tiles.wgsl", "score_tile.wgsl", "fused_attention.wgsl"),
         }
     }
 
-    fn slots(self) -> &'static [Slot] {
-        use Slot::*;
+    /// The Rust layout of the uniform parameters at `@group(0) @binding(0)`.
+    #[doc(hidden)]
+    pub fn params_layout(self) -> &'static UniformLayout {
         match self {
-            Kernel::Gemm => &[Uniform, Read, Read, Read, ReadWrite],
-            Kernel::Scores => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Softmax => &[Uniform, Read, ReadWrite],
-            Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Fused => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Gemm => &gemm::GemmParams::LAYOUT,
+            Kernel::Scores => &scores::ScoreParams::LAYOUT,
+            Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
+            Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
+            Kernel::Fused => &fused::FusedParams::LAYOUT,
         }
+    }
+
+    /// The bindings of the kernel's pipeline layout, exactly as the kernel cache creates them.
+    #[doc(hidden)]
+    pub fn bindings(self) -> Vec<Binding> {
+        use Access::*;
+        let rest: &[Access] = match self {
+            Kernel::Gemm => &[Read, Read, Read, ReadWrite],
+            Kernel::Scores => &[Read, Read, ReadWrite],
+            Kernel::Softmax => &[Read, ReadWrite],
+            Kernel::WeightedSum => &[Read, Read, ReadWrite],
+            Kernel::Fused => &[Read, Read, ReadWrite],
+        };
+        let params = self.params_layout();
+        let mut bindings = vec![Binding {
+            group: 0,
+            binding: 0,
+            access: Uniform,
+            min_binding_size: std::num::NonZeroU64::new(params.size as u64),
+            uniform: Some(params),
+        }];
+        bindings.extend(rest.iter().zip(1..).map(|(&access, binding)| Binding {
+            group: 0,
+            binding,
+            access,
+            // Storage sizes follow the shape; the plan checks them against the limits.
+            min_binding_size: None,
+            uniform: None,
+        }));
+        bindings
     }
 }
 
@@ -210,25 +316,20 @@ impl KernelCache {
         kernel: Kernel,
     ) -> Result<(wgpu::BindGroupLayout, wgpu::PipelineLayout)> {
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
-            .slots()
+            .bindings()
             .iter()
-            .enumerate()
-            .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
+            .map(|b| wgpu::BindGroupLayoutEntry {
+                binding: b.binding,
                 visibility: wgpu::ShaderStages::COMPUTE,
-                ty: match slot {
-                    Slot::Uniform => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    Slot::Read | Slot::ReadWrite => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: matches!(slot, Slot::Read),
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b.access {
+                        Access::Uniform => wgpu::BufferBindingType::Uniform,
+                        Access::Read | Access::ReadWrite => wgpu::BufferBindingType::Storage {
+                            read_only: b.access == Access::Read,
                         },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
                     },
+                    has_dynamic_offset: false,
+                    min_binding_size: b.min_binding_size,
                 },
                 count: None,
             })

@@ -1,29 +1,30 @@
 //! Host side of `scores.wgsl`: the scaled, masked score matrix.
 
-use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
+use super::variants::{OverrideSets, sizes};
+use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
 use crate::plan::Layout;
 
-/// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct ScoreParams {
-    seq: u32,
-    seq_pad: u32,
-    heads: u32,
-    dp4: u32,
-    q_offset4: u32,
-    k_offset4: u32,
-    tiles_n: u32,
-    tiles_per_head: u32,
-    total_tiles: u32,
-    causal: u32,
-    has_mask: u32,
-    scale: f32,
+uniform_params! {
+    /// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
+    struct ScoreParams {
+        seq: u32,
+        seq_pad: u32,
+        heads: u32,
+        dp4: u32,
+        q_offset4: u32,
+        k_offset4: u32,
+        tiles_n: u32,
+        tiles_per_head: u32,
+        total_tiles: u32,
+        causal: u32,
+        has_mask: u32,
+        scale: f32,
+    }
 }
 
 /// Scores of every (batch, head) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    let tiles = MatmulTiles::for_shape(l.seq, l.seq, Columns::Keys, limits);
+    let tiles = tiles(l.seq, limits);
     let tiles_n = l.seq.div_ceil(tiles.keys());
     let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
     let total_tiles = tiles_per_head * l.batch * l.heads;
@@ -47,4 +48,18 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
     }
+}
+
+/// The tiles of one head's `seq x seq` scores.
+pub(super) fn tiles(seq: u32, limits: &wgpu::Limits) -> MatmulTiles {
+    MatmulTiles::for_shape(seq, seq, Columns::Keys, limits)
+}
+
+/// Every override set `spec` can emit under `limits`: one per sequence length.
+pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
+    let mut sets = OverrideSets::default();
+    for seq in sizes(1) {
+        sets.add(tiles(seq, limits).overrides("DK"));
+    }
+    sets.into_vec()
 }
