@@ -137,7 +137,8 @@ fn tint_compiles_every_kernel_specialisation_for_three_limit_sets() {
         ..AdapterOptions::from_env()
     })
     .unwrap_or_else(|e| panic!("the adapter's limit set needs an adapter: {e}"));
-    let adapter_name = format!("adapter ({})", adapter.adapter_info().name);
+    let info = adapter.adapter_info();
+    let adapter_name = format!("adapter ({}, {:?})", info.name, info.backend);
     let dump = json!({
         "modules": modules(),
         "profiles": [

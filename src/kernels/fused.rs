@@ -1,7 +1,7 @@
 //! Host side of `fused_attention.wgsl`: the FlashAttention-2 style kernel, with its tile shape
 //! chosen to fit the device's workgroup memory and invocation limits.
 
-use super::variants::{OverrideSets, sizes};
+use super::variants::{Distinct, sizes};
 use super::{DispatchSpec, Kernel, Overrides, rows_per_eight, uniform_params};
 use crate::error::{Error, Result};
 use crate::plan::Layout;
@@ -33,7 +33,7 @@ uniform_params! {
 pub(crate) const MAX_HEAD_DIM_V: u32 = crate::config::FUSED_MAX_HEAD_DIM_V as u32;
 
 /// The fused kernel's override constants (see the shader's opening comment).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FusedTiles {
     pub tx: u32,
     pub ty: u32,
@@ -150,17 +150,17 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
 /// head width and any padded value head width up to [`MAX_HEAD_DIM_V`]; shapes the kernel
 /// refuses emit nothing.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
-    let mut sets = OverrideSets::default();
+    let mut tiles = Distinct::default();
     for seq in sizes(1) {
         for dp in sizes(4) {
             for dvp in sizes(4).take_while(|&dvp| dvp <= MAX_HEAD_DIM_V) {
-                if let Ok(tiles) = FusedTiles::choose(seq, dp, dvp, limits) {
-                    sets.add(tiles.overrides());
+                if let Ok(t) = FusedTiles::choose(seq, dp, dvp, limits) {
+                    tiles.add(t);
                 }
             }
         }
     }
-    sets.into_vec()
+    tiles.overrides(|t| t.overrides())
 }
 
 #[cfg(test)]

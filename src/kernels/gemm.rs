@@ -1,6 +1,6 @@
 //! Host side of `gemm.wgsl`: the projection GEMM with bias.
 
-use super::variants::{OverrideSets, sizes};
+use super::variants::{Distinct, sizes};
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
 
 uniform_params! {
@@ -102,14 +102,14 @@ pub(super) fn overrides(tiles: MatmulTiles, head_split: bool) -> Overrides {
 /// times seq) by any multiple of 4 columns (the q|k|v width or the padded output width), stored
 /// either way.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
-    let mut sets = OverrideSets::default();
+    let mut choices = Distinct::default();
     for m in sizes(1) {
         for n in sizes(4) {
             let tiles = tiles(m, n, limits);
             for head_split in [false, true] {
-                sets.add(overrides(tiles, head_split));
+                choices.add((tiles, head_split));
             }
         }
     }
-    sets.into_vec()
+    choices.overrides(|(tiles, head_split)| overrides(tiles, head_split))
 }

@@ -389,7 +389,7 @@ pub(crate) struct DispatchSpec {
 /// Workgroup shape of the register-tiled kernels (gemm, scores, weighted_sum; see
 /// `shaders/tiles.wgsl`): `tx` x `ty` invocations, each owning 8 rows and either `nv` vec4
 /// column groups (gemm, weighted_sum) or 8 keys (scores), over tiles `tk` deep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct MatmulTiles {
     pub tx: u32,
     pub ty: u32,

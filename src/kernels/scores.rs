@@ -1,6 +1,6 @@
 //! Host side of `scores.wgsl`: the scaled, masked score matrix.
 
-use super::variants::{OverrideSets, sizes};
+use super::variants::{Distinct, sizes};
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
 use crate::plan::Layout;
 
@@ -57,9 +57,9 @@ pub(super) fn tiles(seq: u32, limits: &wgpu::Limits) -> MatmulTiles {
 
 /// Every override set `spec` can emit under `limits`: one per sequence length.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
-    let mut sets = OverrideSets::default();
+    let mut tiles_seen = Distinct::default();
     for seq in sizes(1) {
-        sets.add(tiles(seq, limits).overrides("DK"));
+        tiles_seen.add(tiles(seq, limits));
     }
-    sets.into_vec()
+    tiles_seen.overrides(|t| t.overrides("DK"))
 }

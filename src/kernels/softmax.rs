@@ -1,6 +1,6 @@
 //! Host side of `softmax.wgsl`: the stable row softmax, in place.
 
-use super::variants::{OverrideSets, sizes};
+use super::variants::{Distinct, sizes};
 use super::{DispatchSpec, Kernel, Overrides, uniform_params};
 use crate::plan::Layout;
 
@@ -56,9 +56,9 @@ pub(super) fn workgroup_size(seq_pad: u32, limits: &wgpu::Limits) -> u32 {
 
 /// Every override set `spec` can emit under `limits`: one per padded row length.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
-    let mut sets = OverrideSets::default();
+    let mut sizes_seen = Distinct::default();
     for seq_pad in sizes(4) {
-        sets.add(vec![("WG", workgroup_size(seq_pad, limits) as f64)]);
+        sizes_seen.add(workgroup_size(seq_pad, limits));
     }
-    sets.into_vec()
+    sizes_seen.overrides(|wg| vec![("WG", wg as f64)])
 }

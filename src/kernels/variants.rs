@@ -4,6 +4,7 @@
 //! new tile choice is checked as soon as the host can make it.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 
 use super::{Binding, Kernel, Overrides};
 
@@ -58,23 +59,32 @@ pub(super) fn sizes(step: u32) -> impl Iterator<Item = u32> + Clone {
     dense.chain(powers)
 }
 
-/// Distinct override sets in the order first added.
-#[derive(Default)]
-pub(super) struct OverrideSets {
-    seen: HashSet<Vec<(&'static str, u64)>>,
-    sets: Vec<Overrides>,
+/// Distinct values in the order first added: each kernel's tile choices, deduplicated before
+/// they become override lists (a million choices are tried, a few dozen differ).
+pub(super) struct Distinct<T> {
+    seen: HashSet<T>,
+    order: Vec<T>,
 }
 
-impl OverrideSets {
-    pub fn add(&mut self, overrides: Overrides) {
-        let key = overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect();
-        if self.seen.insert(key) {
-            self.sets.push(overrides);
+impl<T> Default for Distinct<T> {
+    fn default() -> Self {
+        Distinct {
+            seen: HashSet::new(),
+            order: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy + Eq + Hash> Distinct<T> {
+    pub fn add(&mut self, value: T) {
+        if self.seen.insert(value) {
+            self.order.push(value);
         }
     }
 
-    pub fn into_vec(self) -> Vec<Overrides> {
-        self.sets
+    /// The values, each turned into its override set.
+    pub fn overrides(self, to: impl Fn(T) -> Overrides) -> Vec<Overrides> {
+        self.order.into_iter().map(to).collect()
     }
 }
 

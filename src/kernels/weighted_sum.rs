@@ -1,6 +1,6 @@
 //! Host side of `weighted_sum.wgsl`: `P V` with the heads concatenated.
 
-use super::variants::{OverrideSets, sizes};
+use super::variants::{Distinct, sizes};
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
 use crate::plan::Layout;
 
@@ -58,11 +58,11 @@ pub(super) fn tiles(seq: u32, dvp: u32, limits: &wgpu::Limits) -> MatmulTiles {
 /// Every override set `spec` can emit under `limits`: any sequence length by any padded value
 /// head width.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
-    let mut sets = OverrideSets::default();
+    let mut tiles_seen = Distinct::default();
     for seq in sizes(1) {
         for dvp in sizes(4) {
-            sets.add(tiles(seq, dvp, limits).overrides("TK"));
+            tiles_seen.add(tiles(seq, dvp, limits));
         }
     }
-    sets.into_vec()
+    tiles_seen.overrides(|t| t.overrides("TK"))
 }
