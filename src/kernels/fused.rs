@@ -2,9 +2,8 @@
 //! chosen to fit the device's workgroup memory and invocation limits.
 
 use super::variants::{Distinct, sizes};
-use super::{DispatchSpec, Kernel, Overrides, rows_per_eight, uniform_params};
+use super::{DispatchSpec, Kernel, Layout, Overrides, rows_per_eight, uniform_params};
 use crate::error::{Error, Result};
-use crate::plan::Layout;
 
 uniform_params! {
     /// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
@@ -143,6 +142,12 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
         overrides: tiles.overrides(),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: {
+            let full = 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64;
+            // Causal blocks above the diagonal are never visited: about half the work.
+            let visited = if l.causal { 0.5 } else { 1.0 };
+            full * (l.dp + l.dvp) as f64 * visited
+        },
     })
 }
 

@@ -7,6 +7,7 @@
 
 pub(crate) mod fused;
 pub(crate) mod gemm;
+pub(crate) mod layout;
 pub(crate) mod scores;
 pub(crate) mod softmax;
 mod variants;
@@ -16,10 +17,14 @@ pub(crate) mod weighted_sum;
 pub use variants::{Variant, variants};
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use crate::context::scoped;
+use wgpu::util::DeviceExt;
+
 use crate::error::{Error, Result};
+use crate::gpu::scoped_async;
+pub(crate) use layout::{Layout, check_sizes};
 
 /// The WGSL kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,6 +63,8 @@ pub struct Binding {
     pub binding: u32,
     /// How the kernel sees the buffer.
     pub access: Access,
+    /// Whether the buffer is bound at a dynamic offset (the dispatch-chunk table).
+    pub has_dynamic_offset: bool,
     /// Bytes the bound range must hold at least; the uniform struct's size for uniforms.
     pub min_binding_size: Option<std::num::NonZeroU64>,
     /// The Rust layout of the uniform struct bound here.
@@ -75,6 +82,39 @@ pub struct UniformLayout {
     pub size: usize,
     /// Every field as (name, byte offset), in declaration order.
     pub fields: &'static [(&'static str, usize)],
+}
+
+impl Binding {
+    /// Group 0's uniform parameters at `binding`, sized by their struct.
+    const fn uniform(binding: u32, layout: &'static UniformLayout) -> Self {
+        Binding {
+            group: 0,
+            binding,
+            access: Access::Uniform,
+            has_dynamic_offset: false,
+            min_binding_size: std::num::NonZeroU64::new(layout.size as u64),
+            uniform: Some(layout),
+        }
+    }
+
+    /// The layout entry the host creates for this binding.
+    fn layout_entry(&self) -> wgpu::BindGroupLayoutEntry {
+        wgpu::BindGroupLayoutEntry {
+            binding: self.binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match self.access {
+                    Access::Uniform => wgpu::BufferBindingType::Uniform,
+                    Access::Read | Access::ReadWrite => wgpu::BufferBindingType::Storage {
+                        read_only: self.access == Access::Read,
+                    },
+                },
+                has_dynamic_offset: self.has_dynamic_offset,
+                min_binding_size: self.min_binding_size,
+            },
+            count: None,
+        }
+    }
 }
 
 /// Declares a kernel's uniform parameter struct and, from the same token list, its
@@ -132,9 +172,10 @@ impl Kernel {
         }
     }
 
-    /// The module compiled: the register-tile helpers of `shaders/tiles.wgsl` ahead of the
-    /// kernels that use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two
-    /// that compute scores.
+    /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
+    /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
+    /// use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
+    /// scores.
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -157,11 +198,21 @@ impl Kernel {
             };
         }
         match self {
-            Kernel::Gemm => with!("tiles.wgsl", "gemm.wgsl"),
-            Kernel::Scores => with!("tiles.wgsl", "score_tile.wgsl", "scores.wgsl"),
-            Kernel::Softmax => with!("softmax.wgsl"),
-            Kernel::WeightedSum => with!("tiles.wgsl", "weighted_sum.wgsl"),
-            Kernel::Fused => with!("tiles.wgsl", "score_tile.wgsl", "fused_attention.wgsl"),
+            Kernel::Gemm => with!("dispatch.wgsl", "tiles.wgsl", "gemm.wgsl"),
+            Kernel::Scores => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "score_tile.wgsl",
+                "scores.wgsl"
+            ),
+            Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
+            Kernel::WeightedSum => with!("dispatch.wgsl", "tiles.wgsl", "weighted_sum.wgsl"),
+            Kernel::Fused => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "score_tile.wgsl",
+                "fused_attention.wgsl"
+            ),
         }
     }
 
@@ -189,21 +240,17 @@ impl Kernel {
             Kernel::Fused => &[Read, Read, ReadWrite],
         };
         let params = self.params_layout();
-        let mut bindings = vec![Binding {
-            group: 0,
-            binding: 0,
-            access: Uniform,
-            min_binding_size: std::num::NonZeroU64::new(params.size as u64),
-            uniform: Some(params),
-        }];
+        let mut bindings = vec![Binding::uniform(0, params)];
         bindings.extend(rest.iter().zip(1..).map(|(&access, binding)| Binding {
             group: 0,
             binding,
             access,
+            has_dynamic_offset: false,
             // Storage sizes follow the shape; the plan checks them against the limits.
             min_binding_size: None,
             uniform: None,
         }));
+        bindings.push(CHUNK_BINDING);
         bindings
     }
 }
@@ -228,6 +275,26 @@ struct CacheState {
 pub(crate) struct KernelCache {
     device: wgpu::Device,
     state: Mutex<CacheState>,
+    chunks: OnceLock<ChunkTable>,
+    /// The device's measured arithmetic rate in FLOP/s (f64 bits), which sizes submissions.
+    rate: AtomicU64,
+}
+
+/// Most chunks one dispatch is split into (see `shaders/dispatch.wgsl`).
+pub(crate) const MAX_CHUNKS: u32 = 1024;
+
+/// The FLOP/s assumed before anything was measured: a CPU-class rate, so that a first call on
+/// a slow device still makes short submissions. One measured call corrects it.
+const ASSUMED_RATE: f64 = 1e9;
+
+/// The per-device table of chunk numbers that `dispatch.wgsl` reads at a dynamic offset, with
+/// its bind group: made once, so splitting a dispatch allocates nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkTable {
+    pub layout: wgpu::BindGroupLayout,
+    pub group: wgpu::BindGroup,
+    /// Bytes between entries: the device's uniform offset alignment.
+    pub stride: u32,
 }
 
 /// A compiled kernel specialisation and the layout its bind groups use.
@@ -242,35 +309,117 @@ impl KernelCache {
         KernelCache {
             device: device.clone(),
             state: Mutex::new(CacheState::default()),
+            chunks: OnceLock::new(),
+            rate: AtomicU64::new(ASSUMED_RATE.to_bits()),
         }
     }
 
-    /// The pipeline of `kernel` specialised with `overrides`, compiled on first use.
-    pub fn pipeline(&self, kernel: Kernel, overrides: &[(&'static str, f64)]) -> Result<Pipeline> {
+    /// The device's arithmetic rate, as last measured by a run (FLOP/s).
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// Records a measured rate: `flops` of work took `seconds` from submission to completion.
+    /// Runs shorter than a few milliseconds are mostly overhead and are not counted.
+    pub fn measured(&self, flops: f64, seconds: f64) {
+        if seconds > 0.005 && flops > 0.0 {
+            self.rate
+                .store((flops / seconds).to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// The chunk table, made on first use.
+    pub async fn chunks(&self) -> Result<ChunkTable> {
+        if let Some(t) = self.chunks.get() {
+            return Ok(t.clone());
+        }
+        let table = scoped_async(&self.device, "creating the dispatch-chunk table", || {
+            let align = self.device.limits().min_uniform_buffer_offset_alignment;
+            let size = std::mem::size_of::<Chunk>();
+            let stride = align.max(size as u32);
+            let mut bytes = vec![0u8; (MAX_CHUNKS * stride) as usize];
+            for index in 0..MAX_CHUNKS {
+                let at = (index * stride) as usize;
+                let chunk = Chunk {
+                    index,
+                    ..Chunk::default()
+                };
+                bytes[at..at + size].copy_from_slice(bytemuck::bytes_of(&chunk));
+            }
+            let buffer = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("dispatch chunks"),
+                    contents: &bytes,
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            let layout = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("dispatch chunk"),
+                    entries: &[CHUNK_BINDING.layout_entry()],
+                });
+            let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("dispatch chunk"),
+                layout: &layout,
+                entries: &[wgpu::BindGroupEntry {
+                    binding: CHUNK_BINDING.binding,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &buffer,
+                        offset: 0,
+                        size: CHUNK_BINDING.min_binding_size,
+                    }),
+                }],
+            });
+            ChunkTable {
+                layout,
+                group,
+                stride,
+            }
+        })
+        .await?;
+        Ok(self.chunks.get_or_init(|| table).clone())
+    }
+
+    /// The pipeline of `kernel` specialised with `overrides`, compiled on first use. Never
+    /// blocks: wgpu's error scopes are awaited, so this works on the web too.
+    pub async fn pipeline(
+        &self,
+        kernel: Kernel,
+        overrides: &[(&'static str, f64)],
+    ) -> Result<Pipeline> {
         let key = PipelineKey {
             kernel,
             overrides: overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
         };
-        // A poisoned lock only means another thread panicked mid-insert; the maps stay valid.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (bgl, layout) = match state.layouts.get(&kernel) {
-            Some(l) => l.clone(),
+        // The lock is never held across an await: two threads may compile the same
+        // specialisation at once, and the second insert simply wins.
+        let (layouts, module, cached) = {
+            let state = self.lock();
+            (
+                state.layouts.get(&kernel).cloned(),
+                state.modules.get(&kernel).cloned(),
+                state.pipelines.get(&key).cloned(),
+            )
+        };
+        let (bgl, layout) = match layouts {
+            Some(l) => l,
             None => {
-                let l = self.create_layouts(kernel)?;
-                state.layouts.insert(kernel, l.clone());
+                let l = self.create_layouts(kernel).await?;
+                self.lock().layouts.insert(kernel, l.clone());
                 l
             }
         };
-        if let Some(p) = state.pipelines.get(&key) {
+        if let Some(pipeline) = cached {
             return Ok(Pipeline {
-                pipeline: p.clone(),
+                pipeline,
                 layout: bgl,
             });
         }
-        let module = match state.modules.get(&kernel) {
-            Some(m) => m.clone(),
+        let module = match module {
+            Some(m) => m,
             None => {
-                let m = scoped(
+                let m = scoped_async(
                     &self.device,
                     &format!("compiling {}", kernel.file_name()),
                     || {
@@ -280,8 +429,9 @@ impl KernelCache {
                                 source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
                             })
                     },
-                )?;
-                state.modules.insert(kernel, m.clone());
+                )
+                .await?;
+                self.lock().modules.insert(kernel, m.clone());
                 m
             }
         };
@@ -289,7 +439,7 @@ impl KernelCache {
             "building the {} pipeline with {overrides:?}",
             kernel.file_name()
         );
-        let pipeline = scoped(&self.device, &stage, || {
+        let pipeline = scoped_async(&self.device, &stage, || {
             self.device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(kernel.file_name()),
@@ -303,38 +453,33 @@ impl KernelCache {
                     },
                     cache: None,
                 })
-        })?;
-        state.pipelines.insert(key, pipeline.clone());
+        })
+        .await?;
+        self.lock().pipelines.insert(key, pipeline.clone());
         Ok(Pipeline {
             pipeline,
             layout: bgl,
         })
     }
 
-    fn create_layouts(
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        // A poisoned lock only means another thread panicked mid-insert; the maps stay valid.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn create_layouts(
         &self,
         kernel: Kernel,
     ) -> Result<(wgpu::BindGroupLayout, wgpu::PipelineLayout)> {
+        let chunks = self.chunks().await?;
+        // Group 1 is the shared chunk table's layout (CHUNK_BINDING, made once per device).
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
             .bindings()
             .iter()
-            .map(|b| wgpu::BindGroupLayoutEntry {
-                binding: b.binding,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: match b.access {
-                        Access::Uniform => wgpu::BufferBindingType::Uniform,
-                        Access::Read | Access::ReadWrite => wgpu::BufferBindingType::Storage {
-                            read_only: b.access == Access::Read,
-                        },
-                    },
-                    has_dynamic_offset: false,
-                    min_binding_size: b.min_binding_size,
-                },
-                count: None,
-            })
+            .filter(|b| b.group == 0)
+            .map(Binding::layout_entry)
             .collect();
-        scoped(
+        scoped_async(
             &self.device,
             &format!("laying out {}", kernel.file_name()),
             || {
@@ -348,12 +493,13 @@ impl KernelCache {
                     .device
                     .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                         label: Some(kernel.file_name()),
-                        bind_group_layouts: &[Some(&bgl)],
+                        bind_group_layouts: &[Some(&bgl), Some(&chunks.layout)],
                         immediate_size: 0,
                     });
                 (bgl, layout)
             },
         )
+        .await
     }
 }
 
@@ -378,13 +524,31 @@ pub(crate) fn fold_grid(total: u32, max_per_dim: u32, what: &str) -> Result<[u32
 }
 
 /// One dispatch of one kernel, before it is bound to buffers: which specialisation, the uniform
-/// parameters, and how many workgroups.
+/// parameters, how many workgroups, and the arithmetic it does (which sizes submissions).
 pub(crate) struct DispatchSpec {
     pub kernel: Kernel,
     pub overrides: Overrides,
     pub params: Vec<u8>,
     pub workgroups: u32,
+    pub flops: f64,
 }
+
+uniform_params! {
+    /// The chunk number of `shaders/dispatch.wgsl`, one per table entry.
+    struct Chunk {
+        index: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+}
+
+/// `@group(1) @binding(0)` of every kernel: the dispatch-chunk table, read at a dynamic offset.
+const CHUNK_BINDING: Binding = Binding {
+    group: 1,
+    has_dynamic_offset: true,
+    ..Binding::uniform(0, &Chunk::LAYOUT)
+};
 
 /// Workgroup shape of the register-tiled kernels (gemm, scores, weighted_sum; see
 /// `shaders/tiles.wgsl`): `tx` x `ty` invocations, each owning 8 rows and either `nv` vec4

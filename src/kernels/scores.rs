@@ -1,8 +1,8 @@
 //! Host side of `scores.wgsl`: the scaled, masked score matrix.
 
+use super::Layout;
 use super::variants::{Distinct, sizes};
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
-use crate::plan::Layout;
 
 uniform_params! {
     /// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
@@ -19,6 +19,10 @@ uniform_params! {
         causal: u32,
         has_mask: u32,
         scale: f32,
+        neg_inf: f32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 }
 
@@ -41,12 +45,17 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         causal: l.causal as u32,
         has_mask: l.has_mask as u32,
         scale: l.scale,
+        neg_inf: f32::NEG_INFINITY,
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     DispatchSpec {
         kernel: Kernel::Scores,
         overrides: tiles.overrides("DK"),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64 * l.dp as f64,
     }
 }
 

@@ -1,8 +1,8 @@
 //! Host side of `softmax.wgsl`: the stable row softmax, in place.
 
+use super::Layout;
 use super::variants::{Distinct, sizes};
 use super::{DispatchSpec, Kernel, Overrides, uniform_params};
-use crate::plan::Layout;
 
 uniform_params! {
     /// Uniform parameters; the layout of `SoftmaxParams` in `softmax.wgsl`.
@@ -37,6 +37,8 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         overrides: vec![("WG", wg as f64)],
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: rows,
+        // A maximum, an exp, a sum and a division per score; few but costly.
+        flops: 5.0 * rows as f64 * l.seq as f64,
     }
 }
 

@@ -1,8 +1,8 @@
 //! Host side of `weighted_sum.wgsl`: `P V` with the heads concatenated.
 
+use super::Layout;
 use super::variants::{Distinct, sizes};
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
-use crate::plan::Layout;
 
 uniform_params! {
     /// Uniform parameters; the layout of `WeightedSumParams` in `weighted_sum.wgsl`.
@@ -47,6 +47,7 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         overrides: tiles.overrides("TK"),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64 * l.dvp as f64,
     }
 }
 
