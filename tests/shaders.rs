@@ -134,6 +134,22 @@ fn every_kernel_validates_and_opens_with_a_comment() {
 }
 
 #[test]
+fn every_shared_include_opens_with_its_contract() {
+    for kernel in Kernel::ALL {
+        let parts = kernel.parts();
+        let (own, _) = parts.last().expect("a kernel has its own file");
+        assert_eq!(*own, kernel.file_name(), "the kernel's own file comes last");
+        for (file, text) in &parts[..parts.len() - 1] {
+            let first = text.lines().next().unwrap_or("");
+            assert!(
+                first.starts_with("// Contract: "),
+                "{file} (included in {own}) must open with a one-line contract, not {first:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn every_kernel_translates_to_spirv() {
     for kernel in Kernel::ALL {
         let (module, info) = parse(kernel);

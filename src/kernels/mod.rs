@@ -206,11 +206,17 @@ impl Kernel {
                 "scores.wgsl"
             ),
             Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
-            Kernel::WeightedSum => with!("dispatch.wgsl", "tiles.wgsl", "weighted_sum.wgsl"),
+            Kernel::WeightedSum => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "heads_out.wgsl",
+                "weighted_sum.wgsl"
+            ),
             Kernel::Fused => with!(
                 "dispatch.wgsl",
                 "tiles.wgsl",
                 "score_tile.wgsl",
+                "heads_out.wgsl",
                 "fused_attention.wgsl"
             ),
         }
