@@ -174,8 +174,9 @@ impl Kernel {
 
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
-    /// use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores.
+    /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
+    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the two that write
+    /// heads into the concatenated output.
     pub fn source(self) -> &'static str {
         self.composition().0
     }
