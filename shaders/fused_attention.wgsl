@@ -110,15 +110,17 @@ fn mask_row(s: Keys8, present: Keys8, i: u32, kb: u32, tx: u32) -> Keys8 {
     // WGSL requires the parentheses between comparisons and & or |.
     let ok_a = (present.a > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_a <= vec4<u32>(i)));
     let ok_b = (present.b > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_b <= vec4<u32>(i)));
-    let sg = sign(p.scale);
+    let sg = select(1.0, -1.0, p.scale < 0.0);
     return Keys8(select(vec4<f32>(LOWEST), s.a * sg, ok_a), select(vec4<f32>(LOWEST), s.b * sg, ok_b));
 }
 
 // exp(|scale| d) for a difference d <= 0 of unscaled scores, through exp2. Multiplying d by the
 // scale first and by log2 e second keeps a scale near f32::MAX from overflowing to inf: at worst
-// the product is -inf, and exp2(-inf) = 0.
+// the product is -inf, and exp2(-inf) = 0. A zero exponent gives exactly 1 without exp2: at
+// scale 0 every exponent is a signed zero, and exp2(-0.0) came back NaN on a CPU Vulkan driver.
 fn exp_scaled(d: vec4<f32>) -> vec4<f32> {
-    return exp2((d * abs(p.scale)) * LOG2E);
+    let t = (d * abs(p.scale)) * LOG2E;
+    return select(exp2(t), vec4<f32>(1.0), t == vec4<f32>(0.0));
 }
 
 fn row_max(s: Keys8) -> f32 {
