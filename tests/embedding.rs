@@ -368,33 +368,3 @@ fn stages_are_timed_on_the_gpu() {
         );
     }
 }
-
-/// The timestamp total agrees with the host's clock around the same submissions: on a stream of
-/// several milliseconds the GPU's time is most of the wall time, never more. A unit error (ms
-/// read as s, ticks not scaled by the period) lands far outside this band.
-#[test]
-fn timestamp_total_agrees_with_the_wall_clock() {
-    let ctx = ctx();
-    let mut rng = Rng::new(17);
-    let (seq, d) = (512, 64);
-    let config = AttentionConfig::new(1, seq, d, 4, 16).causal();
-    let weights = AttentionWeights::new(
-        rng.tensor(&[d, d], 0.125),
-        rng.tensor(&[d, d], 0.125),
-        rng.tensor(&[d, d], 0.125),
-    );
-    let inputs = AttentionInputs::new(rng.tensor(&[1, seq, d], 1.0));
-    let mut plan = AttentionPlan::new(ctx, &config, &weights).unwrap();
-    plan.run(&inputs).unwrap();
-    let times = plan.time_stages(&inputs).unwrap();
-    eprintln!("{times:?}");
-    assert!(
-        times.wall_seconds >= 5e-3,
-        "the shape must take at least 5 ms to time: {times:?}"
-    );
-    let share = times.gpu_seconds / times.wall_seconds;
-    assert!(
-        (0.25..=1.01).contains(&share),
-        "gpu / wall = {share}: {times:?}"
-    );
-}
