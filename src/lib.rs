@@ -63,10 +63,13 @@
 pub mod compare;
 pub mod config;
 pub mod context;
+#[cfg(feature = "cpu")]
 pub mod cpu;
 pub mod error;
 pub mod kernels;
 pub mod plan;
+#[cfg(feature = "random")]
+pub mod random;
 pub mod reference;
 pub mod tensor;
 pub mod timing;
@@ -75,11 +78,14 @@ pub mod weights;
 pub use compare::{Comparison, Tolerance, compare};
 pub use config::{AttentionConfig, FUSED_MAX_HEAD_DIM_V, KernelChoice, OutputProjection};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
+#[cfg(feature = "cpu")]
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};
+#[cfg(feature = "random")]
+pub use random::Random;
 pub use reference::Intermediates;
-pub use tensor::Tensor;
+pub use tensor::{Tensor, unravel};
 pub use timing::{StageTime, StageTimes, TimingSource};
 pub use weights::{AttentionInputs, AttentionWeights};
 
