@@ -7,7 +7,11 @@ use crate::error::{Error, Result};
 pub const FUSED_MAX_HEAD_DIM_V: usize = 256;
 
 /// Which GPU kernels compute `softmax(scale * Q K^T) V`.
+///
+/// With the `cli` feature it is also the program's `--kernel` value (`staged`, `fused`, `auto`),
+/// so the flag and the library cannot drift apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum KernelChoice {
     /// Separate score, softmax and weighted-sum kernels. Stores the `[seq, seq]` score matrix of
     /// every head, so scores and probabilities can be read back; memory grows with `seq²`.
