@@ -68,8 +68,9 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             "attention GFLOP/s",
             "layer GFLOP/s",
             "max abs err",
-            "max rel err",
+            "tolerance used",
             "gpu memory bytes",
+            "samples",
         ]
         .map(String::from),
     );
@@ -98,8 +99,9 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             format!("{:.3}", row.attention_gflops),
             format!("{:.3}", row.layer_gflops),
             format!("{:e}", row.error.max_abs),
-            format!("{:e}", row.error.max_rel),
+            format!("{:.4}", row.error.tolerance_used),
             row.memory_bytes.to_string(),
+            report.repeats.to_string(),
         ]);
         w.write_record(&record)?;
     }
@@ -111,18 +113,20 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             "wall clock".to_string(),
         ];
         record.extend(STAGE_COLUMNS.iter().map(|_| String::new()));
+        // The GPU-only columns (gpu time, memory) stay empty: a CPU row has no such figure.
         record.extend([
             ms(row.attention.median),
             ms(row.attention.min),
-            ms(row.layer.median),
-            ms(row.layer.min),
+            String::new(),
+            String::new(),
             ms(row.layer.median),
             ms(row.layer.min),
             format!("{:.3}", row.attention_gflops),
             format!("{:.3}", row.layer_gflops),
             format!("{:e}", row.error.max_abs),
-            format!("{:e}", row.error.max_rel),
+            format!("{:.4}", row.error.tolerance_used),
             String::new(),
+            row.samples.to_string(),
         ]);
         w.write_record(&record)?;
     }
