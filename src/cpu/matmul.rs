@@ -28,7 +28,13 @@ pub(super) struct Gemm {
 
 /// The one door to `gemm::gemm`: checks that every element the product touches lies inside its
 /// slice, which is what makes the raw-pointer call sound.
-pub(super) fn matmul(g: Gemm, dst: Mat<&mut [f32]>, lhs: Mat<&[f32]>, rhs: Mat<&[f32]>, par: Parallelism) {
+pub(super) fn matmul(
+    g: Gemm,
+    dst: Mat<&mut [f32]>,
+    lhs: Mat<&[f32]>,
+    rhs: Mat<&[f32]>,
+    par: Parallelism,
+) {
     if g.m == 0 || g.n == 0 {
         return;
     }
