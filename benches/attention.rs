@@ -15,29 +15,17 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use wgpu_attention::{
     AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, CpuAttention, GpuContext,
-    KernelChoice, Tensor, TimingSource,
+    KernelChoice, Random, TimingSource,
 };
 
 const SEQS: [usize; 2] = [256, 1024];
 
 fn layer(seq: usize) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
     let config = AttentionConfig::new(1, seq, 512, 8, 64).with_output_projection(512);
-    // Deterministic values of order one: the kernels' speed does not depend on them.
-    let fill = |shape: &[usize], scale: f32| {
-        let n: usize = shape.iter().product();
-        let data = (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * scale)
-            .collect();
-        Tensor::new(shape.to_vec(), data).expect("shape and data agree")
-    };
-    let w = 1.0 / (512f32).sqrt();
-    let weights = AttentionWeights::new(
-        fill(&[512, 512], w),
-        fill(&[512, 512], w),
-        fill(&[512, 512], w),
-    )
-    .with_output_projection(fill(&[512, 512], w), None);
-    let inputs = AttentionInputs::new(fill(&[1, seq, 512], 1.0));
+    // Seeded values shaped like a trained layer's; the kernels' speed does not depend on them.
+    let mut random = Random::new(seq as u64);
+    let weights = random.weights(&config).expect("weights for a valid config");
+    let inputs = random.inputs(&config).expect("inputs for a valid config");
     (config, weights, inputs)
 }
 
