@@ -136,8 +136,11 @@ const TABLE_SOURCE: &str = "Burn 0.22.1 attention as given in ../shared/peers/RE
 const TABLE_ADAPTER: &str = "llvmpipe";
 const TABLE_BACKEND: wgpu::Backend = wgpu::Backend::Vulkan;
 
-/// Burn's attention (autotuned, fused) and fallback (unfused), ms, low and high end.
-const TABLE: [(&str, (f64, f64), (f64, f64)); 5] = [
+/// A range of times over runs, ms: (low, high).
+type Range = (f64, f64);
+
+/// Burn's attention (autotuned, fused) and fallback (unfused) per shape, ms.
+const TABLE: [(&str, Range, Range); 5] = [
     ("S1", (1.05, 1.05), (0.71, 0.71)),
     ("S2", (3.9, 3.9), (11.8, 11.8)),
     ("S3", (32.0, 50.0), (88.0, 132.0)),
