@@ -31,7 +31,7 @@ use clap::Parser;
 use serde::Serialize;
 use wgpu_attention::{
     AdapterOptions, AttentionConfig, AttentionInputs, AttentionIo, AttentionPlan, AttentionShape,
-    AttentionWeights, CpuAttention, DeviceLimits, GpuContext, KernelChoice, Random, Tensor,
+    AttentionWeights, CpuAttention, DeviceLimits, GpuContext, KernelChoice, Random, Stage, Tensor,
     Tolerance, compare, reference,
 };
 
@@ -573,7 +573,7 @@ fn measure(
     for _ in 0..repeats {
         let times = plan.time_stages(&inputs)?;
         attention.push(times.attention() * 1e3);
-        projection.push(times.get("project q, k, v").unwrap_or(f64::NAN) * 1e3);
+        projection.push(times.get(Stage::Projection).unwrap_or(f64::NAN) * 1e3);
     }
     let result = plan.run(&inputs)?;
     let tolerance_used = check(&config, &weights, &inputs, result.data())?;
@@ -598,8 +598,8 @@ fn gemm_and_scores(ctx: &GpuContext, repeats: usize) -> Result<(f64, f64), Error
     let (mut proj, mut scores) = (Vec::new(), Vec::new());
     for _ in 0..repeats.min(5) {
         let times = plan.time_stages(&inputs)?;
-        proj.push(times.get("project q, k, v").unwrap_or(f64::NAN));
-        scores.push(times.get("scores").unwrap_or(f64::NAN));
+        proj.push(times.get(Stage::Projection).unwrap_or(f64::NAN));
+        scores.push(times.get(Stage::Scores).unwrap_or(f64::NAN));
     }
     let proj_flops = 2.0 * 1024.0 * 512.0 * (3 * 512) as f64;
     let score_flops = 2.0 * (8 * 1024 * 1024 * 64) as f64;
@@ -794,7 +794,7 @@ fn gemm_4096(ctx: &GpuContext) -> Result<f64, Error> {
     for _ in 0..5 {
         samples.push(
             plan.time_stages(&inputs)?
-                .get("project q, k, v")
+                .get(Stage::Projection)
                 .unwrap_or(f64::NAN),
         );
     }

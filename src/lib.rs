@@ -66,11 +66,13 @@ pub mod context;
 #[cfg(feature = "cpu")]
 pub mod cpu;
 pub mod error;
+mod gpu;
 pub mod kernels;
 pub mod plan;
 #[cfg(feature = "random")]
 pub mod random;
 pub mod reference;
+pub mod stage;
 pub mod tensor;
 pub mod timing;
 pub mod weights;
@@ -81,10 +83,11 @@ pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 #[cfg(feature = "cpu")]
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
-pub use plan::{AttentionBindings, AttentionIo, AttentionPlan};
+pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 #[cfg(feature = "random")]
 pub use random::Random;
 pub use reference::Intermediates;
+pub use stage::Stage;
 pub use tensor::{Tensor, unravel};
 pub use timing::{StageTime, StageTimes, TimingSource};
 pub use weights::{AttentionInputs, AttentionWeights};

@@ -10,8 +10,8 @@ use serde::Serialize;
 use wgpu_attention::cpu;
 use wgpu_attention::{
     AttentionConfig, AttentionInputs, AttentionPlan, AttentionShape, AttentionWeights,
-    CpuAttention, DeviceLimits, Error, GpuContext, KernelChoice, Random, Tensor, TimingSource,
-    Tolerance, compare, reference,
+    CpuAttention, DeviceLimits, Error, GpuContext, KernelChoice, Random, Stage, Tensor,
+    TimingSource, Tolerance, compare, reference,
 };
 
 use super::report;
@@ -406,8 +406,11 @@ fn measure_gpu(
     for _ in 0..args.warmup {
         plan.run(inputs)?;
     }
-    let mut per_stage: Vec<(&'static str, Vec<f64>)> =
-        plan.stages().into_iter().map(|s| (s, Vec::new())).collect();
+    let mut per_stage: Vec<(&'static str, Vec<f64>)> = plan
+        .stages()
+        .into_iter()
+        .map(|s| (s.label(), Vec::new()))
+        .collect();
     let (mut gpu, mut attention, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
     let mut source = TimingSource::Timestamps;
     for _ in 0..args.repeats {
@@ -573,9 +576,9 @@ fn print_table(r: &Report) {
             "{:>6} {:<7} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8} {:>9.2e} {:>9.3} {:>9.1} {:>9}",
             row.seq,
             row.kernel,
-            ms(stage("project q, k, v")),
+            ms(stage(Stage::Projection.label())),
             ms(row.attention.median),
-            ms(stage("output projection")),
+            ms(stage(Stage::OutputProjection.label())),
             ms(row.gpu.median),
             ms(row.end_to_end.median),
             row.attention_gflops,
