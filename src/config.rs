@@ -15,12 +15,24 @@ pub const FUSED_MAX_HEAD_DIM_V: usize = 256;
 pub enum KernelChoice {
     /// Separate score, softmax and weighted-sum kernels. Stores the `[seq, seq]` score matrix of
     /// every head, so scores and probabilities can be read back; memory grows with `seq²`.
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "score, softmax and weighted-sum kernels; keeps the [seq, seq] scores")
+    )]
     Staged,
     /// One kernel with an online softmax that never stores scores; memory grows with `seq`.
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "one kernel with an online softmax; memory grows with seq")
+    )]
     Fused,
     /// The fused kernel, unless intermediates are wanted or the value head is wider than
     /// [`FUSED_MAX_HEAD_DIM_V`] (see [`AttentionConfig::resolved_kernel`]).
     #[default]
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "fused, unless intermediates are kept or a value head is wider than 256")
+    )]
     Auto,
 }
 

@@ -57,6 +57,14 @@
 //! queue.submit([encoder.finish()]);
 //! # Ok(()) }
 //! ```
+//!
+//! # Features
+//!
+//! - `cpu` (default): the fast multi-threaded CPU path, `CpuAttention` (pulls in `gemm` and
+//!   `rayon`). Turn default features off to embed the GPU path alone.
+//! - `random`: seeded random layers and tensors, `Random`, `AttentionWeights::random`,
+//!   `AttentionInputs::random`, `Tensor::random`, for tests and benchmarks.
+//! - `cli` (default): the `wgpu-attention` program; enables `cpu` and `random`.
 
 #![warn(missing_docs)]
 
