@@ -52,6 +52,13 @@ struct Args {
     /// Write every figure as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only these shapes (S1..S5), e.g. `--shapes S1,S2` to check the harness itself quickly.
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
+    /// Skip what is not a shape row: the GEMM against the score kernel, the tiny call, the
+    /// CPU path and the 4096² GEMM.
+    #[arg(long)]
+    no_extras: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -250,7 +257,17 @@ struct Report {
     repeats: usize,
     warmup: usize,
     shapes: Vec<ShapeRow>,
-    causal_over_dense: f64,
+    /// Fused GPU time, causal over dense, at N=1024 (when both shapes ran).
+    causal_over_dense: Option<f64>,
+    /// The fused kernel's rate at N=1024 dense, GPU timestamps.
+    fused_gflops_1024: Option<f64>,
+    extras: Option<Extras>,
+    failures: Vec<String>,
+}
+
+/// The figures beside the shape rows.
+#[derive(Debug, Serialize)]
+struct Extras {
     tiny: Tiny,
     /// At N=1024, d_model 512: our projection GEMM's rate against our score kernel's.
     our_gemm_gflops: f64,
@@ -258,12 +275,17 @@ struct Report {
     cpu: Vec<CpuFigures>,
     /// Our tiled GEMM at 4096² (GPUs only: it takes minutes on a software adapter).
     our_gemm_gflops_4096: Option<f64>,
-    fused_gflops_1024: f64,
-    failures: Vec<String>,
 }
 
 fn main() -> Result<(), Error> {
     let args = Args::parse();
+    if let Some(unknown) = args
+        .shapes
+        .iter()
+        .find(|s| !SHAPES.iter().any(|k| k.name == s.as_str()))
+    {
+        return Err(format!("--shapes: no shape {unknown}; the shapes are S1..S5").into());
+    }
     let mut options = AdapterOptions::from_env();
     options.limits = DeviceLimits::Adapter;
     let ctx = GpuContext::from_options(&options)?;
@@ -279,8 +301,11 @@ fn main() -> Result<(), Error> {
     let on_table_adapter = info.name.contains(TABLE_ADAPTER) && info.backend == TABLE_BACKEND;
     let mut peer_verdicts = peer.is_some() || on_table_adapter;
     let mut failures = Vec::new();
+    let selected = SHAPES
+        .iter()
+        .filter(|s| args.shapes.is_empty() || args.shapes.iter().any(|n| n == s.name));
     let mut shapes = Vec::new();
-    for shape in &SHAPES {
+    for shape in selected {
         eprintln!("measuring {}", shape.describe());
         let burn = match &peer {
             Some(p) => {
@@ -321,26 +346,20 @@ fn main() -> Result<(), Error> {
             burn,
         });
     }
-    let fused_of = |name: &str| {
+    let fused_of = |shape: &Shape| {
         shapes
             .iter()
-            .find(|s| s.shape == name)
-            .map_or(f64::NAN, |s| s.fused.attention_gpu_ms.median)
+            .find(|s| s.shape == shape.describe())
+            .map(|s| s.fused.attention_gpu_ms.median)
     };
-    let causal_over_dense = fused_of("H=8 N=1024 D=64 causal") / fused_of("H=8 N=1024 D=64");
+    let (dense, causal) = (&SHAPES[3], &SHAPES[4]);
+    let causal_over_dense = fused_of(causal).zip(fused_of(dense)).map(|(c, d)| c / d);
     let fused_gflops_1024 =
-        SHAPES[3].config(KernelChoice::Fused).attention_flops() / fused_of("H=8 N=1024 D=64") / 1e6;
-    eprintln!("measuring the projection GEMM against the score kernel at N=1024");
-    let (our_gemm_gflops, score_kernel_gflops) = gemm_and_scores(&ctx, repeats)?;
-    eprintln!("measuring the tiny call");
-    let tiny = tiny_call(&ctx)?;
-    eprintln!("measuring the CPU paths");
-    let cpu = cpu_figures(&mut failures)?;
-    let our_gemm_gflops_4096 = if info.device_type == wgpu::DeviceType::Cpu {
+        fused_of(dense).map(|ms| dense.config(KernelChoice::Fused).attention_flops() / ms / 1e6);
+    let extras = if args.no_extras {
         None
     } else {
-        eprintln!("measuring our GEMM at 4096^2");
-        Some(gemm_4096(&ctx)?)
+        Some(extras(&ctx, &info, repeats, &mut failures)?)
     };
     let report = Report {
         adapter,
@@ -350,12 +369,8 @@ fn main() -> Result<(), Error> {
         warmup,
         shapes,
         causal_over_dense,
-        tiny,
-        our_gemm_gflops,
-        score_kernel_gflops,
-        cpu,
-        our_gemm_gflops_4096,
         fused_gflops_1024,
+        extras,
         failures,
     };
     print_report(&report, peer.is_some());
@@ -367,6 +382,33 @@ fn main() -> Result<(), Error> {
     } else {
         Err(format!("outside the tolerance: {}", report.failures.join(", ")).into())
     }
+}
+
+fn extras(
+    ctx: &GpuContext,
+    info: &wgpu::AdapterInfo,
+    repeats: usize,
+    failures: &mut Vec<String>,
+) -> Result<Extras, Error> {
+    eprintln!("measuring the projection GEMM against the score kernel at N=1024");
+    let (our_gemm_gflops, score_kernel_gflops) = gemm_and_scores(ctx, repeats)?;
+    eprintln!("measuring the tiny call");
+    let tiny = tiny_call(ctx)?;
+    eprintln!("measuring the CPU paths");
+    let cpu = cpu_figures(failures)?;
+    let our_gemm_gflops_4096 = if info.device_type == wgpu::DeviceType::Cpu {
+        None
+    } else {
+        eprintln!("measuring our GEMM at 4096^2");
+        Some(gemm_4096(ctx)?)
+    };
+    Ok(Extras {
+        tiny,
+        our_gemm_gflops,
+        score_kernel_gflops,
+        cpu,
+        our_gemm_gflops_4096,
+    })
 }
 
 fn given(shape: &str) -> Result<Peer, Error> {
@@ -869,33 +911,45 @@ fn print_report(r: &Report, live: bool) {
     println!();
     println!("targets");
     let big = |s: &&ShapeRow| s.shape.contains("N=512") || s.shape.contains("N=1024");
-    if r.peer_verdicts {
-        let worst = r
-            .shapes
-            .iter()
-            .filter(big)
-            .map(|s| s.fused_over_burn)
-            .fold(f64::NAN, f64::max);
-        println!(
-            "  fused wall / Burn attention at N=512, 1024: worst {worst:.2} (<= {FUSED_VS_BURN}; aim {FUSED_VS_BURN_AIM:.2})  {}",
-            verdict(worst <= FUSED_VS_BURN)
-        );
-        if !live {
+    let worst = r
+        .shapes
+        .iter()
+        .filter(big)
+        .map(|s| s.fused_over_burn)
+        .reduce(f64::max);
+    match worst {
+        Some(worst) if r.peer_verdicts => {
             println!(
-                "    (against the table: same adapter, but the CPU under lavapipe may differ)"
+                "  fused wall / Burn attention at N=512, 1024: worst {worst:.2} (<= {FUSED_VS_BURN}; aim {FUSED_VS_BURN_AIM:.2})  {}",
+                verdict(worst <= FUSED_VS_BURN)
             );
+            if !live {
+                println!(
+                    "    (against the table: same adapter, but the CPU under lavapipe may differ)"
+                );
+            }
         }
-    } else {
-        println!(
+        Some(_) => println!(
             "  fused against Burn: no verdict (the given figures are for {TABLE_ADAPTER} on \
              {TABLE_BACKEND:?}; pass --burn to measure here)"
+        ),
+        None => println!("  fused against Burn: no N=512 or N=1024 shape ran"),
+    }
+    if let Some(ratio) = r.causal_over_dense {
+        println!(
+            "  causal fused / dense fused at N=1024 (GPU timestamps) = {ratio:.2} (<= {CAUSAL_VS_DENSE})  {}",
+            verdict(ratio <= CAUSAL_VS_DENSE)
         );
     }
-    println!(
-        "  causal fused / dense fused at N=1024 (GPU timestamps) = {:.2} (<= {CAUSAL_VS_DENSE})  {}",
-        r.causal_over_dense,
-        verdict(r.causal_over_dense <= CAUSAL_VS_DENSE)
-    );
+    if let Some(e) = &r.extras {
+        print_extras(e, r.fused_gflops_1024);
+    }
+    if !r.failures.is_empty() {
+        println!("OUTSIDE THE TOLERANCE: {}", r.failures.join(", "));
+    }
+}
+
+fn print_extras(r: &Extras, fused_gflops_1024: Option<f64>) {
     let t = &r.tiny;
     println!(
         "  tiny whole call: fused {:.3} ms, staged {:.3} ms; bare round trip {:.3} ms, empty submit {:.3} ms",
@@ -929,23 +983,20 @@ fn print_report(r: &Report, live: bool) {
         .cpu
         .iter()
         .map(|c| c.fast_attention_gflops)
-        .fold(f64::NAN, f64::min);
+        .fold(f64::INFINITY, f64::min);
     println!(
         "  fast CPU attention >= {CPU_GFLOPS} GFLOP/s at N=512, 1024  {}",
         verdict(cpu_worst >= CPU_GFLOPS)
     );
-    match r.our_gemm_gflops_4096 {
-        Some(rate) => println!(
-            "  our GEMM at 4096^2: {rate:.0} GFLOP/s; fused attention at N=1024 {:.0} GFLOP/s = {:.0} % of it",
-            r.fused_gflops_1024,
-            100.0 * r.fused_gflops_1024 / rate
+    match (r.our_gemm_gflops_4096, fused_gflops_1024) {
+        (Some(rate), Some(fused)) => println!(
+            "  our GEMM at 4096^2: {rate:.0} GFLOP/s; fused attention at N=1024 {fused:.0} GFLOP/s = {:.0} % of it",
+            100.0 * fused / rate
         ),
-        None => println!(
-            "  fused attention at N=1024: {:.1} GFLOP/s (our 4096^2 GEMM is measured on GPUs only)",
-            r.fused_gflops_1024
+        (Some(rate), None) => println!("  our GEMM at 4096^2: {rate:.0} GFLOP/s"),
+        (None, Some(fused)) => println!(
+            "  fused attention at N=1024: {fused:.1} GFLOP/s (our 4096^2 GEMM is measured on GPUs only)"
         ),
-    }
-    if !r.failures.is_empty() {
-        println!("OUTSIDE THE TOLERANCE: {}", r.failures.join(", "));
+        (None, None) => {}
     }
 }
