@@ -318,6 +318,12 @@ pub fn main(
     bar.finish_and_clear();
     print_table(&report);
     report::write(&report, args)?;
+    check_errors(&report)
+}
+
+/// Fails when any row, GPU or CPU, is outside the tolerance: a wrong fast path is as much a
+/// bug as a wrong kernel.
+fn check_errors(report: &Report) -> Result<(), CliError> {
     let failed: Vec<String> = report
         .gpu
         .iter()
@@ -331,13 +337,14 @@ pub fn main(
                 .map(|r| format!("seq {} cpu", r.seq)),
         )
         .collect();
-    if !failed.is_empty() {
-        return Err(CliError::Mismatch(format!(
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::Mismatch(format!(
             "outside the tolerance at {}",
             failed.join(", ")
-        )));
+        )))
     }
-    Ok(())
 }
 
 pub fn kernel_name(kernel: KernelChoice) -> &'static str {
@@ -619,4 +626,73 @@ fn print_table(r: &Report) {
          fus/stg: fused attention time over staged; vs cpu: CPU layer time over the GPU's e2e time; \
          cpu attn: on already-projected inputs; n: timed CPU runs"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(gpu_ok: bool, cpu_ok: bool) -> Report {
+        let stat = Stat {
+            median: 1e-3,
+            min: 1e-3,
+        };
+        let error = |passed| ErrorFigures {
+            max_abs: if passed { 1e-6 } else { 1.0 },
+            tolerance_used: if passed { 0.1 } else { 1e4 },
+            passed,
+        };
+        Report {
+            adapter: "test".into(),
+            backend: "Vulkan".into(),
+            device_type: "Cpu".into(),
+            timing: "timestamp queries",
+            batch: 1,
+            heads: 1,
+            head_dim: 4,
+            d_model: 4,
+            causal: false,
+            warmup: 1,
+            repeats: 1,
+            flops_attention: FLOPS_ATTENTION,
+            flops_layer: FLOPS_LAYER,
+            checked_rows: 8,
+            gpu: vec![GpuRow {
+                seq: 8,
+                kernel: "fused",
+                memory_bytes: 1,
+                stages: Vec::new(),
+                gpu: stat,
+                attention: stat,
+                end_to_end: stat,
+                attention_gflops: 1.0,
+                layer_gflops: 1.0,
+                error: error(gpu_ok),
+            }],
+            cpu: vec![CpuRow {
+                seq: 8,
+                threads: 1,
+                warmup: 1,
+                samples: 1,
+                layer: stat,
+                attention: stat,
+                layer_gflops: 1.0,
+                attention_gflops: 1.0,
+                error: error(cpu_ok),
+            }],
+            skipped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_mismatch_on_either_side_fails_the_command() {
+        assert!(check_errors(&report(true, true)).is_ok());
+        for (gpu_ok, cpu_ok, culprit) in [(false, true, "seq 8 fused"), (true, false, "seq 8 cpu")]
+        {
+            match check_errors(&report(gpu_ok, cpu_ok)) {
+                Err(CliError::Mismatch(m)) => assert!(m.contains(culprit), "{m}"),
+                other => panic!("gpu ok {gpu_ok}, cpu ok {cpu_ok}: {other:?}"),
+            }
+        }
+    }
 }
