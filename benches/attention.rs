@@ -8,14 +8,15 @@
 //!
 //! Shapes: batch 1, 8 heads of width 64, d_model 512 with an output projection, seq 256 and
 //! 1024 (the sizes of the comparison table). `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`
-//! pick the adapter.
+//! pick the adapter. The device gets the adapter's own limits, as the program's `run` and
+//! `bench` ask, so the tile configurations timed here are the ones users get.
 
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, CpuAttention, GpuContext,
-    KernelChoice, Random, TimingSource,
+    AdapterOptions, AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights,
+    CpuAttention, DeviceLimits, GpuContext, KernelChoice, Random, TimingSource,
 };
 
 const SEQS: [usize; 2] = [256, 1024];
@@ -29,6 +30,16 @@ fn layer(seq: usize) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
     (config, weights, inputs)
 }
 
+/// A context as the program makes it: wgpu's portable defaults would pick other (smaller)
+/// fused tiles on lavapipe than users run.
+fn context() -> GpuContext {
+    let options = AdapterOptions {
+        limits: DeviceLimits::Adapter,
+        ..AdapterOptions::from_env()
+    };
+    GpuContext::from_options(&options).expect("benchmarks need a GPU adapter")
+}
+
 /// Ten samples over three seconds: enough for these kernels on a software adapter, whose
 /// largest shape takes most of a second per run.
 fn short(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
@@ -39,7 +50,7 @@ fn short(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallT
 }
 
 fn kernels(c: &mut Criterion) {
-    let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
+    let ctx = context();
     let mut group = c.benchmark_group("gpu stage");
     short(&mut group);
     for seq in SEQS {
@@ -74,7 +85,7 @@ fn kernels(c: &mut Criterion) {
 }
 
 fn whole_layer(c: &mut Criterion) {
-    let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
+    let ctx = context();
     let mut group = c.benchmark_group("layer end to end");
     short(&mut group);
     for seq in SEQS {
