@@ -100,6 +100,9 @@ pub struct AttentionPlan {
     id: u64,
     bufs: PlanBuffers,
     steps: Vec<Step>,
+    /// Every step whole, as [`AttentionPlan::encode`] records them (made once, so that
+    /// encoding allocates nothing).
+    whole: Vec<Piece>,
     chunks: ChunkTable,
     own: OwnIo,
     /// Bind groups on the plan's own buffers, for [`AttentionPlan::run`].
@@ -166,6 +169,7 @@ impl AttentionPlan {
             layout,
             id: own_bindings.plan,
             bufs,
+            whole: steps::whole(&steps),
             steps,
             chunks,
             own,
@@ -297,7 +301,7 @@ impl AttentionPlan {
             beginning: t.beginning,
             end: t.end,
         });
-        self.record(encoder, bindings, &steps::whole(&self.steps), stamps)
+        self.record(encoder, bindings, &self.whole, stamps)
     }
 
     fn record(
