@@ -2,7 +2,6 @@
 
 mod adapters;
 mod bench;
-mod compare;
 mod error;
 mod files;
 mod layer;
@@ -59,24 +58,6 @@ pub enum Backend {
     Metal,
     Dx12,
     Gl,
-}
-
-/// Which kernels compute the attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KernelArg {
-    Staged,
-    Fused,
-    Auto,
-}
-
-impl KernelArg {
-    pub fn choice(self) -> wgpu_attention::KernelChoice {
-        match self {
-            KernelArg::Staged => wgpu_attention::KernelChoice::Staged,
-            KernelArg::Fused => wgpu_attention::KernelChoice::Fused,
-            KernelArg::Auto => wgpu_attention::KernelChoice::Auto,
-        }
-    }
 }
 
 impl Backend {

@@ -5,13 +5,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 use wgpu_attention::{
-    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, Tensor, Tolerance, compare,
-    reference,
+    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, KernelChoice, Tensor,
+    Tolerance, compare, reference,
 };
 
 use super::files::{self, Output};
 use super::layer::{self, Layer, LayerOptions, WeightLayout};
-use super::{AdapterArgs, CliError, KernelArg};
+use super::{AdapterArgs, CliError};
 
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
 #[derive(Debug, Clone, Args)]
@@ -47,8 +47,8 @@ pub struct RunArgs {
     pub intermediates: bool,
     /// GPU kernels: the staged ones (scores, softmax, weighted sum), the fused one, or auto
     /// (fused, except with --intermediates or a value head wider than 256).
-    #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
-    pub kernel: KernelArg,
+    #[arg(long, value_enum, default_value_t = KernelChoice::Auto)]
+    pub kernel: KernelChoice,
     /// Absolute part of the check |gpu - ref| <= atol + rtol*|ref| [default: 1e-5].
     #[arg(long, value_name = "ATOL", allow_negative_numbers = true)]
     pub tolerance_atol: Option<f64>,
@@ -131,7 +131,7 @@ fn run_gpu(
     args: &RunArgs,
 ) -> Result<Vec<(&'static str, Tensor)>, CliError> {
     let intermediates = args.intermediates;
-    let mut config = layer.config.clone().with_kernel(args.kernel.choice());
+    let mut config = layer.config.clone().with_kernel(args.kernel);
     config.keep_intermediates = intermediates;
     let mut plan = AttentionPlan::new(ctx, &config, &layer.weights)?;
     let output = plan.run(&layer.inputs)?;
