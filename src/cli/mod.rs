@@ -2,12 +2,14 @@
 
 mod adapters;
 mod bench;
+mod check;
 mod compare;
 mod error;
 mod files;
 mod layer;
 mod report;
 mod run;
+mod signals;
 mod walkthrough;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -136,7 +138,7 @@ pub fn main(progress: MultiProgress) -> Result<(), CliError> {
         }
         Some(Command::Adapters) => adapters::main(&cli.adapter),
         Some(Command::Walkthrough(args)) => walkthrough::main(&cli.adapter, &args),
-        Some(Command::Run(args)) => run::main(&cli.adapter, &args),
+        Some(Command::Run(args)) => run::main(&cli.adapter, &args, &progress),
         Some(Command::Bench(args)) => bench::main(&cli.adapter, &args, &progress),
     }
 }
