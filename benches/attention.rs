@@ -65,9 +65,7 @@ fn kernels(c: &mut Criterion) {
             };
             for stage in plan.stages() {
                 // The projections are the same in both paths: measure them once.
-                if kernel == KernelChoice::Fused
-                    && (stage == "project q, k, v" || stage == "output projection")
-                {
+                if kernel == KernelChoice::Fused && stage.is_projection() {
                     continue;
                 }
                 let id = BenchmarkId::new(format!("{stage}{clock}"), seq);

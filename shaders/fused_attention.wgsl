@@ -7,7 +7,7 @@
 //     j <= i; padding: key_mask[b, j] != 0), m_i their maximum score.
 // A query with no key to attend gets zeros. Memory traffic and footprint grow linearly with seq.
 //
-// Bindings (group 0):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  params    uniform             FusedParams, below
 //   1  qkv       storage, read       vec4<f32>; Q at q_offset4 and K at k_offset4, head-major
 //                                    [batch, heads, seq, dp4]; V at v_offset4 as
@@ -22,15 +22,17 @@
 //   1. S = Q Kᵀ for its 8 rows x 8 keys, 64 scores in named registers: the score kernel's tile,
 //      shared with it in score_tile.wgsl;
 //   2. the online softmax: row maxima and sums combined across the TX invocations of a row
-//      through workgroup memory as vec4s, scores in the exp2 domain (scale · log2 e folded in),
-//      the running max raised, the running sum and the output rescaled by exp2(m_old - m_new);
+//      through workgroup memory as vec4s, the maxima taken over unscaled scores (times the
+//      scale's sign) and the scale applied only to differences from them, so a huge scale
+//      cannot overflow; the running max raised, the running sum and the output rescaled by
+//      exp(|scale| (m_old - m_new));
 //   3. O += P V: P written to workgroup memory, V staged VK keys at a time; each invocation
 //      owns 8 rows x NV vec4 columns (columns 4 (tx + TX c)), and each loaded vec4 of V feeds
 //      8 rows.
 // At the end O is divided by the running sum once. Masked scores never enter exp: they are set
 // to LOWEST and selected out. Workgroup rows are padded (stride DK4 + 1 vec4) so that reads of
-// eight neighbouring rows fall in distinct banks. The workgroup id is linearised over a
-// possibly folded grid.
+// eight neighbouring rows fall in distinct banks. The workgroup index comes from
+// dispatch.wgsl (folded grids, chunked dispatches).
 
 override TX: u32 = 8u;   // BC = 8 TX keys per block; also the column invocations of O
 override TY: u32 = 8u;   // BR = 8 TY query rows per workgroup
@@ -97,15 +99,26 @@ fn keys_present(b: u32, kb: u32, tx: u32) -> Keys8 {
     return Keys8(a, c);
 }
 
-// Scales a row's scores into the exp2 domain and sets masked ones to LOWEST.
+// Sets a row's masked scores to LOWEST. The others stay unscaled, times the sign of the scale:
+// softmax(scale s) = softmax(|scale| (sign s)), and taking the maximum before scaling means no
+// product with the scale is formed until after the maximum is subtracted, so no scale that is
+// finite can overflow a score into inf - inf = NaN.
 fn mask_row(s: Keys8, present: Keys8, i: u32, kb: u32, tx: u32) -> Keys8 {
     let j_a = vec4<u32>(kb + tx) + vec4<u32>(0u, TX, 2u * TX, 3u * TX);
     let j_b = j_a + vec4<u32>(4u * TX);
     let causal = p.causal != 0u;
-    let ok_a = present.a > vec4<f32>(0.0) & (vec4<bool>(!causal) | j_a <= vec4<u32>(i));
-    let ok_b = present.b > vec4<f32>(0.0) & (vec4<bool>(!causal) | j_b <= vec4<u32>(i));
-    let k = p.scale * LOG2E;
-    return Keys8(select(vec4<f32>(LOWEST), s.a * k, ok_a), select(vec4<f32>(LOWEST), s.b * k, ok_b));
+    // WGSL requires the parentheses between comparisons and & or |.
+    let ok_a = (present.a > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_a <= vec4<u32>(i)));
+    let ok_b = (present.b > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_b <= vec4<u32>(i)));
+    let sg = sign(p.scale);
+    return Keys8(select(vec4<f32>(LOWEST), s.a * sg, ok_a), select(vec4<f32>(LOWEST), s.b * sg, ok_b));
+}
+
+// exp(|scale| d) for a difference d <= 0 of unscaled scores, through exp2. Multiplying d by the
+// scale first and by log2 e second keeps a scale near f32::MAX from overflowing to inf: at worst
+// the product is -inf, and exp2(-inf) = 0.
+fn exp_scaled(d: vec4<f32>) -> vec4<f32> {
+    return exp2((d * abs(p.scale)) * LOG2E);
 }
 
 fn row_max(s: Keys8) -> f32 {
@@ -115,8 +128,8 @@ fn row_max(s: Keys8) -> f32 {
 
 fn exp_row(s: Keys8, m: f32) -> Keys8 {
     return Keys8(
-        select(vec4<f32>(0.0), exp2(s.a - m), s.a != vec4<f32>(LOWEST)),
-        select(vec4<f32>(0.0), exp2(s.b - m), s.b != vec4<f32>(LOWEST)),
+        select(vec4<f32>(0.0), exp_scaled(s.a - m), s.a != vec4<f32>(LOWEST)),
+        select(vec4<f32>(0.0), exp_scaled(s.b - m), s.b != vec4<f32>(LOWEST)),
     );
 }
 
@@ -160,7 +173,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let tile = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let tile = workgroup_index(wid, nwg);
     if (tile >= p.total_tiles) {
         return;
     }
@@ -234,8 +247,8 @@ fn main(
         red[red_at] = vec4<f32>(row_sum(w0), row_sum(w1), row_sum(w2), row_sum(w3));
         red[red_at + 1u] = vec4<f32>(row_sum(w4), row_sum(w5), row_sum(w6), row_sum(w7));
         // While every key so far is masked m stays LOWEST and alpha is 1: l and o are still 0.
-        let a_lo = exp2(m_lo - mb_lo);
-        let a_hi = exp2(m_hi - mb_hi);
+        let a_lo = exp_scaled(m_lo - mb_lo);
+        let a_hi = exp_scaled(m_hi - mb_hi);
         m_lo = mb_lo;
         m_hi = mb_hi;
         o.r0 = scale_row(o.r0, a_lo.x);

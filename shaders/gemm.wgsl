@@ -5,7 +5,7 @@
 // once for the fused Q|K|V projection (the three weights side by side) and once for the output
 // projection.
 //
-// Bindings (group 0):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  params  uniform             GemmParams, below
 //   1  a       storage, read       f32 [M, K] row-major (x, or the concatenated heads); any K
 //   2  b       storage, read       vec4<f32> [K, N/4] row-major; N is a multiple of 4, the padding
@@ -22,8 +22,8 @@
 // C; each invocation 8 rows by NV vec4 column groups (tx + TX c), in named registers. Tiles of
 // A (as vec4 along k, rows padded to TK/4 + 1 vec4 so neighbouring rows use distinct banks)
 // and B, TK deep, are staged through workgroup memory; each loaded vec4 of B feeds 8 rows. The
-// grid may be folded into 2D/3D to respect max_compute_workgroups_per_dimension, so the
-// workgroup id is linearised and workgroups past the last tile return at once (uniformly).
+// workgroup index comes from dispatch.wgsl (folded grids, chunked dispatches); workgroups past
+// the last tile return at once (uniformly).
 
 override TX: u32 = 8u;
 override TY: u32 = 8u;
@@ -132,7 +132,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let tile = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let tile = workgroup_index(wid, nwg);
     if (tile >= p.total_tiles) {
         return;
     }

@@ -6,7 +6,7 @@
 //                                                            padding: key_mask[b, j] == 0)
 // Columns seq .. seq_pad - 1 (row padding) are left alone: softmax.wgsl never reads them.
 //
-// Bindings (group 0):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  params    uniform             ScoreParams, below
 //   1  qkv       storage, read       vec4<f32>; Q at q_offset4 and K at k_offset4, each head-major
 //                                    [batch, heads, seq, dp4] (head width padded with zeros to a
@@ -18,7 +18,7 @@
 // 8 TX keys of one head; each invocation 8 queries by 8 keys (keys tx + TX j), 64 scores in
 // named registers, from Q and K staged DK columns at a time; each loaded vec4 feeds 8 dot
 // products. Causal tiles wholly above the diagonal skip the products and only write -inf. The
-// workgroup id is linearised over a possibly folded grid.
+// workgroup index comes from dispatch.wgsl (folded grids, chunked dispatches).
 
 override TX: u32 = 8u;
 override TY: u32 = 8u;
@@ -38,6 +38,12 @@ struct ScoreParams {
     causal: u32,
     has_mask: u32,
     scale: f32,
+    // -inf, passed in: WGSL makes an infinite constant expression a compile error (Tint rejects
+    // even a bitcast of its bits), so the value must come from outside the shader.
+    neg_inf: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: ScoreParams;
@@ -47,10 +53,6 @@ struct ScoreParams {
 
 // Q rows at [row * (DK/4 + 1) + d4], then K rows at 8 TY (DK/4 + 1) + [key * (DK/4 + 1) + d4].
 var<workgroup> stage: array<vec4<f32>, (8u * TY + 8u * TX) * (DK / 4u + 1u)>;
-
-fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
-}
 
 fn masked(b: u32, i: u32, j: u32) -> bool {
     if (p.causal != 0u && j > i) {
@@ -71,7 +73,7 @@ fn store_row(bh: u32, b: u32, i: u32, col0: u32, tx: u32, s: Keys8) {
             v = s.b[j % 4u];
         }
         if (key < p.seq) {
-            scores[base + key] = select(p.scale * v, neg_inf(), masked(b, i, key));
+            scores[base + key] = select(p.scale * v, p.neg_inf, masked(b, i, key));
         }
     }
 }
@@ -83,7 +85,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let tile = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let tile = workgroup_index(wid, nwg);
     if (tile >= p.total_tiles) {
         return;
     }

@@ -7,7 +7,7 @@
 // rather than read from the -inf the score kernel stores, so no arithmetic on infinities is
 // needed (some backends compile with fast math, which assumes there are none).
 //
-// Bindings (group 0):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  params    uniform             SoftmaxParams, below
 //   1  key_mask  storage, read       u32 [batch, seq]; 0 = padding (read only if has_mask != 0)
 //   2  probs     storage, read_write vec4<f32> [batch * heads, seq, seq_pad / 4]: scores in,
@@ -17,7 +17,7 @@
 // walks the row in vec4 strides keeping a running maximum and a running sum rescaled whenever
 // the maximum grows (the online softmax), the WG partial (max, sum) pairs are combined by a tree
 // reduction in workgroup memory, and a second walk writes the probabilities. The row index is
-// linearised over a possibly folded grid.
+// dispatch.wgsl's workgroup index (folded grids, chunked dispatches).
 
 override WG: u32 = 256u;
 
@@ -61,7 +61,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let row = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let row = workgroup_index(wid, nwg);
     if (row >= p.rows) {
         return;
     }

@@ -4,7 +4,7 @@
 //     out[b, i, h * head_dim_v + d] = sum_j P[bh, i, j] * V[bh, j, d]      (bh = b * heads + h)
 // which is steps 6 and 7 of the worked example (weight every value, sum) for all queries at once.
 //
-// Bindings (group 0):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  params  uniform             WeightedSumParams, below
 //   1  probs   storage, read       vec4<f32> [batch * heads, seq, seq_pad / 4]; zero where masked
 //                                  and in the row padding
@@ -18,7 +18,7 @@
 // registers. P and V tiles TK keys deep are staged through workgroup memory as straight vec4
 // copies (P rows padded to TK/4 + 1 vec4); each vec4 of V feeds 8 queries. With causal masking
 // the walk over keys stops after the tile's last query (P is zero beyond it). The workgroup id
-// is linearised over a possibly folded grid.
+// is dispatch.wgsl's workgroup index (folded grids, chunked dispatches).
 
 override TX: u32 = 8u;
 override TY: u32 = 8u;
@@ -82,7 +82,7 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let tile = wid.x + nwg.x * (wid.y + nwg.y * wid.z);
+    let tile = workgroup_index(wid, nwg);
     if (tile >= p.total_tiles) {
         return;
     }

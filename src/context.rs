@@ -1,7 +1,8 @@
 //! The GPU context: a device and queue, either created from the environment or handed over by
 //! an application that already has them, plus the compiled kernels shared by every plan on it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::kernels::KernelCache;
@@ -203,32 +204,27 @@ impl GpuContext {
     }
 }
 
-/// Runs `f` inside validation, out-of-memory and internal error scopes and returns the first
-/// error wgpu reported as [`Error::Wgpu`], naming `stage`.
-pub(crate) fn scoped<T>(device: &wgpu::Device, stage: &str, f: impl FnOnce() -> T) -> Result<T> {
-    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let value = f();
-    // Scopes pop in reverse order of their push.
-    let errors = [
-        pollster::block_on(validation.pop()),
-        pollster::block_on(internal.pop()),
-        pollster::block_on(oom.pop()),
-    ];
-    match errors.into_iter().flatten().next() {
-        None => Ok(value),
-        Some(e) => Err(Error::Wgpu {
-            stage: stage.to_string(),
-            message: e.to_string(),
-        }),
-    }
-}
-
+/// The process's one wgpu instance for `backends`, made on first use.
+///
+/// wgpu identifies buffers, bind groups and devices by an index that is unique only within an
+/// instance, and compares them by that index alone. Two contexts made from two instances can
+/// therefore hold different buffers that compare equal, and a buffer of one context passed to
+/// another would silently bind whichever buffer shares its index there. Sharing one instance
+/// per backend set keeps every index unique, so wgpu's own validation catches such a mix-up.
 fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    desc.backends = backends;
-    wgpu::Instance::new(desc)
+    static INSTANCES: OnceLock<Mutex<HashMap<wgpu::Backends, wgpu::Instance>>> = OnceLock::new();
+    let mut instances = INSTANCES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    instances
+        .entry(backends)
+        .or_insert_with(|| {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends = backends;
+            wgpu::Instance::new(desc)
+        })
+        .clone()
 }
 
 /// Every adapter on the given backends, for listing.

@@ -132,6 +132,18 @@ pub enum Error {
         value: f32,
     },
 
+    /// The GPU produced NaN or infinity although every input was finite: a product or sum
+    /// passed f32's range. Returned instead of the values, which would be silently wrong.
+    #[error("the output holds {value} at index {index} although every input was finite: {hint}")]
+    NonFiniteOutput {
+        /// The multi-dimensional index of the first bad value.
+        index: Shape,
+        /// The value found.
+        value: f32,
+        /// What overflowed and what to do about it.
+        hint: String,
+    },
+
     /// A key-padding mask holds something other than 0 or 1.
     #[error("key_mask holds {value} at index {index}: use 1 for a real token and 0 for padding")]
     InvalidMask {

@@ -3,6 +3,9 @@
 
 use std::time::Instant;
 
+use crate::gpu::map_and_read;
+use crate::stage::Stage;
+
 /// How the stage times were measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimingSource {
@@ -13,53 +16,70 @@ pub enum TimingSource {
     WallClock,
 }
 
-/// The GPU time of one stage.
+/// The GPU time of one stage, measured alone: a breakdown of [`StageTimes::total`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageTime {
-    /// The stage: `project q, k, v`, `scores`, `softmax`, `weighted sum`, `fused attention` or
-    /// `output projection`.
-    pub stage: &'static str,
+    /// The stage.
+    pub stage: Stage,
     /// Its duration.
     pub seconds: f64,
 }
 
-/// Every stage's time for one run of a plan.
+/// The times of one run of a plan: the whole stream as [`crate::AttentionPlan::run`] records
+/// it, and each stage run alone.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageTimes {
     /// How they were measured.
     pub source: TimingSource,
-    /// In the order the plan runs them.
+    /// The dispatches exactly as `run` submits them (one compute pass per run of consecutive
+    /// dispatches, cut into the same submissions), from the start of the first pass to the
+    /// end of the last; no upload or read-back.
+    pub gpu_seconds: f64,
+    /// The host's clock around that same stream, from its first submission to its
+    /// completion: [`StageTimes::gpu_seconds`] plus submission and waiting overhead.
+    pub wall_seconds: f64,
+    /// Each stage in a submission of its own, in the order the plan runs them: a breakdown.
+    /// Their sum exceeds [`StageTimes::gpu_seconds`] by the passes and barriers that the real
+    /// stream shares between stages.
     pub stages: Vec<StageTime>,
 }
 
 impl StageTimes {
-    /// The sum over all stages.
+    /// The GPU time of the whole layer as it runs: [`StageTimes::gpu_seconds`].
     pub fn total(&self) -> f64 {
-        self.stages.iter().map(|s| s.seconds).sum()
+        self.gpu_seconds
     }
 
-    /// The time of `stage`, if the plan has it.
-    pub fn get(&self, stage: &str) -> Option<f64> {
+    /// The time of `stage` in the breakdown, if the plan has it.
+    pub fn get(&self, stage: Stage) -> Option<f64> {
         self.stages
             .iter()
             .find(|s| s.stage == stage)
             .map(|s| s.seconds)
     }
 
-    /// The attention alone, `softmax(scale · Q Kᵀ) V`: every stage but the projections.
+    /// The attention alone, `softmax(scale · Q Kᵀ) V`, from the breakdown: every stage but the
+    /// projections.
     pub fn attention(&self) -> f64 {
         self.stages
             .iter()
-            .filter(|s| !PROJECTION_STAGES.contains(&s.stage))
+            .filter(|s| !s.stage.is_projection())
+            .map(|s| s.seconds)
+            .sum()
+    }
+
+    /// The projections alone, from the breakdown.
+    pub fn projections(&self) -> f64 {
+        self.stages
+            .iter()
+            .filter(|s| s.stage.is_projection())
             .map(|s| s.seconds)
             .sum()
     }
 }
 
-/// The stages that are matrix products with weights rather than attention.
-pub const PROJECTION_STAGES: [&str; 2] = ["project q, k, v", "output projection"];
-
-/// A query set with a start and an end timestamp per stage, and the buffers to read it back.
+/// A query set with a start and an end timestamp per measured interval, and the buffers to
+/// read it back.
 #[derive(Debug)]
 pub(crate) struct GpuTimer {
     pub queries: wgpu::QuerySet,
@@ -69,8 +89,8 @@ pub(crate) struct GpuTimer {
 }
 
 impl GpuTimer {
-    pub fn new(device: &wgpu::Device, stages: u32) -> Self {
-        let count = 2 * stages;
+    pub fn new(device: &wgpu::Device, intervals: u32) -> Self {
+        let count = 2 * intervals;
         let bytes = count as u64 * 8;
         GpuTimer {
             queries: device.create_query_set(&wgpu::QuerySetDescriptor {
@@ -94,13 +114,9 @@ impl GpuTimer {
         }
     }
 
-    /// The pass's timestamp writes for stage `i`.
-    pub fn writes(&self, i: u32) -> wgpu::ComputePassTimestampWrites<'_> {
-        wgpu::ComputePassTimestampWrites {
-            query_set: &self.queries,
-            beginning_of_pass_write_index: Some(2 * i),
-            end_of_pass_write_index: Some(2 * i + 1),
-        }
+    /// The number of intervals.
+    pub fn intervals(&self) -> u32 {
+        self.count / 2
     }
 
     /// Records the copy of the timestamps to the mappable buffer.
@@ -109,16 +125,29 @@ impl GpuTimer {
         encoder.copy_buffer_to_buffer(&self.resolve, 0, &self.read, 0, self.resolve.size());
     }
 
-    /// Waits for the submitted work and returns each stage's duration in seconds.
+    /// Waits for the submitted work and returns each interval's duration in seconds. An
+    /// interval whose end is not after its start (never written, or written out of order) is
+    /// an error, not a zero.
     pub fn read(&self, device: &wgpu::Device, queue: &wgpu::Queue) -> crate::Result<Vec<f64>> {
-        let ticks = crate::plan::map_and_read(device, &self.read, |bytes| {
+        let ticks = map_and_read(device, &self.read, |bytes| {
             bytemuck::cast_slice::<u8, u64>(bytes).to_vec()
         })?;
         let period = queue.get_timestamp_period() as f64 * 1e-9;
-        Ok(ticks
+        ticks
             .chunks_exact(2)
-            .map(|t| t[1].saturating_sub(t[0]) as f64 * period)
-            .collect())
+            .enumerate()
+            .map(|(i, t)| match t[1].checked_sub(t[0]) {
+                Some(d) if d > 0 && t[0] > 0 => Ok(d as f64 * period),
+                _ => Err(crate::Error::Wgpu {
+                    stage: "reading GPU timestamps".into(),
+                    message: format!(
+                        "interval {i} has start {} and end {}: the timestamps were not written \
+                         in order",
+                        t[0], t[1]
+                    ),
+                }),
+            })
+            .collect()
     }
 }
 

@@ -438,8 +438,11 @@ fn measure_gpu(
     for _ in 0..args.warmup {
         plan.run(inputs)?;
     }
-    let mut per_stage: Vec<(&'static str, Vec<f64>)> =
-        plan.stages().into_iter().map(|s| (s, Vec::new())).collect();
+    let mut per_stage: Vec<(&'static str, Vec<f64>)> = plan
+        .stages()
+        .into_iter()
+        .map(|s| (s.label(), Vec::new()))
+        .collect();
     let (mut gpu, mut attention, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
     let mut source = TimingSource::Timestamps;
     for _ in 0..args.repeats {

@@ -197,8 +197,13 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
             let proj_flops = 2.0 * config.seq_len as f64 * config.d_model as f64 * width;
             let score_flops =
                 2.0 * (config.heads * config.seq_len * config.seq_len * config.head_dim) as f64;
-            projection_gflops = proj_flops / times.get("project q, k, v").unwrap_or(f64::NAN) / 1e9;
-            score_kernel_gflops = score_flops / times.get("scores").unwrap_or(f64::NAN) / 1e9;
+            projection_gflops = proj_flops
+                / times
+                    .get(wgpu_attention::Stage::Projection)
+                    .unwrap_or(f64::NAN)
+                / 1e9;
+            score_kernel_gflops =
+                score_flops / times.get(wgpu_attention::Stage::Scores).unwrap_or(f64::NAN) / 1e9;
         }
         if r.seq == 1024 && r.causal {
             causal_over_dense = fused / dense_fused;
@@ -436,7 +441,7 @@ fn gemm_roofline(ctx: &GpuContext) -> Result<f64, CliError> {
     for _ in 0..5 {
         samples.push(
             plan.time_stages(&inputs)?
-                .get("project q, k, v")
+                .get(wgpu_attention::Stage::Projection)
                 .unwrap_or(f64::NAN),
         );
     }

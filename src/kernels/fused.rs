@@ -1,9 +1,9 @@
 //! Host side of `fused_attention.wgsl`: the FlashAttention-2 style kernel, with its tile shape
 //! chosen to fit the device's workgroup memory and invocation limits.
 
+use super::Layout;
 use super::{DispatchSpec, Kernel, rows_per_eight};
 use crate::error::{Error, Result};
-use crate::plan::Layout;
 
 /// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
 #[repr(C)]
@@ -140,6 +140,12 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
         overrides: tiles.overrides(),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: {
+            let full = 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64;
+            // Causal blocks above the diagonal are never visited: about half the work.
+            let visited = if l.causal { 0.5 } else { 1.0 };
+            full * (l.dp + l.dvp) as f64 * visited
+        },
     })
 }
 

@@ -83,5 +83,6 @@ pub(crate) fn spec(m: u32, n: u32, k: u32, store: Store, limits: &wgpu::Limits) 
         overrides,
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: 2.0 * m as f64 * n as f64 * k as f64,
     }
 }

@@ -7,15 +7,20 @@
 
 pub(crate) mod fused;
 pub(crate) mod gemm;
+pub(crate) mod layout;
 pub(crate) mod scores;
 pub(crate) mod softmax;
 pub(crate) mod weighted_sum;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
-use crate::context::scoped;
+use wgpu::util::DeviceExt;
+
 use crate::error::{Error, Result};
+use crate::gpu::scoped_async;
+pub(crate) use layout::{Layout, check_sizes};
 
 /// The WGSL kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,9 +77,10 @@ impl Kernel {
         }
     }
 
-    /// The module compiled: the register-tile helpers of `shaders/tiles.wgsl` ahead of the
-    /// kernels that use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two
-    /// that compute scores.
+    /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
+    /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
+    /// use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
+    /// scores.
     pub fn source(self) -> &'static str {
         macro_rules! with {
             ($($file:literal),+) => {
@@ -82,11 +88,21 @@ impl Kernel {
             };
         }
         match self {
-            Kernel::Gemm => with!("tiles.wgsl", "gemm.wgsl"),
-            Kernel::Scores => with!("tiles.wgsl", "score_tile.wgsl", "scores.wgsl"),
-            Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
-            Kernel::WeightedSum => with!("tiles.wgsl", "weighted_sum.wgsl"),
-            Kernel::Fused => with!("tiles.wgsl", "score_tile.wgsl", "fused_attention.wgsl"),
+            Kernel::Gemm => with!("dispatch.wgsl", "tiles.wgsl", "gemm.wgsl"),
+            Kernel::Scores => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "score_tile.wgsl",
+                "scores.wgsl"
+            ),
+            Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
+            Kernel::WeightedSum => with!("dispatch.wgsl", "tiles.wgsl", "weighted_sum.wgsl"),
+            Kernel::Fused => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "score_tile.wgsl",
+                "fused_attention.wgsl"
+            ),
         }
     }
 
@@ -122,6 +138,26 @@ struct CacheState {
 pub(crate) struct KernelCache {
     device: wgpu::Device,
     state: Mutex<CacheState>,
+    chunks: OnceLock<ChunkTable>,
+    /// The device's measured arithmetic rate in FLOP/s (f64 bits), which sizes submissions.
+    rate: AtomicU64,
+}
+
+/// Most chunks one dispatch is split into (see `shaders/dispatch.wgsl`).
+pub(crate) const MAX_CHUNKS: u32 = 1024;
+
+/// The FLOP/s assumed before anything was measured: a CPU-class rate, so that a first call on
+/// a slow device still makes short submissions. One measured call corrects it.
+const ASSUMED_RATE: f64 = 1e9;
+
+/// The per-device table of chunk numbers that `dispatch.wgsl` reads at a dynamic offset, with
+/// its bind group: made once, so splitting a dispatch allocates nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkTable {
+    pub layout: wgpu::BindGroupLayout,
+    pub group: wgpu::BindGroup,
+    /// Bytes between entries: the device's uniform offset alignment.
+    pub stride: u32,
 }
 
 /// A compiled kernel specialisation and the layout its bind groups use.
@@ -136,35 +172,121 @@ impl KernelCache {
         KernelCache {
             device: device.clone(),
             state: Mutex::new(CacheState::default()),
+            chunks: OnceLock::new(),
+            rate: AtomicU64::new(ASSUMED_RATE.to_bits()),
         }
     }
 
-    /// The pipeline of `kernel` specialised with `overrides`, compiled on first use.
-    pub fn pipeline(&self, kernel: Kernel, overrides: &[(&'static str, f64)]) -> Result<Pipeline> {
+    /// The device's arithmetic rate, as last measured by a run (FLOP/s).
+    pub fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// Records a measured rate: `flops` of work took `seconds` from submission to completion.
+    /// Runs shorter than a few milliseconds are mostly overhead and are not counted.
+    pub fn measured(&self, flops: f64, seconds: f64) {
+        if seconds > 0.005 && flops > 0.0 {
+            self.rate
+                .store((flops / seconds).to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// The chunk table, made on first use.
+    pub async fn chunks(&self) -> Result<ChunkTable> {
+        if let Some(t) = self.chunks.get() {
+            return Ok(t.clone());
+        }
+        let table = scoped_async(&self.device, "creating the dispatch-chunk table", || {
+            let align = self.device.limits().min_uniform_buffer_offset_alignment;
+            let stride = align.max(16);
+            let mut bytes = vec![0u8; (MAX_CHUNKS * stride) as usize];
+            for i in 0..MAX_CHUNKS {
+                let at = (i * stride) as usize;
+                bytes[at..at + 4].copy_from_slice(&i.to_le_bytes());
+            }
+            let buffer = self
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("dispatch chunks"),
+                    contents: &bytes,
+                    usage: wgpu::BufferUsages::UNIFORM,
+                });
+            let layout = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("dispatch chunk"),
+                    entries: &[wgpu::BindGroupLayoutEntry {
+                        binding: 0,
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Uniform,
+                            has_dynamic_offset: true,
+                            min_binding_size: wgpu::BufferSize::new(CHUNK_BYTES),
+                        },
+                        count: None,
+                    }],
+                });
+            let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("dispatch chunk"),
+                layout: &layout,
+                entries: &[wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &buffer,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(CHUNK_BYTES),
+                    }),
+                }],
+            });
+            ChunkTable {
+                layout,
+                group,
+                stride,
+            }
+        })
+        .await?;
+        Ok(self.chunks.get_or_init(|| table).clone())
+    }
+
+    /// The pipeline of `kernel` specialised with `overrides`, compiled on first use. Never
+    /// blocks: wgpu's error scopes are awaited, so this works on the web too.
+    pub async fn pipeline(
+        &self,
+        kernel: Kernel,
+        overrides: &[(&'static str, f64)],
+    ) -> Result<Pipeline> {
         let key = PipelineKey {
             kernel,
             overrides: overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
         };
-        // A poisoned lock only means another thread panicked mid-insert; the maps stay valid.
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (bgl, layout) = match state.layouts.get(&kernel) {
-            Some(l) => l.clone(),
+        // The lock is never held across an await: two threads may compile the same
+        // specialisation at once, and the second insert simply wins.
+        let (layouts, module, cached) = {
+            let state = self.lock();
+            (
+                state.layouts.get(&kernel).cloned(),
+                state.modules.get(&kernel).cloned(),
+                state.pipelines.get(&key).cloned(),
+            )
+        };
+        let (bgl, layout) = match layouts {
+            Some(l) => l,
             None => {
-                let l = self.create_layouts(kernel)?;
-                state.layouts.insert(kernel, l.clone());
+                let l = self.create_layouts(kernel).await?;
+                self.lock().layouts.insert(kernel, l.clone());
                 l
             }
         };
-        if let Some(p) = state.pipelines.get(&key) {
+        if let Some(pipeline) = cached {
             return Ok(Pipeline {
-                pipeline: p.clone(),
+                pipeline,
                 layout: bgl,
             });
         }
-        let module = match state.modules.get(&kernel) {
-            Some(m) => m.clone(),
+        let module = match module {
+            Some(m) => m,
             None => {
-                let m = scoped(
+                let m = scoped_async(
                     &self.device,
                     &format!("compiling {}", kernel.file_name()),
                     || {
@@ -174,8 +296,9 @@ impl KernelCache {
                                 source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
                             })
                     },
-                )?;
-                state.modules.insert(kernel, m.clone());
+                )
+                .await?;
+                self.lock().modules.insert(kernel, m.clone());
                 m
             }
         };
@@ -183,7 +306,7 @@ impl KernelCache {
             "building the {} pipeline with {overrides:?}",
             kernel.file_name()
         );
-        let pipeline = scoped(&self.device, &stage, || {
+        let pipeline = scoped_async(&self.device, &stage, || {
             self.device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(kernel.file_name()),
@@ -197,18 +320,25 @@ impl KernelCache {
                     },
                     cache: None,
                 })
-        })?;
-        state.pipelines.insert(key, pipeline.clone());
+        })
+        .await?;
+        self.lock().pipelines.insert(key, pipeline.clone());
         Ok(Pipeline {
             pipeline,
             layout: bgl,
         })
     }
 
-    fn create_layouts(
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        // A poisoned lock only means another thread panicked mid-insert; the maps stay valid.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn create_layouts(
         &self,
         kernel: Kernel,
     ) -> Result<(wgpu::BindGroupLayout, wgpu::PipelineLayout)> {
+        let chunks = self.chunks().await?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
             .slots()
             .iter()
@@ -233,7 +363,7 @@ impl KernelCache {
                 count: None,
             })
             .collect();
-        scoped(
+        scoped_async(
             &self.device,
             &format!("laying out {}", kernel.file_name()),
             || {
@@ -247,12 +377,13 @@ impl KernelCache {
                     .device
                     .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                         label: Some(kernel.file_name()),
-                        bind_group_layouts: &[Some(&bgl)],
+                        bind_group_layouts: &[Some(&bgl), Some(&chunks.layout)],
                         immediate_size: 0,
                     });
                 (bgl, layout)
             },
         )
+        .await
     }
 }
 
@@ -277,13 +408,17 @@ pub(crate) fn fold_grid(total: u32, max_per_dim: u32, what: &str) -> Result<[u32
 }
 
 /// One dispatch of one kernel, before it is bound to buffers: which specialisation, the uniform
-/// parameters, and how many workgroups.
+/// parameters, how many workgroups, and the arithmetic it does (which sizes submissions).
 pub(crate) struct DispatchSpec {
     pub kernel: Kernel,
     pub overrides: Overrides,
     pub params: Vec<u8>,
     pub workgroups: u32,
+    pub flops: f64,
 }
+
+/// Size of `Chunk` in `shaders/dispatch.wgsl`.
+const CHUNK_BYTES: u64 = 16;
 
 /// Workgroup shape of the register-tiled kernels (gemm, scores, weighted_sum; see
 /// `shaders/tiles.wgsl`): `tx` x `ty` invocations, each owning 8 rows and either `nv` vec4

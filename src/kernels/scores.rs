@@ -1,7 +1,7 @@
 //! Host side of `scores.wgsl`: the scaled, masked score matrix.
 
+use super::Layout;
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
-use crate::plan::Layout;
 
 /// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
 #[repr(C)]
@@ -19,6 +19,8 @@ struct ScoreParams {
     causal: u32,
     has_mask: u32,
     scale: f32,
+    neg_inf: f32,
+    _pad: [u32; 3],
 }
 
 /// Scores of every (batch, head) in one dispatch.
@@ -40,11 +42,14 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         causal: l.causal as u32,
         has_mask: l.has_mask as u32,
         scale: l.scale,
+        neg_inf: f32::NEG_INFINITY,
+        _pad: [0; 3],
     };
     DispatchSpec {
         kernel: Kernel::Scores,
         overrides: tiles.overrides("DK"),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64 * l.dp as f64,
     }
 }

@@ -1,7 +1,7 @@
 //! Host side of `softmax.wgsl`: the stable row softmax, in place.
 
+use super::Layout;
 use super::{DispatchSpec, Kernel};
-use crate::plan::Layout;
 
 /// Uniform parameters; the layout of `SoftmaxParams` in `softmax.wgsl`.
 #[repr(C)]
@@ -45,5 +45,7 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         overrides: vec![("WG", wg as f64)],
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: rows,
+        // A maximum, an exp, a sum and a division per score; few but costly.
+        flops: 5.0 * rows as f64 * l.seq as f64,
     }
 }

@@ -1,7 +1,7 @@
 //! Host side of `weighted_sum.wgsl`: `P V` with the heads concatenated.
 
+use super::Layout;
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
-use crate::plan::Layout;
 
 /// Uniform parameters; the layout of `WeightedSumParams` in `weighted_sum.wgsl`.
 #[repr(C)]
@@ -46,5 +46,6 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         overrides: tiles.overrides("TK"),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,
+        flops: 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64 * l.dvp as f64,
     }
 }
