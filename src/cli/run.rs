@@ -191,6 +191,7 @@ pub fn main(
     spinner.finish_and_clear();
     progress.remove(&spinner);
     let gpu = gpu?;
+    report_peak_memory("after the GPU");
     let checked = match &rows {
         Some(rows) => {
             let (name, output) = gpu.into_iter().next().expect("the output comes first");
@@ -225,20 +226,21 @@ pub fn main(
     Output::write(&args.output, &tensors)?;
     let names: Vec<&str> = tensors.iter().map(|(name, _)| *name).collect();
     println!("wrote {} ({})", args.output.display(), names.join(", "));
-    report_peak_memory();
+    report_peak_memory("at the end");
     Ok(())
 }
 
-/// With WGPU_ATTENTION_REPORT_PEAK_RSS set, prints the process's peak resident memory
-/// (Linux's VmHWM) to stderr, so a test can hold the run to a memory bound.
-fn report_peak_memory() {
+/// With WGPU_ATTENTION_REPORT_PEAK_RSS set, prints the process's peak resident memory so far
+/// (Linux's VmHWM) to stderr, so a test can hold the run, and the check's share of it, to a
+/// bound.
+fn report_peak_memory(when: &str) {
     if std::env::var_os("WGPU_ATTENTION_REPORT_PEAK_RSS").is_none() {
         return;
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     match status.lines().find(|l| l.starts_with("VmHWM:")) {
-        Some(line) => eprintln!("peak memory {}", line["VmHWM:".len()..].trim()),
-        None => eprintln!("peak memory unknown"),
+        Some(line) => eprintln!("peak memory {when}: {}", line["VmHWM:".len()..].trim()),
+        None => eprintln!("peak memory {when}: unknown"),
     }
 }
 
