@@ -126,6 +126,16 @@ fn spread(len: usize, count: usize) -> Vec<usize> {
     picked
 }
 
+/// A bar counting the rows `plan` checks.
+pub fn progress_bar(plan: &RowPlan) -> ProgressBar {
+    ProgressBar::new(plan.rows.len() as u64).with_style(
+        ProgressStyle::with_template(
+            "checking   {bar:30} {pos}/{len} rows, {elapsed} spent, about {eta} left",
+        )
+        .expect("the template is valid"),
+    )
+}
+
 /// Compares the GPU `output` `[batch, seq, d_out]` with the reference rows `plan` names,
 /// streaming them so memory stays linear in `seq`.
 pub fn output(
@@ -137,13 +147,6 @@ pub fn output(
 ) -> Result<Comparison, CliError> {
     let c = &layer.config;
     let d_out = c.d_out();
-    progress.set_length(plan.rows.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template(
-            "checking   {bar:30} {pos}/{len} rows, {elapsed} spent, about {eta} left",
-        )
-        .expect("the template is valid"),
-    );
     let mut expected = Vec::with_capacity(plan.rows.len() * d_out);
     let flow = reference::for_each_output_row::<()>(
         c,

@@ -195,10 +195,11 @@ pub fn main(
     let checked = match &rows {
         Some(rows) => {
             let (name, output) = gpu.into_iter().next().expect("the output comes first");
-            let bar = progress.add(ProgressBar::no_length());
-            if estimate.check_seconds <= 2.0 {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-            }
+            let bar = if estimate.check_seconds > 2.0 {
+                progress.add(check::progress_bar(rows))
+            } else {
+                ProgressBar::hidden()
+            };
             let comparison = check::output(&layer, &output, rows, tolerance, &bar)?;
             progress.remove(&bar);
             vec![Checked {
