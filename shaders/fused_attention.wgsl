@@ -110,15 +110,17 @@ fn mask_row(s: Keys8, present: Keys8, i: u32, kb: u32, tx: u32) -> Keys8 {
     // WGSL requires the parentheses between comparisons and & or |.
     let ok_a = (present.a > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_a <= vec4<u32>(i)));
     let ok_b = (present.b > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_b <= vec4<u32>(i)));
-    let sg = sign(p.scale);
+    let sg = select(1.0, -1.0, p.scale < 0.0);
     return Keys8(select(vec4<f32>(LOWEST), s.a * sg, ok_a), select(vec4<f32>(LOWEST), s.b * sg, ok_b));
 }
 
 // exp(|scale| d) for a difference d <= 0 of unscaled scores, through exp2. Multiplying d by the
 // scale first and by log2 e second keeps a scale near f32::MAX from overflowing to inf: at worst
-// the product is -inf, and exp2(-inf) = 0.
+// the product is -inf, and exp2(-inf) = 0. A zero exponent gives exactly 1 without exp2: at
+// scale 0 every exponent is a signed zero, and exp2(-0.0) came back NaN on a CPU Vulkan driver.
 fn exp_scaled(d: vec4<f32>) -> vec4<f32> {
-    return exp2((d * abs(p.scale)) * LOG2E);
+    let t = (d * abs(p.scale)) * LOG2E;
+    return select(exp2(t), vec4<f32>(1.0), t == vec4<f32>(0.0));
 }
 
 fn row_max(s: Keys8) -> f32 {
@@ -148,24 +150,6 @@ fn store_p(row: u32, tx: u32, w: Keys8) {
     }
 }
 
-fn store_row(b: u32, h: u32, i: u32, tx: u32, o: Row, l: f32) {
-    if (i >= p.seq) {
-        return;
-    }
-    // A query with nothing to attend has l = 0 and o = 0: its output is zero.
-    let r = scale_row(o, select(0.0, 1.0 / l, l > 0.0));
-    let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
-    for (var c = 0u; c < NV; c++) {
-        let v = col_of(r, c);
-        let d0 = 4u * (tx + c * TX);
-        for (var e = 0u; e < 4u; e++) {
-            if (d0 + e < p.head_dim_v) {
-                out[base + d0 + e] = v[e];
-            }
-        }
-    }
-}
-
 @compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -177,12 +161,14 @@ fn main(
     if (tile >= p.total_tiles) {
         return;
     }
-    let bh = tile / p.q_blocks;
-    let b = bh / p.heads;
-    let h = bh % p.heads;
     let br = 8u * TY;
     let bc = 8u * TX;
-    let row0 = (tile % p.q_blocks) * br;
+    // One column of tiles: a block of query rows spans the whole head.
+    let at = tile_origin(tile, p.q_blocks, 1u, br, 0u);
+    let bh = at.mat;
+    let b = bh / p.heads;
+    let h = bh % p.heads;
+    let row0 = at.row0;
     let tx = lid.x;
     let ty = lid.y;
     let threads = TX * TY;
@@ -295,6 +281,9 @@ fn main(
     }
 
     for (var r = 0u; r < 8u; r++) {
-        store_row(b, h, i0 + r, tx, row_of(o, r), select(l_hi[r % 4u], l_lo[r % 4u], r < 4u));
+        let l = select(l_hi[r % 4u], l_lo[r % 4u], r < 4u);
+        // A query with nothing to attend has l = 0 and o = 0: its output is zero.
+        let o_r = scale_row(row_of(o, r), select(0.0, 1.0 / l, l > 0.0));
+        store_head_row(b, h, i0 + r, 0u, tx, o_r);
     }
 }

@@ -74,8 +74,10 @@ impl AdapterOptions {
 
 /// A wgpu device and queue with the crate's compiled kernels.
 ///
-/// Cloning is cheap and shares the device, queue and kernels. There is no global state: two
-/// contexts on two devices are independent.
+/// Cloning is cheap and shares the device, queue and kernels. The only state shared between
+/// contexts is the process's list of adapters per backend set (so that resource ids never
+/// repeat between contexts, see [`enumerate_adapters`]); two contexts are two devices, and a
+/// buffer of one handed to a plan of the other is refused, never silently bound.
 ///
 /// ```no_run
 /// use wgpu_attention::GpuContext;
@@ -120,10 +122,10 @@ impl GpuContext {
     /// none of them has an adapter.
     pub async fn from_options_async(options: &AdapterOptions) -> Result<Self> {
         let adapter = match options.backends {
-            Some(backends) => choose_adapter(&new_instance(backends), options).await?,
-            None => match choose_adapter(&new_instance(wgpu::Backends::PRIMARY), options).await {
+            Some(backends) => choose_adapter(backends, options).await?,
+            None => match choose_adapter(wgpu::Backends::PRIMARY, options).await {
                 Ok(adapter) => adapter,
-                Err(_) => choose_adapter(&new_instance(wgpu::Backends::all()), options).await?,
+                Err(_) => choose_adapter(wgpu::Backends::SECONDARY, options).await?,
             },
         };
         let info = adapter.get_info();
@@ -204,73 +206,86 @@ impl GpuContext {
     }
 }
 
-/// The process's one wgpu instance for `backends`, made on first use.
+/// The process's adapters on `backends`: one wgpu instance per backend set, enumerated once.
 ///
 /// wgpu identifies buffers, bind groups and devices by an index that is unique only within an
 /// instance, and compares them by that index alone. Two contexts made from two instances can
-/// therefore hold different buffers that compare equal, and a buffer of one context passed to
-/// another would silently bind whichever buffer shares its index there. Sharing one instance
-/// per backend set keeps every index unique, so wgpu's own validation catches such a mix-up.
-fn new_instance(backends: wgpu::Backends) -> wgpu::Instance {
-    static INSTANCES: OnceLock<Mutex<HashMap<wgpu::Backends, wgpu::Instance>>> = OnceLock::new();
-    let mut instances = INSTANCES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    instances
-        .entry(backends)
-        .or_insert_with(|| {
-            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-            desc.backends = backends;
-            wgpu::Instance::new(desc)
-        })
-        .clone()
+/// therefore hold different buffers that compare equal, and a buffer of one context handed to
+/// the other would silently bind whichever buffer shares its index there. One instance per
+/// backend set keeps every index unique, so wgpu's own validation catches such a mix-up.
+///
+/// The adapters are kept, not enumerated again: on OpenGL every adapter object of an instance
+/// shares the instance's one EGL context but locks it with a lock of its own, so a second
+/// adapter object used (or dropped) on another thread would make the context current under a
+/// different lock. Every device the crate makes on an adapter comes from the same object.
+async fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    type Cache = Mutex<HashMap<wgpu::Backends, Vec<wgpu::Adapter>>>;
+    static ADAPTERS: OnceLock<Cache> = OnceLock::new();
+    let cache = ADAPTERS.get_or_init(Default::default);
+    let lock = || cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = lock().get(&backends) {
+        return found.clone();
+    }
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    let found = wgpu::Instance::new(desc).enumerate_adapters(backends).await;
+    // Another thread may have enumerated meanwhile: the first list stays the only one.
+    lock().entry(backends).or_insert(found).clone()
 }
 
-/// Every adapter on the given backends, for listing.
+/// Every adapter on the given backends, for listing (the same adapter objects that contexts
+/// are made on).
 pub fn enumerate_adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
-    let instance = new_instance(backends);
-    pollster::block_on(instance.enumerate_adapters(backends))
+    pollster::block_on(adapters(backends))
+}
+
+/// Rank of an adapter type for a power preference, as wgpu's `request_adapter` orders them
+/// (lower is better).
+fn rank(kind: wgpu::DeviceType, preference: wgpu::PowerPreference) -> u8 {
+    use wgpu::DeviceType::*;
+    match (preference, kind) {
+        (wgpu::PowerPreference::LowPower, IntegratedGpu) => 0,
+        (wgpu::PowerPreference::LowPower, DiscreteGpu) => 1,
+        (_, DiscreteGpu) => 0,
+        (_, IntegratedGpu) => 1,
+        (_, VirtualGpu) => 2,
+        (_, Cpu) => 3,
+        (_, Other) => 4,
+    }
 }
 
 async fn choose_adapter(
-    instance: &wgpu::Instance,
+    backends: wgpu::Backends,
     options: &AdapterOptions,
 ) -> Result<wgpu::Adapter> {
-    if let Some(name) = &options.adapter_name {
-        let wanted = name.to_lowercase();
-        let adapters = instance.enumerate_adapters(options.backends()).await;
-        let names: Vec<String> = adapters
-            .iter()
-            .map(|a| {
-                let i = a.get_info();
-                format!("{} ({:?})", i.name, i.backend)
-            })
-            .collect();
-        return adapters
+    let adapters = adapters(backends).await;
+    let names: Vec<String> = adapters
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            format!("{} ({:?})", i.name, i.backend)
+        })
+        .collect();
+    let found = match &options.adapter_name {
+        Some(name) => {
+            let wanted = name.to_lowercase();
+            adapters
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+        }
+        None => adapters
             .into_iter()
-            .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
-            .ok_or_else(|| Error::NoAdapter {
-                request: format!(
-                    "{}; adapters found: {}",
-                    options.describe(),
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ),
-            });
-    }
-    instance
-        .request_adapter(&wgpu::RequestAdapterOptions {
-            power_preference: options.power_preference,
-            force_fallback_adapter: false,
-            compatible_surface: None,
-            apply_limit_buckets: false,
-        })
-        .await
-        .map_err(|e| Error::NoAdapter {
-            request: format!("{}: {e}", options.describe()),
-        })
+            .min_by_key(|a| rank(a.get_info().device_type, options.power_preference)),
+    };
+    found.ok_or_else(|| Error::NoAdapter {
+        request: format!(
+            "{}; adapters found: {}",
+            options.describe(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ),
+    })
 }

@@ -1,0 +1,193 @@
+//! No silent wrong answers and no crashes where users were hurt before: two contexts used side
+//! by side, a scale so large that scores overflow f32, and two threads sharing one OpenGL
+//! device while one of them runs a long layer.
+
+mod common;
+
+use common::{Rng, ctx};
+use wgpu_attention::{
+    AttentionConfig, AttentionInputs, AttentionIo, AttentionPlan, AttentionWeights, Error,
+    GpuContext, KernelChoice, Tensor, Tolerance, compare, reference,
+};
+
+fn small_layer(rng: &mut Rng) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
+    let config = AttentionConfig::new(1, 6, 8, 2, 4);
+    let weights = AttentionWeights::new(
+        rng.tensor(&[8, 8], 0.5),
+        rng.tensor(&[8, 8], 0.5),
+        rng.tensor(&[8, 8], 0.5),
+    );
+    let inputs = AttentionInputs::new(rng.tensor(&[1, 6, 8], 1.0));
+    (config, weights, inputs)
+}
+
+fn storage(ctx: &GpuContext, bytes: u64) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// Two contexts from the environment are two devices. Buffers of one handed to a plan of the
+/// other, or bindings of one plan handed to another, are named errors: before, resource ids
+/// repeated across contexts and the plan silently bound its own buffers instead.
+#[test]
+fn two_contexts_never_mix() {
+    let a = GpuContext::from_env().unwrap();
+    let b = GpuContext::from_env().unwrap();
+    let (config, weights, inputs) = small_layer(&mut Rng::new(1));
+    let plan_a = AttentionPlan::new(&a, &config, &weights).unwrap();
+    let plan_b = AttentionPlan::new(&b, &config, &weights).unwrap();
+    let (x_b, out_b) = (storage(&b, 6 * 8 * 4), storage(&b, 6 * 8 * 4));
+    let foreign = plan_a.bind(AttentionIo {
+        x: &x_b,
+        key_mask: None,
+        output: &out_b,
+    });
+    assert!(
+        matches!(&foreign, Err(Error::Wgpu { .. })),
+        "buffers of another device were bound: {foreign:?}"
+    );
+    let bindings_b = plan_b
+        .bind(AttentionIo {
+            x: &x_b,
+            key_mask: None,
+            output: &out_b,
+        })
+        .unwrap();
+    let mut encoder = a.device().create_command_encoder(&Default::default());
+    assert!(matches!(
+        plan_a.encode(&mut encoder, &bindings_b),
+        Err(Error::ForeignBindings)
+    ));
+    // Each context still computes its own layer right.
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    for mut plan in [plan_a, plan_b] {
+        let out = plan.run(&inputs).unwrap();
+        assert!(compare(&out, &cpu.output, Tolerance::F32).unwrap().passed());
+    }
+}
+
+/// Bindings of one plan are refused by another plan on the same context, even one with the
+/// same configuration.
+#[test]
+fn bindings_belong_to_their_plan() {
+    let (config, weights, _) = small_layer(&mut Rng::new(2));
+    let plan_a = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+    let plan_b = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+    let (x, out) = (storage(ctx(), 6 * 8 * 4), storage(ctx(), 6 * 8 * 4));
+    let io = AttentionIo {
+        x: &x,
+        key_mask: None,
+        output: &out,
+    };
+    let bindings_a = plan_a.bind(io).unwrap();
+    let mut encoder = ctx().device().create_command_encoder(&Default::default());
+    plan_a.encode(&mut encoder, &bindings_a).unwrap();
+    assert!(matches!(
+        plan_b.encode(&mut encoder, &bindings_a),
+        Err(Error::ForeignBindings)
+    ));
+}
+
+/// At scale f32::MAX every scaled score overflows f32. The fused kernel takes its maxima
+/// before scaling and gives the reference's answer (attention to the best key alone); the
+/// staged path, which stores scaled scores, refuses with a named error. Neither returns NaN.
+#[test]
+fn a_huge_scale_never_returns_nan() {
+    let (config, weights, inputs) = small_layer(&mut Rng::new(3));
+    let config = config.with_scale(f32::MAX);
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    assert!(cpu.output.data().iter().all(|v| v.is_finite()));
+    let mut fused = AttentionPlan::new(
+        ctx(),
+        &config.clone().with_kernel(KernelChoice::Fused),
+        &weights,
+    )
+    .unwrap();
+    let out = fused.run(&inputs).unwrap();
+    let cmp = compare(&out, &cpu.output, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "{cmp}");
+    let mut staged =
+        AttentionPlan::new(ctx(), &config.with_kernel(KernelChoice::Staged), &weights).unwrap();
+    match staged.run(&inputs) {
+        Err(Error::NonFiniteOutput { hint, .. }) => assert!(hint.contains("fused"), "{hint}"),
+        Ok(out) => {
+            let cmp = compare(&out, &cpu.output, Tolerance::F32).unwrap();
+            assert!(cmp.passed(), "staged returned a wrong answer: {cmp}");
+        }
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// A negative scale is legal (softmax of negated scores), and scale 0 gives the plain mean of
+/// the visible values: both kernels match the reference.
+#[test]
+fn negative_and_zero_scales_match_the_reference() {
+    let (config, weights, inputs) = small_layer(&mut Rng::new(4));
+    for scale in [-0.7f32, 0.0, -0.0] {
+        let config = config.clone().with_scale(scale);
+        let cpu = reference::run(&config, &weights, &inputs).unwrap();
+        for kernel in [KernelChoice::Fused, KernelChoice::Staged] {
+            let mut plan =
+                AttentionPlan::new(ctx(), &config.clone().with_kernel(kernel), &weights).unwrap();
+            let cmp = compare(&plan.run(&inputs).unwrap(), &cpu.output, Tolerance::F32).unwrap();
+            assert!(cmp.passed(), "scale {scale}, {kernel:?}: {cmp}");
+        }
+    }
+}
+
+/// One thread runs a 16384-token layer (seconds of work on a software driver) while another
+/// compiles new pipelines and runs small layers on the same device. On OpenGL a submission
+/// holds the device's context for its whole run, and a thread kept waiting for it for 6 s
+/// aborts the process; `run` therefore cuts long work into short submissions.
+#[test]
+fn a_long_run_does_not_starve_another_thread() {
+    let n = 16384;
+    let mut rng = Rng::new(5);
+    let config = AttentionConfig::new(1, n, 8, 1, 8);
+    let weights = AttentionWeights::new(
+        rng.tensor(&[8, 8], 0.35),
+        rng.tensor(&[8, 8], 0.35),
+        rng.tensor(&[8, 8], 0.35),
+    );
+    let inputs = AttentionInputs::new(rng.tensor(&[1, n, 8], 1.0));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let long = s.spawn(|| {
+            let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+            let out = plan.run(&inputs).unwrap();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            out
+        });
+        let mut rng = Rng::new(6);
+        let mut width = 4;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) && width <= 64 {
+            // A new head width compiles new pipelines, which needs the device's context.
+            let config = AttentionConfig::new(1, 5, 8, 1, width);
+            let weights = AttentionWeights::new(
+                rng.tensor(&[8, width], 0.5),
+                rng.tensor(&[8, width], 0.5),
+                rng.tensor(&[8, width], 0.5),
+            );
+            let inputs = AttentionInputs::new(rng.tensor(&[1, 5, 8], 1.0));
+            let mut plan = AttentionPlan::new(ctx(), &config, &weights).unwrap();
+            let cpu = reference::run(&config, &weights, &inputs).unwrap();
+            let cmp = compare(&plan.run(&inputs).unwrap(), &cpu.output, Tolerance::F32).unwrap();
+            assert!(cmp.passed(), "width {width}: {cmp}");
+            width += 4;
+        }
+        let out = long.join().unwrap();
+        let rows = [0, 1, 4097, n - 1];
+        let asked: Vec<(usize, usize)> = rows.iter().map(|&i| (0, i)).collect();
+        let expected = reference::output_rows(&config, &weights, &inputs, &asked).unwrap();
+        for (&i, want) in rows.iter().zip(&expected) {
+            let got = Tensor::new([8], out.data()[i * 8..(i + 1) * 8].to_vec()).unwrap();
+            let want = Tensor::new([8], want.clone()).unwrap();
+            let cmp = compare(&got, &want, Tolerance::F32).unwrap();
+            assert!(cmp.passed(), "row {i}: {cmp}");
+        }
+    });
+}
