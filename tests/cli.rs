@@ -208,3 +208,16 @@ fn bench_compare_reports_every_target() {
     assert!(report["projection_gflops"].as_f64().unwrap() > 0.0);
     assert_eq!(report["cpu"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn walkthrough_keeps_stderr_clean_without_a_display() {
+    // Mesa's device-select layer made libwayland print XDG_RUNTIME_DIR errors on every run.
+    let out = program()
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .arg("walkthrough")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr);
+    assert!(stderr.is_empty(), "stderr of a successful run:\n{stderr}");
+}
