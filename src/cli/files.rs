@@ -615,6 +615,13 @@ pub struct Output {
 /// takes a new file. The trial file is removed at once; the real one is made only when the
 /// result is ready (see [`Output::write`]).
 pub fn check_destination(path: &Path) -> Result<(), CliError> {
+    // The rename at the end would fail on a directory, after all the work.
+    if path.is_dir() {
+        return Err(CliError::File {
+            path: path.to_path_buf(),
+            message: "is a directory; give a file name for the output".into(),
+        });
+    }
     let _writing = super::signals::writing();
     drop(Output::create(path)?);
     Ok(())
@@ -792,6 +799,15 @@ mod tests {
         assert_eq!(decode(view.data(), f32::from_le_bytes), t.data());
         // Nothing but the output is left in the directory.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_directory_is_no_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = check_destination(dir.path()).unwrap_err().to_string();
+        assert!(message.ends_with("is a directory; give a file name for the output"));
+        check_destination(&dir.path().join("out.safetensors")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
