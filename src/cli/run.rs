@@ -179,14 +179,19 @@ pub fn main(
     if estimate.worth_telling() {
         println!("estimate   {estimate}; Ctrl-C stops cleanly");
     }
-    let spinner = progress.add(ProgressBar::new_spinner());
-    spinner.set_style(
-        ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
-            .expect("the template is valid"),
-    );
-    if estimate.gpu_seconds > 2.0 {
+    // The GPU call gives no progress of its own: a spinner shows it is alive.
+    let spinner = if estimate.gpu_seconds > 2.0 {
+        let spinner = progress.add(
+            ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
+                    .expect("the template is valid"),
+            ),
+        );
         spinner.enable_steady_tick(Duration::from_millis(200));
-    }
+        spinner
+    } else {
+        ProgressBar::hidden()
+    };
     let gpu = run_gpu(&ctx, &layer, args);
     spinner.finish_and_clear();
     progress.remove(&spinner);
