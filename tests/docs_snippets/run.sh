@@ -3,12 +3,16 @@
 # scratch directory, with the release build of wgpu-attention on the PATH.
 #   tests/docs_snippets/run.sh torch     # needs python3 with torch and safetensors
 #   tests/docs_snippets/run.sh numpy     # needs python3 with numpy and safetensors
-# `cargo test --test docs_snippets` runs the numpy ones too.
+# `cargo test --test docs_snippets` runs the numpy ones too. WGPU_ATTENTION_BIN_DIR, if set, is
+# the directory of an already built wgpu-attention, and nothing is built.
 set -eu
 tag=${1:-torch}
 root=$(cd "$(dirname "$0")/../.." && pwd)
-cargo build --release --manifest-path "$root/Cargo.toml" --bin wgpu-attention
-PATH="${CARGO_TARGET_DIR:-$root/target}/release:$PATH"
+if [ -z "${WGPU_ATTENTION_BIN_DIR:-}" ]; then
+  cargo build --release --manifest-path "$root/Cargo.toml" --bin wgpu-attention
+  WGPU_ATTENTION_BIN_DIR="${CARGO_TARGET_DIR:-$root/target}/release"
+fi
+PATH="$WGPU_ATTENTION_BIN_DIR:$PATH"
 export PATH
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
