@@ -713,10 +713,14 @@ fn a_short_sequence_checks_every_row() {
 
 #[test]
 fn check_all_checks_every_row_of_a_long_sequence() {
-    let case = Case::new(long_layer(4096, 4, 4));
+    // Just over the budget, where the default would sample.
+    let case = Case::new(long_layer(12000, 4, 4));
     case.run(&["--heads", "1", "--layout", "xw", "--check-all"])
         .success()
-        .stdout(predicate::str::contains("all 4096 output rows"));
+        .stdout(predicate::str::contains(
+            "all 12000 output rows, streamed through the f64 reference (1.2e9 multiply-adds, \
+             over the check's budget of 1e9, as --check-all asks)",
+        ));
 }
 
 /// Starts a long run, waits until it has started the GPU work, sends `signal`, and returns its
