@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
-use wgpu_attention::{Shape, Tensor};
+use wgpu_attention::{Shape, Tensor, unravel};
 
 use super::CliError;
 
@@ -541,18 +541,6 @@ fn decode<const N: usize, T>(bytes: &[u8], from_le: impl Fn([u8; N]) -> T) -> Ve
         .chunks_exact(N)
         .map(|c| from_le(c.try_into().expect("chunks_exact yields N bytes")))
         .collect()
-}
-
-/// The multi-dimensional index of a flat position in a row-major `shape`.
-fn unravel(shape: &[usize], mut flat: usize) -> Vec<usize> {
-    let mut index = vec![0; shape.len()];
-    for (slot, &dim) in index.iter_mut().zip(shape).rev() {
-        if dim > 0 {
-            *slot = flat % dim;
-            flat /= dim;
-        }
-    }
-    index
 }
 
 /// What is wrong with a file the safetensors parser refused, in plain words.

@@ -3,7 +3,6 @@
 mod adapters;
 mod bench;
 mod check;
-mod compare;
 mod error;
 mod files;
 mod layer;
@@ -61,24 +60,6 @@ pub enum Backend {
     Metal,
     Dx12,
     Gl,
-}
-
-/// Which kernels compute the attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KernelArg {
-    Staged,
-    Fused,
-    Auto,
-}
-
-impl KernelArg {
-    pub fn choice(self) -> wgpu_attention::KernelChoice {
-        match self {
-            KernelArg::Staged => wgpu_attention::KernelChoice::Staged,
-            KernelArg::Fused => wgpu_attention::KernelChoice::Fused,
-            KernelArg::Auto => wgpu_attention::KernelChoice::Auto,
-        }
-    }
 }
 
 impl Backend {

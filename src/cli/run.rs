@@ -7,14 +7,14 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use wgpu_attention::{
-    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, Tensor, Tolerance, compare,
-    reference,
+    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, KernelChoice, Tensor,
+    Tolerance, compare, reference,
 };
 
 use super::check::{self, CHECK_BUDGET, RowPlan};
 use super::files::{self, Output};
 use super::layer::{self, Layer, LayerOptions, WeightLayout};
-use super::{AdapterArgs, CliError, KernelArg};
+use super::{AdapterArgs, CliError};
 
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
 #[derive(Debug, Clone, Args)]
@@ -69,8 +69,8 @@ pub struct RunArgs {
     pub intermediates: bool,
     /// GPU kernels: the staged ones (scores, softmax, weighted sum), the fused one, or auto
     /// (fused, except with --intermediates or a value head wider than 256).
-    #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
-    pub kernel: KernelArg,
+    #[arg(long, value_enum, default_value_t = KernelChoice::Auto)]
+    pub kernel: KernelChoice,
     /// Absolute part of the check |gpu - ref| <= atol + rtol*|ref| [default: 1e-5].
     #[arg(long, value_name = "ATOL", allow_negative_numbers = true)]
     pub tolerance_atol: Option<f64>,
@@ -148,7 +148,7 @@ pub fn main(
     super::signals::install()?;
     let tolerance = args.tolerance()?;
     files::refuse_same_file(&args.input, &args.output)?;
-    if args.intermediates && args.kernel == KernelArg::Fused {
+    if args.intermediates && args.kernel == KernelChoice::Fused {
         return Err(CliError::Usage(
             "--intermediates needs the staged kernels, which keep them; the fused kernel never \
              stores scores or probabilities: use --kernel staged (or auto)"
@@ -324,7 +324,7 @@ fn run_gpu(
     args: &RunArgs,
 ) -> Result<Vec<(&'static str, Tensor)>, CliError> {
     let intermediates = args.intermediates;
-    let mut config = layer.config.clone().with_kernel(args.kernel.choice());
+    let mut config = layer.config.clone().with_kernel(args.kernel);
     config.keep_intermediates = intermediates;
     let mut plan = AttentionPlan::new(ctx, &config, &layer.weights)?;
     let output = plan.run(&layer.inputs)?;
