@@ -172,3 +172,41 @@ fn an_adapter_that_does_not_exist_is_a_clear_failure() {
         .stderr(predicate::str::contains("no GPU adapter found"))
         .stderr(predicate::str::contains("mesa-vulkan-drivers"));
 }
+
+#[test]
+fn walkthrough_keeps_stderr_clean_without_a_display() {
+    // Mesa's device-select layer made libwayland print XDG_RUNTIME_DIR errors on every run.
+    let out = program()
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .arg("walkthrough")
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr);
+    assert!(stderr.is_empty(), "stderr of a successful run:\n{stderr}");
+}
+
+#[test]
+fn bench_names_a_zero_head_count() {
+    program()
+        .args(["bench", "--heads", "0"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "invalid value '0' for '--heads <HEADS>': must be at least 1",
+        ));
+}
+
+#[test]
+fn bench_refuses_a_length_too_large_before_allocating() {
+    // This used to abort allocating 68 GB for the input.
+    program()
+        .args(["bench", "--seq", "4294967297", "--no-cpu"])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "--seq 4294967297: the input x [batch 1, seq 4294967297, d_model 512] alone needs \
+             8796093024256 bytes, over this adapter's largest buffer",
+        ));
+}

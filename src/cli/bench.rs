@@ -21,16 +21,16 @@ use super::{AdapterArgs, CliError};
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     /// Batch rows.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive)]
     pub batch: usize,
     /// Attention heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     pub heads: usize,
     /// Width of each head (queries, keys and values).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     pub head_dim: usize,
     /// Width of the tokens and of the output projection [default: heads * head_dim].
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub d_model: Option<usize>,
     /// First sequence length of the sweep; each next one doubles it.
     #[arg(long, default_value_t = 64)]
@@ -39,7 +39,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub seq_max: Option<usize>,
     /// Exact sequence lengths instead of the doubling sweep, e.g. `--seq 128,512,1024`.
-    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_parser = positive)]
     pub seq: Vec<usize>,
     /// Causal masking (query i attends keys j <= i).
     #[arg(long)]
@@ -95,6 +95,29 @@ impl BenchArgs {
             csv: None,
             plot: None,
         }
+    }
+
+    /// Refuses, before any data is made, a length whose input alone exceeds the adapter's
+    /// largest buffer: `--seq 4294967297` used to abort allocating 68 GB on the CPU.
+    fn check_sizes(&self, lengths: &[usize], limits: &wgpu::Limits) -> Result<(), CliError> {
+        let d_model = self.d_model.unwrap_or(self.heads * self.head_dim);
+        let largest = limits
+            .max_buffer_size
+            .min(limits.max_storage_buffer_binding_size);
+        for &seq in lengths {
+            let bytes = [self.batch, seq, d_model, 4]
+                .iter()
+                .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            if bytes.is_none_or(|b| b > largest) {
+                return Err(CliError::Usage(format!(
+                    "--seq {seq}: the input x [batch {}, seq {seq}, d_model {d_model}] alone \
+                     needs {} bytes, over this adapter's largest buffer of {largest} bytes",
+                    self.batch,
+                    bytes.map_or("more than 2^64".to_string(), |b| b.to_string())
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn sequence_lengths(&self, info: &wgpu::AdapterInfo) -> Vec<usize> {
@@ -249,6 +272,7 @@ pub fn main(
             args.seq_start, args.seq_max
         )));
     }
+    args.check_sizes(&lengths, &ctx.limits())?;
     let kernels = args.kernels();
     let bar = progress.add(ProgressBar::new(
         (lengths.len() * (kernels.len() + usize::from(!args.no_cpu))) as u64,
@@ -626,6 +650,15 @@ fn print_table(r: &Report) {
          fus/stg: fused attention time over staged; vs cpu: CPU layer time over the GPU's e2e time; \
          cpu attn: on already-projected inputs; n: timed CPU runs"
     );
+}
+
+/// A count that must be at least 1; refused here so the message names the flag.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 
 mod adapters;
 mod bench;
+mod check;
 mod error;
 mod files;
 mod layer;
 mod report;
 mod run;
+mod signals;
 mod walkthrough;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -117,7 +119,7 @@ pub fn main(progress: MultiProgress) -> Result<(), CliError> {
         }
         Some(Command::Adapters) => adapters::main(&cli.adapter),
         Some(Command::Walkthrough(args)) => walkthrough::main(&cli.adapter, &args),
-        Some(Command::Run(args)) => run::main(&cli.adapter, &args),
+        Some(Command::Run(args)) => run::main(&cli.adapter, &args, &progress),
         Some(Command::Bench(args)) => bench::main(&cli.adapter, &args, &progress),
     }
 }
