@@ -1,6 +1,6 @@
-// Contract: the caller declares no @group(1) binding of its own, and calls workgroup_index(wid,
-// nwg) once at the top of `main` to get its linear workgroup index, skipping indices at or past
-// its total. Not a kernel; the host puts this file ahead of every kernel.
+// Contract: the includer declares no @group(1) binding and starts `main` with workgroup_index(wid, nwg), skipping indices past its total.
+//
+// Not a kernel; the host puts this file ahead of every kernel.
 //
 // The host may split one dispatch into several smaller dispatches of the same grid ("chunks"),
 // so that no single submission runs for long: a GL context is locked for a whole submission (a

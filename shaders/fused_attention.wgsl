@@ -150,24 +150,6 @@ fn store_p(row: u32, tx: u32, w: Keys8) {
     }
 }
 
-fn store_row(b: u32, h: u32, i: u32, tx: u32, o: Row, l: f32) {
-    if (i >= p.seq) {
-        return;
-    }
-    // A query with nothing to attend has l = 0 and o = 0: its output is zero.
-    let r = scale_row(o, select(0.0, 1.0 / l, l > 0.0));
-    let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
-    for (var c = 0u; c < NV; c++) {
-        let v = col_of(r, c);
-        let d0 = 4u * (tx + c * TX);
-        for (var e = 0u; e < 4u; e++) {
-            if (d0 + e < p.head_dim_v) {
-                out[base + d0 + e] = v[e];
-            }
-        }
-    }
-}
-
 @compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -179,12 +161,14 @@ fn main(
     if (tile >= p.total_tiles) {
         return;
     }
-    let bh = tile / p.q_blocks;
-    let b = bh / p.heads;
-    let h = bh % p.heads;
     let br = 8u * TY;
     let bc = 8u * TX;
-    let row0 = (tile % p.q_blocks) * br;
+    // One column of tiles: a block of query rows spans the whole head.
+    let at = tile_origin(tile, p.q_blocks, 1u, br, 0u);
+    let bh = at.mat;
+    let b = bh / p.heads;
+    let h = bh % p.heads;
+    let row0 = at.row0;
     let tx = lid.x;
     let ty = lid.y;
     let threads = TX * TY;
@@ -297,6 +281,9 @@ fn main(
     }
 
     for (var r = 0u; r < 8u; r++) {
-        store_row(b, h, i0 + r, tx, row_of(o, r), select(l_hi[r % 4u], l_lo[r % 4u], r < 4u));
+        let l = select(l_hi[r % 4u], l_lo[r % 4u], r < 4u);
+        // A query with nothing to attend has l = 0 and o = 0: its output is zero.
+        let o_r = scale_row(row_of(o, r), select(0.0, 1.0 / l, l > 0.0));
+        store_head_row(b, h, i0 + r, 0u, tx, o_r);
     }
 }

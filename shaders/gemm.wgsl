@@ -138,8 +138,9 @@ fn main(
     }
     let bm = 8u * TY;
     let groups = TX * NV;
-    let row0 = (tile / p.tiles_n) * bm;
-    let g0 = (tile % p.tiles_n) * groups;
+    let at = tile_origin(tile, p.total_tiles, p.tiles_n, bm, groups);
+    let row0 = at.row0;
+    let g0 = at.col0;
     let n4_total = p.n / 4u;
     let threads = TX * TY;
     let tk4 = TK / 4u;

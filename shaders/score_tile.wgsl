@@ -1,3 +1,5 @@
+// Contract: the includer declares overrides TX, TY and DK, a uniform `p` with seq and dp4, `qkv` and the workgroup array `stage`; tiles.wgsl comes first.
+//
 // One tile of scores, S = Q Kᵀ, for 8 TY queries by 8 TX keys of one head: the work the score
 // kernel and the fused kernel share; the host puts this file, after tiles.wgsl, ahead of both.
 // Not a kernel: no bindings of its own. Each includer declares the overrides TX, TY and DK,

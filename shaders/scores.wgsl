@@ -91,11 +91,11 @@ fn main(
     }
     let bm = 8u * TY;
     let bn = 8u * TX;
-    let bh = tile / p.tiles_per_head;
+    let at = tile_origin(tile, p.tiles_per_head, p.tiles_n, bm, bn);
+    let bh = at.mat;
     let b = bh / p.heads;
-    let in_head = tile % p.tiles_per_head;
-    let row0 = (in_head / p.tiles_n) * bm;
-    let col0 = (in_head % p.tiles_n) * bn;
+    let row0 = at.row0;
+    let col0 = at.col0;
     let tx = lid.x;
     let r0 = 8u * lid.y;
     let q_base = p.q_offset4 + bh * p.seq * p.dp4;

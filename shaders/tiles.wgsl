@@ -1,3 +1,5 @@
+// Contract: the includer declares `override NV: u32` (1 to 4); the host puts this file after dispatch.wgsl.
+//
 // Register tiles shared by the matmul-shaped kernels (gemm, scores, weighted_sum,
 // fused_attention); the host puts this file ahead of each of them. Not a kernel: no bindings.
 //
@@ -177,4 +179,18 @@ fn qk8(acc: Scores8, q: Col8, k: K8) -> Scores8 {
         dot8(acc.s6, q.a6, k),
         dot8(acc.s7, q.a7, k),
     );
+}
+
+// Where workgroup `tile` works, in an output of several matrices (one per batch and head, or
+// one for gemm), each cut into tiles_per_mat tiles of `rows` x `cols` with tiles_n across: the
+// matrix, and the tile's first row and first column (in the kernel's own column unit).
+struct TileOrigin {
+    mat: u32,
+    row0: u32,
+    col0: u32,
+}
+
+fn tile_origin(tile: u32, tiles_per_mat: u32, tiles_n: u32, rows: u32, cols: u32) -> TileOrigin {
+    let in_mat = tile % tiles_per_mat;
+    return TileOrigin(tile / tiles_per_mat, (in_mat / tiles_n) * rows, (in_mat % tiles_n) * cols);
 }

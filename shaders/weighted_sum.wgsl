@@ -59,22 +59,6 @@ fn v_row(kk: u32, tx: u32) -> Row {
     return r;
 }
 
-fn store_row(b: u32, h: u32, i: u32, g0: u32, tx: u32, r: Row) {
-    if (i >= p.seq) {
-        return;
-    }
-    let base = (b * p.seq + i) * p.out_stride + h * p.head_dim_v;
-    for (var cg = 0u; cg < NV; cg++) {
-        let v = col_of(r, cg);
-        let d0 = 4u * (g0 + tx + TX * cg);
-        for (var e = 0u; e < 4u; e++) {
-            if (d0 + e < p.head_dim_v) {
-                out[base + d0 + e] = v[e];
-            }
-        }
-    }
-}
-
 @compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -88,10 +72,10 @@ fn main(
     }
     let bm = 8u * TY;
     let groups = TX * NV;
-    let bh = tile / p.tiles_per_head;
-    let in_head = tile % p.tiles_per_head;
-    let row0 = (in_head / p.tiles_n) * bm;
-    let g0 = (in_head % p.tiles_n) * groups;
+    let at = tile_origin(tile, p.tiles_per_head, p.tiles_n, bm, groups);
+    let bh = at.mat;
+    let row0 = at.row0;
+    let g0 = at.col0;
     let n4 = p.seq_pad / 4u;
     let threads = TX * TY;
     let tk4 = TK / 4u;
@@ -149,6 +133,6 @@ fn main(
     let h = bh % p.heads;
     let i0 = row0 + r0;
     for (var r = 0u; r < 8u; r++) {
-        store_row(b, h, i0 + r, g0, tx, row_of(acc, r));
+        store_head_row(b, h, i0 + r, g0, tx, row_of(acc, r));
     }
 }

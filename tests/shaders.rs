@@ -1,11 +1,15 @@
 //! Every kernel parses and validates with naga and translates to SPIR-V (Vulkan), MSL (Metal),
 //! HLSL (DX12) and GLSL (OpenGL), so the Metal and DX12 paths are checked without those GPUs.
-//! Each is translated with its default override values and with other specialisations the
-//! host picks, since overrides change workgroup array sizes.
+//! Each is translated with every override set the host can emit (overrides change workgroup
+//! array sizes), and each kernel's interface (uniform struct layout, binding slots and access,
+//! override names) is checked against the host's description of it.
 
 use naga::back::pipeline_constants::process_overrides;
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
-use wgpu_attention::kernels::Kernel;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+
+use wgpu_attention::kernels::{Access, Kernel, Variant, variants};
 
 fn parse(kernel: Kernel) -> (naga::Module, ModuleInfo) {
     let src = kernel.source();
@@ -28,60 +32,60 @@ fn parse(kernel: Kernel) -> (naga::Module, ModuleInfo) {
     (module, info)
 }
 
-/// The override sets each kernel is compiled with by the host, plus the defaults.
+/// Limit sets whose tile choices the translations cover: WebGPU's defaults, wgpu's downlevel
+/// defaults (16352 bytes of workgroup memory), WebGPU's compatibility defaults (128 invocations)
+/// and a desktop-class device such as lavapipe (32 KiB, 1024 invocations).
+fn limit_sets() -> [wgpu::Limits; 4] {
+    let webgpu = wgpu::Limits::default();
+    [
+        webgpu.clone(),
+        wgpu::Limits::downlevel_defaults(),
+        wgpu::Limits {
+            max_compute_invocations_per_workgroup: 128,
+            max_compute_workgroup_size_x: 128,
+            max_compute_workgroup_size_y: 128,
+            ..webgpu.clone()
+        },
+        wgpu::Limits {
+            max_compute_workgroup_storage_size: 32 << 10,
+            max_compute_invocations_per_workgroup: 1024,
+            max_compute_workgroup_size_x: 1024,
+            max_compute_workgroup_size_y: 1024,
+            max_compute_workgroup_size_z: 1024,
+            ..webgpu
+        },
+    ]
+}
+
+/// Every override set the host can emit for `kernel` under any of [`limit_sets`], from the
+/// host's own enumerator; computed once per test binary.
 fn specialisations(kernel: Kernel) -> Vec<Vec<(&'static str, f64)>> {
-    match kernel {
-        Kernel::Softmax => [32.0, 64.0, 256.0]
-            .iter()
-            .map(|&wg| vec![("WG", wg)])
-            .collect(),
-        Kernel::Gemm => vec![
-            vec![],
-            vec![
-                ("TX", 1.0),
-                ("TY", 8.0),
-                ("NV", 1.0),
-                ("TK", 16.0),
-                ("HEAD_SPLIT", 1.0),
-            ],
-            vec![
-                ("TX", 8.0),
-                ("TY", 2.0),
-                ("NV", 3.0),
-                ("TK", 8.0),
-                ("HEAD_SPLIT", 0.0),
-            ],
-        ],
-        Kernel::Fused => vec![
-            vec![],
-            vec![
-                ("TX", 16.0),
-                ("TY", 4.0),
-                ("NV", 1.0),
-                ("DK", 8.0),
-                ("VK", 8.0),
-            ],
-            vec![
-                ("TX", 16.0),
-                ("TY", 1.0),
-                ("NV", 4.0),
-                ("DK", 4.0),
-                ("VK", 4.0),
-            ],
-            vec![
-                ("TX", 8.0),
-                ("TY", 2.0),
-                ("NV", 3.0),
-                ("DK", 16.0),
-                ("VK", 16.0),
-            ],
-        ],
-        Kernel::Scores => vec![vec![], vec![("TX", 2.0), ("TY", 4.0), ("DK", 8.0)]],
-        Kernel::WeightedSum => vec![
-            vec![],
-            vec![("TX", 2.0), ("TY", 4.0), ("NV", 4.0), ("TK", 4.0)],
-        ],
-    }
+    static ALL: OnceLock<Vec<Variant>> = OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        let mut all: Vec<Variant> = Vec::new();
+        for limits in limit_sets() {
+            for v in variants(&limits) {
+                if !all
+                    .iter()
+                    .any(|w| w.kernel == v.kernel && w.overrides == v.overrides)
+                {
+                    all.push(v);
+                }
+            }
+        }
+        all
+    });
+    let sets: Vec<_> = all
+        .iter()
+        .filter(|v| v.kernel == kernel)
+        .map(|v| v.overrides.clone())
+        .collect();
+    assert!(
+        !sets.is_empty(),
+        "{}: the host emits nothing",
+        kernel.file_name()
+    );
+    sets
 }
 
 fn specialise<'a>(
@@ -124,6 +128,22 @@ fn every_kernel_validates_and_opens_with_a_comment() {
                 kernel.source().contains(word),
                 "{} lacks {word}",
                 kernel.file_name()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_shared_include_opens_with_its_contract() {
+    for kernel in Kernel::ALL {
+        let parts = kernel.parts();
+        let (own, _) = parts.last().expect("a kernel has its own file");
+        assert_eq!(*own, kernel.file_name(), "the kernel's own file comes last");
+        for (file, text) in &parts[..parts.len() - 1] {
+            let first = text.lines().next().unwrap_or("");
+            assert!(
+                first.starts_with("// Contract: "),
+                "{file} (included in {own}) must open with a one-line contract, not {first:?}"
             );
         }
     }
@@ -230,6 +250,90 @@ fn every_kernel_translates_to_glsl() {
                 "{}: no GLSL compute layout",
                 kernel.file_name()
             );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_interface_matches_the_host() {
+    for kernel in Kernel::ALL {
+        let name = kernel.file_name();
+        let (module, _) = parse(kernel);
+        let host: BTreeMap<(u32, u32), _> = kernel
+            .bindings()
+            .into_iter()
+            .map(|b| ((b.group, b.binding), b))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for (_, var) in module.global_variables.iter() {
+            let Some(rb) = &var.binding else { continue };
+            let slot = (rb.group, rb.binding);
+            let var_name = var.name.as_deref().unwrap_or("?");
+            let b = host.get(&slot).unwrap_or_else(|| {
+                panic!("{name}: `{var_name}` at {slot:?} is not in the host's layout")
+            });
+            seen.insert(slot);
+            let access = match var.space {
+                naga::AddressSpace::Uniform => Access::Uniform,
+                naga::AddressSpace::Storage { access } if access == naga::StorageAccess::LOAD => {
+                    Access::Read
+                }
+                naga::AddressSpace::Storage { access }
+                    if access == naga::StorageAccess::LOAD | naga::StorageAccess::STORE =>
+                {
+                    Access::ReadWrite
+                }
+                other => panic!("{name}: `{var_name}` in {other:?}"),
+            };
+            assert_eq!(access, b.access, "{name}: `{var_name}` at {slot:?}");
+            if access != Access::Uniform {
+                assert!(b.uniform.is_none(), "{name}: {slot:?}");
+                continue;
+            }
+            let rust = b
+                .uniform
+                .unwrap_or_else(|| panic!("{name}: no Rust layout for uniform `{var_name}`"));
+            let ty = &module.types[var.ty];
+            let naga::TypeInner::Struct { members, span } = &ty.inner else {
+                panic!("{name}: uniform `{var_name}` is not a struct");
+            };
+            assert_eq!(
+                ty.name.as_deref(),
+                Some(rust.name),
+                "{name}: `{var_name}`'s type"
+            );
+            let wgsl: Vec<(&str, usize)> = members
+                .iter()
+                .map(|m| (m.name.as_deref().unwrap_or("?"), m.offset as usize))
+                .collect();
+            assert_eq!(
+                wgsl, rust.fields,
+                "{name}: {} fields and offsets",
+                rust.name
+            );
+            assert_eq!(*span as usize, rust.size, "{name}: {} size", rust.name);
+            assert_eq!(
+                b.min_binding_size.map(|s| s.get()),
+                Some(*span as u64),
+                "{name}: {}'s binding size",
+                rust.name
+            );
+        }
+        let unused: Vec<_> = host.keys().filter(|k| !seen.contains(k)).collect();
+        assert!(
+            unused.is_empty(),
+            "{name}: the host binds {unused:?}, the shader declares none"
+        );
+
+        // The host sets every override, so the compiled shape never falls back to a default.
+        let declared: BTreeSet<&str> = module
+            .overrides
+            .iter()
+            .filter_map(|(_, o)| o.name.as_deref())
+            .collect();
+        for set in specialisations(kernel) {
+            let given: BTreeSet<&str> = set.iter().map(|&(n, _)| n).collect();
+            assert_eq!(given, declared, "{name}: overrides {set:?}");
         }
     }
 }

@@ -1,29 +1,30 @@
 //! Host side of `fused_attention.wgsl`: the FlashAttention-2 style kernel, with its tile shape
 //! chosen to fit the device's workgroup memory and invocation limits.
 
-use super::Layout;
-use super::{DispatchSpec, Kernel, rows_per_eight};
+use super::variants::{Distinct, sizes};
+use super::{DispatchSpec, Kernel, Layout, Overrides, rows_per_eight, uniform_params};
 use crate::error::{Error, Result};
 
-/// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct FusedParams {
-    seq: u32,
-    heads: u32,
-    dp4: u32,
-    dvp4: u32,
-    head_dim_v: u32,
-    q_offset4: u32,
-    k_offset4: u32,
-    v_offset4: u32,
-    out_stride: u32,
-    q_blocks: u32,
-    total_tiles: u32,
-    causal: u32,
-    has_mask: u32,
-    scale: f32,
-    _pad: [u32; 2],
+uniform_params! {
+    /// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
+    struct FusedParams {
+        seq: u32,
+        heads: u32,
+        dp4: u32,
+        dvp4: u32,
+        head_dim_v: u32,
+        q_offset4: u32,
+        k_offset4: u32,
+        v_offset4: u32,
+        out_stride: u32,
+        q_blocks: u32,
+        total_tiles: u32,
+        causal: u32,
+        has_mask: u32,
+        scale: f32,
+        _pad0: u32,
+        _pad1: u32,
+    }
 }
 
 /// The widest value head the kernel keeps in registers: 4 vec4 columns per row and invocation
@@ -31,7 +32,7 @@ struct FusedParams {
 pub(crate) const MAX_HEAD_DIM_V: u32 = crate::config::FUSED_MAX_HEAD_DIM_V as u32;
 
 /// The fused kernel's override constants (see the shader's opening comment).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FusedTiles {
     pub tx: u32,
     pub ty: u32,
@@ -102,7 +103,7 @@ impl FusedTiles {
         8 * self.ty
     }
 
-    fn overrides(&self) -> Vec<(&'static str, f64)> {
+    pub(super) fn overrides(&self) -> Overrides {
         vec![
             ("TX", self.tx as f64),
             ("TY", self.ty as f64),
@@ -133,7 +134,8 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
         causal: l.causal as u32,
         has_mask: l.has_mask as u32,
         scale: l.scale,
-        _pad: [0; 2],
+        _pad0: 0,
+        _pad1: 0,
     };
     Ok(DispatchSpec {
         kernel: Kernel::Fused,
@@ -147,6 +149,23 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
             full * (l.dp + l.dvp) as f64 * visited
         },
     })
+}
+
+/// Every override set `spec` can emit under `limits`: any sequence length, any padded query/key
+/// head width and any padded value head width up to [`MAX_HEAD_DIM_V`]; shapes the kernel
+/// refuses emit nothing.
+pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
+    let mut tiles = Distinct::default();
+    for seq in sizes(1) {
+        for dp in sizes(4) {
+            for dvp in sizes(4).take_while(|&dvp| dvp <= MAX_HEAD_DIM_V) {
+                if let Ok(t) = FusedTiles::choose(seq, dp, dvp, limits) {
+                    tiles.add(t);
+                }
+            }
+        }
+    }
+    tiles.overrides(|t| t.overrides())
 }
 
 #[cfg(test)]

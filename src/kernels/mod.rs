@@ -10,7 +10,11 @@ pub(crate) mod gemm;
 pub(crate) mod layout;
 pub(crate) mod scores;
 pub(crate) mod softmax;
+mod variants;
 pub(crate) mod weighted_sum;
+
+#[doc(hidden)]
+pub use variants::{Variant, variants};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,12 +42,103 @@ pub enum Kernel {
 }
 
 /// How a kernel sees one binding.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `var<uniform>`.
     Uniform,
+    /// `var<storage, read>`.
     Read,
+    /// `var<storage, read_write>`.
     ReadWrite,
 }
+
+/// One binding of a kernel's pipeline layout, as the host creates it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Binding {
+    /// The `@group` index.
+    pub group: u32,
+    /// The `@binding` index within the group.
+    pub binding: u32,
+    /// How the kernel sees the buffer.
+    pub access: Access,
+    /// Whether the buffer is bound at a dynamic offset (the dispatch-chunk table).
+    pub has_dynamic_offset: bool,
+    /// Bytes the bound range must hold at least; the uniform struct's size for uniforms.
+    pub min_binding_size: Option<std::num::NonZeroU64>,
+    /// The Rust layout of the uniform struct bound here.
+    pub uniform: Option<&'static UniformLayout>,
+}
+
+/// The Rust side of a WGSL uniform struct: its name, size and fields, for checking against the
+/// shader (tests/shaders.rs) and for the binding's minimum size.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct UniformLayout {
+    /// The struct's name, the same in Rust and WGSL.
+    pub name: &'static str,
+    /// `size_of` the struct in bytes.
+    pub size: usize,
+    /// Every field as (name, byte offset), in declaration order.
+    pub fields: &'static [(&'static str, usize)],
+}
+
+impl Binding {
+    /// Group 0's uniform parameters at `binding`, sized by their struct.
+    const fn uniform(binding: u32, layout: &'static UniformLayout) -> Self {
+        Binding {
+            group: 0,
+            binding,
+            access: Access::Uniform,
+            has_dynamic_offset: false,
+            min_binding_size: std::num::NonZeroU64::new(layout.size as u64),
+            uniform: Some(layout),
+        }
+    }
+
+    /// The layout entry the host creates for this binding.
+    fn layout_entry(&self) -> wgpu::BindGroupLayoutEntry {
+        wgpu::BindGroupLayoutEntry {
+            binding: self.binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: match self.access {
+                    Access::Uniform => wgpu::BufferBindingType::Uniform,
+                    Access::Read | Access::ReadWrite => wgpu::BufferBindingType::Storage {
+                        read_only: self.access == Access::Read,
+                    },
+                },
+                has_dynamic_offset: self.has_dynamic_offset,
+                min_binding_size: self.min_binding_size,
+            },
+            count: None,
+        }
+    }
+}
+
+/// Declares a kernel's uniform parameter struct and, from the same token list, its
+/// [`UniformLayout`] as `NAME::LAYOUT`, so the list of fields cannot drift from the struct.
+macro_rules! uniform_params {
+    ($(#[$meta:meta])* struct $name:ident { $($field:ident: $ty:ty),+ $(,)? }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        pub(crate) struct $name {
+            $($field: $ty),+
+        }
+
+        impl $name {
+            pub(crate) const LAYOUT: $crate::kernels::UniformLayout =
+                $crate::kernels::UniformLayout {
+                    name: stringify!($name),
+                    size: ::core::mem::size_of::<$name>(),
+                    fields: &[$((stringify!($field), ::core::mem::offset_of!($name, $field))),+],
+                };
+        }
+    };
+}
+pub(crate) use uniform_params;
 
 impl Kernel {
     /// Every kernel, for validation and listing.
@@ -79,12 +174,28 @@ impl Kernel {
 
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
-    /// use them, and the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores.
+    /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
+    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the two that write
+    /// heads into the concatenated output.
     pub fn source(self) -> &'static str {
+        self.composition().0
+    }
+
+    /// The files `source` joins, in order, as (file name, text), each followed there by a
+    /// newline, so that a compiler's line number can be traced to its file.
+    #[doc(hidden)]
+    pub fn parts(self) -> &'static [(&'static str, &'static str)] {
+        self.composition().1
+    }
+
+    /// The composed source and its parts, from one list of files per kernel.
+    fn composition(self) -> (&'static str, &'static [(&'static str, &'static str)]) {
         macro_rules! with {
             ($($file:literal),+) => {
-                concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+)
+                (
+                    concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+),
+                    &[$(($file, include_str!(concat!("../../shaders/", $file)))),+],
+                )
             };
         }
         match self {
@@ -96,25 +207,58 @@ impl Kernel {
                 "scores.wgsl"
             ),
             Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
-            Kernel::WeightedSum => with!("dispatch.wgsl", "tiles.wgsl", "weighted_sum.wgsl"),
+            Kernel::WeightedSum => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "heads_out.wgsl",
+                "weighted_sum.wgsl"
+            ),
             Kernel::Fused => with!(
                 "dispatch.wgsl",
                 "tiles.wgsl",
                 "score_tile.wgsl",
+                "heads_out.wgsl",
                 "fused_attention.wgsl"
             ),
         }
     }
 
-    fn slots(self) -> &'static [Slot] {
-        use Slot::*;
+    /// The Rust layout of the uniform parameters at `@group(0) @binding(0)`.
+    #[doc(hidden)]
+    pub fn params_layout(self) -> &'static UniformLayout {
         match self {
-            Kernel::Gemm => &[Uniform, Read, Read, Read, ReadWrite],
-            Kernel::Scores => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Softmax => &[Uniform, Read, ReadWrite],
-            Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
-            Kernel::Fused => &[Uniform, Read, Read, ReadWrite],
+            Kernel::Gemm => &gemm::GemmParams::LAYOUT,
+            Kernel::Scores => &scores::ScoreParams::LAYOUT,
+            Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
+            Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
+            Kernel::Fused => &fused::FusedParams::LAYOUT,
         }
+    }
+
+    /// The bindings of the kernel's pipeline layout, exactly as the kernel cache creates them.
+    #[doc(hidden)]
+    pub fn bindings(self) -> Vec<Binding> {
+        use Access::*;
+        let rest: &[Access] = match self {
+            Kernel::Gemm => &[Read, Read, Read, ReadWrite],
+            Kernel::Scores => &[Read, Read, ReadWrite],
+            Kernel::Softmax => &[Read, ReadWrite],
+            Kernel::WeightedSum => &[Read, Read, ReadWrite],
+            Kernel::Fused => &[Read, Read, ReadWrite],
+        };
+        let params = self.params_layout();
+        let mut bindings = vec![Binding::uniform(0, params)];
+        bindings.extend(rest.iter().zip(1..).map(|(&access, binding)| Binding {
+            group: 0,
+            binding,
+            access,
+            has_dynamic_offset: false,
+            // Storage sizes follow the shape; the plan checks them against the limits.
+            min_binding_size: None,
+            uniform: None,
+        }));
+        bindings.push(CHUNK_BINDING);
+        bindings
     }
 }
 
@@ -198,11 +342,16 @@ impl KernelCache {
         }
         let table = scoped_async(&self.device, "creating the dispatch-chunk table", || {
             let align = self.device.limits().min_uniform_buffer_offset_alignment;
-            let stride = align.max(16);
+            let size = std::mem::size_of::<Chunk>();
+            let stride = align.max(size as u32);
             let mut bytes = vec![0u8; (MAX_CHUNKS * stride) as usize];
-            for i in 0..MAX_CHUNKS {
-                let at = (i * stride) as usize;
-                bytes[at..at + 4].copy_from_slice(&i.to_le_bytes());
+            for index in 0..MAX_CHUNKS {
+                let at = (index * stride) as usize;
+                let chunk = Chunk {
+                    index,
+                    ..Chunk::default()
+                };
+                bytes[at..at + size].copy_from_slice(bytemuck::bytes_of(&chunk));
             }
             let buffer = self
                 .device
@@ -215,26 +364,17 @@ impl KernelCache {
                 .device
                 .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                     label: Some("dispatch chunk"),
-                    entries: &[wgpu::BindGroupLayoutEntry {
-                        binding: 0,
-                        visibility: wgpu::ShaderStages::COMPUTE,
-                        ty: wgpu::BindingType::Buffer {
-                            ty: wgpu::BufferBindingType::Uniform,
-                            has_dynamic_offset: true,
-                            min_binding_size: wgpu::BufferSize::new(CHUNK_BYTES),
-                        },
-                        count: None,
-                    }],
+                    entries: &[CHUNK_BINDING.layout_entry()],
                 });
             let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("dispatch chunk"),
                 layout: &layout,
                 entries: &[wgpu::BindGroupEntry {
-                    binding: 0,
+                    binding: CHUNK_BINDING.binding,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &buffer,
                         offset: 0,
-                        size: wgpu::BufferSize::new(CHUNK_BYTES),
+                        size: CHUNK_BINDING.min_binding_size,
                     }),
                 }],
             });
@@ -339,29 +479,12 @@ impl KernelCache {
         kernel: Kernel,
     ) -> Result<(wgpu::BindGroupLayout, wgpu::PipelineLayout)> {
         let chunks = self.chunks().await?;
+        // Group 1 is the shared chunk table's layout (CHUNK_BINDING, made once per device).
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
-            .slots()
+            .bindings()
             .iter()
-            .enumerate()
-            .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: match slot {
-                    Slot::Uniform => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    Slot::Read | Slot::ReadWrite => wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Storage {
-                            read_only: matches!(slot, Slot::Read),
-                        },
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                },
-                count: None,
-            })
+            .filter(|b| b.group == 0)
+            .map(Binding::layout_entry)
             .collect();
         scoped_async(
             &self.device,
@@ -417,13 +540,27 @@ pub(crate) struct DispatchSpec {
     pub flops: f64,
 }
 
-/// Size of `Chunk` in `shaders/dispatch.wgsl`.
-const CHUNK_BYTES: u64 = 16;
+uniform_params! {
+    /// The chunk number of `shaders/dispatch.wgsl`, one per table entry.
+    struct Chunk {
+        index: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+}
+
+/// `@group(1) @binding(0)` of every kernel: the dispatch-chunk table, read at a dynamic offset.
+const CHUNK_BINDING: Binding = Binding {
+    group: 1,
+    has_dynamic_offset: true,
+    ..Binding::uniform(0, &Chunk::LAYOUT)
+};
 
 /// Workgroup shape of the register-tiled kernels (gemm, scores, weighted_sum; see
 /// `shaders/tiles.wgsl`): `tx` x `ty` invocations, each owning 8 rows and either `nv` vec4
 /// column groups (gemm, weighted_sum) or 8 keys (scores), over tiles `tk` deep.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct MatmulTiles {
     pub tx: u32,
     pub ty: u32,

@@ -1,31 +1,34 @@
 //! Host side of `scores.wgsl`: the scaled, masked score matrix.
 
 use super::Layout;
-use super::{Columns, DispatchSpec, Kernel, MatmulTiles};
+use super::variants::{Distinct, sizes};
+use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
 
-/// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct ScoreParams {
-    seq: u32,
-    seq_pad: u32,
-    heads: u32,
-    dp4: u32,
-    q_offset4: u32,
-    k_offset4: u32,
-    tiles_n: u32,
-    tiles_per_head: u32,
-    total_tiles: u32,
-    causal: u32,
-    has_mask: u32,
-    scale: f32,
-    neg_inf: f32,
-    _pad: [u32; 3],
+uniform_params! {
+    /// Uniform parameters; the layout of `ScoreParams` in `scores.wgsl`.
+    struct ScoreParams {
+        seq: u32,
+        seq_pad: u32,
+        heads: u32,
+        dp4: u32,
+        q_offset4: u32,
+        k_offset4: u32,
+        tiles_n: u32,
+        tiles_per_head: u32,
+        total_tiles: u32,
+        causal: u32,
+        has_mask: u32,
+        scale: f32,
+        neg_inf: f32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
 }
 
 /// Scores of every (batch, head) in one dispatch.
 pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
-    let tiles = MatmulTiles::for_shape(l.seq, l.seq, Columns::Keys, limits);
+    let tiles = tiles(l.seq, limits);
     let tiles_n = l.seq.div_ceil(tiles.keys());
     let tiles_per_head = tiles_n * l.seq.div_ceil(tiles.tile_m());
     let total_tiles = tiles_per_head * l.batch * l.heads;
@@ -43,7 +46,9 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         has_mask: l.has_mask as u32,
         scale: l.scale,
         neg_inf: f32::NEG_INFINITY,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     };
     DispatchSpec {
         kernel: Kernel::Scores,
@@ -52,4 +57,18 @@ pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> DispatchSpec {
         workgroups: total_tiles,
         flops: 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64 * l.dp as f64,
     }
+}
+
+/// The tiles of one head's `seq x seq` scores.
+pub(super) fn tiles(seq: u32, limits: &wgpu::Limits) -> MatmulTiles {
+    MatmulTiles::for_shape(seq, seq, Columns::Keys, limits)
+}
+
+/// Every override set `spec` can emit under `limits`: one per sequence length.
+pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
+    let mut tiles_seen = Distinct::default();
+    for seq in sizes(1) {
+        tiles_seen.add(tiles(seq, limits));
+    }
+    tiles_seen.overrides(|t| t.overrides("DK"))
 }
