@@ -67,6 +67,7 @@ pub mod cpu;
 pub mod error;
 mod gpu;
 pub mod kernels;
+pub mod operator;
 pub mod plan;
 pub mod reference;
 pub mod stage;
@@ -79,6 +80,10 @@ pub use config::{AttentionConfig, FUSED_MAX_HEAD_DIM_V, KernelChoice, OutputProj
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
+pub use operator::{
+    AttentionOp, BiasShape, Lengths, OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo,
+    QkvLayout,
+};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 pub use reference::Intermediates;
 pub use stage::Stage;

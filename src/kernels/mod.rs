@@ -175,8 +175,7 @@ impl Kernel {
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the two that write
-    /// heads into the concatenated output.
+    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum.
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -217,7 +216,6 @@ impl Kernel {
                 "dispatch.wgsl",
                 "tiles.wgsl",
                 "score_tile.wgsl",
-                "heads_out.wgsl",
                 "fused_attention.wgsl"
             ),
         }
@@ -244,7 +242,8 @@ impl Kernel {
             Kernel::Scores => &[Read, Read, ReadWrite],
             Kernel::Softmax => &[Read, ReadWrite],
             Kernel::WeightedSum => &[Read, Read, ReadWrite],
-            Kernel::Fused => &[Read, Read, ReadWrite],
+            // q, k, v, key_mask, bias, out.
+            Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
@@ -257,6 +256,15 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
+        if self == Kernel::Fused {
+            // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
+            let next = bindings.len() as u32;
+            bindings.extend((next..next + 2).map(|binding| Binding {
+                binding,
+                has_dynamic_offset: true,
+                ..Binding::uniform(binding, &fused::Len::LAYOUT)
+            }));
+        }
         bindings.push(CHUNK_BINDING);
         bindings
     }
