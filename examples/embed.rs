@@ -12,11 +12,13 @@ use wgpu_attention::{
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
-    // The application's device. Here it comes from GpuContext for brevity; any wgpu device
-    // works, as in `GpuContext::from_device(device, queue)`.
-    let ctx = GpuContext::from_env()?;
-    let (device, queue) = (ctx.device().clone(), ctx.queue().clone());
-    let info = ctx.adapter_info();
+    // The application's device, made with plain wgpu as any application makes its own
+    // (WGPU_BACKEND picks the backend). The crate never needs to create it.
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&Default::default()))?;
+    let (device, queue) = pollster::block_on(adapter.request_device(&Default::default()))?;
+    let info = adapter.get_info();
     println!(
         "adapter: {} ({:?}, {:?}, driver {} {})",
         info.name, info.backend, info.device_type, info.driver, info.driver_info

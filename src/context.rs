@@ -74,8 +74,10 @@ impl AdapterOptions {
 
 /// A wgpu device and queue with the crate's compiled kernels.
 ///
-/// Cloning is cheap and shares the device, queue and kernels. There is no global state: two
-/// contexts on two devices are independent.
+/// Cloning is cheap and shares the device, queue and kernels. The only state shared between
+/// contexts is the process's list of adapters per backend set (so that resource ids never
+/// repeat between contexts, see [`enumerate_adapters`]); two contexts are two devices, and a
+/// buffer of one handed to a plan of the other is refused, never silently bound.
 ///
 /// ```no_run
 /// use wgpu_attention::GpuContext;

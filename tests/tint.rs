@@ -95,6 +95,7 @@ fn profile(name: &str, backend: &str, feature_level: &str, limits: &wgpu::Limits
                             Access::Read => "read",
                             Access::ReadWrite => "read_write",
                         },
+                        "has_dynamic_offset": b.has_dynamic_offset,
                         "min_binding_size": b.min_binding_size.map(|s| s.get()),
                     })
                 })

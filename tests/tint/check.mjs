@@ -6,7 +6,8 @@
 //   { modules: { KERNEL: { source, files: [{ file, first_line, lines }] } },
 //     profiles: [{ name, backend, feature_level, limits: { webgpuLimitName: value },
 //                  variants: [{ kernel, overrides: { NAME: value },
-//                               bindings: [{ group, binding, access, min_binding_size }] }] }] }
+//                               bindings: [{ group, binding, access, has_dynamic_offset,
+//                                            min_binding_size }] }] }] }
 // For each profile it asks Dawn for a device whose compute limits are exactly the profile's, so that
 // Dawn validates each pipeline against the limits the host chose its tiles for; then for each
 // kernel `createShaderModule` must leave no error in `getCompilationInfo`, and for each variant
@@ -98,7 +99,7 @@ function layoutEntry(b) {
   return {
     binding: b.binding,
     visibility: GPUShaderStage.COMPUTE,
-    buffer: { type, minBindingSize: b.min_binding_size ?? 0 },
+    buffer: { type, hasDynamicOffset: b.has_dynamic_offset, minBindingSize: b.min_binding_size ?? 0 },
   };
 }
 
