@@ -20,9 +20,10 @@
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p         uniform             FusedParams, below
-//   1  q         storage, read       f32, Q [b, h, i, d] at q_offset + b sb n + h (sh n + shc) + i si + d
-//   2  k         storage, read       f32, K [b, kh, j, d], likewise with kv_len
-//   3  v         storage, read       f32, V [b, kh, j, d], likewise with kv_len
+//   1  q         storage, read       f32 read as vec4 (size a multiple of 16 bytes), Q [b, h, i, d]
+//                                    at q_offset + b sb n + h (sh n + shc) + i si + d
+//   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
+//   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
 //   4  key_mask  storage, read       u32 [batch, kv_len]; 0 = padding (read only if has_mask != 0)
 //   5  bias      storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if has_bias != 0)
 //   6  out       storage, read_write f32 out [b, h, i, d], strides as for Q
@@ -111,9 +112,9 @@ struct Len {
 }
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read> key_mask: array<u32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
@@ -131,44 +132,77 @@ fn row_at(mat: u32, r: u32) -> RowAt {
     return RowAt(mat / p.kv_heads, (mat % p.kv_heads) * p.group + r / lq.n, r % lq.n);
 }
 
-// vec4 d4 of packed row r's query: zero past the rows and past head_dim. Scalar loads, since
-// an application's strides need not be multiples of 4.
-fn load_q4(mat: u32, r: u32, d4: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if (r < p.group * lq.n) {
-        let at = row_at(mat, r);
-        let base = p.q_offset + at.b * p.q_sb * lq.n + at.h * (p.q_sh * lq.n + p.q_shc) + at.i * p.q_si;
-        for (var e = 0u; e < 4u; e++) {
-            if (4u * d4 + e < p.head_dim) { x[e] = q[base + 4u * d4 + e]; }
-        }
+// Elements s .. s + 3 (s = 1, 2, 3) of the eight in a, b.
+fn shifted(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
+    switch s {
+        case 1u: { return vec4<f32>(a.yzw, b.x); }
+        case 2u: { return vec4<f32>(a.zw, b.xy); }
+        default: { return vec4<f32>(a.w, b.xyz); }
     }
-    return x;
+}
+
+// Zeroes the columns of vec4 d4 at or past `width` (only the last vec4 of a width that is not
+// a multiple of 4 has any).
+fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
+    if (4u * d4 + 4u <= width) {
+        return x;
+    }
+    return select(vec4<f32>(0.0), x, vec4<u32>(4u * d4) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(width));
+}
+
+// The four elements from element e on, each read as vec4: one load when e is a multiple of 4
+// (every layer and every app tensor whose widths, strides and offsets are), two otherwise,
+// so that any head width and stride works.
+fn q4(e: u32) -> vec4<f32> {
+    let a = q[e / 4u];
+    if (e % 4u == 0u) { return a; }
+    return shifted(a, q[e / 4u + 1u], e % 4u);
+}
+
+fn k4(e: u32) -> vec4<f32> {
+    let a = k[e / 4u];
+    if (e % 4u == 0u) { return a; }
+    return shifted(a, k[e / 4u + 1u], e % 4u);
+}
+
+fn v4(e: u32) -> vec4<f32> {
+    let a = v[e / 4u];
+    if (e % 4u == 0u) { return a; }
+    return shifted(a, v[e / 4u + 1u], e % 4u);
+}
+
+// Where this workgroup's rows and heads start, set once by main: the element offset of each
+// of its packed query rows (NO_ROW past the rows), and of its kv head in K and V.
+const NO_ROW: u32 = 0xffffffffu;
+// 64 = 8 TY at the largest TY the host picks (rows_per_eight caps TY at 8).
+var<workgroup> q_rows: array<u32, 64>;
+var<private> row0_p: u32;
+var<private> k_head: u32;
+var<private> v_head: u32;
+
+// vec4 d4 of packed row r's query: zero past the rows and past head_dim.
+fn load_q4(mat: u32, r: u32, d4: u32) -> vec4<f32> {
+    let base = q_rows[r - row0_p];
+    if (base == NO_ROW || d4 >= p.dp4) {
+        return vec4<f32>(0.0);
+    }
+    return clip(q4(base + 4u * d4), d4, p.head_dim);
 }
 
 // vec4 d4 of key j of the kv head of `mat`: zero past kv_len and head_dim.
 fn load_k4(mat: u32, j: u32, d4: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if (j < lkv.n) {
-        let b = mat / p.kv_heads;
-        let base = p.k_offset + b * p.k_sb * lkv.n + (mat % p.kv_heads) * (p.k_sh * lkv.n + p.k_shc) + j * p.k_si;
-        for (var e = 0u; e < 4u; e++) {
-            if (4u * d4 + e < p.head_dim) { x[e] = k[base + 4u * d4 + e]; }
-        }
+    if (j >= lkv.n || d4 >= p.dp4) {
+        return vec4<f32>(0.0);
     }
-    return x;
+    return clip(k4(k_head + j * p.k_si + 4u * d4), d4, p.head_dim);
 }
 
 // vec4 c4 of value row j of the kv head of `mat`: zero past kv_len and head_dim_v.
 fn load_v4(mat: u32, j: u32, c4: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    if (j < lkv.n && c4 < p.dvp4) {
-        let b = mat / p.kv_heads;
-        let base = p.v_offset + b * p.v_sb * lkv.n + (mat % p.kv_heads) * (p.v_sh * lkv.n + p.v_shc) + j * p.v_si;
-        for (var e = 0u; e < 4u; e++) {
-            if (4u * c4 + e < p.head_dim_v) { x[e] = v[base + 4u * c4 + e]; }
-        }
+    if (j >= lkv.n || c4 >= p.dvp4) {
+        return vec4<f32>(0.0);
     }
-    return x;
+    return clip(v4(v_head + j * p.v_si + 4u * c4), c4, p.head_dim_v);
 }
 
 // One past the last key packed row r may attend: kv_len, or with causal masking
@@ -216,10 +250,14 @@ fn keys_present(b: u32, kb: u32, tx: u32) -> Keys8 {
     return Keys8(a, c);
 }
 
-// The bias of packed row r for keys j (0 past kv_len, where the key is masked anyway).
-fn bias4(mat: u32, r: u32, j: vec4<u32>) -> vec4<f32> {
+// Where packed row r's bias row starts.
+fn bias_row(mat: u32, r: u32) -> u32 {
     let at = row_at(mat, r);
-    let base = (at.b * p.bias_b + at.h * p.bias_h) * lq.n * lkv.n + at.i * lkv.n;
+    return (at.b * p.bias_b + at.h * p.bias_h) * lq.n * lkv.n + at.i * lkv.n;
+}
+
+// The bias from `base` for keys j (0 past kv_len, where the key is masked anyway).
+fn bias4(base: u32, j: vec4<u32>) -> vec4<f32> {
     var x = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
         if (j[e] < lkv.n) { x[e] = bias[base + j[e]]; }
@@ -227,22 +265,22 @@ fn bias4(mat: u32, r: u32, j: vec4<u32>) -> vec4<f32> {
     return x;
 }
 
-// Sets packed row r's masked scores to LOWEST. Without a bias the others stay unscaled, times
-// the sign of the scale: softmax(scale s) = softmax(|scale| (sign s)), and taking the maximum
-// before scaling means no product with the scale is formed until after the maximum is
-// subtracted, so no scale that is finite can overflow a score into inf - inf = NaN. With a bias
-// they become the logits scale · s + bias, and a bias of -inf masks the key (a NaN passes on).
-fn mask_row(s: Keys8, present: Keys8, mat: u32, r: u32, kb: u32, tx: u32) -> Keys8 {
+// Sets a row's masked scores to LOWEST: keys at or past `lim` (its key_limit) and padding.
+// Without a bias the others stay unscaled, times the sign of the scale: softmax(scale s) =
+// softmax(|scale| (sign s)), and taking the maximum before scaling means no product with the
+// scale is formed until after the maximum is subtracted, so no scale that is finite can
+// overflow a score into inf - inf = NaN. With a bias (its row from bias_at) they become the
+// logits scale · s + bias, and a bias of -inf masks the key (a NaN passes on).
+fn mask_row(s: Keys8, present: Keys8, lim: u32, bias_at: u32, kb: u32, tx: u32) -> Keys8 {
     let j_a = vec4<u32>(kb + tx) + vec4<u32>(0u, TX, 2u * TX, 3u * TX);
     let j_b = j_a + vec4<u32>(4u * TX);
-    let lim = vec4<u32>(key_limit(mat, r));
     // WGSL requires the parentheses between comparisons and & or |.
-    var ok_a = (present.a > vec4<f32>(0.0)) & (j_a < lim);
-    var ok_b = (present.b > vec4<f32>(0.0)) & (j_b < lim);
+    var ok_a = (present.a > vec4<f32>(0.0)) & (j_a < vec4<u32>(lim));
+    var ok_b = (present.b > vec4<f32>(0.0)) & (j_b < vec4<u32>(lim));
     let sg = select(1.0, -1.0, p.scale < 0.0);
     var x = Keys8(s.a * sg, s.b * sg);
-    if (p.has_bias != 0u && r < p.group * lq.n) {
-        x = Keys8(s.a * p.scale + bias4(mat, r, j_a), s.b * p.scale + bias4(mat, r, j_b));
+    if (p.has_bias != 0u && lim > 0u) {
+        x = Keys8(s.a * p.scale + bias4(bias_at, j_a), s.b * p.scale + bias4(bias_at, j_b));
         ok_a = ok_a & !(x.a < vec4<f32>(LOWEST));
         ok_b = ok_b & !(x.b < vec4<f32>(LOWEST));
     }
@@ -332,6 +370,27 @@ fn main(
     let r0 = 8u * ty;
     let i0 = row0 + r0;
 
+    // Where this workgroup reads: its packed rows' Q, its kv head's K and V.
+    row0_p = row0;
+    k_head = p.k_offset + b * p.k_sb * lkv.n + (mat % p.kv_heads) * (p.k_sh * lkv.n + p.k_shc);
+    v_head = p.v_offset + b * p.v_sb * lkv.n + (mat % p.kv_heads) * (p.v_sh * lkv.n + p.v_shc);
+    for (var e = li; e < br; e += threads) {
+        var base = NO_ROW;
+        if (row0 + e < rows) {
+            let a = row_at(mat, row0 + e);
+            base = p.q_offset + a.b * p.q_sb * lq.n + a.h * (p.q_sh * lq.n + p.q_shc) + a.i * p.q_si;
+        }
+        q_rows[e] = base;
+    }
+    workgroupBarrier();
+    // This invocation's eight rows: how far each may see, where each one's bias starts.
+    var lim: array<u32, 8>;
+    var bias_at: array<u32, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        lim[r] = key_limit(mat, i0 + r);
+        bias_at[r] = select(0u, bias_row(mat, i0 + r), p.has_bias != 0u && i0 + r < rows);
+    }
+
     var m_lo = vec4<f32>(LOWEST);
     var m_hi = vec4<f32>(LOWEST);
     var l_lo = vec4<f32>(0.0);
@@ -352,14 +411,14 @@ fn main(
 
         // 2. Online softmax: raise the running max, weight, rescale what came before.
         let present = keys_present(b, kb, tx);
-        s.s0 = mask_row(s.s0, present, mat, i0, kb, tx);
-        s.s1 = mask_row(s.s1, present, mat, i0 + 1u, kb, tx);
-        s.s2 = mask_row(s.s2, present, mat, i0 + 2u, kb, tx);
-        s.s3 = mask_row(s.s3, present, mat, i0 + 3u, kb, tx);
-        s.s4 = mask_row(s.s4, present, mat, i0 + 4u, kb, tx);
-        s.s5 = mask_row(s.s5, present, mat, i0 + 5u, kb, tx);
-        s.s6 = mask_row(s.s6, present, mat, i0 + 6u, kb, tx);
-        s.s7 = mask_row(s.s7, present, mat, i0 + 7u, kb, tx);
+        s.s0 = mask_row(s.s0, present, lim[0], bias_at[0], kb, tx);
+        s.s1 = mask_row(s.s1, present, lim[1], bias_at[1], kb, tx);
+        s.s2 = mask_row(s.s2, present, lim[2], bias_at[2], kb, tx);
+        s.s3 = mask_row(s.s3, present, lim[3], bias_at[3], kb, tx);
+        s.s4 = mask_row(s.s4, present, lim[4], bias_at[4], kb, tx);
+        s.s5 = mask_row(s.s5, present, lim[5], bias_at[5], kb, tx);
+        s.s6 = mask_row(s.s6, present, lim[6], bias_at[6], kb, tx);
+        s.s7 = mask_row(s.s7, present, lim[7], bias_at[7], kb, tx);
         let red_at = tx * 2u * TY + 2u * ty;
         red[red_at] = vec4<f32>(row_max(s.s0), row_max(s.s1), row_max(s.s2), row_max(s.s3));
         red[red_at + 1u] = vec4<f32>(row_max(s.s4), row_max(s.s5), row_max(s.s6), row_max(s.s7));

@@ -230,6 +230,9 @@ impl FusedGeometry {
 /// across 16 invocations.
 pub(crate) const MAX_HEAD_DIM_V: u32 = crate::config::FUSED_MAX_HEAD_DIM_V as u32;
 
+/// Entries of the kernel's `q_rows` (a fixed 64: 8 TY rows at the largest TY, 8).
+const ROW_OFFSETS: u32 = 64;
+
 /// The fused kernel's override constants (see the shader's opening comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FusedTiles {
@@ -241,13 +244,14 @@ pub(crate) struct FusedTiles {
 }
 
 impl FusedTiles {
-    /// Bytes of workgroup memory: the staging area, the P tile and the reduction rows.
+    /// Bytes of workgroup memory: the staging area, the P tile and the reduction rows (all
+    /// vec4), and the 64 row offsets (u32).
     pub fn workgroup_bytes(&self) -> u32 {
         let rows = 8 * self.ty + 8 * self.tx;
         let stage = (rows * (self.dk / 4 + 1)).max(self.vk * self.tx * self.nv);
         let p_tile = 16 * self.ty * self.tx;
         let red = 2 * self.ty * self.tx;
-        (stage + p_tile + red) * 16
+        (stage + p_tile + red) * 16 + ROW_OFFSETS * 4
     }
 
     /// Tiles for `rows` query rows over `keys` keys, query/key heads `dp` wide and value heads

@@ -451,7 +451,8 @@ impl OperatorInputs {
 }
 
 /// The application's buffers for an [`AttentionOp`]; each needs `STORAGE` usage and room for
-/// the operator's maximum lengths.
+/// the operator's maximum lengths. Q, K and V are read as vec4, so their sizes must also be
+/// rounded up to a multiple of 16 bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct OperatorIo<'a> {
     /// Queries, f32.
@@ -562,7 +563,7 @@ impl AttentionOp {
         let own = scoped_async(device, "creating the operator's buffers", || {
             let [q, k, v, out, mask, bias] = config
                 .max_elements()
-                .map(|(name, n)| buffer(device, name, n * 4, STORAGE));
+                .map(|(name, n)| buffer(device, name, (n * 4).next_multiple_of(16), STORAGE));
             let upload = [&q, &k, &v, &mask, &bias]
                 .iter()
                 .map(|b| b.size())
@@ -625,9 +626,11 @@ impl AttentionOp {
     /// The async form of [`AttentionOp::bind`].
     pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
         let [q, k, v, out, mask, bias] = self.config.max_elements();
-        for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v), (out, io.out)] {
-            check_buffer(name, buffer, elements * 4)?;
+        // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
+        for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
+            check_buffer(name, buffer, (elements * 4).next_multiple_of(16))?;
         }
+        check_buffer(out.0, io.out, out.1 * 4)?;
         for ((name, elements), wanted, given) in [
             (mask, self.config.key_padding_mask, io.key_mask),
             (bias, self.config.bias.is_some(), io.bias),
