@@ -8,37 +8,36 @@
 //!
 //! Shapes: batch 1, 8 heads of width 64, d_model 512 with an output projection, seq 256 and
 //! 1024 (the sizes of the comparison table). `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`
-//! pick the adapter.
+//! pick the adapter. The device gets the adapter's own limits, as the program's `run` and
+//! `bench` ask, so the tile configurations timed here are the ones users get.
 
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, CpuAttention, GpuContext,
-    KernelChoice, Tensor, TimingSource,
+    AdapterOptions, AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights,
+    CpuAttention, DeviceLimits, GpuContext, KernelChoice, Random, TimingSource,
 };
 
 const SEQS: [usize; 2] = [256, 1024];
 
 fn layer(seq: usize) -> (AttentionConfig, AttentionWeights, AttentionInputs) {
     let config = AttentionConfig::new(1, seq, 512, 8, 64).with_output_projection(512);
-    // Deterministic values of order one: the kernels' speed does not depend on them.
-    let fill = |shape: &[usize], scale: f32| {
-        let n: usize = shape.iter().product();
-        let data = (0..n)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * scale)
-            .collect();
-        Tensor::new(shape.to_vec(), data).expect("shape and data agree")
-    };
-    let w = 1.0 / (512f32).sqrt();
-    let weights = AttentionWeights::new(
-        fill(&[512, 512], w),
-        fill(&[512, 512], w),
-        fill(&[512, 512], w),
-    )
-    .with_output_projection(fill(&[512, 512], w), None);
-    let inputs = AttentionInputs::new(fill(&[1, seq, 512], 1.0));
+    // Seeded values shaped like a trained layer's; the kernels' speed does not depend on them.
+    let mut random = Random::new(seq as u64);
+    let weights = random.weights(&config).expect("weights for a valid config");
+    let inputs = random.inputs(&config).expect("inputs for a valid config");
     (config, weights, inputs)
+}
+
+/// A context as the program makes it: wgpu's portable defaults would pick other (smaller)
+/// fused tiles on lavapipe than users run.
+fn context() -> GpuContext {
+    let options = AdapterOptions {
+        limits: DeviceLimits::Adapter,
+        ..AdapterOptions::from_env()
+    };
+    GpuContext::from_options(&options).expect("benchmarks need a GPU adapter")
 }
 
 /// Ten samples over three seconds: enough for these kernels on a software adapter, whose
@@ -51,7 +50,7 @@ fn short(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallT
 }
 
 fn kernels(c: &mut Criterion) {
-    let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
+    let ctx = context();
     let mut group = c.benchmark_group("gpu stage");
     short(&mut group);
     for seq in SEQS {
@@ -86,7 +85,7 @@ fn kernels(c: &mut Criterion) {
 }
 
 fn whole_layer(c: &mut Criterion) {
-    let ctx = GpuContext::from_env().expect("benchmarks need a GPU adapter");
+    let ctx = context();
     let mut group = c.benchmark_group("layer end to end");
     short(&mut group);
     for seq in SEQS {

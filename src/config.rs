@@ -7,16 +7,32 @@ use crate::error::{Error, Result};
 pub const FUSED_MAX_HEAD_DIM_V: usize = 256;
 
 /// Which GPU kernels compute `softmax(scale * Q K^T) V`.
+///
+/// With the `cli` feature it is also the program's `--kernel` value (`staged`, `fused`, `auto`),
+/// so the flag and the library cannot drift apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum KernelChoice {
     /// Separate score, softmax and weighted-sum kernels. Stores the `[seq, seq]` score matrix of
     /// every head, so scores and probabilities can be read back; memory grows with `seq²`.
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "score, softmax and weighted-sum kernels; keeps the [seq, seq] scores")
+    )]
     Staged,
     /// One kernel with an online softmax that never stores scores; memory grows with `seq`.
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "one kernel with an online softmax; memory grows with seq")
+    )]
     Fused,
     /// The fused kernel, unless intermediates are wanted or the value head is wider than
     /// [`FUSED_MAX_HEAD_DIM_V`] (see [`AttentionConfig::resolved_kernel`]).
     #[default]
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "fused, unless intermediates are kept or a value head is wider than 256")
+    )]
     Auto,
 }
 

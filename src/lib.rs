@@ -57,18 +57,29 @@
 //! queue.submit([encoder.finish()]);
 //! # Ok(()) }
 //! ```
+//!
+//! # Features
+//!
+//! - `cpu` (default): the fast multi-threaded CPU path, `CpuAttention` (pulls in `gemm` and
+//!   `rayon`). Turn default features off to embed the GPU path alone.
+//! - `random`: seeded random layers and tensors, `Random`, `AttentionWeights::random`,
+//!   `AttentionInputs::random`, `Tensor::random`, for tests and benchmarks.
+//! - `cli` (default): the `wgpu-attention` program; enables `cpu` and `random`.
 
 #![warn(missing_docs)]
 
 pub mod compare;
 pub mod config;
 pub mod context;
+#[cfg(feature = "cpu")]
 pub mod cpu;
 pub mod error;
 mod gpu;
 pub mod kernels;
 pub mod operator;
 pub mod plan;
+#[cfg(feature = "random")]
+pub mod random;
 pub mod reference;
 pub mod stage;
 pub mod tensor;
@@ -78,6 +89,7 @@ pub mod weights;
 pub use compare::{Comparison, Tolerance, compare};
 pub use config::{AttentionConfig, FUSED_MAX_HEAD_DIM_V, KernelChoice, OutputProjection};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
+#[cfg(feature = "cpu")]
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use operator::{
@@ -85,9 +97,11 @@ pub use operator::{
     QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
+#[cfg(feature = "random")]
+pub use random::Random;
 pub use reference::Intermediates;
 pub use stage::Stage;
-pub use tensor::Tensor;
+pub use tensor::{Tensor, unravel};
 pub use timing::{StageTime, StageTimes, TimingSource};
 pub use weights::{AttentionInputs, AttentionWeights};
 

@@ -5,6 +5,8 @@
 //! computes chosen output rows the same way without storing any `[seq, seq]` matrix, to judge
 //! sequences too long for [`run`].
 
+use std::ops::ControlFlow;
+
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -230,6 +232,76 @@ pub fn run(
         attention: to_tensor(vec![bsz, n, h * dv], attention)?,
         output: to_tensor(config.output_shape().to_vec(), output)?,
     })
+}
+
+/// Hands the layer's output rows for the tokens `rows` (each `(batch, position)`) to `each`, one
+/// at a time as [`output_rows`] computes them, without keeping any: memory stays at one batch
+/// row's keys and values however many rows are asked for, and the caller can count progress or
+/// stop early by returning [`ControlFlow::Break`], whose value is returned.
+///
+/// Rows are computed in the order given; keys and values are recomputed whenever the batch row
+/// changes, so rows grouped by batch row cost the least.
+///
+/// ```
+/// use std::ops::ControlFlow;
+/// use wgpu_attention::{reference, AttentionConfig, AttentionInputs, AttentionWeights, Tensor};
+/// let config = AttentionConfig::new(1, 2, 1, 1, 1).with_scale(1.0);
+/// let one = || Tensor::new([1, 1], vec![1.0]).unwrap();
+/// let weights = AttentionWeights::new(one(), one(), one());
+/// let inputs = AttentionInputs::new(Tensor::new([1, 2, 1], vec![0.0, 1.0]).unwrap());
+/// let full = reference::run(&config, &weights, &inputs).unwrap();
+/// let mut seen = Vec::new();
+/// let flow = reference::for_each_output_row(&config, &weights, &inputs, &[(0, 0), (0, 1)], |_, row| {
+///     seen.extend_from_slice(row);
+///     ControlFlow::<()>::Continue(())
+/// });
+/// assert_eq!(flow.unwrap(), ControlFlow::Continue(()));
+/// assert_eq!(seen, full.output.data());
+/// ```
+pub fn for_each_output_row<B>(
+    config: &AttentionConfig,
+    weights: &AttentionWeights,
+    inputs: &AttentionInputs,
+    rows: &[(usize, usize)],
+    mut each: impl FnMut((usize, usize), &[f32]) -> ControlFlow<B>,
+) -> Result<ControlFlow<B>> {
+    let layer = Layer::new(config, weights, inputs)?;
+    if let Some(&(b, t)) = rows
+        .iter()
+        .find(|&&(b, t)| b >= config.batch || t >= config.seq_len)
+    {
+        return Err(Error::InvalidConfig(format!(
+            "row ({b}, {t}) is outside batch {} x seq {}",
+            config.batch, config.seq_len
+        )));
+    }
+    let (h, dk) = (config.heads, config.head_dim);
+    let mut current: Option<(usize, ByHead, ByHead)> = None;
+    for &(b, i) in rows {
+        if current.as_ref().is_none_or(|(cb, _, _)| *cb != b) {
+            // Dropped before the next batch row's are made, so only one set is ever held.
+            drop(current.take());
+            let (keys, values) = layer.keys_values(b);
+            current = Some((b, keys, values));
+        }
+        let (_, keys, values) = current.as_ref().expect("set just above");
+        let query = layer.project(&weights.w_q, &weights.b_q, b, i);
+        let heads: Vec<f64> = (0..h)
+            .flat_map(|head| {
+                let qh = &query[head * dk..(head + 1) * dk];
+                layer.attend(b, i, qh, &keys[head], &values[head]).2
+            })
+            .collect();
+        let row: Vec<f32> = layer
+            .output_row(&heads)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        if let ControlFlow::Break(value) = each((b, i), &row) {
+            return Ok(ControlFlow::Break(value));
+        }
+    }
+    Ok(ControlFlow::Continue(()))
 }
 
 /// The layer's output rows for the tokens `rows` (each `(batch, position)`), in f64 like

@@ -110,8 +110,13 @@ impl Tensor {
     }
 }
 
-/// The multi-dimensional index of `flat` in a row-major tensor of `shape`.
-pub(crate) fn unravel(shape: &[usize], mut flat: usize) -> Vec<usize> {
+/// The multi-dimensional index of `flat` in a row-major tensor of `shape`, for naming a
+/// position in data that is not (yet) a [`Tensor`], such as a file's raw values.
+///
+/// ```
+/// assert_eq!(wgpu_attention::unravel(&[2, 3], 4), vec![1, 1]);
+/// ```
+pub fn unravel(shape: &[usize], mut flat: usize) -> Vec<usize> {
     let mut index = vec![0; shape.len()];
     for (slot, &dim) in index.iter_mut().zip(shape).rev() {
         if dim > 0 {

@@ -115,15 +115,20 @@ impl Case {
     }
 
     fn run(&self, flags: &[&str]) -> assert_cmd::assert::Assert {
-        Command::cargo_bin("wgpu-attention")
-            .unwrap()
+        self.command(flags).assert()
+    }
+
+    /// The command [`Case::run`] runs, for adding to it.
+    fn command(&self, flags: &[&str]) -> Command {
+        let mut command = Command::cargo_bin("wgpu-attention").unwrap();
+        command
             .arg("run")
             .arg("--input")
             .arg(&self.input)
             .arg("--output")
             .arg(&self.output)
-            .args(flags)
-            .assert()
+            .args(flags);
+        command
     }
 
     /// Runs expecting success and returns what was written.
@@ -159,7 +164,7 @@ fn assert_close(actual: &Tensor, shape: &[usize], expected: &[f32], atol: f32) {
 #[test]
 fn worked_example_unscaled() {
     let case = Case::new(worked_example());
-    let out = case.ok(&["--scale", "1"]);
+    let out = case.ok(&["--heads", "1", "--scale", "1"]);
     assert_eq!(out.keys().collect::<Vec<_>>(), ["out"]);
     assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
 }
@@ -167,7 +172,7 @@ fn worked_example_unscaled() {
 #[test]
 fn worked_example_with_the_default_scale() {
     let case = Case::new(worked_example());
-    let out = case.ok(&[]);
+    let out = case.ok(&["--heads", "1"]);
     assert_close(&out["out"], &[3, 3], &OUT_DEFAULT_SCALE, 1e-6);
 }
 
@@ -179,7 +184,7 @@ fn torch_layout_reads_transposed_weights() {
         ("w_k", transposed(4, 3, &W_K)),
         ("w_v", transposed(4, 3, &W_V)),
     ]);
-    let out = case.ok(&["--torch-layout", "--scale", "1"]);
+    let out = case.ok(&["--torch-layout", "--heads", "1", "--scale", "1"]);
     // A 3-D x keeps its batch axis.
     assert_close(&out["out"], &[1, 3, 3], &OUT_SCALE_1, 1e-6);
 }
@@ -187,7 +192,7 @@ fn torch_layout_reads_transposed_weights() {
 #[test]
 fn the_report_names_the_adapter_the_check_and_the_file() {
     let case = Case::new(worked_example());
-    case.run(&["--scale", "1"])
+    case.run(&["--heads", "1", "--scale", "1"])
         .success()
         .stdout(predicate::str::contains("adapter "))
         .stdout(predicate::str::contains(
@@ -274,7 +279,7 @@ fn multi_head_file(w: &AttentionWeights, i: &AttentionInputs) -> Case {
 fn multi_head_with_biases_projection_mask_and_causal_matches_the_reference() {
     let (config, weights, inputs) = multi_head();
     let case = multi_head_file(&weights, &inputs);
-    let out = case.ok(&["--heads", "2", "--causal"]);
+    let out = case.ok(&["--heads", "2", "--causal", "--allow-masked-rows"]);
     let expected = reference::run(&config, &weights, &inputs).unwrap();
     let check = compare(&out["out"], &expected.output, Tolerance::F32).unwrap();
     assert!(check.passed(), "{check}");
@@ -293,7 +298,13 @@ fn multi_head_with_biases_projection_mask_and_causal_matches_the_reference() {
 fn intermediates_are_written_with_their_shapes_and_checked() {
     let (config, weights, inputs) = multi_head();
     let case = multi_head_file(&weights, &inputs);
-    let out = case.ok(&["--heads", "2", "--causal", "--intermediates"]);
+    let out = case.ok(&[
+        "--heads",
+        "2",
+        "--causal",
+        "--allow-masked-rows",
+        "--intermediates",
+    ]);
     let expected = reference::run(&config, &weights, &inputs).unwrap();
     let shapes: [(&str, &[usize], &Tensor); 7] = [
         ("out", &[2, 5, 5], &expected.output),
@@ -317,7 +328,7 @@ fn intermediates_are_written_with_their_shapes_and_checked() {
 #[test]
 fn intermediates_of_a_2d_x_lose_the_batch_axis() {
     let case = Case::new(worked_example());
-    let out = case.ok(&["--scale", "1", "--intermediates"]);
+    let out = case.ok(&["--heads", "1", "--scale", "1", "--intermediates"]);
     assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
     // The worked example's queries and scores.
     assert_close(
@@ -406,7 +417,7 @@ fn transposed_weights_without_torch_layout_get_a_hint() {
         &[],
         "tensor `w_q` has shape [3, 4], expected [4, heads*head_dim] ([d_model, heads*head_dim] \
          in the x @ W layout [in, out]); it looks transposed: weights saved from PyTorch's \
-         nn.Linear are [out_features, in_features], so pass --torch-layout",
+         nn.Linear are [out_features, in_features], so pass --layout torch",
     );
 }
 
@@ -415,8 +426,8 @@ fn torch_layout_names_the_layout_it_assumed() {
     Case::new(worked_example()).fails(
         &["--torch-layout"],
         "tensor `w_q` has shape [4, 3], expected [heads*head_dim, 4] ([heads*head_dim, d_model] \
-         in PyTorch's nn.Linear layout [out_features, in_features], as --torch-layout asks); it \
-         looks transposed",
+         in PyTorch's nn.Linear layout [out_features, in_features], as --layout torch asks); it \
+         looks transposed: weights in the x @ W layout are [in, out], so pass --layout xw",
     );
 }
 
@@ -424,8 +435,8 @@ fn torch_layout_names_the_layout_it_assumed() {
 fn heads_must_divide_the_width() {
     Case::new(worked_example()).fails(
         &["--heads", "2"],
-        "tensor `w_q` has shape [4, 3]: its 3 columns (heads*head_dim) cannot be split into \
-         --heads 2 equal heads",
+        "tensor `w_q` has 3 columns (heads*head_dim), which cannot be split into --heads 2 \
+         equal heads",
     );
 }
 
@@ -434,7 +445,7 @@ fn unknown_tensor_names_are_refused() {
     Case::new(with("wq", f32s(&[4, 3], &W_Q))).fails(
         &[],
         "unknown tensor `wq` (did you mean `w_q`?); this program reads only x, w_q, w_k, w_v, \
-         b_q, b_k, b_v, w_o, b_o, key_mask",
+         b_q, b_k, b_v, w_o, b_o, key_mask, attention_mask, key_padding_mask",
     );
 }
 
@@ -504,7 +515,7 @@ fn mask_values_must_be_zero_or_one() {
 #[test]
 fn mask_shape_follows_x() {
     Case::new(with("key_mask", f32s(&[1, 3], &[1., 1., 1.]))).fails(
-        &[],
+        &["--heads", "1"],
         "tensor `key_mask` has shape [1, 3], expected [3] ([seq])",
     );
 }
@@ -522,7 +533,7 @@ fn non_finite_inputs_are_refused() {
 #[test]
 fn output_bias_needs_an_output_projection() {
     Case::new(with("b_o", f32s(&[3], &[0.; 3]))).fails(
-        &[],
+        &["--heads", "1"],
         "tensor `b_o` was given but there is no output projection `w_o` for it to bias",
     );
 }
@@ -537,6 +548,7 @@ fn an_impossible_check_fails_and_writes_nothing() {
             "--heads",
             "2",
             "--causal",
+            "--allow-masked-rows",
             "--intermediates",
             "--tolerance-atol",
             "0",
@@ -564,7 +576,7 @@ fn an_output_in_a_missing_directory_is_refused_before_any_work() {
         .join("out.safetensors");
     Command::cargo_bin("wgpu-attention")
         .unwrap()
-        .args(["run", "--input"])
+        .args(["run", "--heads", "1", "--input"])
         .arg(&case.input)
         .arg("--output")
         .arg(&output)
@@ -590,7 +602,9 @@ fn every_kernel_choice_gives_the_worked_example() {
         );
         Command::cargo_bin("wgpu-attention")
             .unwrap()
-            .args(["run", "--scale", "1", "--kernel", kernel, "--input"])
+            .args([
+                "run", "--heads", "1", "--scale", "1", "--kernel", kernel, "--input",
+            ])
             .arg(&input)
             .arg("--output")
             .arg(&output)
@@ -630,8 +644,554 @@ fn every_kernel_choice_gives_the_worked_example() {
         .arg(&output)
         .assert()
         .failure()
-        .stderr(predicate::str::contains(
-            "use KernelChoice::Staged (or Auto)",
-        ));
+        .stderr(predicate::str::contains("use --kernel staged (or auto)"));
     assert!(!output.exists());
+}
+
+// Issue 14: long sequences, interruptions, hostile files, and PyTorch users' conventions.
+
+/// `x` [1, seq, d] and three [d, width] weights of seeded noise: tiny heads, long sequences.
+fn long_layer(seq: usize, d: usize, width: usize) -> Vec<(&'static str, Stored)> {
+    let mut rng = Rng(11);
+    vec![
+        ("x", from_tensor(&rng.tensor(&[1, seq, d], 1.0))),
+        ("w_q", from_tensor(&rng.tensor(&[d, width], 0.5))),
+        ("w_k", from_tensor(&rng.tensor(&[d, width], 0.5))),
+        ("w_v", from_tensor(&rng.tensor(&[d, width], 0.5))),
+    ]
+}
+
+/// The peak resident memory the program reports `when` with WGPU_ATTENTION_REPORT_PEAK_RSS, in
+/// kB.
+fn peak_kb(stderr: &[u8], when: &str) -> u64 {
+    let stderr = String::from_utf8_lossy(stderr);
+    let prefix = format!("peak memory {when}: ");
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stderr}"));
+    line.trim_end_matches(" kB").trim().parse().unwrap()
+}
+
+#[test]
+fn a_long_sequence_is_checked_in_linear_memory() {
+    // [seq, seq] in f64 is 2 GiB here; the streamed check needs a few MB beyond the GPU's.
+    let case = Case::new(long_layer(16384, 8, 8));
+    let out = case
+        .command(&["--heads", "1", "--layout", "xw"])
+        .env("WGPU_ATTENTION_REPORT_PEAK_RSS", "1")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("check      a sample of "))
+        .stdout(predicate::str::contains(
+            "of 16384 output rows, evenly spread",
+        ))
+        .stdout(predicate::str::contains("estimate   roughly"))
+        .stdout(predicate::str::is_match(r"out\s+\[1, 16384, 8\].*pass").unwrap());
+    let stderr = &out.get_output().stderr;
+    let (gpu, end) = (
+        peak_kb(stderr, "after the GPU"),
+        peak_kb(stderr, "at the end"),
+    );
+    assert!(end - gpu < 32 * 1024, "the check took {} kB", end - gpu);
+    // The whole run, the software GPU's own memory included: 104 MB before the library's
+    // bounded submissions, 244 MB with them.
+    assert!(end < 320 * 1024, "peak memory {end} kB");
+    assert_eq!(load(&case.output)["out"].shape(), &[1, 16384, 8]);
+}
+
+#[test]
+fn a_short_sequence_checks_every_row() {
+    let case = Case::new(long_layer(64, 4, 4));
+    case.run(&["--heads", "2", "--layout", "xw"])
+        .success()
+        .stdout(predicate::str::contains(
+            "check      all 64 output rows, streamed through the f64 reference",
+        ))
+        .stdout(predicate::str::contains("estimate").not());
+}
+
+#[test]
+fn check_all_checks_every_row_of_a_long_sequence() {
+    // Just over the budget, where the default would sample.
+    let case = Case::new(long_layer(12000, 4, 4));
+    case.run(&["--heads", "1", "--layout", "xw", "--check-all"])
+        .success()
+        .stdout(predicate::str::contains(
+            "all 12000 output rows, streamed through the f64 reference (1.2e9 multiply-adds, \
+             over the check's budget of 1e9, as --check-all asks)",
+        ));
+}
+
+/// Starts a long run, waits until it has started the GPU work, sends `signal`, and returns its
+/// exit status and stderr. The directory must then hold nothing but the input.
+fn interrupt(signal: &str) -> (std::process::ExitStatus, String) {
+    use std::io::{BufRead, Read};
+    let case = Case::new(long_layer(32768, 8, 8));
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("wgpu-attention"))
+        .args([
+            "run",
+            "--heads",
+            "1",
+            "--layout",
+            "xw",
+            "--check-all",
+            "--input",
+        ])
+        .arg(&case.input)
+        .arg("--output")
+        .arg(&case.output)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("estimate") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("estimate"),
+        "no estimate before the work:\n{seen}"
+    );
+    // No temporary file exists while the result is being computed.
+    let files = || -> Vec<_> {
+        std::fs::read_dir(case.input.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "in.safetensors")
+            .collect()
+    };
+    assert!(files().is_empty(), "{:?}", files());
+    let status = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(files().is_empty(), "an interrupted run left {:?}", files());
+    (status, stderr)
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_a_long_run_cleanly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, stderr) = interrupt("-INT");
+    assert_eq!(status.signal(), Some(2), "{status:?}\n{stderr}");
+    assert!(stderr.contains("interrupted by Ctrl-C"), "{stderr}");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_a_long_run_and_leaves_no_temporary_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, stderr) = interrupt("-TERM");
+    assert_eq!(status.signal(), Some(15), "{status:?}\n{stderr}");
+    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
+}
+
+#[cfg(unix)]
+#[test]
+fn only_regular_files_are_read() {
+    let case = Case::new(worked_example());
+    Command::cargo_bin("wgpu-attention")
+        .unwrap()
+        .args(["run", "--heads", "1", "--input", "/dev/zero", "--output"])
+        .arg(&case.output)
+        .timeout(std::time::Duration::from_secs(20))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "/dev/zero: not a regular file (a character device)",
+        ));
+}
+
+#[test]
+fn a_header_larger_than_the_file_is_refused_before_reading() {
+    let case = Case::new(worked_example());
+    let mut bytes = std::fs::read(&case.input).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&case.input, &bytes).unwrap();
+    case.fails(
+        &["--heads", "1"],
+        "the first 8 bytes give a header of 1099511627776 bytes, but the file is only",
+    );
+}
+
+#[test]
+fn the_output_may_not_be_the_input() {
+    let case = Case::new(worked_example());
+    let before = std::fs::read(&case.input).unwrap();
+    let refused = |output: &Path| {
+        Command::cargo_bin("wgpu-attention")
+            .unwrap()
+            .args(["run", "--heads", "1", "--input"])
+            .arg(&case.input)
+            .arg("--output")
+            .arg(output)
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains(
+                "is the input file itself; writing it would replace the weights",
+            ));
+        assert_eq!(std::fs::read(&case.input).unwrap(), before);
+    };
+    refused(&case.input);
+    // The same file by another path, and by a hard link.
+    let dir = case.input.parent().unwrap();
+    refused(&dir.join(".").join("in.safetensors"));
+    let link = dir.join("link.safetensors");
+    std::fs::hard_link(&case.input, &link).unwrap();
+    refused(&link);
+}
+
+/// A safetensors file written by hand, so its header can be what no writer makes.
+fn raw_file(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn duplicate_tensor_names_are_refused() {
+    let case = Case::new(worked_example());
+    let data: Vec<u8> = [X, X]
+        .concat()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    raw_file(
+        &case.input,
+        r#"{"x":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]},"x":{"dtype":"F32","shape":[4,3],"data_offsets":[48,96]}}"#,
+        &data,
+    );
+    case.fails(&["--heads", "1"], "the header names `x` twice");
+}
+
+#[test]
+fn offset_errors_name_the_tensor_at_fault() {
+    let case = Case::new(worked_example());
+    let data = vec![0u8; 96];
+    // `b` claims 40 bytes for 12 floats (48); `a` is right.
+    raw_file(
+        &case.input,
+        r#"{"a":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]},"b":{"dtype":"F32","shape":[4,3],"data_offsets":[48,88]}}"#,
+        &data,
+    );
+    case.fails(
+        &["--heads", "1"],
+        "tensor `b` has shape [4, 3] of F32 (48 bytes), but its data_offsets [48, 88] span 40 \
+         bytes",
+    );
+    // A gap: `b` starts past the end of `a`.
+    raw_file(
+        &case.input,
+        r#"{"a":{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]},"b":{"dtype":"F32","shape":[4,3],"data_offsets":[48,96]}}"#,
+        &data,
+    );
+    case.fails(
+        &["--heads", "1"],
+        "tensor `b` has data_offsets [48, 96], but `a` ends at byte 32: a gap in the data",
+    );
+}
+
+#[test]
+fn a_bad_scale_is_blamed_on_the_flag() {
+    Case::new(worked_example()).fails(
+        &["--heads", "1", "--scale", "nan"],
+        "invalid value 'nan' for '--scale <S>': the scale must be a finite number",
+    );
+}
+
+#[test]
+fn intermediates_with_the_fused_kernel_suggest_the_staged_one() {
+    Case::new(worked_example()).fails(
+        &["--heads", "1", "--intermediates", "--kernel", "fused"],
+        "use --kernel staged (or auto)",
+    );
+}
+
+#[test]
+fn a_successful_run_keeps_stderr_clean_without_a_display() {
+    let case = Case::new(worked_example());
+    let out = Command::cargo_bin("wgpu-attention")
+        .unwrap()
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .args(["run", "--heads", "1", "--input"])
+        .arg(&case.input)
+        .arg("--output")
+        .arg(&case.output)
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr);
+    assert!(stderr.is_empty(), "stderr of a successful run:\n{stderr}");
+}
+
+// Masks in PyTorch's and Hugging Face's conventions. Each run is checked against the reference
+// for the mask the user meant: row 1 pads its last two tokens.
+
+const KEEP: [f32; 10] = [1., 1., 1., 1., 1., 1., 1., 1., 0., 0.];
+
+fn masked_layer() -> (AttentionConfig, AttentionWeights, AttentionInputs) {
+    let mut rng = Rng(5);
+    let config = AttentionConfig::new(2, 5, 4, 2, 2).with_key_padding_mask();
+    let weights = AttentionWeights::new(
+        rng.tensor(&[4, 4], 0.5),
+        rng.tensor(&[4, 4], 0.5),
+        rng.tensor(&[4, 4], 0.5),
+    );
+    let keep = Tensor::new([2, 5], KEEP.to_vec()).unwrap();
+    let inputs = AttentionInputs::new(rng.tensor(&[2, 5, 4], 1.0)).with_key_mask(keep);
+    (config, weights, inputs)
+}
+
+fn masked_case(mask_name: &'static str, mask: Stored) -> (Case, Tensor) {
+    let (config, weights, inputs) = masked_layer();
+    let expected = reference::run(&config, &weights, &inputs).unwrap().output;
+    let mut tensors: Vec<(&str, Stored)> = weights
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, from_tensor(t)))
+        .collect();
+    tensors.push(("x", from_tensor(&inputs.x)));
+    tensors.push((mask_name, mask));
+    (Case::new(tensors), expected)
+}
+
+fn assert_matches(out: &Tensor, expected: &Tensor) {
+    let check = compare(out, expected, Tolerance::F32).unwrap();
+    assert!(check.passed(), "{check}");
+}
+
+#[test]
+fn key_padding_mask_is_read_with_pytorchs_convention() {
+    let padding: Vec<u8> = KEEP.iter().map(|&k| u8::from(k == 0.0)).collect();
+    let (case, expected) = masked_case(
+        "key_padding_mask",
+        Stored {
+            dtype: Dtype::BOOL,
+            shape: vec![2, 5],
+            bytes: padding,
+        },
+    );
+    let out = case
+        .run(&["--heads", "2", "--layout", "xw"])
+        .success()
+        .stdout(predicate::str::contains(
+            "mask       `key_padding_mask`: keys kept per batch row (of 5): 5, 3",
+        ));
+    drop(out);
+    assert_matches(&load(&case.output)["out"], &expected);
+}
+
+#[test]
+fn attention_mask_is_read_with_hugging_faces_convention() {
+    let (case, expected) = masked_case(
+        "attention_mask",
+        Stored {
+            dtype: Dtype::I64,
+            shape: vec![2, 5],
+            bytes: KEEP
+                .iter()
+                .flat_map(|&k| (k as i64).to_le_bytes())
+                .collect(),
+        },
+    );
+    let out = case.ok(&["--heads", "2", "--layout", "xw"]);
+    assert_matches(&out["out"], &expected);
+}
+
+#[test]
+fn additive_masks_are_told_apart_by_name() {
+    let additive: Vec<f32> = KEEP
+        .iter()
+        .map(|&k| if k == 1.0 { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    let (case, expected) = masked_case("additive_key_mask", f32s(&[2, 5], &additive));
+    assert_matches(
+        &case.ok(&["--heads", "2", "--layout", "xw"])["out"],
+        &expected,
+    );
+    // PyTorch adds a float key_padding_mask to the scores.
+    let (case, expected) = masked_case("key_padding_mask", f32s(&[2, 5], &additive));
+    assert_matches(
+        &case.ok(&["--heads", "2", "--layout", "xw"])["out"],
+        &expected,
+    );
+    // Saved as key_mask, the same values are refused, not read as padding.
+    let (case, _) = masked_case("key_mask", f32s(&[2, 5], &additive));
+    case.fails(
+        &["--heads", "2", "--layout", "xw"],
+        "tensor `key_mask` holds -inf at index [1, 3]: use 1 for a real token and 0 for padding; \
+         an additive mask (0 = keep, -inf = drop) must be named `additive_key_mask`",
+    );
+    // An additive mask with no -inf at all: under key_mask, every key is masked, refused.
+    let (case, _) = masked_case("key_mask", f32s(&[2, 5], &[0.0; 10]));
+    case.fails(
+        &["--heads", "2", "--layout", "xw"],
+        "`key_mask` masks every key of batch row 0 (and of 1 other rows), so its queries have \
+         nothing to attend",
+    );
+}
+
+#[test]
+fn a_fully_masked_row_needs_allow_masked_rows() {
+    // PyTorch's key_padding_mask saved as key_mask: the unpadded row 0 keeps no key.
+    let inverted: Vec<f32> = KEEP.iter().map(|&k| 1.0 - k).collect();
+    let (case, _) = masked_case("key_mask", f32s(&[2, 5], &inverted));
+    case.fails(
+        &["--heads", "2", "--layout", "xw"],
+        "`key_mask` masks every key of batch row 0, so its queries have nothing to attend. \
+         `key_mask` is read as 1 = real token, 0 = padding",
+    );
+    let out = case.ok(&["--heads", "2", "--layout", "xw", "--allow-masked-rows"]);
+    assert!(out["out"].data()[..10].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn heads_are_required_unless_the_widths_allow_one_count() {
+    let (_, weights, inputs) = masked_layer();
+    let mut tensors: Vec<(&str, Stored)> = weights
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, from_tensor(t)))
+        .collect();
+    tensors.push(("x", from_tensor(&inputs.x)));
+    Case::new(tensors).fails(
+        &["--layout", "xw"],
+        "--heads is required: the query width 4 and value width 4 split evenly into 1, 2, 4 \
+         heads",
+    );
+    // Query width 3 and value width 2 split only into one head.
+    let mut rng = Rng(9);
+    let case = Case::new(vec![
+        ("x", from_tensor(&rng.tensor(&[2, 4], 1.0))),
+        ("w_q", from_tensor(&rng.tensor(&[4, 3], 0.5))),
+        ("w_k", from_tensor(&rng.tensor(&[4, 3], 0.5))),
+        ("w_v", from_tensor(&rng.tensor(&[4, 2], 0.5))),
+    ]);
+    case.run(&[]).success().stdout(predicate::str::contains(
+        "heads 1, head_dim 3, head_dim_v 2",
+    ));
+}
+
+#[test]
+fn square_weights_need_a_layout() {
+    let (_, weights, inputs) = masked_layer();
+    let mut tensors: Vec<(&str, Stored)> = weights
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, from_tensor(t)))
+        .collect();
+    tensors.push(("x", from_tensor(&inputs.x)));
+    Case::new(tensors).fails(
+        &["--heads", "2"],
+        "every weight matrix is square, so its shape cannot tell PyTorch's nn.Linear layout \
+         [out_features, in_features] from the x @ W layout [in, out]",
+    );
+}
+
+/// The layer as nn.MultiheadAttention's state_dict holds it: packed, [out, in].
+fn multihead_state_dict(
+    weights: &AttentionWeights,
+    w_o: &Tensor,
+    b_o: &Tensor,
+) -> Vec<(&'static str, Stored)> {
+    let t = |w: &Tensor| transposed(w.shape()[0], w.shape()[1], w.data());
+    let packed: Vec<u8> = [&weights.w_q, &weights.w_k, &weights.w_v]
+        .iter()
+        .flat_map(|w| t(w).bytes)
+        .collect();
+    vec![
+        (
+            "in_proj_weight",
+            Stored {
+                dtype: Dtype::F32,
+                shape: vec![12, 4],
+                bytes: packed,
+            },
+        ),
+        ("in_proj_bias", f32s(&[12], &[0.0; 12])),
+        ("out_proj.weight", t(w_o)),
+        ("out_proj.bias", from_tensor(b_o)),
+    ]
+}
+
+#[test]
+fn pytorch_state_dict_names_fix_the_layout() {
+    let (config, weights, inputs) = masked_layer();
+    let mut rng = Rng(21);
+    let (w_o, b_o) = (rng.tensor(&[4, 4], 0.5), rng.tensor(&[4], 0.1));
+    let mut expected_weights = weights.clone();
+    expected_weights.w_o = Some(w_o.clone());
+    expected_weights.b_o = Some(b_o.clone());
+    let expected = reference::run(
+        &config.clone().with_output_projection(4),
+        &expected_weights,
+        &inputs,
+    )
+    .unwrap()
+    .output;
+    let padding: Vec<u8> = KEEP.iter().map(|&k| u8::from(k == 0.0)).collect();
+    let mask = || Stored {
+        dtype: Dtype::BOOL,
+        shape: vec![2, 5],
+        bytes: padding.clone(),
+    };
+
+    let mut mha = multihead_state_dict(&weights, &w_o, &b_o);
+    mha.push(("x", from_tensor(&inputs.x)));
+    mha.push(("key_padding_mask", mask()));
+    let case = Case::new(mha);
+    let out = case
+        .run(&["--heads", "2"])
+        .success()
+        .stdout(predicate::str::contains(
+            "weights    in PyTorch's nn.Linear layout [out_features, in_features], as PyTorch's \
+         names mean",
+        ));
+    drop(out);
+    assert_matches(&load(&case.output)["out"], &expected);
+    std::fs::remove_file(&case.output).unwrap();
+    case.fails(
+        &["--heads", "2", "--layout", "xw"],
+        "--layout xw contradicts the file's PyTorch names",
+    );
+
+    // Hugging Face's separate projections.
+    let t = |w: &Tensor| transposed(w.shape()[0], w.shape()[1], w.data());
+    let case = Case::new(vec![
+        ("hidden_states", from_tensor(&inputs.x)),
+        ("query.weight", t(&weights.w_q)),
+        ("key.weight", t(&weights.w_k)),
+        ("value.weight", t(&weights.w_v)),
+        ("out_proj.weight", t(&w_o)),
+        ("out_proj.bias", from_tensor(&b_o)),
+        ("key_padding_mask", mask()),
+    ]);
+    assert_matches(&case.ok(&["--heads", "2"])["out"], &expected);
+
+    // One convention per file.
+    let case = Case::new(vec![
+        ("x", from_tensor(&inputs.x)),
+        ("query.weight", t(&weights.w_q)),
+        ("w_k", from_tensor(&weights.w_k)),
+        ("w_v", from_tensor(&weights.w_v)),
+    ]);
+    case.fails(&["--heads", "2"], "the file mixes this program's names");
 }

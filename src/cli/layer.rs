@@ -11,7 +11,7 @@ use super::CliError;
 use super::files::{Kind, TensorFile};
 
 /// Every tensor name the program reads, with how its dtype is accepted.
-pub const TENSORS: [(&str, Kind); 10] = [
+pub const TENSORS: [(&str, Kind); 30] = [
     ("x", Kind::Float),
     ("w_q", Kind::Float),
     ("w_k", Kind::Float),
@@ -22,6 +22,58 @@ pub const TENSORS: [(&str, Kind); 10] = [
     ("w_o", Kind::Float),
     ("b_o", Kind::Float),
     ("key_mask", Kind::Mask),
+    ("attention_mask", Kind::Mask),
+    ("key_padding_mask", Kind::PaddingMask),
+    ("additive_key_mask", Kind::Additive),
+    ("in_proj_weight", Kind::Float),
+    ("in_proj_bias", Kind::Float),
+    ("out_proj.weight", Kind::Float),
+    ("out_proj.bias", Kind::Float),
+    ("query.weight", Kind::Float),
+    ("query.bias", Kind::Float),
+    ("key.weight", Kind::Float),
+    ("key.bias", Kind::Float),
+    ("value.weight", Kind::Float),
+    ("value.bias", Kind::Float),
+    ("q_proj.weight", Kind::Float),
+    ("q_proj.bias", Kind::Float),
+    ("k_proj.weight", Kind::Float),
+    ("k_proj.bias", Kind::Float),
+    ("v_proj.weight", Kind::Float),
+    ("v_proj.bias", Kind::Float),
+    ("hidden_states", Kind::Float),
+];
+
+/// This program's names for the weights, which say nothing about their layout.
+const OWN_WEIGHTS: [&str; 8] = ["w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "w_o", "b_o"];
+
+/// PyTorch's and Hugging Face's names for the same weights, and the name each stands for here.
+/// Their matrices are always `nn.Linear.weight`, `[out_features, in_features]`.
+const TORCH_WEIGHTS: [(&str, &str); 16] = [
+    ("query.weight", "w_q"),
+    ("query.bias", "b_q"),
+    ("key.weight", "w_k"),
+    ("key.bias", "b_k"),
+    ("value.weight", "w_v"),
+    ("value.bias", "b_v"),
+    ("q_proj.weight", "w_q"),
+    ("q_proj.bias", "b_q"),
+    ("k_proj.weight", "w_k"),
+    ("k_proj.bias", "b_k"),
+    ("v_proj.weight", "w_v"),
+    ("v_proj.bias", "b_v"),
+    ("out_proj.weight", "w_o"),
+    ("out_proj.bias", "b_o"),
+    ("in_proj_weight", "w_q, w_k, w_v"),
+    ("in_proj_bias", "b_q, b_k, b_v"),
+];
+
+/// The names a key mask may have, each with its own convention (see [`Kind`]).
+const MASKS: [&str; 4] = [
+    "key_mask",
+    "attention_mask",
+    "key_padding_mask",
+    "additive_key_mask",
 ];
 
 /// How the weight matrices are stored.
@@ -33,35 +85,70 @@ pub enum WeightLayout {
     Torch,
 }
 
-impl WeightLayout {
+/// What decided the layout, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayoutFrom {
+    /// `--layout` or `--torch-layout`.
+    Flag,
+    /// No flag: a non-square matrix, which fits only one way, lets the default stand.
+    Default,
+    /// PyTorch's own tensor names.
+    Names,
+}
+
+/// A layout and what decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    layout: WeightLayout,
+    from: LayoutFrom,
+}
+
+impl Layout {
     fn describe(self) -> &'static str {
-        match self {
-            WeightLayout::XW => "in the x @ W layout [in, out]",
-            WeightLayout::Torch => {
-                "in PyTorch's nn.Linear layout [out_features, in_features], as --torch-layout asks"
+        match (self.layout, self.from) {
+            (WeightLayout::XW, _) => "in the x @ W layout [in, out]",
+            (WeightLayout::Torch, LayoutFrom::Names) => {
+                "in PyTorch's nn.Linear layout [out_features, in_features], as PyTorch's names \
+                 mean"
+            }
+            (WeightLayout::Torch, _) => {
+                "in PyTorch's nn.Linear layout [out_features, in_features], as --layout torch \
+                 asks"
             }
         }
     }
 
     /// What to say when a matrix fits only once transposed.
     fn transposed_hint(self) -> &'static str {
-        match self {
-            WeightLayout::XW => {
+        match (self.layout, self.from) {
+            (WeightLayout::XW, _) => {
                 "it looks transposed: weights saved from PyTorch's nn.Linear are \
-                 [out_features, in_features], so pass --torch-layout"
+                 [out_features, in_features], so pass --layout torch"
             }
-            WeightLayout::Torch => {
-                "it looks transposed: weights in the x @ W layout are [in, out], so drop \
-                 --torch-layout"
+            (WeightLayout::Torch, LayoutFrom::Names) => {
+                "it looks transposed: under PyTorch's names, save nn.Linear's weight as it is, \
+                 not its .T"
+            }
+            (WeightLayout::Torch, _) => {
+                "it looks transposed: weights in the x @ W layout are [in, out], so pass \
+                 --layout xw"
             }
         }
     }
 
     /// Orders the two sides of a matrix as this layout stores them.
     fn order<T>(self, input: T, output: T) -> [T; 2] {
-        match self {
+        match self.layout {
             WeightLayout::XW => [input, output],
             WeightLayout::Torch => [output, input],
+        }
+    }
+
+    /// The output side of a matrix as stored.
+    fn width(self, w: &Tensor) -> usize {
+        match self.layout {
+            WeightLayout::XW => w.shape()[1],
+            WeightLayout::Torch => w.shape()[0],
         }
     }
 }
@@ -69,14 +156,17 @@ impl WeightLayout {
 /// The choices the command line makes about the layer.
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
-    /// Number of heads the projections' widths are split into.
-    pub heads: usize,
+    /// Number of heads the projections' widths are split into; `None` when not given, which
+    /// is accepted only when the widths allow a single count.
+    pub heads: Option<usize>,
     /// Score scale; `None` for `1/sqrt(head_dim)`.
     pub scale: Option<f32>,
     /// Query `i` attends only keys `j <= i`.
     pub causal: bool,
-    /// How the weight matrices are stored.
-    pub layout: WeightLayout,
+    /// How the weight matrices are stored, if the command line says.
+    pub layout: Option<WeightLayout>,
+    /// Run even when a batch row or a query has every key masked (its output is zeros).
+    pub allow_masked_rows: bool,
 }
 
 /// A layer ready to run, as the library takes it.
@@ -90,6 +180,10 @@ pub struct Layer {
     pub inputs: AttentionInputs,
     /// `x` was `[seq, d_model]`: results are written without their batch axis.
     pub unbatched: bool,
+    /// The mask's name in the file and the keys each batch row keeps, if there is a mask.
+    pub mask: Option<(&'static str, Vec<usize>)>,
+    /// How the weights were read, for the report.
+    pub layout: String,
 }
 
 /// One dimension of an expected shape: a size where it is known, and always its meaning.
@@ -113,25 +207,30 @@ fn free(name: &'static str) -> Dim {
 /// A tensor's expected shape, and for matrices the layout it is stored in.
 #[derive(Debug, Clone)]
 struct Expected {
+    /// The name the tensor is taken under.
     name: &'static str,
+    /// The name the user saved it under, for messages.
+    shown: String,
     dims: Vec<Dim>,
-    layout: Option<WeightLayout>,
+    layout: Option<Layout>,
 }
 
 impl Expected {
-    fn vector(name: &'static str, dim: Dim) -> Self {
+    fn vector(names: &Names, name: &'static str, dim: Dim) -> Self {
         Expected {
             name,
+            shown: names.shown(name),
             dims: vec![dim],
             layout: None,
         }
     }
 
-    fn matrix(name: &'static str, layout: WeightLayout, input: Dim, output: Dim) -> Self {
+    fn matrix(names: &Names, name: &'static str, input: Dim, output: Dim) -> Self {
         Expected {
             name,
-            dims: layout.order(input, output).to_vec(),
-            layout: Some(layout),
+            shown: names.shown(name),
+            dims: names.layout.order(input, output).to_vec(),
+            layout: Some(names.layout),
         }
     }
 
@@ -170,7 +269,7 @@ impl Expected {
     fn mismatch(&self, shape: &[usize]) -> String {
         let mut message = format!(
             "tensor `{}` has shape {}, expected {}",
-            self.name,
+            self.shown,
             Shape(shape.to_vec()),
             self.describe()
         );
@@ -182,46 +281,71 @@ impl Expected {
     }
 }
 
+/// How the file named its weights: the name each was saved under, and the layout.
+#[derive(Debug, Clone)]
+struct Names {
+    shown: Vec<(&'static str, String)>,
+    layout: Layout,
+}
+
+impl Names {
+    /// The name the user saved `name` under.
+    fn shown(&self, name: &str) -> String {
+        self.shown
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(name.to_string(), |(_, s)| s.clone())
+    }
+}
+
 /// Builds the layer from `file`'s tensors, checking every shape and value.
 pub fn build(file: &mut TensorFile, options: &LayerOptions) -> Result<Layer, CliError> {
     let (x, unbatched) = take_x(file)?;
     let [batch, seq, d_model] = [x.shape()[0], x.shape()[1], x.shape()[2]];
-    let heads = options.heads;
-    let layout = options.layout;
+    let names = resolve_names(file, d_model, options.layout)?;
     let d_model_dim = known(d_model, "d_model");
 
     let w_q = require(
         file,
-        Expected::matrix("w_q", layout, d_model_dim, free("heads*head_dim")),
+        Expected::matrix(&names, "w_q", d_model_dim, free("heads*head_dim")),
     )?;
-    let head_dim = split_heads(file, "w_q", &w_q, layout, heads, "heads*head_dim")?;
-    let qk = known(heads * head_dim, "heads*head_dim");
-    let w_k = require(file, Expected::matrix("w_k", layout, d_model_dim, qk))?;
+    let width_q = names.layout.width(&w_q);
+    let qk = known(width_q, "heads*head_dim");
+    let w_k = require(file, Expected::matrix(&names, "w_k", d_model_dim, qk))?;
     let w_v = require(
         file,
-        Expected::matrix("w_v", layout, d_model_dim, free("heads*head_dim_v")),
+        Expected::matrix(&names, "w_v", d_model_dim, free("heads*head_dim_v")),
     )?;
-    let head_dim_v = split_heads(file, "w_v", &w_v, layout, heads, "heads*head_dim_v")?;
-    let v = known(heads * head_dim_v, "heads*head_dim_v");
+    let width_v = names.layout.width(&w_v);
+    let heads = choose_heads(file, &names, options.heads, width_q, width_v)?;
+    let (head_dim, head_dim_v) = (width_q / heads, width_v / heads);
+    let v = known(width_v, "heads*head_dim_v");
 
-    let b_q = take(file, Expected::vector("b_q", qk))?;
-    let b_k = take(file, Expected::vector("b_k", qk))?;
-    let b_v = take(file, Expected::vector("b_v", v))?;
-    let w_o = take(file, Expected::matrix("w_o", layout, v, free("d_out")))?;
-    let b_o = take_output_bias(file, w_o.as_ref(), layout)?;
+    let b_q = take(file, Expected::vector(&names, "b_q", qk))?;
+    let b_k = take(file, Expected::vector(&names, "b_k", qk))?;
+    let b_v = take(file, Expected::vector(&names, "b_v", v))?;
+    let w_o = take(file, Expected::matrix(&names, "w_o", v, free("d_out")))?;
+    let b_o = take_output_bias(file, &names, w_o.as_ref())?;
     let key_mask = take_key_mask(file, batch, seq, unbatched)?;
+    let mask = match &key_mask {
+        Some((name, m)) => Some((
+            *name,
+            check_masked_rows(file, name, m, options.causal, options.allow_masked_rows)?,
+        )),
+        None => None,
+    };
 
     let mut config =
         AttentionConfig::new(batch, seq, d_model, heads, head_dim).with_head_dim_v(head_dim_v);
     config.scale = options.scale;
     config.causal = options.causal;
     config.key_padding_mask = key_mask.is_some();
-    let to_xw = |t: Tensor| match layout {
+    let to_xw = |t: Tensor| match names.layout.layout {
         WeightLayout::XW => t,
         WeightLayout::Torch => transpose(&t),
     };
     if let Some(w_o) = &w_o {
-        config = config.with_output_projection(w_o_width(w_o, layout));
+        config = config.with_output_projection(names.layout.width(w_o));
     }
     let weights = AttentionWeights {
         w_q: to_xw(w_q),
@@ -233,25 +357,225 @@ pub fn build(file: &mut TensorFile, options: &LayerOptions) -> Result<Layer, Cli
         w_o: w_o.map(to_xw),
         b_o,
     };
-    let inputs = AttentionInputs { x, key_mask };
+    let inputs = AttentionInputs {
+        x,
+        key_mask: key_mask.map(|(_, m)| m),
+    };
     // The checks above cover shapes; these catch what is left (zero sizes, a bad scale) with
     // the library's own messages.
     weights
         .validate(&config)
         .and_then(|()| inputs.validate(&config))
         .map_err(|e| file.error(e.to_string()))?;
+    let layout = match names.layout.from {
+        LayoutFrom::Names => format!("{} (PyTorch's names)", names.layout.describe()),
+        LayoutFrom::Flag => names.layout.describe().to_string(),
+        LayoutFrom::Default => format!(
+            "{} (the default; a non-square weight fits no other)",
+            names.layout.describe()
+        ),
+    };
     Ok(Layer {
         config,
         weights,
         inputs,
         unbatched,
+        mask,
+        layout,
     })
 }
 
-/// `x` as `[batch, seq, d_model]`, and whether it was saved without the batch axis.
+/// Reads PyTorch's and Hugging Face's names as this program's, and decides the layout.
+///
+/// Their names fix the layout (`nn.Linear.weight`, `[out, in]`); this program's names do not,
+/// so when every matrix is square, and so fits either way, the command line must say.
+fn resolve_names(
+    file: &mut TensorFile,
+    d_model: usize,
+    flag: Option<WeightLayout>,
+) -> Result<Names, CliError> {
+    let own: Vec<&str> = OWN_WEIGHTS
+        .iter()
+        .copied()
+        .filter(|n| file.holds(n))
+        .collect();
+    let torch: Vec<(&str, &str)> = TORCH_WEIGHTS
+        .iter()
+        .copied()
+        .filter(|(n, _)| file.holds(n))
+        .collect();
+    if let (Some(o), Some((t, _))) = (own.first(), torch.first()) {
+        return Err(file.error(format!(
+            "the file mixes this program's names (`{o}`) with PyTorch's (`{t}`); save every \
+             weight under one convention, so their layout is known"
+        )));
+    }
+    if torch.is_empty() {
+        let layout = match flag {
+            Some(layout) => Layout {
+                layout,
+                from: LayoutFrom::Flag,
+            },
+            None => {
+                let matrices: Vec<Vec<usize>> = ["w_q", "w_k", "w_v", "w_o"]
+                    .iter()
+                    .filter_map(|n| file.shape(n))
+                    .collect();
+                if !matrices.is_empty() && matrices.iter().all(|s| s.len() == 2 && s[0] == s[1]) {
+                    return Err(CliError::Usage(
+                        "every weight matrix is square, so its shape cannot tell PyTorch's \
+                         nn.Linear layout [out_features, in_features] from the x @ W layout \
+                         [in, out], and the wrong one gives wrong numbers: pass --layout torch \
+                         for weights saved from nn.Linear, or --layout xw"
+                            .into(),
+                    ));
+                }
+                Layout {
+                    layout: WeightLayout::XW,
+                    from: LayoutFrom::Default,
+                }
+            }
+        };
+        return Ok(Names {
+            shown: Vec::new(),
+            layout,
+        });
+    }
+    if flag == Some(WeightLayout::XW) {
+        return Err(CliError::Usage(format!(
+            "--layout xw contradicts the file's PyTorch names (`{}`), whose matrices are \
+             nn.Linear's [out_features, in_features]: drop the flag",
+            torch[0].0
+        )));
+    }
+    let mut shown: Vec<(&'static str, String)> = Vec::new();
+    let mut claim = |ours: &'static str, theirs: &str| -> Result<(), String> {
+        if let Some((_, earlier)) = shown.iter().find(|(n, _)| *n == ours) {
+            return Err(format!(
+                "`{earlier}` and `{theirs}` both give `{ours}`; keep one of them"
+            ));
+        }
+        shown.push((ours, theirs.to_string()));
+        Ok(())
+    };
+    for (theirs, ours) in &torch {
+        match *theirs {
+            "in_proj_weight" => ["w_q", "w_k", "w_v"]
+                .iter()
+                .try_for_each(|o| claim(o, "in_proj_weight"))
+                .map_err(|e| file.error(e))?,
+            "in_proj_bias" => ["b_q", "b_k", "b_v"]
+                .iter()
+                .try_for_each(|o| claim(o, "in_proj_bias"))
+                .map_err(|e| file.error(e))?,
+            _ => {
+                let ours = OWN_WEIGHTS
+                    .iter()
+                    .find(|o| *o == ours)
+                    .expect("every PyTorch name maps to one of ours");
+                claim(ours, theirs).map_err(|e| file.error(e))?;
+                let t = file.take(theirs).expect("held, so present");
+                file.put(ours, t);
+            }
+        }
+    }
+    if let Some(w) = file.take("in_proj_weight") {
+        // nn.MultiheadAttention's packed projections: [3E, E], queries, keys, values.
+        if w.shape() != [3 * d_model, d_model] {
+            return Err(file.error(format!(
+                "tensor `in_proj_weight` has shape {}, expected [{}, {d_model}] ([3*d_model, \
+                 d_model], nn.MultiheadAttention's queries, keys and values stacked)",
+                Shape(w.shape().to_vec()),
+                3 * d_model
+            )));
+        }
+        for (i, name) in ["w_q", "w_k", "w_v"].into_iter().enumerate() {
+            let part = &w.data()[i * d_model * d_model..(i + 1) * d_model * d_model];
+            let t = Tensor::new([d_model, d_model], part.to_vec())?;
+            file.put(name, t);
+        }
+    }
+    if let Some(b) = file.take("in_proj_bias") {
+        if b.shape() != [3 * d_model] {
+            return Err(file.error(format!(
+                "tensor `in_proj_bias` has shape {}, expected [{}] ([3*d_model])",
+                Shape(b.shape().to_vec()),
+                3 * d_model
+            )));
+        }
+        for (i, name) in ["b_q", "b_k", "b_v"].into_iter().enumerate() {
+            let t = Tensor::new([d_model], b.data()[i * d_model..(i + 1) * d_model].to_vec())?;
+            file.put(name, t);
+        }
+    }
+    Ok(Names {
+        shown,
+        layout: Layout {
+            layout: WeightLayout::Torch,
+            from: LayoutFrom::Names,
+        },
+    })
+}
+
+/// The head count: the one given, which must split both widths, or the only count that does.
+fn choose_heads(
+    file: &TensorFile,
+    names: &Names,
+    given: Option<usize>,
+    width_q: usize,
+    width_v: usize,
+) -> Result<usize, CliError> {
+    let side = match names.layout.layout {
+        WeightLayout::XW => "columns",
+        WeightLayout::Torch => "rows",
+    };
+    if let Some(heads) = given {
+        for (name, width, meaning) in [
+            ("w_q", width_q, "heads*head_dim"),
+            ("w_v", width_v, "heads*head_dim_v"),
+        ] {
+            if heads == 0 || width % heads != 0 {
+                return Err(file.error(format!(
+                    "tensor `{}` has {width} {side} ({meaning}), which cannot be split into \
+                     --heads {heads} equal heads",
+                    names.shown(name)
+                )));
+            }
+        }
+        return Ok(heads);
+    }
+    let common = gcd(width_q, width_v);
+    let counts: Vec<usize> = (1..=common).filter(|h| common.is_multiple_of(*h)).collect();
+    if let [only] = counts[..] {
+        return Ok(only);
+    }
+    let listed: Vec<String> = counts.iter().take(8).map(usize::to_string).collect();
+    Err(CliError::Usage(format!(
+        "--heads is required: the query width {width_q} and value width {width_v} split \
+         evenly into {}{} heads, and each count gives different numbers; pass the model's \
+         own (num_heads in nn.MultiheadAttention, num_attention_heads in a Hugging Face config)",
+        listed.join(", "),
+        if counts.len() > 8 { ", ..." } else { "" }
+    )))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// `x` (or Hugging Face's `hidden_states`) as `[batch, seq, d_model]`, and whether it was saved
+/// without the batch axis.
 fn take_x(file: &mut TensorFile) -> Result<(Tensor, bool), CliError> {
     const SHAPES: &str = "[batch, seq, d_model] or [seq, d_model]";
-    let Some(x) = file.take("x") else {
+    if file.holds("x") && file.holds("hidden_states") {
+        return Err(file.error("the file holds both `x` and `hidden_states`; keep one input"));
+    }
+    let name = if file.holds("hidden_states") {
+        "hidden_states"
+    } else {
+        "x"
+    };
+    let Some(x) = file.take(name) else {
         return Err(file.error(format!(
             "missing tensor `x`, the input {SHAPES}; the file holds {}",
             file.names()
@@ -261,7 +585,7 @@ fn take_x(file: &mut TensorFile) -> Result<(Tensor, bool), CliError> {
         [_, _, _] => Ok((x, false)),
         [seq, d_model] => Ok((reshape(file, &x, vec![1, seq, d_model])?, true)),
         _ => Err(file.error(format!(
-            "tensor `x` has shape {}, expected {SHAPES}",
+            "tensor `{name}` has shape {}, expected {SHAPES}",
             Shape(x.shape().to_vec())
         ))),
     }
@@ -273,7 +597,7 @@ fn require(file: &mut TensorFile, expected: Expected) -> Result<Tensor, CliError
         Some(t) => Ok(t),
         None => Err(file.error(format!(
             "missing tensor `{}`, expected shape {}; the file holds {}",
-            expected.name,
+            expected.shown,
             expected.describe(),
             file.names()
         ))),
@@ -288,75 +612,120 @@ fn take(file: &mut TensorFile, expected: Expected) -> Result<Option<Tensor>, Cli
     }
 }
 
-/// Width per head of a projection whose output side is `heads * width`.
-fn split_heads(
-    file: &TensorFile,
-    name: &str,
-    w: &Tensor,
-    layout: WeightLayout,
-    heads: usize,
-    meaning: &str,
-) -> Result<usize, CliError> {
-    let (side, width) = match layout {
-        WeightLayout::XW => ("columns", w.shape()[1]),
-        WeightLayout::Torch => ("rows", w.shape()[0]),
-    };
-    if heads > 0 && width % heads == 0 {
-        return Ok(width / heads);
-    }
-    Err(file.error(format!(
-        "tensor `{name}` has shape {}: its {width} {side} ({meaning}) cannot be split into \
-         --heads {heads} equal heads",
-        Shape(w.shape().to_vec())
-    )))
-}
-
-/// The output width `d_out` of `w_o` as stored.
-fn w_o_width(w_o: &Tensor, layout: WeightLayout) -> usize {
-    match layout {
-        WeightLayout::XW => w_o.shape()[1],
-        WeightLayout::Torch => w_o.shape()[0],
-    }
-}
-
 fn take_output_bias(
     file: &mut TensorFile,
+    names: &Names,
     w_o: Option<&Tensor>,
-    layout: WeightLayout,
 ) -> Result<Option<Tensor>, CliError> {
     match w_o {
         Some(w_o) => take(
             file,
-            Expected::vector("b_o", known(w_o_width(w_o, layout), "d_out")),
+            Expected::vector(names, "b_o", known(names.layout.width(w_o), "d_out")),
         ),
-        None if file.holds("b_o") => Err(file.error(
-            "tensor `b_o` was given but there is no output projection `w_o` for it to bias",
-        )),
+        None if file.take("b_o").is_some() => Err(file.error(format!(
+            "tensor `{}` was given but there is no output projection `{}` for it to bias",
+            names.shown("b_o"),
+            if names.layout.from == LayoutFrom::Names {
+                "out_proj.weight"
+            } else {
+                "w_o"
+            }
+        ))),
         None => Ok(None),
     }
 }
 
-/// The key-padding mask as `[batch, seq]`, if the file holds one.
+/// The key mask as keep flags `[batch, seq]` (1 = attend) with its name, if the file holds one.
 fn take_key_mask(
     file: &mut TensorFile,
     batch: usize,
     seq: usize,
     unbatched: bool,
-) -> Result<Option<Tensor>, CliError> {
+) -> Result<Option<(&'static str, Tensor)>, CliError> {
+    let held: Vec<&'static str> = MASKS.iter().copied().filter(|n| file.holds(n)).collect();
+    let name = match held[..] {
+        [] => return Ok(None),
+        [name] => name,
+        _ => {
+            return Err(file.error(format!(
+                "the file holds {} masks ({}); keep one, so which keys are padding is not a \
+                 guess",
+                held.len(),
+                held.join(", ")
+            )));
+        }
+    };
     let dims = if unbatched {
         vec![known(seq, "seq")]
     } else {
         vec![known(batch, "batch"), known(seq, "seq")]
     };
     let expected = Expected {
-        name: "key_mask",
+        name,
+        shown: name.to_string(),
         dims,
         layout: None,
     };
     match take(file, expected)? {
-        Some(mask) if unbatched => Ok(Some(reshape(file, &mask, vec![1, seq])?)),
-        mask => Ok(mask),
+        Some(mask) if unbatched => Ok(Some((name, reshape(file, &mask, vec![1, seq])?))),
+        mask => Ok(mask.map(|m| (name, m))),
     }
+}
+
+/// The keys each batch row keeps; refuses, unless allowed, a batch row or query left with no
+/// key at all, which is far likelier a mask saved in the opposite convention than meant.
+fn check_masked_rows(
+    file: &TensorFile,
+    name: &str,
+    mask: &Tensor,
+    causal: bool,
+    allow: bool,
+) -> Result<Vec<usize>, CliError> {
+    let seq = mask.shape()[1];
+    let rows: Vec<&[f32]> = mask.data().chunks(seq.max(1)).collect();
+    let kept: Vec<usize> = rows
+        .iter()
+        .map(|r| r.iter().filter(|&&m| m != 0.0).count())
+        .collect();
+    if allow {
+        return Ok(kept);
+    }
+    let convention = match name {
+        "key_padding_mask" => "True = padding, PyTorch's convention",
+        "additive_key_mask" => "0 = keep, -inf = drop",
+        _ => "1 = real token, 0 = padding",
+    };
+    let hint = format!(
+        "`{name}` is read as {convention}. A mask in another convention goes under its own name \
+         (`key_mask` or `attention_mask`: 1 = real token; `key_padding_mask`: PyTorch's, True = \
+         padding; `additive_key_mask`: 0 = keep, -inf = drop). If rows with nothing to attend \
+         are meant, pass --allow-masked-rows: their output is zeros (PyTorch gives NaN)"
+    );
+    if let Some(b) = kept.iter().position(|&k| k == 0) {
+        let all = kept.iter().filter(|&&k| k == 0).count();
+        return Err(file.error(format!(
+            "`{name}` masks every key of batch row {b}{}, so its queries have nothing to \
+             attend. {hint}",
+            if all > 1 {
+                format!(" (and of {} other rows)", all - 1)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    if causal {
+        // A causal query i sees keys 0..=i, so the queries before the first kept key see none.
+        for (b, row) in rows.iter().enumerate() {
+            let first = row.iter().position(|&m| m != 0.0).unwrap_or(seq);
+            if first > 0 {
+                return Err(file.error(format!(
+                    "with --causal, queries 0..{first} of batch row {b} see only keys that \
+                     `{name}` masks, so they have nothing to attend. {hint}"
+                )));
+            }
+        }
+    }
+    Ok(kept)
 }
 
 fn reshape(file: &TensorFile, t: &Tensor, shape: Vec<usize>) -> Result<Tensor, CliError> {
@@ -376,6 +745,13 @@ fn transpose(t: &Tensor) -> Tensor {
 mod tests {
     use super::*;
 
+    fn names(layout: WeightLayout, from: LayoutFrom) -> Names {
+        Names {
+            shown: Vec::new(),
+            layout: Layout { layout, from },
+        }
+    }
+
     #[test]
     fn transpose_swaps_rows_and_columns() {
         let t = Tensor::new([2, 3], vec![1., 2., 3., 4., 5., 6.]).unwrap();
@@ -388,8 +764,8 @@ mod tests {
     #[test]
     fn expected_shapes_name_their_dimensions_and_layout() {
         let e = Expected::matrix(
+            &names(WeightLayout::Torch, LayoutFrom::Flag),
             "w_k",
-            WeightLayout::Torch,
             known(4, "d_model"),
             known(6, "heads*head_dim"),
         );
@@ -403,14 +779,14 @@ mod tests {
             ),
             "{message}"
         );
-        assert!(message.contains("drop --torch-layout"), "{message}");
+        assert!(message.contains("pass --layout xw"), "{message}");
     }
 
     #[test]
     fn a_free_dimension_fits_any_size() {
         let e = Expected::matrix(
+            &names(WeightLayout::XW, LayoutFrom::Default),
             "w_q",
-            WeightLayout::XW,
             known(4, "d_model"),
             free("heads*head_dim"),
         );
@@ -420,7 +796,13 @@ mod tests {
             message.contains("expected [4, heads*head_dim]"),
             "{message}"
         );
-        assert!(message.contains("pass --torch-layout"), "{message}");
-        assert!(!e.mismatch(&[5, 5]).contains("--torch-layout"));
+        assert!(message.contains("pass --layout torch"), "{message}");
+        assert!(!e.mismatch(&[5, 5]).contains("--layout"));
+    }
+
+    #[test]
+    fn heads_are_found_only_when_one_count_fits() {
+        assert_eq!(gcd(12, 8), 4);
+        assert_eq!(gcd(7, 5), 1);
     }
 }

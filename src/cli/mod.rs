@@ -2,12 +2,13 @@
 
 mod adapters;
 mod bench;
-mod compare;
+mod check;
 mod error;
 mod files;
 mod layer;
 mod report;
 mod run;
+mod signals;
 mod walkthrough;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -59,24 +60,6 @@ pub enum Backend {
     Metal,
     Dx12,
     Gl,
-}
-
-/// Which kernels compute the attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KernelArg {
-    Staged,
-    Fused,
-    Auto,
-}
-
-impl KernelArg {
-    pub fn choice(self) -> wgpu_attention::KernelChoice {
-        match self {
-            KernelArg::Staged => wgpu_attention::KernelChoice::Staged,
-            KernelArg::Fused => wgpu_attention::KernelChoice::Fused,
-            KernelArg::Auto => wgpu_attention::KernelChoice::Auto,
-        }
-    }
 }
 
 impl Backend {
@@ -136,7 +119,7 @@ pub fn main(progress: MultiProgress) -> Result<(), CliError> {
         }
         Some(Command::Adapters) => adapters::main(&cli.adapter),
         Some(Command::Walkthrough(args)) => walkthrough::main(&cli.adapter, &args),
-        Some(Command::Run(args)) => run::main(&cli.adapter, &args),
+        Some(Command::Run(args)) => run::main(&cli.adapter, &args, &progress),
         Some(Command::Bench(args)) => bench::main(&cli.adapter, &args, &progress),
     }
 }

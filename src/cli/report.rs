@@ -5,6 +5,8 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use wgpu_attention::Stage;
+
 use super::CliError;
 use super::bench::{BenchArgs, Report};
 
@@ -41,22 +43,13 @@ fn create(path: &Path) -> Result<std::fs::File, CliError> {
     })
 }
 
-/// Stage names in the order the CSV gives them a column.
-const STAGE_COLUMNS: [&str; 6] = [
-    "project q, k, v",
-    "scores",
-    "softmax",
-    "weighted sum",
-    "fused attention",
-    "output projection",
-];
-
 fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let mut w = csv::Writer::from_path(path)?;
     let mut header: Vec<String> = ["seq", "path", "adapter", "timing"]
         .map(String::from)
         .to_vec();
-    header.extend(STAGE_COLUMNS.iter().map(|s| format!("{s} ms")));
+    // A column per stage any plan can run, so staged and fused rows line up.
+    header.extend(Stage::ALL.iter().map(|s| format!("{s} ms")));
     header.extend(
         [
             "attention ms",
@@ -68,8 +61,9 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             "attention GFLOP/s",
             "layer GFLOP/s",
             "max abs err",
-            "max rel err",
+            "tolerance used",
             "gpu memory bytes",
+            "samples",
         ]
         .map(String::from),
     );
@@ -82,10 +76,10 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             report.adapter.clone(),
             report.timing.to_string(),
         ];
-        record.extend(STAGE_COLUMNS.iter().map(|name| {
+        record.extend(Stage::ALL.iter().map(|stage| {
             row.stages
                 .iter()
-                .find(|(s, _)| s == name)
+                .find(|(s, _)| *s == stage.label())
                 .map_or(String::new(), |(_, t)| ms(t.median))
         }));
         record.extend([
@@ -98,8 +92,9 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             format!("{:.3}", row.attention_gflops),
             format!("{:.3}", row.layer_gflops),
             format!("{:e}", row.error.max_abs),
-            format!("{:e}", row.error.max_rel),
+            format!("{:.4}", row.error.tolerance_used),
             row.memory_bytes.to_string(),
+            report.repeats.to_string(),
         ]);
         w.write_record(&record)?;
     }
@@ -110,19 +105,21 @@ fn write_csv(report: &Report, path: &Path) -> Result<(), Box<dyn std::error::Err
             format!("{} threads", row.threads),
             "wall clock".to_string(),
         ];
-        record.extend(STAGE_COLUMNS.iter().map(|_| String::new()));
+        record.extend(Stage::ALL.iter().map(|_| String::new()));
+        // The GPU-only columns (gpu time, memory) stay empty: a CPU row has no such figure.
         record.extend([
             ms(row.attention.median),
             ms(row.attention.min),
-            ms(row.layer.median),
-            ms(row.layer.min),
+            String::new(),
+            String::new(),
             ms(row.layer.median),
             ms(row.layer.min),
             format!("{:.3}", row.attention_gflops),
             format!("{:.3}", row.layer_gflops),
             format!("{:e}", row.error.max_abs),
-            format!("{:e}", row.error.max_rel),
+            format!("{:.4}", row.error.tolerance_used),
             String::new(),
+            row.samples.to_string(),
         ]);
         w.write_record(&record)?;
     }

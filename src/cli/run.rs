@@ -2,44 +2,66 @@
 //! against the CPU reference, and written to another safetensors file only if they agree.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use wgpu_attention::{
-    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, Tensor, Tolerance, compare,
-    reference,
+    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, KernelChoice, Tensor,
+    Tolerance, compare, reference,
 };
 
+use super::check::{self, CHECK_BUDGET, RowPlan};
 use super::files::{self, Output};
 use super::layer::{self, Layer, LayerOptions, WeightLayout};
-use super::{AdapterArgs, CliError, KernelArg};
+use super::{AdapterArgs, CliError};
 
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Safetensors file with `x` [batch, seq, d_model] or [seq, d_model], `w_q`, `w_k`, `w_v`,
-    /// and optionally `b_q`, `b_k`, `b_v`, `w_o`, `b_o` and `key_mask` [batch, seq] (1 = real
-    /// token, 0 = padding). Floats must be F32.
+    /// and optionally `b_q`, `b_k`, `b_v`, `w_o`, `b_o` and a key mask [batch, seq]; PyTorch's
+    /// names (`in_proj_weight`, `query.weight`, `key_padding_mask`, ...) are read too, in
+    /// PyTorch's conventions. Floats must be F32. See docs/safetensors.md.
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
     /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`).
     /// Written only if the GPU agrees with the CPU reference; an existing file is replaced
-    /// atomically.
+    /// atomically. Never the input file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
-    /// Number of heads; the widths of `w_q` and `w_v` must divide by it.
-    #[arg(long, value_name = "H", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub heads: u32,
+    /// Number of heads; the widths of `w_q` and `w_v` must divide by it. Required unless only
+    /// one count divides both.
+    #[arg(long, value_name = "H", value_parser = clap::value_parser!(u32).range(1..))]
+    pub heads: Option<u32>,
     /// Score scale [default: 1/sqrt(head_dim)].
-    #[arg(long, value_name = "S", allow_negative_numbers = true)]
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = parse_scale)]
     pub scale: Option<f32>,
     /// Query i attends only keys j <= i.
     #[arg(long)]
     pub causal: bool,
-    /// Weights are PyTorch nn.Linear weights, [out_features, in_features], rather than the
-    /// x @ W layout [in, out].
+    /// How `w_q`, `w_k`, `w_v`, `w_o` are stored: `torch` for nn.Linear weights
+    /// [out_features, in_features], `xw` for [in, out]. Required when every one is square;
+    /// PyTorch's tensor names fix it.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "LAYOUT",
+        conflicts_with = "torch_layout"
+    )]
+    pub layout: Option<LayoutArg>,
+    /// The same as --layout torch.
     #[arg(long)]
     pub torch_layout: bool,
+    /// Run even when the mask leaves a batch row or a query with no key at all (its output is
+    /// zeros). Without it such a mask is refused, as it is most often saved in the opposite
+    /// convention.
+    #[arg(long)]
+    pub allow_masked_rows: bool,
+    /// Check every output row against the reference, however long that takes. By default all
+    /// rows are checked while that fits the check's budget, and an even sample past it.
+    #[arg(long)]
+    pub check_all: bool,
     /// Also write `q`, `k`, `v` [batch, heads, seq, head_dim], `scores` and `probs`
     /// [batch, heads, seq, seq] (masked scores are -inf) and `attention`
     /// [batch, seq, heads*head_dim_v], the heads before the output projection.
@@ -47,8 +69,8 @@ pub struct RunArgs {
     pub intermediates: bool,
     /// GPU kernels: the staged ones (scores, softmax, weighted sum), the fused one, or auto
     /// (fused, except with --intermediates or a value head wider than 256).
-    #[arg(long, value_enum, default_value_t = KernelArg::Auto)]
-    pub kernel: KernelArg,
+    #[arg(long, value_enum, default_value_t = KernelChoice::Auto)]
+    pub kernel: KernelChoice,
     /// Absolute part of the check |gpu - ref| <= atol + rtol*|ref| [default: 1e-5].
     #[arg(long, value_name = "ATOL", allow_negative_numbers = true)]
     pub tolerance_atol: Option<f64>,
@@ -57,17 +79,42 @@ pub struct RunArgs {
     pub tolerance_rtol: Option<f64>,
 }
 
+/// `--layout`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    /// PyTorch nn.Linear.weight: [out_features, in_features].
+    Torch,
+    /// [in, out], applied as x @ W.
+    Xw,
+}
+
+/// A scale must be a finite number; refused here so the message names the flag, not the file.
+fn parse_scale(s: &str) -> Result<f32, String> {
+    let value: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(format!("the scale must be a finite number, got {s}"))
+    }
+}
+
+/// The most elements of one `[batch, heads, seq, seq]` intermediate that --intermediates
+/// takes on: the full reference keeps four such matrices (scores and probabilities, in f64
+/// and f32) and the GPU two, 32 bytes an element, so this is 2 GiB in all.
+const MAX_INTERMEDIATE_ELEMENTS: usize = 1 << 26;
+
 impl RunArgs {
     fn layer_options(&self) -> LayerOptions {
         LayerOptions {
-            heads: self.heads as usize,
+            heads: self.heads.map(|h| h as usize),
             scale: self.scale,
             causal: self.causal,
-            layout: if self.torch_layout {
-                WeightLayout::Torch
-            } else {
-                WeightLayout::XW
+            layout: match (self.layout, self.torch_layout) {
+                (Some(LayoutArg::Torch), _) | (None, true) => Some(WeightLayout::Torch),
+                (Some(LayoutArg::Xw), _) => Some(WeightLayout::XW),
+                (None, false) => None,
             },
+            allow_masked_rows: self.allow_masked_rows,
         }
     }
 
@@ -93,23 +140,88 @@ struct Checked {
 }
 
 /// Runs the subcommand: read, check, run on both sides, compare, report, write.
-pub fn main(adapter: &AdapterArgs, args: &RunArgs) -> Result<(), CliError> {
+pub fn main(
+    adapter: &AdapterArgs,
+    args: &RunArgs,
+    progress: &MultiProgress,
+) -> Result<(), CliError> {
+    super::signals::install()?;
     let tolerance = args.tolerance()?;
+    files::refuse_same_file(&args.input, &args.output)?;
+    if args.intermediates && args.kernel == KernelChoice::Fused {
+        return Err(CliError::Usage(
+            "--intermediates needs the staged kernels, which keep them; the fused kernel never \
+             stores scores or probabilities: use --kernel staged (or auto)"
+                .into(),
+        ));
+    }
     let mut file = files::read(&args.input, &layer::TENSORS)?;
     let layer = layer::build(&mut file, &args.layer_options())?;
-    // Created before the GPU work so an unwritable destination fails fast; dropped (and
-    // removed) on any error below.
-    let output = Output::create(&args.output)?;
+    if args.intermediates {
+        refuse_huge_intermediates(&layer)?;
+    }
+    // Checked before the GPU work so an unwritable destination fails fast; the output file
+    // itself is made only once the result is ready.
+    files::check_destination(&args.output)?;
+    let rows =
+        (!args.intermediates).then(|| RowPlan::choose(&layer.config, args.check_all, CHECK_BUDGET));
     // The user's file decides the sizes, so take everything the adapter offers rather than
     // wgpu's portable defaults.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
-    let gpu = run_gpu(&ctx, &layer, args)?;
-    let cpu = written(
-        reference::run(&layer.config, &layer.weights, &layer.inputs)?,
-        args.intermediates,
-    );
-    let checked = check(gpu, cpu, tolerance)?;
-    print_report(&ctx, &layer, tolerance, &checked);
+    print_layer(&ctx, &layer, tolerance);
+    let total = layer.config.batch * layer.config.seq_len;
+    if let Some(rows) = &rows {
+        println!("check      {}", rows.describe(total));
+    } else {
+        println!("check      every tensor, against the full f64 reference");
+    }
+    let estimate = Estimate::new(&ctx, &layer, rows.as_ref());
+    if estimate.worth_telling() {
+        println!("estimate   {estimate}; Ctrl-C stops cleanly");
+    }
+    // The GPU call gives no progress of its own: a spinner shows it is alive.
+    let spinner = if estimate.gpu_seconds > 2.0 {
+        let spinner = progress.add(
+            ProgressBar::new_spinner().with_style(
+                ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
+                    .expect("the template is valid"),
+            ),
+        );
+        spinner.enable_steady_tick(Duration::from_millis(200));
+        spinner
+    } else {
+        ProgressBar::hidden()
+    };
+    let gpu = run_gpu(&ctx, &layer, args);
+    spinner.finish_and_clear();
+    progress.remove(&spinner);
+    let gpu = gpu?;
+    report_peak_memory("after the GPU");
+    let checked = match &rows {
+        Some(rows) => {
+            let (name, output) = gpu.into_iter().next().expect("the output comes first");
+            let bar = if estimate.check_seconds > 2.0 {
+                progress.add(check::progress_bar(rows))
+            } else {
+                ProgressBar::hidden()
+            };
+            let comparison = check::output(&layer, &output, rows, tolerance, &bar)?;
+            progress.remove(&bar);
+            vec![Checked {
+                name,
+                gpu: output,
+                comparison,
+            }]
+        }
+        None => {
+            let cpu = written(
+                reference::run(&layer.config, &layer.weights, &layer.inputs)?,
+                true,
+            );
+            check_all(gpu, cpu, tolerance)?
+        }
+    };
+    print_results(&layer, &checked);
     if let Some(message) = failures(&checked) {
         return Err(CliError::Mismatch(message));
     }
@@ -117,11 +229,92 @@ pub fn main(adapter: &AdapterArgs, args: &RunArgs) -> Result<(), CliError> {
         .into_iter()
         .map(|c| (c.name, unbatch(c.gpu, layer.unbatched)))
         .collect();
-    let path = output.path().to_path_buf();
-    output.commit(&tensors)?;
+    Output::write(&args.output, &tensors)?;
     let names: Vec<&str> = tensors.iter().map(|(name, _)| *name).collect();
-    println!("wrote {} ({})", path.display(), names.join(", "));
+    println!("wrote {} ({})", args.output.display(), names.join(", "));
+    report_peak_memory("at the end");
     Ok(())
+}
+
+/// With WGPU_ATTENTION_REPORT_PEAK_RSS set, prints the process's peak resident memory so far
+/// (Linux's VmHWM) to stderr, so a test can hold the run, and the check's share of it, to a
+/// bound.
+fn report_peak_memory(when: &str) {
+    if std::env::var_os("WGPU_ATTENTION_REPORT_PEAK_RSS").is_none() {
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    match status.lines().find(|l| l.starts_with("VmHWM:")) {
+        Some(line) => eprintln!("peak memory {when}: {}", line["VmHWM:".len()..].trim()),
+        None => eprintln!("peak memory {when}: unknown"),
+    }
+}
+
+/// Refuses --intermediates whose `[batch, heads, seq, seq]` tensors would not fit, before
+/// anything that large is allocated.
+fn refuse_huge_intermediates(layer: &Layer) -> Result<(), CliError> {
+    let c = &layer.config;
+    let elements = [c.batch, c.heads, c.seq_len, c.seq_len]
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d));
+    match elements {
+        Some(n) if n <= MAX_INTERMEDIATE_ELEMENTS => Ok(()),
+        _ => Err(CliError::Usage(format!(
+            "--intermediates at batch {}, heads {}, seq {} writes scores and probs of \
+             {} elements each, over the {MAX_INTERMEDIATE_ELEMENTS} this program checks in \
+             memory; drop --intermediates (the output alone is checked in linear memory) or \
+             shorten the sequence",
+            c.batch,
+            c.heads,
+            c.seq_len,
+            elements.map_or("more than 2^64".to_string(), |n| n.to_string())
+        ))),
+    }
+}
+
+/// A rough forecast of how long the run takes, so a long one says so before it starts.
+struct Estimate {
+    gpu_seconds: f64,
+    check_seconds: f64,
+}
+
+/// Multiply-adds a second of the f64 reference: what one core of a 2020s laptop does.
+const REFERENCE_RATE: f64 = 4e8;
+
+impl Estimate {
+    fn new(ctx: &GpuContext, layer: &Layer, rows: Option<&RowPlan>) -> Self {
+        let c = &layer.config;
+        let (b, h, n) = (c.batch as f64, c.heads as f64, c.seq_len as f64);
+        let width = (c.head_dim + c.head_dim_v) as f64;
+        let flops = 2.0 * b * h * n * n * width
+            + 2.0 * b * n * c.d_model as f64 * h * (2 * c.head_dim + c.head_dim_v) as f64;
+        // Software adapters (lavapipe, llvmpipe) reach a few GFLOP/s; anything else far more.
+        let rate = if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
+            2e9
+        } else {
+            1e12
+        };
+        let check_work = rows.map_or(b * h * n * n * width, |r| r.work);
+        Estimate {
+            gpu_seconds: flops / rate,
+            check_seconds: check_work / REFERENCE_RATE,
+        }
+    }
+
+    fn worth_telling(&self) -> bool {
+        self.gpu_seconds + self.check_seconds > 3.0
+    }
+}
+
+impl std::fmt::Display for Estimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "roughly {:.0} s on the GPU and {:.0} s for the check",
+            self.gpu_seconds.max(1.0),
+            self.check_seconds.max(1.0)
+        )
+    }
 }
 
 /// The written tensors as computed on the GPU.
@@ -131,7 +324,7 @@ fn run_gpu(
     args: &RunArgs,
 ) -> Result<Vec<(&'static str, Tensor)>, CliError> {
     let intermediates = args.intermediates;
-    let mut config = layer.config.clone().with_kernel(args.kernel.choice());
+    let mut config = layer.config.clone().with_kernel(args.kernel);
     config.keep_intermediates = intermediates;
     let mut plan = AttentionPlan::new(ctx, &config, &layer.weights)?;
     let output = plan.run(&layer.inputs)?;
@@ -158,7 +351,7 @@ fn written(all: Intermediates, intermediates: bool) -> Vec<(&'static str, Tensor
     tensors
 }
 
-fn check(
+fn check_all(
     gpu: Vec<(&'static str, Tensor)>,
     cpu: Vec<(&'static str, Tensor)>,
     tolerance: Tolerance,
@@ -192,7 +385,7 @@ fn failures(checked: &[Checked]) -> Option<String> {
     })
 }
 
-fn print_report(ctx: &GpuContext, layer: &Layer, tolerance: Tolerance, checked: &[Checked]) {
+fn print_layer(ctx: &GpuContext, layer: &Layer, tolerance: Tolerance) {
     let info = ctx.adapter_info();
     let c = &layer.config;
     let yes_no = |b: bool| if b { "yes" } else { "no" };
@@ -210,17 +403,35 @@ fn print_report(ctx: &GpuContext, layer: &Layer, tolerance: Tolerance, checked: 
         c.head_dim_v,
         c.d_out()
     );
+    println!("weights    {}", layer.layout);
     println!(
-        "options    scale {}, causal {}, key mask {}, output projection {}",
+        "options    scale {}, causal {}, output projection {}",
         c.scale_value(),
         yes_no(c.causal),
-        yes_no(c.key_padding_mask),
         yes_no(c.output_projection.is_some())
     );
+    match &layer.mask {
+        Some((name, kept)) => {
+            let shown: Vec<String> = kept.iter().take(16).map(usize::to_string).collect();
+            println!(
+                "mask       `{name}`: keys kept per batch row (of {}): {}{}",
+                c.seq_len,
+                shown.join(", "),
+                if kept.len() > 16 { ", ..." } else { "" }
+            );
+        }
+        None => println!(
+            "mask       none: every query attends every key{}",
+            if c.causal { " up to itself" } else { "" }
+        ),
+    }
     println!(
-        "check      |gpu - ref| <= {:e} + {:e} * |ref| against the CPU reference (f64)",
+        "tolerance  |gpu - ref| <= {:e} + {:e} * |ref| against the CPU reference (f64)",
         tolerance.atol, tolerance.rtol
     );
+}
+
+fn print_results(layer: &Layer, checked: &[Checked]) {
     println!(
         "{:<10} {:<16} {:>12} {:>12}  result",
         "tensor", "shape", "max abs err", "max rel err"

@@ -284,6 +284,8 @@ struct CacheState {
     modules: HashMap<Kernel, wgpu::ShaderModule>,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     pipelines: HashMap<PipelineKey, wgpu::ComputePipeline>,
+    /// Pipelines that have run once (see [`KernelCache::first_use`]).
+    used: std::collections::HashSet<wgpu::ComputePipeline>,
 }
 
 /// Compiled kernels of one device.
@@ -293,6 +295,9 @@ pub(crate) struct KernelCache {
     chunks: OnceLock<ChunkTable>,
     /// The device's measured arithmetic rate in FLOP/s (f64 bits), which sizes submissions.
     rate: AtomicU64,
+    /// Taken around everything a plan does with the device, where the backend has one context
+    /// per adapter (OpenGL): see [`KernelCache::exclusive`].
+    serial: Option<Mutex<()>>,
 }
 
 /// Most chunks one dispatch is split into (see `shaders/dispatch.wgsl`).
@@ -326,12 +331,36 @@ impl KernelCache {
             state: Mutex::new(CacheState::default()),
             chunks: OnceLock::new(),
             rate: AtomicU64::new(ASSUMED_RATE.to_bits()),
+            serial: (device.adapter_info().backend == wgpu::Backend::Gl).then(Mutex::default),
         }
+    }
+
+    /// Exclusive use of the device by this crate's plans, on backends that have one context per
+    /// adapter (OpenGL); `None` (no lock) elsewhere.
+    ///
+    /// wgpu locks an OpenGL adapter's context for every call that touches it, and a thread that
+    /// waits for that lock for more than a few seconds aborts the process. A driver's shader
+    /// compile or a long submission can hold the lock that long, so plans used from several
+    /// threads first queue here, where waiting has no limit.
+    pub fn exclusive(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The device's arithmetic rate, as last measured by a run (FLOP/s).
     pub fn rate(&self) -> f64 {
         f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    /// Whether `pipeline` is used here for the first time; marks it used.
+    ///
+    /// Some drivers compile a pipeline's machine code at its first dispatch, inside the
+    /// submission that holds it (seconds, for a large kernel on a CPU driver). Plans therefore
+    /// run each new pipeline once, alone, when they are built, so that no later submission pays
+    /// for a compile and none holds the device for longer than its own work.
+    pub fn first_use(&self, pipeline: &wgpu::ComputePipeline) -> bool {
+        self.lock().used.insert(pipeline.clone())
     }
 
     /// Records a measured rate: `flops` of work took `seconds` from submission to completion.

@@ -100,6 +100,9 @@ pub struct AttentionPlan {
     id: u64,
     bufs: PlanBuffers,
     steps: Vec<Step>,
+    /// Every step whole, as [`AttentionPlan::encode`] records them (made once, so that
+    /// encoding allocates nothing).
+    whole: Vec<Piece>,
     chunks: ChunkTable,
     own: OwnIo,
     /// Bind groups on the plan's own buffers, for [`AttentionPlan::run`].
@@ -118,6 +121,7 @@ impl AttentionPlan {
         config: &AttentionConfig,
         weights: &AttentionWeights,
     ) -> Result<Self> {
+        let _device = ctx.kernels().exclusive();
         pollster::block_on(Self::new_async(ctx, config, weights))
     }
 
@@ -149,6 +153,7 @@ impl AttentionPlan {
             [&own.x, &own.key_mask, &own.output],
         )
         .await?;
+        warm_up(ctx, &steps, &own_bindings, &chunks).await?;
         let memory_bytes = {
             let mut all: Vec<&wgpu::Buffer> = bufs.all();
             all.extend(own.all());
@@ -164,6 +169,7 @@ impl AttentionPlan {
             layout,
             id: own_bindings.plan,
             bufs,
+            whole: steps::whole(&steps),
             steps,
             chunks,
             own,
@@ -210,6 +216,7 @@ impl AttentionPlan {
     pub fn write_weights(&self, weights: &AttentionWeights) -> Result<()> {
         weights.validate(&self.config)?;
         let queue = self.ctx.queue();
+        let _device = self.ctx.kernels().exclusive();
         let (w, b) = pack::pack_qkv(&self.config, &self.layout, weights);
         scoped(self.ctx.device(), "uploading weights", || {
             queue.write_buffer(&self.bufs.w_qkv, 0, bytemuck::cast_slice(&w));
@@ -228,6 +235,7 @@ impl AttentionPlan {
     /// Buffers must come from this plan's device. A buffer of another device is refused by
     /// wgpu's validation, returned as [`Error::Wgpu`].
     pub fn bind(&self, io: AttentionIo<'_>) -> Result<AttentionBindings> {
+        let _device = self.ctx.kernels().exclusive();
         pollster::block_on(self.bind_async(io))
     }
 
@@ -293,7 +301,7 @@ impl AttentionPlan {
             beginning: t.beginning,
             end: t.end,
         });
-        self.record(encoder, bindings, &steps::whole(&self.steps), stamps)
+        self.record(encoder, bindings, &self.whole, stamps)
     }
 
     fn record(
@@ -349,6 +357,8 @@ impl AttentionPlan {
     /// An output holding NaN or infinity is an error, not a result: the inputs are checked to
     /// be finite, so such a value means a product or sum passed f32's range.
     pub fn run(&mut self, inputs: &AttentionInputs) -> Result<Tensor> {
+        let ctx = self.ctx.clone();
+        let _device = ctx.kernels().exclusive();
         let start = Instant::now();
         self.submit(inputs)?;
         let data = map_and_read(self.ctx.device(), &self.own.staging, |bytes| {
@@ -364,7 +374,11 @@ impl AttentionPlan {
     /// on native backends something must poll the device meanwhile (an application's event
     /// loop calling `device.poll`, or a thread); on the web the browser does.
     pub async fn run_async(&mut self, inputs: &AttentionInputs) -> Result<Tensor> {
-        self.submit(inputs)?;
+        {
+            let ctx = self.ctx.clone();
+            let _device = ctx.kernels().exclusive();
+            self.submit(inputs)?;
+        }
         let (tx, rx) = futures_channel::oneshot::channel();
         self.own
             .staging
@@ -495,6 +509,7 @@ impl AttentionPlan {
                 "intermediates were not kept: build the plan with AttentionConfig::with_intermediates()".into(),
             ));
         }
+        let _device = self.ctx.kernels().exclusive();
         let l = &self.layout;
         let (b, h, n) = (l.batch as usize, l.heads as usize, l.seq as usize);
         let (dk, dv) = (l.head_dim as usize, l.head_dim_v as usize);
@@ -526,6 +541,49 @@ impl AttentionPlan {
             output: Tensor::new(self.config.output_shape().to_vec(), output)?,
         })
     }
+}
+
+/// Runs one workgroup of every pipeline that this device has not run yet, each in a
+/// submission of its own, on the plan's own buffers (their contents are overwritten by any
+/// real run). A driver that compiles at first dispatch then compiles here, one pipeline per
+/// submission, and never inside a submission of real work.
+async fn warm_up(
+    ctx: &GpuContext,
+    steps: &[Step],
+    own: &AttentionBindings,
+    chunks: &ChunkTable,
+) -> Result<()> {
+    let (device, queue) = (ctx.device(), ctx.queue());
+    for (i, step) in steps.iter().enumerate() {
+        let Step::Dispatch(d) = step else { continue };
+        if !ctx.kernels().first_use(&d.pipeline.pipeline) {
+            continue;
+        }
+        let piece = Piece {
+            step: i,
+            grid: [1, 1, 1],
+            chunks: 0..1,
+        };
+        scoped_async(device, "running a new pipeline once", || {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            let recorded = steps::record(
+                &mut encoder,
+                steps,
+                &own.groups,
+                chunks,
+                std::slice::from_ref(&piece),
+                None,
+            );
+            queue.submit([encoder.finish()]);
+            recorded
+        })
+        .await??;
+        // On the web the browser compiles when the pipeline is created; there is nothing to
+        // wait for, and no blocking wait is allowed.
+        #[cfg(not(target_arch = "wasm32"))]
+        device.poll(wgpu::PollType::wait_indefinitely())?;
+    }
+    Ok(())
 }
 
 /// One bind group per dispatch, on `io` = (x, key_mask, output) and the plan's own buffers.

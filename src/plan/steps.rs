@@ -322,12 +322,10 @@ pub(super) fn record(
     stamps: Option<Stamps<'_>>,
 ) -> Result<()> {
     let is_dispatch = |p: &Piece| matches!(steps[p.step], Step::Dispatch(_));
-    let runs: Vec<&[Piece]> = pieces
-        .chunk_by(|a, b| is_dispatch(a) && is_dispatch(b))
-        .collect();
-    let passes = runs.iter().filter(|r| is_dispatch(&r[0])).count();
+    let runs = || pieces.chunk_by(|a, b| is_dispatch(a) && is_dispatch(b));
+    let passes = runs().filter(|r| is_dispatch(&r[0])).count();
     let mut pass_index = 0;
-    for run in runs {
+    for run in runs() {
         if let [p] = run
             && let Step::Copy { from, to, bytes } = &steps[p.step]
         {

@@ -19,6 +19,8 @@ impl AttentionPlan {
     /// submission, waited for.
     pub fn time_stages(&mut self, inputs: &AttentionInputs) -> Result<StageTimes> {
         inputs.validate(&self.config)?;
+        let ctx = self.ctx.clone();
+        let _device = ctx.kernels().exclusive();
         let device = self.ctx.device().clone();
         self.submit_pieces(&[Vec::new()], Some(inputs), false, None)?;
         device.poll(wgpu::PollType::wait_indefinitely())?;

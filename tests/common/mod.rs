@@ -6,7 +6,9 @@ pub mod cases;
 
 use std::sync::OnceLock;
 
-use wgpu_attention::{AttentionConfig, AttentionInputs, AttentionWeights, GpuContext, Tensor};
+use wgpu_attention::{
+    AttentionConfig, AttentionInputs, AttentionWeights, GpuContext, Random, Tensor,
+};
 
 /// The context every GPU test shares. A machine without an adapter fails here, loudly: CI must
 /// never report GPU tests as passed without running them.
@@ -62,40 +64,33 @@ pub fn worked_example(scale: Option<f32>) -> (AttentionConfig, AttentionWeights,
     )
 }
 
-/// A small deterministic generator (SplitMix64) for test data that a seed reproduces.
-pub struct Rng(u64);
+/// Seeded test data: a thin wrapper over the library's generator, so a seed printed by a failing
+/// test reproduces the same data in a benchmark or the program.
+pub struct Rng(Random);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(Random::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
 
-    /// Standard normal (Box-Muller).
+    /// Standard normal.
     pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        self.0.normal()
     }
 
+    /// N(0, std²) elements of `shape`.
     pub fn tensor(&mut self, shape: &[usize], std: f32) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::new(
-            shape.to_vec(),
-            (0..n).map(|_| self.normal() * std).collect(),
-        )
-        .unwrap()
+        self.0
+            .tensor(shape, std)
+            .unwrap_or_else(|e| panic!("random tensor {shape:?}: {e}"))
     }
 }
