@@ -536,3 +536,30 @@ fn calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
         );
     }
 }
+
+#[test]
+fn a_call_split_into_bounded_submissions_gives_the_same_bits() {
+    let mut rng = Rng::new(9);
+    let (b, h, kvh, d, nq, nk) = (2, 4, 2, 8, 40, 50);
+    let config = OperatorConfig::new(b, h, kvh, d, nq, nk)
+        .causal()
+        .with_bias(BiasShape {
+            per_batch: false,
+            per_head: true,
+        });
+    let inputs = OperatorInputs::new(
+        rng.tensor(&[b, h, nq, d], 1.0),
+        rng.tensor(&[b, kvh, nk, d], 1.0),
+        rng.tensor(&[b, kvh, nk, d], 1.0),
+    )
+    .with_bias(rng.tensor(&[1, h, nq, nk], 1.0));
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let whole = op.run_within(&inputs, f64::INFINITY).unwrap();
+    check(&config, &inputs, &whole);
+    // A budget of one FLOP: every workgroup in a submission of its own.
+    let split = op.run_within(&inputs, 1.0).unwrap();
+    assert_eq!(
+        split, whole,
+        "each workgroup computes the same wherever it runs"
+    );
+}

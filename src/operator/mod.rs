@@ -34,6 +34,11 @@
 
 mod core;
 
+/// How long one submission of [`AttentionOp::run`] should take at most, at the device's
+/// measured rate: well under the seconds after which a GL context's waiting threads give up
+/// and watchdogs reset a GPU.
+const SUBMISSION_SECONDS: f64 = 0.1;
+
 pub(crate) use core::Core;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,7 +47,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, map_and_read, scoped, scoped_async};
 use crate::kernels::fused::{FusedGeometry, Strides};
-use crate::kernels::{ChunkTable, fold_grid};
+use crate::kernels::{ChunkTable, MAX_CHUNKS, fold_grid};
 use crate::tensor::{Tensor, unravel};
 
 /// How Q, K, V and the output are laid out in memory (see the module documentation).
@@ -670,30 +675,57 @@ impl AttentionOp {
             return Err(Error::ForeignBindings);
         }
         self.config.check_lengths(lengths)?;
-        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
         let grid = fold_grid(
-            self.core.workgroups(q_len),
+            self.core.workgroups(lengths.q_len as u32),
             self.max_per_dim,
             "the attention operator",
         )?;
+        self.record(encoder, &bindings.group, lengths, grid, 0..1);
+        Ok(())
+    }
+
+    /// Records chunks `chunks` of a call cut into chunks of `grid` workgroups each (see
+    /// `shaders/dispatch.wgsl`), in one compute pass.
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        group: &wgpu::BindGroup,
+        lengths: Lengths,
+        grid: [u32; 3],
+        chunks: std::ops::Range<u32>,
+    ) {
+        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("attention operator"),
             timestamp_writes: None,
         });
         pass.push_debug_group("attention operator");
         pass.set_pipeline(&self.core.pipeline.pipeline);
-        pass.set_bind_group(0, &bindings.group, &self.core.offsets(q_len, kv_len));
-        pass.set_bind_group(1, &self.chunks.group, &[0]);
+        pass.set_bind_group(0, group, &self.core.offsets(q_len, kv_len));
         let [x, y, z] = grid;
-        pass.dispatch_workgroups(x, y, z);
+        for c in chunks {
+            pass.set_bind_group(1, &self.chunks.group, &[c * self.chunks.stride]);
+            pass.dispatch_workgroups(x, y, z);
+        }
         pass.pop_debug_group();
-        Ok(())
     }
 
     /// Uploads `inputs` (in the configuration's layout, lengths read from their shapes), runs
     /// the operator and reads the output back, blocking until the GPU is done. For tests and
     /// tools; an application records [`AttentionOp::encode`] on its own buffers.
+    ///
+    /// A large call runs as several submissions of about 0.1 s of work each at the rate the
+    /// device showed before, each waited for (see `shaders/dispatch.wgsl` for why).
     pub fn run(&mut self, inputs: &OperatorInputs) -> Result<Tensor> {
+        let budget = self.ctx.kernels().rate() * SUBMISSION_SECONDS;
+        self.run_within(inputs, budget)
+    }
+
+    /// [`AttentionOp::run`] with submissions of at most about `budget` FLOPs each; for tests
+    /// of the split.
+    #[doc(hidden)]
+    pub fn run_within(&mut self, inputs: &OperatorInputs, budget: f64) -> Result<Tensor> {
+        let start = std::time::Instant::now();
         let lengths = inputs.validate(&self.config)?;
         let out_bytes = (self
             .config
@@ -701,48 +733,58 @@ impl AttentionOp {
             .iter()
             .product::<usize>()
             * 4) as u64;
+        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
+        let flops = self.core.geometry.flops(q_len, kv_len);
+        let workgroups = self.core.workgroups(q_len);
+        let wanted = (flops / budget).ceil().clamp(1.0, MAX_CHUNKS as f64) as u32;
+        let grid = fold_grid(
+            workgroups.div_ceil(wanted),
+            self.max_per_dim,
+            "a chunk of the attention operator",
+        )?;
+        let per_chunk = grid.iter().product::<u32>();
+        let chunks = workgroups.div_ceil(per_chunk).max(1);
         let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
-        scoped(&device, "running the attention operator", || {
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("attention operator"),
-            });
-            let mask_words: Option<Vec<u32>> = inputs
-                .key_mask
-                .as_ref()
-                .map(|m| m.data().iter().map(|&x| (x != 0.0) as u32).collect());
-            let own = &mut self.own;
-            let uploads: [(&wgpu::Buffer, Option<&[u8]>); 5] = [
-                (&own.q, Some(bytemuck::cast_slice(inputs.q.data()))),
-                (&own.k, Some(bytemuck::cast_slice(inputs.k.data()))),
-                (&own.v, Some(bytemuck::cast_slice(inputs.v.data()))),
-                (
-                    &own.key_mask,
-                    mask_words.as_deref().map(bytemuck::cast_slice),
-                ),
-                (
-                    &own.bias,
-                    inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
-                ),
-            ];
-            for (target, bytes) in uploads {
-                if let Some(bytes) = bytes
-                    && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
-                {
-                    own.belt
-                        .write_buffer(&mut encoder, target, 0, size)
-                        .copy_from_slice(bytes);
+        for c in 0..chunks {
+            let last = c + 1 == chunks;
+            scoped(&device, "running the attention operator", || {
+                let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("attention operator"),
+                });
+                if c == 0 {
+                    self.upload(&mut encoder, inputs);
                 }
+                self.record(
+                    &mut encoder,
+                    &self.own_bindings.group,
+                    lengths,
+                    grid,
+                    c..c + 1,
+                );
+                if last {
+                    encoder.copy_buffer_to_buffer(
+                        &self.own.out,
+                        0,
+                        &self.own.staging,
+                        0,
+                        out_bytes,
+                    );
+                }
+                queue.submit([encoder.finish()]);
+                if c == 0 {
+                    self.own.belt.recall();
+                }
+            })?;
+            if !last {
+                device.poll(wgpu::PollType::wait_indefinitely())?;
             }
-            own.belt.finish();
-            let recorded = self.encode(&mut encoder, &self.own_bindings, lengths);
-            encoder.copy_buffer_to_buffer(&self.own.out, 0, &self.own.staging, 0, out_bytes);
-            queue.submit([encoder.finish()]);
-            self.own.belt.recall();
-            recorded
-        })??;
+        }
         let data = map_and_read(&device, &self.own.staging, |bytes| {
             bytemuck::cast_slice::<u8, f32>(&bytes[..out_bytes as usize]).to_vec()
         })?;
+        self.ctx
+            .kernels()
+            .measured(flops, start.elapsed().as_secs_f64());
         let shape = self.config.output_shape(lengths.q_len);
         if let Some(at) = data.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFiniteOutput {
@@ -754,6 +796,41 @@ impl AttentionOp {
             });
         }
         Tensor::new(shape, data)
+    }
+}
+
+impl AttentionOp {
+    /// Records the upload of `inputs` (checked) into the operator's own buffers through its
+    /// staging belt; the caller recalls the belt after submitting.
+    fn upload(&mut self, encoder: &mut wgpu::CommandEncoder, inputs: &OperatorInputs) {
+        let mask_words: Option<Vec<u32>> = inputs
+            .key_mask
+            .as_ref()
+            .map(|m| m.data().iter().map(|&x| (x != 0.0) as u32).collect());
+        let own = &mut self.own;
+        let uploads: [(&wgpu::Buffer, Option<&[u8]>); 5] = [
+            (&own.q, Some(bytemuck::cast_slice(inputs.q.data()))),
+            (&own.k, Some(bytemuck::cast_slice(inputs.k.data()))),
+            (&own.v, Some(bytemuck::cast_slice(inputs.v.data()))),
+            (
+                &own.key_mask,
+                mask_words.as_deref().map(bytemuck::cast_slice),
+            ),
+            (
+                &own.bias,
+                inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
+            ),
+        ];
+        for (target, bytes) in uploads {
+            if let Some(bytes) = bytes
+                && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
+            {
+                own.belt
+                    .write_buffer(encoder, target, 0, size)
+                    .copy_from_slice(bytes);
+            }
+        }
+        own.belt.finish();
     }
 }
 
