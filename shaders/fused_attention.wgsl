@@ -13,15 +13,15 @@
 //
 // Tensors are f32 arrays addressed by element offsets and strides, so head-major
 // [B, H, N, D] and token-major [B, N, H·D] both work without copies. A stride depends on the
-// call's length n (the length of the tensor's sequence axis): batch stride = sb·n, head stride
-// = sh·n + shc, row stride = si. The lengths come from two dynamic-offset uniforms (`lq`, `lkv`)
+// call's length n (the length of the tensor's sequence axis): batch stride = sb·n + sbc, head
+// stride = sh·n + shc, row stride = si (a KV cache's K and V have constant strides: sb = sh = 0). The lengths come from two dynamic-offset uniforms (`lq`, `lkv`)
 // that point into a table holding every length up to the plan's maximum, so a plan runs any
 // shorter length with nothing written, allocated or compiled per call.
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p         uniform             FusedParams, below
 //   1  q         storage, read       f32 read as vec4 (size a multiple of 16 bytes), Q [b, h, i, d]
-//                                    at q_offset + b sb n + h (sh n + shc) + i si + d
+//                                    at q_offset + b (sb n + sbc) + h (sh n + shc) + i si + d
 //   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
 //   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
 //   4  key_mask  storage, read       u32 [batch, kv_len]; 0 = padding (read only if has_mask != 0)
@@ -80,21 +80,25 @@ struct FusedParams {
     scale: f32,
     q_offset: u32,
     q_sb: u32,
+    q_sbc: u32,
     q_sh: u32,
     q_shc: u32,
     q_si: u32,
     k_offset: u32,
     k_sb: u32,
+    k_sbc: u32,
     k_sh: u32,
     k_shc: u32,
     k_si: u32,
     v_offset: u32,
     v_sb: u32,
+    v_sbc: u32,
     v_sh: u32,
     v_shc: u32,
     v_si: u32,
     o_offset: u32,
     o_sb: u32,
+    o_sbc: u32,
     o_sh: u32,
     o_shc: u32,
     o_si: u32,
@@ -331,7 +335,7 @@ fn store_row(mat: u32, r: u32, tx: u32, x: Row) {
         return;
     }
     let at = row_at(mat, r);
-    let base = p.o_offset + at.b * p.o_sb * lq.n + at.h * (p.o_sh * lq.n + p.o_shc) + at.i * p.o_si;
+    let base = p.o_offset + at.b * (p.o_sb * lq.n + p.o_sbc) + at.h * (p.o_sh * lq.n + p.o_shc) + at.i * p.o_si;
     for (var c = 0u; c < NV; c++) {
         let x4 = col_of(x, c);
         let d0 = 4u * (tx + TX * c);
@@ -372,13 +376,13 @@ fn main(
 
     // Where this workgroup reads: its packed rows' Q, its kv head's K and V.
     row0_p = row0;
-    k_head = p.k_offset + b * p.k_sb * lkv.n + (mat % p.kv_heads) * (p.k_sh * lkv.n + p.k_shc);
-    v_head = p.v_offset + b * p.v_sb * lkv.n + (mat % p.kv_heads) * (p.v_sh * lkv.n + p.v_shc);
+    k_head = p.k_offset + b * (p.k_sb * lkv.n + p.k_sbc) + (mat % p.kv_heads) * (p.k_sh * lkv.n + p.k_shc);
+    v_head = p.v_offset + b * (p.v_sb * lkv.n + p.v_sbc) + (mat % p.kv_heads) * (p.v_sh * lkv.n + p.v_shc);
     for (var e = li; e < br; e += threads) {
         var base = NO_ROW;
         if (row0 + e < rows) {
             let a = row_at(mat, row0 + e);
-            base = p.q_offset + a.b * p.q_sb * lq.n + a.h * (p.q_sh * lq.n + p.q_shc) + a.i * p.q_si;
+            base = p.q_offset + a.b * (p.q_sb * lq.n + p.q_sbc) + a.h * (p.q_sh * lq.n + p.q_shc) + a.i * p.q_si;
         }
         q_rows[e] = base;
     }

@@ -563,3 +563,42 @@ fn a_call_split_into_bounded_submissions_gives_the_same_bits() {
         "each workgroup computes the same wherever it runs"
     );
 }
+
+#[test]
+fn k_and_v_laid_out_for_a_capacity_give_the_packed_results() {
+    // A KV cache: K and V hold room for 32 keys per head whatever the call's kv_len.
+    let mut rng = Rng::new(10);
+    let (b, h, kvh, d) = (2, 4, 2, 12);
+    for token_major in [false, true] {
+        let mut packed = OperatorConfig::new(b, h, kvh, d, 3, 24).causal();
+        if token_major {
+            packed = packed.token_major();
+        }
+        let cache = packed.clone().with_kv_capacity(32);
+        let mut packed_op = AttentionOp::new(ctx(), &packed).unwrap();
+        let mut cache_op = AttentionOp::new(ctx(), &cache).unwrap();
+        for nk in [24, 9] {
+            let shape = |heads: usize, n: usize| {
+                if token_major {
+                    vec![b, n, heads * d]
+                } else {
+                    vec![b, heads, n, d]
+                }
+            };
+            let inputs = OperatorInputs::new(
+                rng.tensor(&shape(h, 3), 1.0),
+                rng.tensor(&shape(kvh, nk), 1.0),
+                rng.tensor(&shape(kvh, nk), 1.0),
+            );
+            let want = packed_op.run(&inputs).unwrap();
+            check(&packed, &inputs, &want);
+            assert_eq!(cache_op.run(&inputs).unwrap(), want, "kv_len {nk}");
+        }
+    }
+    let err = AttentionOp::new(
+        ctx(),
+        &OperatorConfig::new(1, 1, 1, 4, 1, 8).with_kv_capacity(7),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+}

@@ -23,21 +23,25 @@ uniform_params! {
         scale: f32,
         q_offset: u32,
         q_sb: u32,
+        q_sbc: u32,
         q_sh: u32,
         q_shc: u32,
         q_si: u32,
         k_offset: u32,
         k_sb: u32,
+        k_sbc: u32,
         k_sh: u32,
         k_shc: u32,
         k_si: u32,
         v_offset: u32,
         v_sb: u32,
+        v_sbc: u32,
         v_sh: u32,
         v_shc: u32,
         v_si: u32,
         o_offset: u32,
         o_sb: u32,
+        o_sbc: u32,
         o_sh: u32,
         o_shc: u32,
         o_si: u32,
@@ -69,22 +73,35 @@ impl Len {
 
 /// Where one tensor's elements are, as the kernel computes it for a call whose length along
 /// the tensor's sequence axis is `n`: element `[b, h, i, d]` at
-/// `offset + b sb n + h (sh n + shc) + i si + d`.
+/// `offset + b (sb n + sbc) + h (sh n + shc) + i si + d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Strides {
     pub offset: u32,
     pub sb: u32,
+    pub sbc: u32,
     pub sh: u32,
     pub shc: u32,
     pub si: u32,
 }
 
 impl Strides {
+    /// The same layout laid out for `capacity` tokens whatever the call's length: a KV cache.
+    pub fn at_capacity(self, capacity: u32) -> Self {
+        Strides {
+            sb: 0,
+            sbc: self.sbc + self.sb * capacity,
+            sh: 0,
+            shc: self.shc + self.sh * capacity,
+            ..self
+        }
+    }
+
     /// `[batch, heads, n, width]`, rows `width` apart.
     pub fn head_major(heads: u32, width: u32, offset: u32) -> Self {
         Strides {
             offset,
             sb: heads * width,
+            sbc: 0,
             sh: width,
             shc: 0,
             si: width,
@@ -96,6 +113,7 @@ impl Strides {
         Strides {
             offset,
             sb: heads * width,
+            sbc: 0,
             sh: 0,
             shc: width,
             si: heads * width,
@@ -175,21 +193,25 @@ impl FusedGeometry {
             scale: self.scale,
             q_offset: q.offset,
             q_sb: q.sb,
+            q_sbc: q.sbc,
             q_sh: q.sh,
             q_shc: q.shc,
             q_si: q.si,
             k_offset: k.offset,
             k_sb: k.sb,
+            k_sbc: k.sbc,
             k_sh: k.sh,
             k_shc: k.shc,
             k_si: k.si,
             v_offset: v.offset,
             v_sb: v.sb,
+            v_sbc: v.sbc,
             v_sh: v.sh,
             v_shc: v.shc,
             v_si: v.si,
             o_offset: o.offset,
             o_sb: o.sb,
+            o_sbc: o.sbc,
             o_sh: o.sh,
             o_shc: o.shc,
             o_si: o.si,

@@ -107,6 +107,10 @@ pub struct OperatorConfig {
     pub scale: Option<f32>,
     /// The layout of Q, K, V and the output.
     pub layout: QkvLayout,
+    /// K and V laid out for this many keys whatever the call's `kv_len` (a KV cache: the
+    /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
+    /// `kv_len`. At least `max_kv_len`.
+    pub kv_capacity: Option<usize>,
 }
 
 impl OperatorConfig {
@@ -133,6 +137,7 @@ impl OperatorConfig {
             bias: None,
             scale: None,
             layout: QkvLayout::HeadMajor,
+            kv_capacity: None,
         }
     }
 
@@ -172,6 +177,17 @@ impl OperatorConfig {
         self
     }
 
+    /// K and V buffers laid out for `capacity` keys (a KV cache), the call's keys first.
+    pub fn with_kv_capacity(mut self, capacity: usize) -> Self {
+        self.kv_capacity = Some(capacity);
+        self
+    }
+
+    /// Keys K and V are laid out for: the capacity, else the maximum length.
+    fn kv_rows(&self) -> usize {
+        self.kv_capacity.unwrap_or(self.max_kv_len)
+    }
+
     /// The scale applied to `Q Kᵀ`.
     pub fn scale_value(&self) -> f32 {
         self.scale
@@ -198,6 +214,14 @@ impl OperatorConfig {
                 heads: self.heads,
                 kv_heads: self.kv_heads,
             });
+        }
+        if let Some(capacity) = self.kv_capacity
+            && capacity < self.max_kv_len
+        {
+            return Err(Error::InvalidConfig(format!(
+                "kv_capacity {capacity} is below max_kv_len {}",
+                self.max_kv_len
+            )));
         }
         if !self.scale_value().is_finite() {
             return Err(Error::InvalidConfig(format!(
@@ -229,6 +253,14 @@ impl OperatorConfig {
         }
     }
 
+    fn kv_strides(&self, width: usize) -> Strides {
+        let s = self.strides(self.kv_heads, width);
+        match self.kv_capacity {
+            Some(capacity) => s.at_capacity(capacity as u32),
+            None => s,
+        }
+    }
+
     fn geometry(&self) -> FusedGeometry {
         FusedGeometry {
             batch: self.batch as u32,
@@ -241,8 +273,8 @@ impl OperatorConfig {
             bias: self.bias.map(|b| (b.per_batch, b.per_head)),
             scale: self.scale_value(),
             q: self.strides(self.heads, self.head_dim),
-            k: self.strides(self.kv_heads, self.head_dim),
-            v: self.strides(self.kv_heads, self.head_dim_v),
+            k: self.kv_strides(self.head_dim),
+            v: self.kv_strides(self.head_dim_v),
             out: self.strides(self.heads, self.head_dim_v),
         }
     }
@@ -251,12 +283,13 @@ impl OperatorConfig {
     fn max_elements(&self) -> [(&'static str, u64); 6] {
         let (b, h, kh) = (self.batch as u64, self.heads as u64, self.kv_heads as u64);
         let (q, kv) = (self.max_q_len as u64, self.max_kv_len as u64);
+        let rows = self.kv_rows() as u64;
         let (d, dv) = (self.head_dim as u64, self.head_dim_v as u64);
         let [bb, hb] = self.bias.map_or([0, 0], |s| s.dims(self.batch, self.heads));
         [
             ("q", b * h * q * d),
-            ("k", b * kh * kv * d),
-            ("v", b * kh * kv * dv),
+            ("k", b * kh * rows * d),
+            ("v", b * kh * rows * dv),
             ("out", b * h * q * dv),
             ("key_mask", if self.key_padding_mask { b * kv } else { 0 }),
             ("bias", bb as u64 * hb as u64 * q * kv),
@@ -808,10 +841,8 @@ impl AttentionOp {
             .as_ref()
             .map(|m| m.data().iter().map(|&x| (x != 0.0) as u32).collect());
         let own = &mut self.own;
-        let uploads: [(&wgpu::Buffer, Option<&[u8]>); 5] = [
+        let uploads: [(&wgpu::Buffer, Option<&[u8]>); 3] = [
             (&own.q, Some(bytemuck::cast_slice(inputs.q.data()))),
-            (&own.k, Some(bytemuck::cast_slice(inputs.k.data()))),
-            (&own.v, Some(bytemuck::cast_slice(inputs.v.data()))),
             (
                 &own.key_mask,
                 mask_words.as_deref().map(bytemuck::cast_slice),
@@ -828,6 +859,26 @@ impl AttentionOp {
                 own.belt
                     .write_buffer(encoder, target, 0, size)
                     .copy_from_slice(bytes);
+            }
+        }
+        // K and V in blocks of kv_len token rows (a head, head-major; a batch row,
+        // token-major), packed, or with a capacity each at its place in the cache.
+        let kv = inputs.k.shape()[if self.config.layout == QkvLayout::HeadMajor {
+            2
+        } else {
+            1
+        }];
+        let rows = self.config.kv_capacity.unwrap_or(kv);
+        for (target, t) in [(&own.k, &inputs.k), (&own.v, &inputs.v)] {
+            let width = t.shape().last().copied().unwrap_or(0);
+            let block = kv * width;
+            for (n, src) in t.data().chunks_exact(block.max(1)).enumerate() {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                if let Some(size) = wgpu::BufferSize::new(src.len() as u64) {
+                    own.belt
+                        .write_buffer(encoder, target, (n * rows * width * 4) as u64, size)
+                        .copy_from_slice(src);
+                }
             }
         }
         own.belt.finish();
