@@ -698,6 +698,23 @@ impl AttentionOp {
     /// (tensors packed at these lengths). Allocates, writes and compiles nothing: the lengths
     /// are picked from a table made with the operator, so calls of different lengths may share
     /// one encoder.
+    ///
+    /// ```no_run
+    /// # use wgpu_attention::*;
+    /// # fn demo(device: wgpu::Device, queue: wgpu::Queue, q: wgpu::Buffer, k: wgpu::Buffer,
+    /// #         v: wgpu::Buffer, out: wgpu::Buffer) -> Result<(), Error> {
+    /// let ctx = GpuContext::from_device(device.clone(), queue.clone());
+    /// // GQA as in Llama 3: 32 query heads over 8 key/value heads of width 128; up to 16 new
+    /// // tokens over up to 4096 keys.
+    /// let config = OperatorConfig::new(1, 32, 8, 128, 16, 4096).causal();
+    /// let op = AttentionOp::new(&ctx, &config)?;
+    /// let io = OperatorIo { q: &q, k: &k, v: &v, key_mask: None, bias: None, out: &out };
+    /// let bindings = op.bind(io)?;
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// op.encode(&mut encoder, &bindings, Lengths { q_len: 1, kv_len: 1337 })?;
+    /// queue.submit([encoder.finish()]);
+    /// # Ok(()) }
+    /// ```
     pub fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
