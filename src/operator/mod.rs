@@ -560,6 +560,7 @@ impl AttentionOp {
     /// Builds the operator: checks the configuration and every buffer size against the device,
     /// compiles (or reuses) the kernel and makes its parameters. Blocks until done.
     pub fn new(ctx: &GpuContext, config: &OperatorConfig) -> Result<Self> {
+        let _device = ctx.kernels().exclusive();
         pollster::block_on(Self::new_async(ctx, config))
     }
 
@@ -658,6 +659,7 @@ impl AttentionOp {
     /// Makes the bind group that ties this operator to an application's buffers, checking
     /// each (usage, size for the maximum lengths). Call once per set of buffers and keep it.
     pub fn bind(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        let _device = self.ctx.kernels().exclusive();
         pollster::block_on(self.bind_async(io))
     }
 
@@ -775,6 +777,8 @@ impl AttentionOp {
     /// of the split.
     #[doc(hidden)]
     pub fn run_within(&mut self, inputs: &OperatorInputs, budget: f64) -> Result<Tensor> {
+        let ctx = self.ctx.clone();
+        let _device = ctx.kernels().exclusive();
         let start = std::time::Instant::now();
         let lengths = inputs.validate(&self.config)?;
         let out_bytes = (self
