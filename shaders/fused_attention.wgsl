@@ -1,31 +1,50 @@
-// Fused attention (FlashAttention-2 style): O = softmax(scale · Q Kᵀ, masked) V without ever
-// storing the score matrix.
+// Fused attention (FlashAttention-2 style): O = softmax(scale · Q Kᵀ + bias, masked) V without
+// ever storing the score matrix. The one attention core: the layer (after its projection) and
+// the operator on an application's own Q, K and V both run it.
 //
-// For every batch b, head h and query i < seq:
-//     out[b, i, h * head_dim_v + d] = sum_j p_ij V[bh, j, d] / sum_j p_ij,
-//     p_ij = exp(scale · Q[bh, i]·K[bh, j] - m_i) over the keys j query i may attend (causal:
-//     j <= i; padding: key_mask[b, j] != 0), m_i their maximum score.
-// A query with no key to attend gets zeros. Memory traffic and footprint grow linearly with seq.
+// For every batch b, query head h (of `heads`) and query i < q_len, with kv head
+// kh = h / group (group = heads / kv_heads: MHA when 1, MQA when heads):
+//     out[b, h, i, :] = sum_j p_ij V[b, kh, j, :] / sum_j p_ij,
+//     p_ij = exp(scale · Q[b, h, i]·K[b, kh, j] + bias[b, h, i, j] - m_i) over the keys j < kv_len
+//     that query i may attend, m_i their maximum.
+// Masks: causal aligned to the END of the keys (FlashAttention-2's convention, the one a KV
+// cache needs): j <= i + kv_len - q_len; padding: key_mask[b, j] == 0; a bias of -inf also
+// masks. A query with no key to attend gets zeros.
+//
+// Tensors are f32 arrays addressed by element offsets and strides, so head-major
+// [B, H, N, D] and token-major [B, N, H·D] both work without copies. A stride depends on the
+// call's length n (the length of the tensor's sequence axis): batch stride = sb·n + sbc, head
+// stride = sh·n + shc, row stride = si (a KV cache's K and V have constant strides: sb = sh = 0). The lengths come from two dynamic-offset uniforms (`lq`, `lkv`)
+// that point into a table holding every length up to the plan's maximum, so a plan runs any
+// shorter length with nothing written, allocated or compiled per call.
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
-//   0  params    uniform             FusedParams, below
-//   1  qkv       storage, read       vec4<f32>; Q at q_offset4 and K at k_offset4, head-major
-//                                    [batch, heads, seq, dp4]; V at v_offset4 as
-//                                    [batch, heads, seq, dvp4] (widths zero-padded to vec4)
-//   2  key_mask  storage, read       u32 [batch, seq]; 0 = padding (read only if has_mask != 0)
-//   3  out       storage, read_write f32 [batch, seq, out_stride]; this head's columns start at
-//                                    h * head_dim_v
+//   0  p         uniform             FusedParams, below
+//   1  q         storage, read       f32 read as vec4 (size a multiple of 16 bytes), Q [b, h, i, d]
+//                                    at q_offset + b (sb n + sbc) + h (sh n + shc) + i si + d
+//   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
+//   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
+//   4  key_mask  storage, read       u32 [batch, kv_len]; 0 = padding (read only if has_mask != 0)
+//   5  bias      storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if has_bias != 0)
+//   6  out       storage, read_write f32 out [b, h, i, d], strides as for Q
+//   7  lq        uniform, dynamic    Len: q_len
+//   8  lkv       uniform, dynamic    Len: kv_len
 //
-// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns BR = 8 TY query rows of one (batch, head) and walks
-// the keys in blocks of BC = 8 TX; with causal masking it stops after its last row, so blocks
-// wholly above the diagonal are never touched. Each invocation owns 8 rows (8 ty .. 8 ty + 7):
+// GQA without copies: a workgroup works on one (batch, kv head) and packs the `group` query
+// heads of that kv head as group · q_len rows (row r: head kh group + r / q_len, query
+// r % q_len), so each block of K and V it loads serves every query head of the group.
+//
+// Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns BR = 8 TY packed query rows and
+// walks the keys in blocks of BC = 8 TX; with causal masking it stops after the last key its
+// rows may see. Each invocation owns 8 rows (8 ty .. 8 ty + 7):
 //   1. S = Q Kᵀ for its 8 rows x 8 keys, 64 scores in named registers: the score kernel's tile,
-//      shared with it in score_tile.wgsl;
+//      shared with it in score_tile.wgsl (through load_q4 and load_k4 below);
 //   2. the online softmax: row maxima and sums combined across the TX invocations of a row
 //      through workgroup memory as vec4s, the maxima taken over unscaled scores (times the
 //      scale's sign) and the scale applied only to differences from them, so a huge scale
 //      cannot overflow; the running max raised, the running sum and the output rescaled by
-//      exp(|scale| (m_old - m_new));
+//      exp(|scale| (m_old - m_new)). With a bias the logits scale · s + bias are formed first
+//      (a bias is not a multiple of the scale) and exponentiated unscaled;
 //   3. O += P V: P written to workgroup memory, V staged VK keys at a time; each invocation
 //      owns 8 rows x NV vec4 columns (columns 4 (tx + TX c)), and each loaded vec4 of V feeds
 //      8 rows.
@@ -44,28 +63,164 @@ const LOWEST: f32 = -3.402823e38;
 const LOG2E: f32 = 1.4426950408889634;
 
 struct FusedParams {
-    seq: u32,
-    heads: u32,
+    batch: u32,
+    kv_heads: u32,
+    group: u32,
+    head_dim: u32,
+    head_dim_v: u32,
     dp4: u32,
     dvp4: u32,
-    head_dim_v: u32,
-    q_offset4: u32,
-    k_offset4: u32,
-    v_offset4: u32,
-    out_stride: u32,
-    q_blocks: u32,
-    total_tiles: u32,
     causal: u32,
     has_mask: u32,
+    has_bias: u32,
+    // Bias broadcast: the bias's batch index step (in q_len kv_len blocks; 0 = broadcast)
+    // and head index step (0 or 1).
+    bias_b: u32,
+    bias_h: u32,
     scale: f32,
+    q_offset: u32,
+    q_sb: u32,
+    q_sbc: u32,
+    q_sh: u32,
+    q_shc: u32,
+    q_si: u32,
+    k_offset: u32,
+    k_sb: u32,
+    k_sbc: u32,
+    k_sh: u32,
+    k_shc: u32,
+    k_si: u32,
+    v_offset: u32,
+    v_sb: u32,
+    v_sbc: u32,
+    v_sh: u32,
+    v_shc: u32,
+    v_si: u32,
+    o_offset: u32,
+    o_sb: u32,
+    o_sbc: u32,
+    o_sh: u32,
+    o_shc: u32,
+    o_si: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
+}
+
+// One length, at a dynamic offset into the plan's table of lengths.
+struct Len {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
-@group(0) @binding(1) var<storage, read> qkv: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> key_mask: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> key_mask: array<u32>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<uniform> lq: Len;
+@group(0) @binding(8) var<uniform> lkv: Len;
+
+// Where packed row r of the (batch, kv head) `mat` lives: its batch, query head and query.
+struct RowAt {
+    b: u32,
+    h: u32,
+    i: u32,
+}
+
+fn row_at(mat: u32, r: u32) -> RowAt {
+    return RowAt(mat / p.kv_heads, (mat % p.kv_heads) * p.group + r / lq.n, r % lq.n);
+}
+
+// Elements s .. s + 3 (s = 1, 2, 3) of the eight in a, b.
+fn shifted(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
+    switch s {
+        case 1u: { return vec4<f32>(a.yzw, b.x); }
+        case 2u: { return vec4<f32>(a.zw, b.xy); }
+        default: { return vec4<f32>(a.w, b.xyz); }
+    }
+}
+
+// Zeroes the columns of vec4 d4 at or past `width` (only the last vec4 of a width that is not
+// a multiple of 4 has any).
+fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
+    if (4u * d4 + 4u <= width) {
+        return x;
+    }
+    return select(vec4<f32>(0.0), x, vec4<u32>(4u * d4) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(width));
+}
+
+// The four elements from element e on, each read as vec4: one load when e is a multiple of 4
+// (every layer and every app tensor whose widths, strides and offsets are), two otherwise,
+// so that any head width and stride works.
+fn q4(e: u32) -> vec4<f32> {
+    let a = q[e / 4u];
+    if (e % 4u == 0u) { return a; }
+    return shifted(a, q[e / 4u + 1u], e % 4u);
+}
+
+fn k4(e: u32) -> vec4<f32> {
+    let a = k[e / 4u];
+    if (e % 4u == 0u) { return a; }
+    return shifted(a, k[e / 4u + 1u], e % 4u);
+}
+
+fn v4(e: u32) -> vec4<f32> {
+    let a = v[e / 4u];
+    if (e % 4u == 0u) { return a; }
+    return shifted(a, v[e / 4u + 1u], e % 4u);
+}
+
+// Where this workgroup's rows and heads start, set once by main: the element offset of each
+// of its packed query rows (NO_ROW past the rows), and of its kv head in K and V.
+const NO_ROW: u32 = 0xffffffffu;
+// 64 = 8 TY at the largest TY the host picks (rows_per_eight caps TY at 8).
+var<workgroup> q_rows: array<u32, 64>;
+var<private> row0_p: u32;
+var<private> k_head: u32;
+var<private> v_head: u32;
+
+// vec4 d4 of packed row r's query: zero past the rows and past head_dim.
+fn load_q4(mat: u32, r: u32, d4: u32) -> vec4<f32> {
+    let base = q_rows[r - row0_p];
+    if (base == NO_ROW || d4 >= p.dp4) {
+        return vec4<f32>(0.0);
+    }
+    return clip(q4(base + 4u * d4), d4, p.head_dim);
+}
+
+// vec4 d4 of key j of the kv head of `mat`: zero past kv_len and head_dim.
+fn load_k4(mat: u32, j: u32, d4: u32) -> vec4<f32> {
+    if (j >= lkv.n || d4 >= p.dp4) {
+        return vec4<f32>(0.0);
+    }
+    return clip(k4(k_head + j * p.k_si + 4u * d4), d4, p.head_dim);
+}
+
+// vec4 c4 of value row j of the kv head of `mat`: zero past kv_len and head_dim_v.
+fn load_v4(mat: u32, j: u32, c4: u32) -> vec4<f32> {
+    if (j >= lkv.n || c4 >= p.dvp4) {
+        return vec4<f32>(0.0);
+    }
+    return clip(v4(v_head + j * p.v_si + 4u * c4), c4, p.head_dim_v);
+}
+
+// One past the last key packed row r may attend: kv_len, or with causal masking
+// i + 1 + kv_len - q_len (never below 0); 0 for rows past the packed rows.
+fn key_limit(mat: u32, r: u32) -> u32 {
+    if (r >= p.group * lq.n) {
+        return 0u;
+    }
+    if (p.causal == 0u) {
+        return lkv.n;
+    }
+    let reach = r % lq.n + 1u + lkv.n;
+    return select(0u, min(lkv.n, reach - lq.n), reach > lq.n);
+}
 
 // Staging, shared by the two phases. Scoring: Q rows at [row * (DK/4 + 1) + d4], then K rows
 // at K_AT + [key * (DK/4 + 1) + d4]. Weighting: V rows at [key * TX * NV + c * TX + t].
@@ -93,33 +248,56 @@ fn keys_present(b: u32, kb: u32, tx: u32) -> Keys8 {
     for (var j = 0u; j < 4u; j++) {
         let k0 = kb + tx + TX * j;
         let k1 = kb + tx + TX * (j + 4u);
-        if (k0 < p.seq && (p.has_mask == 0u || key_mask[b * p.seq + k0] != 0u)) { a[j] = 1.0; }
-        if (k1 < p.seq && (p.has_mask == 0u || key_mask[b * p.seq + k1] != 0u)) { c[j] = 1.0; }
+        if (k0 < lkv.n && (p.has_mask == 0u || key_mask[b * lkv.n + k0] != 0u)) { a[j] = 1.0; }
+        if (k1 < lkv.n && (p.has_mask == 0u || key_mask[b * lkv.n + k1] != 0u)) { c[j] = 1.0; }
     }
     return Keys8(a, c);
 }
 
-// Sets a row's masked scores to LOWEST. The others stay unscaled, times the sign of the scale:
-// softmax(scale s) = softmax(|scale| (sign s)), and taking the maximum before scaling means no
-// product with the scale is formed until after the maximum is subtracted, so no scale that is
-// finite can overflow a score into inf - inf = NaN.
-fn mask_row(s: Keys8, present: Keys8, i: u32, kb: u32, tx: u32) -> Keys8 {
-    let j_a = vec4<u32>(kb + tx) + vec4<u32>(0u, TX, 2u * TX, 3u * TX);
-    let j_b = j_a + vec4<u32>(4u * TX);
-    let causal = p.causal != 0u;
-    // WGSL requires the parentheses between comparisons and & or |.
-    let ok_a = (present.a > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_a <= vec4<u32>(i)));
-    let ok_b = (present.b > vec4<f32>(0.0)) & (vec4<bool>(!causal) | (j_b <= vec4<u32>(i)));
-    let sg = select(1.0, -1.0, p.scale < 0.0);
-    return Keys8(select(vec4<f32>(LOWEST), s.a * sg, ok_a), select(vec4<f32>(LOWEST), s.b * sg, ok_b));
+// Where packed row r's bias row starts.
+fn bias_row(mat: u32, r: u32) -> u32 {
+    let at = row_at(mat, r);
+    return (at.b * p.bias_b + at.h * p.bias_h) * lq.n * lkv.n + at.i * lkv.n;
 }
 
-// exp(|scale| d) for a difference d <= 0 of unscaled scores, through exp2. Multiplying d by the
-// scale first and by log2 e second keeps a scale near f32::MAX from overflowing to inf: at worst
-// the product is -inf, and exp2(-inf) = 0. A zero exponent gives exactly 1 without exp2: at
-// scale 0 every exponent is a signed zero, and exp2(-0.0) came back NaN on a CPU Vulkan driver.
+// The bias from `base` for keys j (0 past kv_len, where the key is masked anyway).
+fn bias4(base: u32, j: vec4<u32>) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var e = 0u; e < 4u; e++) {
+        if (j[e] < lkv.n) { x[e] = bias[base + j[e]]; }
+    }
+    return x;
+}
+
+// Sets a row's masked scores to LOWEST: keys at or past `lim` (its key_limit) and padding.
+// Without a bias the others stay unscaled, times the sign of the scale: softmax(scale s) =
+// softmax(|scale| (sign s)), and taking the maximum before scaling means no product with the
+// scale is formed until after the maximum is subtracted, so no scale that is finite can
+// overflow a score into inf - inf = NaN. With a bias (its row from bias_at) they become the
+// logits scale · s + bias, and a bias of -inf masks the key (a NaN passes on).
+fn mask_row(s: Keys8, present: Keys8, lim: u32, bias_at: u32, kb: u32, tx: u32) -> Keys8 {
+    let j_a = vec4<u32>(kb + tx) + vec4<u32>(0u, TX, 2u * TX, 3u * TX);
+    let j_b = j_a + vec4<u32>(4u * TX);
+    // WGSL requires the parentheses between comparisons and & or |.
+    var ok_a = (present.a > vec4<f32>(0.0)) & (j_a < vec4<u32>(lim));
+    var ok_b = (present.b > vec4<f32>(0.0)) & (j_b < vec4<u32>(lim));
+    let sg = select(1.0, -1.0, p.scale < 0.0);
+    var x = Keys8(s.a * sg, s.b * sg);
+    if (p.has_bias != 0u && lim > 0u) {
+        x = Keys8(s.a * p.scale + bias4(bias_at, j_a), s.b * p.scale + bias4(bias_at, j_b));
+        ok_a = ok_a & !(x.a < vec4<f32>(LOWEST));
+        ok_b = ok_b & !(x.b < vec4<f32>(LOWEST));
+    }
+    return Keys8(select(vec4<f32>(LOWEST), x.a, ok_a), select(vec4<f32>(LOWEST), x.b, ok_b));
+}
+
+// exp(|scale| d) for a difference d <= 0 of unscaled scores (exp(d) of logits when there is a
+// bias), through exp2. Multiplying d by the scale first and by log2 e second keeps a scale near
+// f32::MAX from overflowing to inf: at worst the product is -inf, and exp2(-inf) = 0. A zero
+// exponent gives exactly 1 without exp2: at scale 0 every exponent is a signed zero, and
+// exp2(-0.0) came back NaN on a CPU Vulkan driver.
 fn exp_scaled(d: vec4<f32>) -> vec4<f32> {
-    let t = (d * abs(p.scale)) * LOG2E;
+    let t = (d * select(abs(p.scale), 1.0, p.has_bias != 0u)) * LOG2E;
     return select(exp2(t), vec4<f32>(1.0), t == vec4<f32>(0.0));
 }
 
@@ -150,6 +328,25 @@ fn store_p(row: u32, tx: u32, w: Keys8) {
     }
 }
 
+// Stores packed row r's output: the invocation's NV column groups, vec4 group tx + TX c of
+// the row, dropping rows past the packed rows and columns past head_dim_v.
+fn store_row(mat: u32, r: u32, tx: u32, x: Row) {
+    if (r >= p.group * lq.n) {
+        return;
+    }
+    let at = row_at(mat, r);
+    let base = p.o_offset + at.b * (p.o_sb * lq.n + p.o_sbc) + at.h * (p.o_sh * lq.n + p.o_shc) + at.i * p.o_si;
+    for (var c = 0u; c < NV; c++) {
+        let x4 = col_of(x, c);
+        let d0 = 4u * (tx + TX * c);
+        for (var e = 0u; e < 4u; e++) {
+            if (d0 + e < p.head_dim_v) {
+                out[base + d0 + e] = x4[e];
+            }
+        }
+    }
+}
+
 @compute @workgroup_size(TX, TY)
 fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -157,26 +354,46 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let tile = workgroup_index(wid, nwg);
-    if (tile >= p.total_tiles) {
-        return;
-    }
     let br = 8u * TY;
     let bc = 8u * TX;
-    // One column of tiles: a block of query rows spans the whole head.
-    let at = tile_origin(tile, p.q_blocks, 1u, br, 0u);
-    let bh = at.mat;
-    let b = bh / p.heads;
-    let h = bh % p.heads;
+    let rows = p.group * lq.n;
+    let q_blocks = (rows + br - 1u) / br;
+    let tile = workgroup_index(wid, nwg);
+    // The grid is sized for the call's lengths by the host; anything past them does nothing.
+    if (tile >= q_blocks * p.batch * p.kv_heads) {
+        return;
+    }
+    // One column of tiles: a block of packed query rows spans the whole key range.
+    let at = tile_origin(tile, q_blocks, 1u, br, 0u);
+    let mat = at.mat;
+    let b = mat / p.kv_heads;
     let row0 = at.row0;
     let tx = lid.x;
     let ty = lid.y;
     let threads = TX * TY;
     let r0 = 8u * ty;
     let i0 = row0 + r0;
-    let q_base = p.q_offset4 + bh * p.seq * p.dp4;
-    let k_base = p.k_offset4 + bh * p.seq * p.dp4;
-    let v_base = p.v_offset4 + bh * p.seq * p.dvp4;
+
+    // Where this workgroup reads: its packed rows' Q, its kv head's K and V.
+    row0_p = row0;
+    k_head = p.k_offset + b * (p.k_sb * lkv.n + p.k_sbc) + (mat % p.kv_heads) * (p.k_sh * lkv.n + p.k_shc);
+    v_head = p.v_offset + b * (p.v_sb * lkv.n + p.v_sbc) + (mat % p.kv_heads) * (p.v_sh * lkv.n + p.v_shc);
+    for (var e = li; e < br; e += threads) {
+        var base = NO_ROW;
+        if (row0 + e < rows) {
+            let a = row_at(mat, row0 + e);
+            base = p.q_offset + a.b * (p.q_sb * lq.n + p.q_sbc) + a.h * (p.q_sh * lq.n + p.q_shc) + a.i * p.q_si;
+        }
+        q_rows[e] = base;
+    }
+    workgroupBarrier();
+    // This invocation's eight rows: how far each may see, where each one's bias starts.
+    var lim: array<u32, 8>;
+    var bias_at: array<u32, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        lim[r] = key_limit(mat, i0 + r);
+        bias_at[r] = select(0u, bias_row(mat, i0 + r), p.has_bias != 0u && i0 + r < rows);
+    }
 
     var m_lo = vec4<f32>(LOWEST);
     var m_hi = vec4<f32>(LOWEST);
@@ -184,25 +401,28 @@ fn main(
     var l_hi = vec4<f32>(0.0);
     var o = rows_zero();
 
-    var key_end = p.seq;
-    if (p.causal != 0u) {
-        key_end = min(p.seq, row0 + br);
+    // The keys any row of the block may see: a block of rows within one head reaches up to its
+    // last row's limit; one that spans heads reaches the last query's.
+    let last = min(row0 + br, rows) - 1u;
+    var key_end = key_limit(mat, last);
+    if (row0 / lq.n != last / lq.n) {
+        key_end = key_limit(mat, lq.n - 1u);
     }
 
     for (var kb = 0u; kb < key_end; kb += bc) {
         // 1. Scores of this block (score_tile.wgsl).
-        var s = score_tile(q_base, k_base, row0, kb, tx, ty, li);
+        var s = score_tile(mat, row0, kb, tx, ty, li);
 
         // 2. Online softmax: raise the running max, weight, rescale what came before.
         let present = keys_present(b, kb, tx);
-        s.s0 = mask_row(s.s0, present, i0, kb, tx);
-        s.s1 = mask_row(s.s1, present, i0 + 1u, kb, tx);
-        s.s2 = mask_row(s.s2, present, i0 + 2u, kb, tx);
-        s.s3 = mask_row(s.s3, present, i0 + 3u, kb, tx);
-        s.s4 = mask_row(s.s4, present, i0 + 4u, kb, tx);
-        s.s5 = mask_row(s.s5, present, i0 + 5u, kb, tx);
-        s.s6 = mask_row(s.s6, present, i0 + 6u, kb, tx);
-        s.s7 = mask_row(s.s7, present, i0 + 7u, kb, tx);
+        s.s0 = mask_row(s.s0, present, lim[0], bias_at[0], kb, tx);
+        s.s1 = mask_row(s.s1, present, lim[1], bias_at[1], kb, tx);
+        s.s2 = mask_row(s.s2, present, lim[2], bias_at[2], kb, tx);
+        s.s3 = mask_row(s.s3, present, lim[3], bias_at[3], kb, tx);
+        s.s4 = mask_row(s.s4, present, lim[4], bias_at[4], kb, tx);
+        s.s5 = mask_row(s.s5, present, lim[5], bias_at[5], kb, tx);
+        s.s6 = mask_row(s.s6, present, lim[6], bias_at[6], kb, tx);
+        s.s7 = mask_row(s.s7, present, lim[7], bias_at[7], kb, tx);
         let red_at = tx * 2u * TY + 2u * ty;
         red[red_at] = vec4<f32>(row_max(s.s0), row_max(s.s1), row_max(s.s2), row_max(s.s3));
         red[red_at + 1u] = vec4<f32>(row_max(s.s4), row_max(s.s5), row_max(s.s6), row_max(s.s7));
@@ -258,14 +478,8 @@ fn main(
         // 3. O += P V, VK keys at a time; each V vec4 feeds eight rows.
         for (var v0 = 0u; v0 < bc; v0 += VK) {
             for (var e = li; e < VK * TX * NV; e += threads) {
-                let key = kb + v0 + e / (TX * NV);
                 // Column group c4 = c TX + t holds value columns 4 c4 .. 4 c4 + 3.
-                let c4 = e % (TX * NV);
-                var v = vec4<f32>(0.0);
-                if (key < p.seq && c4 < p.dvp4) {
-                    v = qkv[v_base + key * p.dvp4 + c4];
-                }
-                stage[e] = v;
+                stage[e] = load_v4(mat, kb + v0 + e / (TX * NV), e % (TX * NV));
             }
             workgroupBarrier();
             for (var k4 = 0u; k4 < VK / 4u; k4++) {
@@ -284,6 +498,6 @@ fn main(
         let l = select(l_hi[r % 4u], l_lo[r % 4u], r < 4u);
         // A query with nothing to attend has l = 0 and o = 0: its output is zero.
         let o_r = scale_row(row_of(o, r), select(0.0, 1.0 / l, l > 0.0));
-        store_head_row(b, h, i0 + r, 0u, tx, o_r);
+        store_row(mat, i0 + r, tx, o_r);
     }
 }

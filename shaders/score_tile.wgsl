@@ -1,19 +1,19 @@
-// Contract: the includer declares overrides TX, TY and DK, a uniform `p` with seq and dp4, `qkv` and the workgroup array `stage`; tiles.wgsl comes first.
+// Contract: the includer declares overrides TX, TY and DK, a uniform `p` with dp4, functions load_q4 and load_k4, and the workgroup array `stage`; tiles.wgsl comes first.
 //
 // One tile of scores, S = Q Kᵀ, for 8 TY queries by 8 TX keys of one head: the work the score
 // kernel and the fused kernel share; the host puts this file, after tiles.wgsl, ahead of both.
 // Not a kernel: no bindings of its own. Each includer declares the overrides TX, TY and DK,
-// the uniform `p` (with seq and dp4), the storage binding `qkv` and the workgroup array
-// `stage`, at least (8 TY + 8 TX) (DK/4 + 1) vec4 long.
+// the uniform `p` (with dp4, the vec4 columns of a row), the workgroup array `stage`, at least
+// (8 TY + 8 TX) (DK/4 + 1) vec4 long, and the loads `load_q4(mat, row, d4)` and
+// `load_k4(mat, key, d4)`: vec4 d4 of a query or key row of matrix `mat` (a batch and head),
+// zero past the rows and columns that exist. The loads hide the includer's layout.
 //
-// Q rows row0 .. and K rows col0 .. of the head (the head starts at q_base and k_base, in
-// vec4, rows dp4 long) are staged DK columns at a time as straight vec4 copies into `stage`,
+// Q rows row0 .. and K rows col0 .. of matrix `mat` are staged DK columns at a time into `stage`,
 // rows padded to DK/4 + 1 vec4 so eight neighbouring rows fall in distinct banks. Invocation
 // (tx, ty) accumulates queries 8 ty .. 8 ty + 7 against keys tx + TX j (interleaved, so
-// neighbours read neighbouring rows of K); every loaded vec4 feeds eight dot products. Rows
-// past seq and columns past dp4 read as zero. Call it in uniform control flow: it has
-// barriers.
-fn score_tile(q_base: u32, k_base: u32, row0: u32, col0: u32, tx: u32, ty: u32, li: u32) -> Scores8 {
+// neighbours read neighbouring rows of K); every loaded vec4 feeds eight dot products. Call it
+// in uniform control flow: it has barriers.
+fn score_tile(mat: u32, row0: u32, col0: u32, tx: u32, ty: u32, li: u32) -> Scores8 {
     let bm = 8u * TY;
     let bn = 8u * TX;
     let dk4 = DK / 4u;
@@ -25,13 +25,11 @@ fn score_tile(q_base: u32, k_base: u32, row0: u32, col0: u32, tx: u32, ty: u32, 
         for (var e = li; e < (bm + bn) * dk4; e += TX * TY) {
             let r = e / dk4;
             let d4 = d0 / 4u + e % dk4;
-            var v = vec4<f32>(0.0);
+            var v: vec4<f32>;
             if (r < bm) {
-                if (row0 + r < p.seq && d4 < p.dp4) {
-                    v = qkv[q_base + (row0 + r) * p.dp4 + d4];
-                }
-            } else if (col0 + r - bm < p.seq && d4 < p.dp4) {
-                v = qkv[k_base + (col0 + r - bm) * p.dp4 + d4];
+                v = load_q4(mat, row0 + r, d4);
+            } else {
+                v = load_k4(mat, col0 + r - bm, d4);
             }
             stage[r * stride + e % dk4] = v;
         }

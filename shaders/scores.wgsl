@@ -54,6 +54,21 @@ struct ScoreParams {
 // Q rows at [row * (DK/4 + 1) + d4], then K rows at 8 TY (DK/4 + 1) + [key * (DK/4 + 1) + d4].
 var<workgroup> stage: array<vec4<f32>, (8u * TY + 8u * TX) * (DK / 4u + 1u)>;
 
+// vec4 d4 of query row i (key row j) of head bh, for score_tile.wgsl: zero past seq and dp4.
+fn load_q4(bh: u32, i: u32, d4: u32) -> vec4<f32> {
+    if (i < p.seq && d4 < p.dp4) {
+        return qkv[p.q_offset4 + (bh * p.seq + i) * p.dp4 + d4];
+    }
+    return vec4<f32>(0.0);
+}
+
+fn load_k4(bh: u32, j: u32, d4: u32) -> vec4<f32> {
+    if (j < p.seq && d4 < p.dp4) {
+        return qkv[p.k_offset4 + (bh * p.seq + j) * p.dp4 + d4];
+    }
+    return vec4<f32>(0.0);
+}
+
 fn masked(b: u32, i: u32, j: u32) -> bool {
     if (p.causal != 0u && j > i) {
         return true;
@@ -98,13 +113,11 @@ fn main(
     let col0 = at.col0;
     let tx = lid.x;
     let r0 = 8u * lid.y;
-    let q_base = p.q_offset4 + bh * p.seq * p.dp4;
-    let k_base = p.k_offset4 + bh * p.seq * p.dp4;
 
     var acc = scores_zero();
     // Every key of this tile lies after every query of it: all masked, nothing to compute.
     if (!(p.causal != 0u && col0 > row0 + bm - 1u)) {
-        acc = score_tile(q_base, k_base, row0, col0, tx, lid.y, li);
+        acc = score_tile(bh, row0, col0, tx, lid.y, li);
     }
 
     let i0 = row0 + r0;

@@ -186,6 +186,57 @@ pub enum Error {
     /// Waiting for the device failed (device lost or timed out).
     #[error("waiting for the GPU failed: {0}")]
     Poll(#[from] wgpu::PollError),
+
+    /// The number of key/value heads does not divide the number of query heads.
+    #[error(
+        "kv_heads = {kv_heads} does not divide heads = {heads}: every key/value head must serve          the same number of query heads (kv_heads = heads is MHA, kv_heads = 1 is MQA)"
+    )]
+    KvHeadsNotDividing {
+        /// Query heads.
+        heads: usize,
+        /// Key/value heads.
+        kv_heads: usize,
+    },
+
+    /// A tensor's heads are not as wide as the configuration says (Q and K share `head_dim`,
+    /// V and the output `head_dim_v`).
+    #[error(
+        "tensor `{name}` has heads {actual} wide, expected {expected}: Q and K heads must be as wide as each other (head_dim), V's as head_dim_v"
+    )]
+    HeadDimMismatch {
+        /// The tensor's name.
+        name: String,
+        /// The configured width.
+        expected: usize,
+        /// The width found.
+        actual: usize,
+    },
+
+    /// A call's length is past the maximum the operator was built for.
+    #[error(
+        "`{name}` = {len} is past the operator's maximum {max}: build it with a larger maximum"
+    )]
+    LengthPastMaximum {
+        /// `q_len` or `kv_len`.
+        name: &'static str,
+        /// The length asked for.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+
+    /// A tensor has the wrong number of dimensions for the layout.
+    #[error("tensor `{name}` has shape {shape}, expected rank {rank} for the {layout} layout")]
+    WrongRank {
+        /// The tensor's name.
+        name: String,
+        /// The shape given.
+        shape: Shape,
+        /// The rank expected.
+        rank: usize,
+        /// The layout the rank comes from.
+        layout: String,
+    },
 }
 
 impl Error {

@@ -76,6 +76,7 @@ pub mod cpu;
 pub mod error;
 mod gpu;
 pub mod kernels;
+pub mod operator;
 pub mod plan;
 #[cfg(feature = "random")]
 pub mod random;
@@ -91,6 +92,10 @@ pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 #[cfg(feature = "cpu")]
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
+pub use operator::{
+    AttentionOp, BiasShape, Lengths, OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo,
+    QkvLayout,
+};
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 #[cfg(feature = "random")]
 pub use random::Random;

@@ -132,26 +132,48 @@ impl GpuTimer {
         let ticks = map_and_read(device, &self.read, |bytes| {
             bytemuck::cast_slice::<u8, u64>(bytes).to_vec()
         })?;
-        let period = queue.get_timestamp_period() as f64 * 1e-9;
-        ticks
-            .chunks_exact(2)
-            .enumerate()
-            .map(|(i, t)| match t[1].checked_sub(t[0]) {
-                Some(d) if d > 0 && t[0] > 0 => Ok(d as f64 * period),
-                _ => Err(crate::Error::Wgpu {
-                    stage: "reading GPU timestamps".into(),
-                    message: format!(
-                        "interval {i} has start {} and end {}: the timestamps were not written \
-                         in order",
-                        t[0], t[1]
-                    ),
-                }),
-            })
-            .collect()
+        intervals(&ticks, queue.get_timestamp_period() as f64 * 1e-9)
     }
+}
+
+/// Durations in seconds of the (start, end) tick pairs in `ticks`, `period` seconds per tick.
+/// A pair whose end is not after its start, or whose start is zero (never written), is an
+/// error: reported as zero it would print as an infinite rate.
+fn intervals(ticks: &[u64], period: f64) -> crate::Result<Vec<f64>> {
+    ticks
+        .chunks_exact(2)
+        .enumerate()
+        .map(|(i, t)| match t[1].checked_sub(t[0]) {
+            Some(d) if d > 0 && t[0] > 0 => Ok(d as f64 * period),
+            _ => Err(crate::Error::Wgpu {
+                stage: "reading GPU timestamps".into(),
+                message: format!(
+                    "interval {i} has start {} and end {}: the timestamps were not written in \
+                     order",
+                    t[0], t[1]
+                ),
+            }),
+        })
+        .collect()
 }
 
 /// Seconds since `start`.
 pub(crate) fn since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_are_durations_and_bad_pairs_are_errors() {
+        let ok = intervals(&[100, 350, 1000, 1001], 0.5).unwrap();
+        assert_eq!(ok, vec![125.0, 0.5]);
+        // Reversed, equal, and never written (both zero) are refused, not turned into 0 s.
+        for bad in [[500u64, 400], [7, 7], [0, 0], [0, 10]] {
+            let e = intervals(&bad, 1e-9).unwrap_err().to_string();
+            assert!(e.contains("not written in order"), "{bad:?}: {e}");
+        }
+    }
 }

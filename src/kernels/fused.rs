@@ -2,34 +2,258 @@
 //! chosen to fit the device's workgroup memory and invocation limits.
 
 use super::variants::{Distinct, sizes};
-use super::{DispatchSpec, Kernel, Layout, Overrides, rows_per_eight, uniform_params};
+use super::{Layout, Overrides, pad4, rows_per_eight, uniform_params};
 use crate::error::{Error, Result};
 
 uniform_params! {
     /// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
     struct FusedParams {
-        seq: u32,
-        heads: u32,
+        batch: u32,
+        kv_heads: u32,
+        group: u32,
+        head_dim: u32,
+        head_dim_v: u32,
         dp4: u32,
         dvp4: u32,
-        head_dim_v: u32,
-        q_offset4: u32,
-        k_offset4: u32,
-        v_offset4: u32,
-        out_stride: u32,
-        q_blocks: u32,
-        total_tiles: u32,
         causal: u32,
         has_mask: u32,
+        has_bias: u32,
+        bias_b: u32,
+        bias_h: u32,
         scale: f32,
+        q_offset: u32,
+        q_sb: u32,
+        q_sbc: u32,
+        q_sh: u32,
+        q_shc: u32,
+        q_si: u32,
+        k_offset: u32,
+        k_sb: u32,
+        k_sbc: u32,
+        k_sh: u32,
+        k_shc: u32,
+        k_si: u32,
+        v_offset: u32,
+        v_sb: u32,
+        v_sbc: u32,
+        v_sh: u32,
+        v_shc: u32,
+        v_si: u32,
+        o_offset: u32,
+        o_sb: u32,
+        o_sbc: u32,
+        o_sh: u32,
+        o_shc: u32,
+        o_si: u32,
         _pad0: u32,
         _pad1: u32,
+        _pad2: u32,
+    }
+}
+
+uniform_params! {
+    /// One length of a call (`Len` in `fused_attention.wgsl`): an entry of a plan's table of
+    /// lengths, bound at a dynamic offset.
+    struct Len {
+        n: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+}
+
+impl Len {
+    pub(crate) fn new(n: u32) -> Self {
+        Len {
+            n,
+            ..Len::default()
+        }
+    }
+}
+
+/// Where one tensor's elements are, as the kernel computes it for a call whose length along
+/// the tensor's sequence axis is `n`: element `[b, h, i, d]` at
+/// `offset + b (sb n + sbc) + h (sh n + shc) + i si + d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Strides {
+    pub offset: u32,
+    pub sb: u32,
+    pub sbc: u32,
+    pub sh: u32,
+    pub shc: u32,
+    pub si: u32,
+}
+
+impl Strides {
+    /// The same layout laid out for `capacity` tokens whatever the call's length: a KV cache.
+    pub fn at_capacity(self, capacity: u32) -> Self {
+        Strides {
+            sb: 0,
+            sbc: self.sbc + self.sb * capacity,
+            sh: 0,
+            shc: self.shc + self.sh * capacity,
+            ..self
+        }
+    }
+
+    /// `[batch, heads, n, width]`, rows `width` apart.
+    pub fn head_major(heads: u32, width: u32, offset: u32) -> Self {
+        Strides {
+            offset,
+            sb: heads * width,
+            sbc: 0,
+            sh: width,
+            shc: 0,
+            si: width,
+        }
+    }
+
+    /// `[batch, n, heads * width]`: the layout projections produce.
+    pub fn token_major(heads: u32, width: u32, offset: u32) -> Self {
+        Strides {
+            offset,
+            sb: heads * width,
+            sbc: 0,
+            sh: 0,
+            shc: width,
+            si: heads * width,
+        }
+    }
+}
+
+/// Everything the fused kernel needs to know of one attention problem but its lengths.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FusedGeometry {
+    pub batch: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub head_dim_v: u32,
+    pub causal: bool,
+    pub has_mask: bool,
+    /// The bias's broadcast, as (varies over batch, varies over heads), if there is one.
+    pub bias: Option<(bool, bool)>,
+    pub scale: f32,
+    pub q: Strides,
+    pub k: Strides,
+    pub v: Strides,
+    pub out: Strides,
+}
+
+impl FusedGeometry {
+    /// The layer's attention: Q, K and V head-major in the plan's qkv buffer (head widths
+    /// padded to multiples of 4), the heads written token-major, concatenated, as the output
+    /// projection (or the caller) reads them.
+    pub fn for_layer(l: &Layout) -> Self {
+        FusedGeometry {
+            batch: l.batch,
+            heads: l.heads,
+            kv_heads: l.heads,
+            head_dim: l.head_dim,
+            head_dim_v: l.head_dim_v,
+            causal: l.causal,
+            has_mask: l.has_mask,
+            bias: None,
+            scale: l.scale,
+            q: Strides::head_major(l.heads, l.dp, l.q_offset),
+            k: Strides::head_major(l.heads, l.dp, l.k_offset),
+            v: Strides::head_major(l.heads, l.dvp, l.v_offset),
+            out: Strides::token_major(l.heads, l.head_dim_v, 0),
+        }
+    }
+
+    /// Query heads per kv head.
+    pub fn group(&self) -> u32 {
+        self.heads / self.kv_heads
+    }
+
+    /// The uniform parameters.
+    pub fn params(&self) -> FusedParams {
+        let (bias_b, bias_h) = match self.bias {
+            Some((per_batch, per_head)) => {
+                let hb = if per_head { self.heads } else { 1 };
+                (if per_batch { hb } else { 0 }, per_head as u32)
+            }
+            None => (0, 0),
+        };
+        let (q, k, v, o) = (self.q, self.k, self.v, self.out);
+        FusedParams {
+            batch: self.batch,
+            kv_heads: self.kv_heads,
+            group: self.group(),
+            head_dim: self.head_dim,
+            head_dim_v: self.head_dim_v,
+            dp4: self.head_dim.div_ceil(4),
+            dvp4: self.head_dim_v.div_ceil(4),
+            causal: self.causal as u32,
+            has_mask: self.has_mask as u32,
+            has_bias: self.bias.is_some() as u32,
+            bias_b,
+            bias_h,
+            scale: self.scale,
+            q_offset: q.offset,
+            q_sb: q.sb,
+            q_sbc: q.sbc,
+            q_sh: q.sh,
+            q_shc: q.shc,
+            q_si: q.si,
+            k_offset: k.offset,
+            k_sb: k.sb,
+            k_sbc: k.sbc,
+            k_sh: k.sh,
+            k_shc: k.shc,
+            k_si: k.si,
+            v_offset: v.offset,
+            v_sb: v.sb,
+            v_sbc: v.sbc,
+            v_sh: v.sh,
+            v_shc: v.shc,
+            v_si: v.si,
+            o_offset: o.offset,
+            o_sb: o.sb,
+            o_sbc: o.sbc,
+            o_sh: o.sh,
+            o_shc: o.shc,
+            o_si: o.si,
+            _pad0: 0,
+            _pad1: 0,
+            _pad2: 0,
+        }
+    }
+
+    /// Tiles for calls of up to `max_q` queries over `max_kv` keys: the group's query heads
+    /// packed as rows.
+    pub fn tiles(&self, max_q: u32, max_kv: u32, limits: &wgpu::Limits) -> Result<FusedTiles> {
+        FusedTiles::choose(
+            self.group().saturating_mul(max_q),
+            max_kv,
+            pad4(self.head_dim),
+            pad4(self.head_dim_v),
+            limits,
+        )
+    }
+
+    /// Workgroups of a call with `q_len` queries: one per block of packed rows of each
+    /// (batch, kv head).
+    pub fn workgroups(&self, tiles: &FusedTiles, q_len: u32) -> u32 {
+        (self.group() * q_len).div_ceil(tiles.rows()) * self.batch * self.kv_heads
+    }
+
+    /// The arithmetic of a call, which sizes submissions.
+    pub fn flops(&self, q_len: u32, kv_len: u32) -> f64 {
+        let full = 2.0 * (self.batch * self.heads) as f64 * q_len as f64 * kv_len as f64;
+        // Causal blocks past each row's last key are never visited: about half the work.
+        let visited = if self.causal { 0.5 } else { 1.0 };
+        full * (pad4(self.head_dim) + pad4(self.head_dim_v)) as f64 * visited
     }
 }
 
 /// The widest value head the kernel keeps in registers: 4 vec4 columns per row and invocation
 /// across 16 invocations.
 pub(crate) const MAX_HEAD_DIM_V: u32 = crate::config::FUSED_MAX_HEAD_DIM_V as u32;
+
+/// Entries of the kernel's `q_rows` (a fixed 64: 8 TY rows at the largest TY, 8).
+const ROW_OFFSETS: u32 = 64;
 
 /// The fused kernel's override constants (see the shader's opening comment).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -42,20 +266,22 @@ pub(crate) struct FusedTiles {
 }
 
 impl FusedTiles {
-    /// Bytes of workgroup memory: the staging area, the P tile and the reduction rows.
+    /// Bytes of workgroup memory: the staging area, the P tile and the reduction rows (all
+    /// vec4), and the 64 row offsets (u32).
     pub fn workgroup_bytes(&self) -> u32 {
         let rows = 8 * self.ty + 8 * self.tx;
         let stage = (rows * (self.dk / 4 + 1)).max(self.vk * self.tx * self.nv);
         let p_tile = 16 * self.ty * self.tx;
         let red = 2 * self.ty * self.tx;
-        (stage + p_tile + red) * 16
+        (stage + p_tile + red) * 16 + ROW_OFFSETS * 4
     }
 
-    /// Tiles for `seq` tokens, query/key heads `dp` wide and value heads `dvp` wide: up to 64 query rows by 64 keys, no
-    /// more invocations than rows and keys to cover, enough column invocations that each holds
+    /// Tiles for `rows` query rows over `keys` keys, query/key heads `dp` wide and value heads
+    /// `dvp` wide: up to 64 query rows by 64 keys, no more invocations than rows and keys to
+    /// cover, enough column invocations that each holds
     /// at most 2 vec4 of a row (4 for heads past 128), then shrunk (fewer rows, shallower
     /// staging) until the device's workgroup memory and invocation limits are met.
-    pub fn choose(seq: u32, dp: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
+    pub fn choose(rows: u32, keys: u32, dp: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
         if dvp > MAX_HEAD_DIM_V {
             return Err(Error::LimitExceeded {
                 limit: "fused kernel head_dim_v",
@@ -65,12 +291,12 @@ impl FusedTiles {
                 hint: "; use the staged kernels (KernelChoice::Staged)".into(),
             });
         }
-        let tx = rows_per_eight(seq)
+        let tx = rows_per_eight(keys)
             .max(dvp.div_ceil(8).next_power_of_two())
             .clamp(1, 16);
         let nv = dvp.div_ceil(4 * tx).max(1);
         let mut smallest = u32::MAX;
-        let mut ty = rows_per_eight(seq);
+        let mut ty = rows_per_eight(rows);
         while ty >= 1 {
             for (dk, vk) in [(16, 16), (16, 8), (8, 16), (8, 8), (8, 4), (4, 4)] {
                 // Staging deeper than the head or wider than the block only moves zeros.
@@ -103,7 +329,7 @@ impl FusedTiles {
         8 * self.ty
     }
 
-    pub(super) fn overrides(&self) -> Overrides {
+    pub(crate) fn overrides(&self) -> Overrides {
         vec![
             ("TX", self.tx as f64),
             ("TY", self.ty as f64),
@@ -114,53 +340,19 @@ impl FusedTiles {
     }
 }
 
-/// Every (batch, head, block of query rows) in one dispatch.
-pub(crate) fn spec(l: &Layout, limits: &wgpu::Limits) -> Result<DispatchSpec> {
-    let tiles = FusedTiles::choose(l.seq, l.dp, l.dvp, limits)?;
-    let q_blocks = l.seq.div_ceil(tiles.rows());
-    let total_tiles = q_blocks * l.batch * l.heads;
-    let params = FusedParams {
-        seq: l.seq,
-        heads: l.heads,
-        dp4: l.dp / 4,
-        dvp4: l.dvp / 4,
-        head_dim_v: l.head_dim_v,
-        q_offset4: l.q_offset / 4,
-        k_offset4: l.k_offset / 4,
-        v_offset4: l.v_offset / 4,
-        out_stride: l.heads * l.head_dim_v,
-        q_blocks,
-        total_tiles,
-        causal: l.causal as u32,
-        has_mask: l.has_mask as u32,
-        scale: l.scale,
-        _pad0: 0,
-        _pad1: 0,
-    };
-    Ok(DispatchSpec {
-        kernel: Kernel::Fused,
-        overrides: tiles.overrides(),
-        params: bytemuck::bytes_of(&params).to_vec(),
-        workgroups: total_tiles,
-        flops: {
-            let full = 2.0 * (l.batch * l.heads) as f64 * l.seq as f64 * l.seq as f64;
-            // Causal blocks above the diagonal are never visited: about half the work.
-            let visited = if l.causal { 0.5 } else { 1.0 };
-            full * (l.dp + l.dvp) as f64 * visited
-        },
-    })
-}
-
-/// Every override set `spec` can emit under `limits`: any sequence length, any padded query/key
-/// head width and any padded value head width up to [`MAX_HEAD_DIM_V`]; shapes the kernel
-/// refuses emit nothing.
+/// Every override set [`FusedTiles::choose`] can emit under `limits`: any numbers of rows and
+/// keys (which count only through `rows_per_eight`, so 8, 16, 32 and 64 stand for all), any
+/// padded query/key head width and any padded value head width up to [`MAX_HEAD_DIM_V`];
+/// shapes the kernel refuses emit nothing.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
     let mut tiles = Distinct::default();
-    for seq in sizes(1) {
-        for dp in sizes(4) {
-            for dvp in sizes(4).take_while(|&dvp| dvp <= MAX_HEAD_DIM_V) {
-                if let Ok(t) = FusedTiles::choose(seq, dp, dvp, limits) {
-                    tiles.add(t);
+    for rows in [8, 16, 32, 64] {
+        for keys in [8, 16, 32, 64] {
+            for dp in sizes(4) {
+                for dvp in sizes(4).take_while(|&dvp| dvp <= MAX_HEAD_DIM_V) {
+                    if let Ok(t) = FusedTiles::choose(rows, keys, dp, dvp, limits) {
+                        tiles.add(t);
+                    }
                 }
             }
         }
@@ -177,7 +369,7 @@ mod tests {
         let limits = wgpu::Limits::default();
         for seq in [1, 3, 17, 64, 1000] {
             for dvp in (4..=256).step_by(4) {
-                let t = FusedTiles::choose(seq, 64, dvp, &limits).unwrap();
+                let t = FusedTiles::choose(seq, seq, 64, dvp, &limits).unwrap();
                 assert!(
                     t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size,
                     "{seq} {dvp}: {t:?}"
@@ -191,22 +383,22 @@ mod tests {
             }
         }
         // Three tokens of width 4 (the worked example) take one invocation.
-        let t = FusedTiles::choose(3, 4, 4, &limits).unwrap();
+        let t = FusedTiles::choose(3, 3, 4, 4, &limits).unwrap();
         assert_eq!((t.tx, t.ty, t.nv, t.dk), (1, 1, 1, 4));
         // With more workgroup memory, head width 64 gets 64 rows by 64 keys.
         let roomy = wgpu::Limits {
             max_compute_workgroup_storage_size: 32768,
             ..limits.clone()
         };
-        let t = FusedTiles::choose(1024, 64, 64, &roomy).unwrap();
+        let t = FusedTiles::choose(1024, 1024, 64, 64, &roomy).unwrap();
         assert_eq!((t.tx, t.ty, t.nv), (8, 8, 2));
-        assert!(FusedTiles::choose(64, 64, 260, &limits).is_err());
+        assert!(FusedTiles::choose(64, 64, 64, 260, &limits).is_err());
         let tiny = wgpu::Limits {
             max_compute_workgroup_storage_size: 1024,
             ..limits
         };
         assert!(matches!(
-            FusedTiles::choose(64, 64, 64, &tiny),
+            FusedTiles::choose(64, 64, 64, 64, &tiny),
             Err(Error::LimitExceeded {
                 limit: "max_compute_workgroup_storage_size",
                 ..

@@ -175,8 +175,7 @@ impl Kernel {
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the two that write
-    /// heads into the concatenated output.
+    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum.
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -217,7 +216,6 @@ impl Kernel {
                 "dispatch.wgsl",
                 "tiles.wgsl",
                 "score_tile.wgsl",
-                "heads_out.wgsl",
                 "fused_attention.wgsl"
             ),
         }
@@ -244,7 +242,8 @@ impl Kernel {
             Kernel::Scores => &[Read, Read, ReadWrite],
             Kernel::Softmax => &[Read, ReadWrite],
             Kernel::WeightedSum => &[Read, Read, ReadWrite],
-            Kernel::Fused => &[Read, Read, ReadWrite],
+            // q, k, v, key_mask, bias, out.
+            Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
@@ -257,6 +256,15 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
+        if self == Kernel::Fused {
+            // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
+            let next = bindings.len() as u32;
+            bindings.extend((next..next + 2).map(|binding| Binding {
+                binding,
+                has_dynamic_offset: true,
+                ..Binding::uniform(binding, &fused::Len::LAYOUT)
+            }));
+        }
         bindings.push(CHUNK_BINDING);
         bindings
     }
@@ -295,9 +303,12 @@ pub(crate) struct KernelCache {
 /// Most chunks one dispatch is split into (see `shaders/dispatch.wgsl`).
 pub(crate) const MAX_CHUNKS: u32 = 1024;
 
-/// The FLOP/s assumed before anything was measured: a CPU-class rate, so that a first call on
-/// a slow device still makes short submissions. One measured call corrects it.
-const ASSUMED_RATE: f64 = 1e9;
+/// The FLOP/s assumed before anything was measured: a CPU-class rate (a CPU Vulkan driver on
+/// two cores reaches 2-10 GFLOP/s), so that a first call on a slow device still makes
+/// submissions of about a second at most; one measured call corrects it. Lower would cost
+/// more: every extra submission holds on to driver memory until the device is idle (1 GFLOP/s
+/// made a 16384-token layer peak at 244 MB instead of 105 MB on lavapipe).
+const ASSUMED_RATE: f64 = 1e10;
 
 /// The per-device table of chunk numbers that `dispatch.wgsl` reads at a dynamic offset, with
 /// its bind group: made once, so splitting a dispatch allocates nothing.

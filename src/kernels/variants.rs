@@ -146,7 +146,7 @@ mod tests {
                         weighted_sum::tiles(seq, n.min(256), &limits).overrides("TK"),
                     );
                     for dvp in [4, 36, 100, 132, 256] {
-                        if let Ok(t) = fused::FusedTiles::choose(seq, n, dvp, &limits) {
+                        if let Ok(t) = fused::FusedTiles::choose(seq, seq, n, dvp, &limits) {
                             has(Kernel::Fused, t.overrides());
                         }
                     }

@@ -601,20 +601,26 @@ async fn make_bindings(
                 let Step::Dispatch(d) = step else {
                     return None;
                 };
-                let buffers: Vec<&wgpu::Buffer> = std::iter::once(&d.params)
-                    .chain(d.resources.iter().map(|r| match r {
-                        Res::X => x,
-                        Res::KeyMask => key_mask,
-                        Res::Output => output,
-                        Res::Own(b) => b,
-                    }))
-                    .collect();
-                let entries: Vec<wgpu::BindGroupEntry> = buffers
-                    .iter()
+                let resources = std::iter::once(d.params.as_entire_binding()).chain(
+                    d.resources.iter().map(|r| match r {
+                        Res::X => x.as_entire_binding(),
+                        Res::KeyMask => key_mask.as_entire_binding(),
+                        Res::Output => output.as_entire_binding(),
+                        Res::Own(b) => b.as_entire_binding(),
+                        Res::Lengths(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: b,
+                            offset: 0,
+                            size: wgpu::BufferSize::new(
+                                size_of::<crate::kernels::fused::Len>() as u64
+                            ),
+                        }),
+                    }),
+                );
+                let entries: Vec<wgpu::BindGroupEntry> = resources
                     .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry {
+                    .map(|(i, resource)| wgpu::BindGroupEntry {
                         binding: i as u32,
-                        resource: b.as_entire_binding(),
+                        resource,
                     })
                     .collect();
                 Some(device.create_bind_group(&wgpu::BindGroupDescriptor {

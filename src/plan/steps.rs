@@ -8,9 +8,11 @@ use crate::config::AttentionConfig;
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::gpu::{init_uniform, scoped_async};
+use crate::kernels::fused::FusedGeometry;
 use crate::kernels::{
     self, ChunkTable, DispatchSpec, Layout, MAX_CHUNKS, Pipeline, fold_grid, gemm,
 };
+use crate::operator::Core;
 use crate::stage::Stage;
 
 /// A buffer a dispatch binds, resolved when bind groups are made: the caller's input, mask or
@@ -21,6 +23,8 @@ pub(super) enum Res {
     KeyMask,
     Output,
     Own(wgpu::Buffer),
+    /// A table of lengths, bound one entry wide at the dispatch's dynamic offsets.
+    Lengths(wgpu::Buffer),
 }
 
 /// One kernel dispatch of the plan, ready but for its bind group.
@@ -35,6 +39,8 @@ pub(super) struct Dispatch {
     pub flops: f64,
     /// Bindings 1.. in order (binding 0 is always `params`).
     pub resources: Vec<Res>,
+    /// The dynamic offsets of group 0 (the attention core's lengths), in binding order.
+    pub offsets: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -113,6 +119,7 @@ pub(super) async fn build(
             grid,
             flops: spec.flops,
             resources,
+            offsets: Vec::new(),
         }))
     };
     // The heads go straight to the output unless a projection follows.
@@ -142,14 +149,36 @@ pub(super) async fn build(
         .await?,
     ];
     match &bufs.scores {
-        None => steps.push(
-            dispatch(
-                Stage::FusedAttention,
-                kernels::fused::spec(l, &limits)?,
-                vec![own(&bufs.qkv), Res::KeyMask, heads_out()],
-            )
-            .await?,
-        ),
+        None => {
+            // The operator's core, on the qkv buffer the projection wrote: one attention
+            // kernel for the layer and the operator.
+            let core = Core::new(ctx, FusedGeometry::for_layer(l), l.seq, l.seq, l.seq).await?;
+            let workgroups = core.workgroups(l.seq);
+            let lengths = || Res::Lengths(core.lengths.buffer.clone());
+            steps.push(Step::Dispatch(Dispatch {
+                stage: Stage::FusedAttention,
+                pipeline: core.pipeline.clone(),
+                params: core.params.clone(),
+                workgroups,
+                grid: fold_grid(
+                    workgroups,
+                    limits.max_compute_workgroups_per_dimension,
+                    Stage::FusedAttention.label(),
+                )?,
+                flops: core.geometry.flops(l.seq, l.seq),
+                resources: vec![
+                    own(&bufs.qkv),
+                    own(&bufs.qkv),
+                    own(&bufs.qkv),
+                    Res::KeyMask,
+                    own(&core.absent),
+                    heads_out(),
+                    lengths(),
+                    lengths(),
+                ],
+                offsets: core.offsets(l.seq, l.seq).to_vec(),
+            }));
+        }
         Some((scores, probs)) => {
             steps.push(
                 dispatch(
@@ -323,7 +352,7 @@ pub(super) fn record(
             };
             pass.push_debug_group(d.stage.label());
             pass.set_pipeline(&d.pipeline.pipeline);
-            pass.set_bind_group(0, group, &[]);
+            pass.set_bind_group(0, group, &d.offsets);
             let [x, y, z] = piece.grid;
             for c in piece.chunks.clone() {
                 pass.set_bind_group(1, &chunks.group, &[c * chunks.stride]);

@@ -1,0 +1,964 @@
+//! The attention operator on an application's own Q, K and V: cross-attention (`q_len` other
+//! than `kv_len`), grouped-query and multi-query attention (`kv_heads` dividing `heads`, no K/V
+//! copies), causal masking aligned to the end of the keys, key padding, an additive bias, and
+//! lengths that change per call up to the maxima the operator was built for.
+//!
+//! The layer ([`crate::AttentionPlan`]) runs the same core: its projection writes Q, K and V,
+//! the core attends, its output projection reads the heads.
+//!
+//! # Layouts
+//!
+//! With [`QkvLayout::HeadMajor`] (the default):
+//! - Q `[batch, heads, q_len, head_dim]`
+//! - K `[batch, kv_heads, kv_len, head_dim]`
+//! - V `[batch, kv_heads, kv_len, head_dim_v]`
+//! - out `[batch, heads, q_len, head_dim_v]`
+//!
+//! With [`QkvLayout::TokenMajor`], the layout projections produce: Q `[batch, q_len,
+//! heads * head_dim]`, K `[batch, kv_len, kv_heads * head_dim]`, V `[batch, kv_len,
+//! kv_heads * head_dim_v]`, out `[batch, q_len, heads * head_dim_v]`.
+//!
+//! Each call's tensors are packed at that call's lengths, from the start of their buffers (a
+//! buffer sized for the maxima serves every call). The key mask is `[batch, kv_len]` u32,
+//! nonzero = attend; the bias is f32 `[batch or 1, heads or 1, q_len, kv_len]`.
+//!
+//! # Causal masking
+//!
+//! Query `i` attends key `j` iff `j <= i + kv_len - q_len`: the queries are the LAST `q_len`
+//! positions of the keys' sequence (FlashAttention-2's convention, the one a KV cache needs).
+//! PyTorch's `is_causal=True` aligns to the top left instead when the lengths differ; the same
+//! numbers come from
+//! `F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(q_len, kv_len,
+//! dtype=torch.bool).tril(kv_len - q_len), enable_gqa=True)`.
+//! A query with no key to attend (all masked) gets zeros.
+
+mod core;
+
+/// How long one submission of [`AttentionOp::run`] should take at most, at the device's
+/// measured rate: well under the seconds after which a GL context's waiting threads give up
+/// and watchdogs reset a GPU.
+const SUBMISSION_SECONDS: f64 = 0.1;
+
+pub(crate) use core::Core;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::context::GpuContext;
+use crate::error::{Error, Result, Shape};
+use crate::gpu::{STORAGE, buffer, map_and_read, scoped, scoped_async};
+use crate::kernels::fused::{FusedGeometry, Strides};
+use crate::kernels::{ChunkTable, MAX_CHUNKS, fold_grid};
+use crate::tensor::{Tensor, unravel};
+
+/// How Q, K, V and the output are laid out in memory (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QkvLayout {
+    /// `[batch, heads, len, dim]`.
+    #[default]
+    HeadMajor,
+    /// `[batch, len, heads * dim]`.
+    TokenMajor,
+}
+
+/// Which dimensions of the bias `[batch or 1, heads or 1, q_len, kv_len]` are full; a
+/// dimension that is not is 1 and broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BiasShape {
+    /// The bias has a `batch` dimension (else 1).
+    pub per_batch: bool,
+    /// The bias has a `heads` dimension (else 1).
+    pub per_head: bool,
+}
+
+impl BiasShape {
+    /// The bias's leading dimensions for `batch` and `heads`.
+    pub fn dims(&self, batch: usize, heads: usize) -> [usize; 2] {
+        [
+            if self.per_batch { batch } else { 1 },
+            if self.per_head { heads } else { 1 },
+        ]
+    }
+}
+
+/// What an [`AttentionOp`] computes and the largest lengths it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorConfig {
+    /// Batch rows.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; must divide `heads` (equal: MHA, 1: MQA).
+    pub kv_heads: usize,
+    /// Width of a query and key head.
+    pub head_dim: usize,
+    /// Width of a value head (and of the output's heads).
+    pub head_dim_v: usize,
+    /// The most queries a call may have.
+    pub max_q_len: usize,
+    /// The most keys a call may have.
+    pub max_kv_len: usize,
+    /// Causal masking, aligned to the end of the keys.
+    pub causal: bool,
+    /// Whether calls bind a key-padding mask `[batch, kv_len]`.
+    pub key_padding_mask: bool,
+    /// The additive bias's shape, if calls bind one.
+    pub bias: Option<BiasShape>,
+    /// The scale of `Q Kᵀ`; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// The layout of Q, K, V and the output.
+    pub layout: QkvLayout,
+    /// K and V laid out for this many keys whatever the call's `kv_len` (a KV cache: the
+    /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
+    /// `kv_len`. At least `max_kv_len`.
+    pub kv_capacity: Option<usize>,
+}
+
+impl OperatorConfig {
+    /// `heads` query heads over `kv_heads` key/value heads, all `head_dim` wide, for up to
+    /// `max_q_len` queries over `max_kv_len` keys; head-major, unmasked, default scale.
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_q_len: usize,
+        max_kv_len: usize,
+    ) -> Self {
+        OperatorConfig {
+            batch,
+            heads,
+            kv_heads,
+            head_dim,
+            head_dim_v: head_dim,
+            max_q_len,
+            max_kv_len,
+            causal: false,
+            key_padding_mask: false,
+            bias: None,
+            scale: None,
+            layout: QkvLayout::HeadMajor,
+            kv_capacity: None,
+        }
+    }
+
+    /// Value heads of another width.
+    pub fn with_head_dim_v(mut self, head_dim_v: usize) -> Self {
+        self.head_dim_v = head_dim_v;
+        self
+    }
+
+    /// Causal masking, aligned to the end of the keys.
+    pub fn causal(mut self) -> Self {
+        self.causal = true;
+        self
+    }
+
+    /// Calls bind a key-padding mask.
+    pub fn with_key_padding_mask(mut self) -> Self {
+        self.key_padding_mask = true;
+        self
+    }
+
+    /// Calls bind an additive bias of this shape.
+    pub fn with_bias(mut self, bias: BiasShape) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// A scale other than `1 / sqrt(head_dim)`.
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Q, K, V and the output token-major, `[batch, len, heads * dim]`.
+    pub fn token_major(mut self) -> Self {
+        self.layout = QkvLayout::TokenMajor;
+        self
+    }
+
+    /// K and V buffers laid out for `capacity` keys (a KV cache), the call's keys first.
+    pub fn with_kv_capacity(mut self, capacity: usize) -> Self {
+        self.kv_capacity = Some(capacity);
+        self
+    }
+
+    /// Keys K and V are laid out for: the capacity, else the maximum length.
+    fn kv_rows(&self) -> usize {
+        self.kv_capacity.unwrap_or(self.max_kv_len)
+    }
+
+    /// The scale applied to `Q Kᵀ`.
+    pub fn scale_value(&self) -> f32 {
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// Checks the configuration, naming what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("head_dim_v", self.head_dim_v),
+            ("max_q_len", self.max_q_len),
+            ("max_kv_len", self.max_kv_len),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroSize { name });
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::KvHeadsNotDividing {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
+        }
+        if let Some(capacity) = self.kv_capacity
+            && capacity < self.max_kv_len
+        {
+            return Err(Error::InvalidConfig(format!(
+                "kv_capacity {capacity} is below max_kv_len {}",
+                self.max_kv_len
+            )));
+        }
+        if !self.scale_value().is_finite() {
+            return Err(Error::InvalidConfig(format!(
+                "scale {} is not finite",
+                self.scale_value()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The shape of a tensor for a call of `len` tokens: `heads` heads of `width`.
+    fn shape(&self, heads: usize, len: usize, width: usize) -> Vec<usize> {
+        match self.layout {
+            QkvLayout::HeadMajor => vec![self.batch, heads, len, width],
+            QkvLayout::TokenMajor => vec![self.batch, len, heads * width],
+        }
+    }
+
+    /// The output's shape for a call of `q_len` queries.
+    pub fn output_shape(&self, q_len: usize) -> Vec<usize> {
+        self.shape(self.heads, q_len, self.head_dim_v)
+    }
+
+    fn strides(&self, heads: usize, width: usize) -> Strides {
+        let (h, w) = (heads as u32, width as u32);
+        match self.layout {
+            QkvLayout::HeadMajor => Strides::head_major(h, w, 0),
+            QkvLayout::TokenMajor => Strides::token_major(h, w, 0),
+        }
+    }
+
+    fn kv_strides(&self, width: usize) -> Strides {
+        let s = self.strides(self.kv_heads, width);
+        match self.kv_capacity {
+            Some(capacity) => s.at_capacity(capacity as u32),
+            None => s,
+        }
+    }
+
+    fn geometry(&self) -> FusedGeometry {
+        FusedGeometry {
+            batch: self.batch as u32,
+            heads: self.heads as u32,
+            kv_heads: self.kv_heads as u32,
+            head_dim: self.head_dim as u32,
+            head_dim_v: self.head_dim_v as u32,
+            causal: self.causal,
+            has_mask: self.key_padding_mask,
+            bias: self.bias.map(|b| (b.per_batch, b.per_head)),
+            scale: self.scale_value(),
+            q: self.strides(self.heads, self.head_dim),
+            k: self.kv_strides(self.head_dim),
+            v: self.kv_strides(self.head_dim_v),
+            out: self.strides(self.heads, self.head_dim_v),
+        }
+    }
+
+    /// Elements of each tensor at the maximum lengths: q, k, v, out, key_mask, bias.
+    fn max_elements(&self) -> [(&'static str, u64); 6] {
+        let (b, h, kh) = (self.batch as u64, self.heads as u64, self.kv_heads as u64);
+        let (q, kv) = (self.max_q_len as u64, self.max_kv_len as u64);
+        let rows = self.kv_rows() as u64;
+        let (d, dv) = (self.head_dim as u64, self.head_dim_v as u64);
+        let [bb, hb] = self.bias.map_or([0, 0], |s| s.dims(self.batch, self.heads));
+        [
+            ("q", b * h * q * d),
+            ("k", b * kh * rows * d),
+            ("v", b * kh * rows * dv),
+            ("out", b * h * q * dv),
+            ("key_mask", if self.key_padding_mask { b * kv } else { 0 }),
+            ("bias", bb as u64 * hb as u64 * q * kv),
+        ]
+    }
+
+    /// Checks a call's lengths against the maxima.
+    pub fn check_lengths(&self, lengths: Lengths) -> Result<()> {
+        for (name, len, max) in [
+            ("q_len", lengths.q_len, self.max_q_len),
+            ("kv_len", lengths.kv_len, self.max_kv_len),
+        ] {
+            if len == 0 {
+                return Err(Error::ZeroSize { name });
+            }
+            if len > max {
+                return Err(Error::LengthPastMaximum { name, len, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The lengths of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lengths {
+    /// Queries.
+    pub q_len: usize,
+    /// Keys (and values).
+    pub kv_len: usize,
+}
+
+/// Host tensors for [`AttentionOp::run`] and [`crate::reference::operator`], in the
+/// configuration's layout; the lengths are read from their shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorInputs {
+    /// Queries.
+    pub q: Tensor,
+    /// Keys.
+    pub k: Tensor,
+    /// Values.
+    pub v: Tensor,
+    /// Key-padding mask `[batch, kv_len]`, nonzero = attend.
+    pub key_mask: Option<Tensor>,
+    /// Additive bias `[batch or 1, heads or 1, q_len, kv_len]`; `-inf` masks a key.
+    pub bias: Option<Tensor>,
+}
+
+impl OperatorInputs {
+    /// Q, K and V, with no mask or bias.
+    pub fn new(q: Tensor, k: Tensor, v: Tensor) -> Self {
+        OperatorInputs {
+            q,
+            k,
+            v,
+            key_mask: None,
+            bias: None,
+        }
+    }
+
+    /// With a key-padding mask.
+    pub fn with_key_mask(mut self, mask: Tensor) -> Self {
+        self.key_mask = Some(mask);
+        self
+    }
+
+    /// With an additive bias.
+    pub fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// The call's lengths, after checking every tensor against `config`, naming the first
+    /// that does not fit.
+    pub fn validate(&self, config: &OperatorConfig) -> Result<Lengths> {
+        let rank = match config.layout {
+            QkvLayout::HeadMajor => 4,
+            QkvLayout::TokenMajor => 3,
+        };
+        // The sequence axis and, head-major, the head axis.
+        let (len_axis, width) = (rank - 2, rank - 1);
+        for (name, t) in [("q", &self.q), ("k", &self.k), ("v", &self.v)] {
+            if t.shape().len() != rank {
+                return Err(Error::WrongRank {
+                    name: name.into(),
+                    shape: Shape(t.shape().to_vec()),
+                    rank,
+                    layout: format!("{:?}", config.layout),
+                });
+            }
+        }
+        let q_len = self.q.shape()[len_axis];
+        let kv_len = self.k.shape()[len_axis];
+        // Head dims first: a mismatch there is the likelier mistake than a head count.
+        let per_head = |t: &Tensor, heads: usize| match config.layout {
+            QkvLayout::HeadMajor => t.shape()[width],
+            QkvLayout::TokenMajor => t.shape()[width] / heads.max(1),
+        };
+        for (name, t, heads, dim) in [
+            ("q", &self.q, config.heads, config.head_dim),
+            ("k", &self.k, config.kv_heads, config.head_dim),
+            ("v", &self.v, config.kv_heads, config.head_dim_v),
+        ] {
+            let actual = per_head(t, heads);
+            if actual != dim {
+                return Err(Error::HeadDimMismatch {
+                    name: name.into(),
+                    expected: dim,
+                    actual,
+                });
+            }
+        }
+        config.check_lengths(Lengths { q_len, kv_len })?;
+        for (name, t, expected) in [
+            (
+                "q",
+                &self.q,
+                config.shape(config.heads, q_len, config.head_dim),
+            ),
+            (
+                "k",
+                &self.k,
+                config.shape(config.kv_heads, kv_len, config.head_dim),
+            ),
+            (
+                "v",
+                &self.v,
+                config.shape(config.kv_heads, kv_len, config.head_dim_v),
+            ),
+        ] {
+            if t.shape() != expected.as_slice() {
+                return Err(Error::shape(name, &expected, t.shape()));
+            }
+            t.check_finite(name)?;
+        }
+        match (&self.key_mask, config.key_padding_mask) {
+            (Some(m), true) => {
+                let expected = [config.batch, kv_len];
+                if m.shape() != expected {
+                    return Err(Error::shape("key_mask", &expected, m.shape()));
+                }
+                m.check_finite("key_mask")?;
+            }
+            (None, true) => {
+                return Err(Error::MissingTensor {
+                    name: "key_mask".into(),
+                    expected: Shape(vec![config.batch, kv_len]),
+                    why: "the operator was built with a key-padding mask".into(),
+                });
+            }
+            (Some(_), false) => {
+                return Err(Error::UnexpectedTensor {
+                    name: "key_mask".into(),
+                    why: "the operator was built without a key-padding mask".into(),
+                });
+            }
+            (None, false) => {}
+        }
+        match (&self.bias, config.bias) {
+            (Some(t), Some(s)) => {
+                let [bb, hb] = s.dims(config.batch, config.heads);
+                let expected = [bb, hb, q_len, kv_len];
+                if t.shape() != expected {
+                    return Err(Error::shape("attn_bias", &expected, t.shape()));
+                }
+                // -inf masks a key; NaN and +inf have no meaning.
+                if let Some(at) = t
+                    .data()
+                    .iter()
+                    .position(|&x| x.is_nan() || x == f32::INFINITY)
+                {
+                    return Err(Error::NonFinite {
+                        name: "attn_bias".into(),
+                        index: Shape(unravel(t.shape(), at)),
+                        value: t.data()[at],
+                    });
+                }
+            }
+            (None, Some(s)) => {
+                let [bb, hb] = s.dims(config.batch, config.heads);
+                return Err(Error::MissingTensor {
+                    name: "attn_bias".into(),
+                    expected: Shape(vec![bb, hb, q_len, kv_len]),
+                    why: "the operator was built with an additive bias".into(),
+                });
+            }
+            (Some(_), None) => {
+                return Err(Error::UnexpectedTensor {
+                    name: "attn_bias".into(),
+                    why: "the operator was built without a bias".into(),
+                });
+            }
+            (None, None) => {}
+        }
+        Ok(Lengths { q_len, kv_len })
+    }
+}
+
+/// The application's buffers for an [`AttentionOp`]; each needs `STORAGE` usage and room for
+/// the operator's maximum lengths. Q, K and V are read as vec4, so their sizes must also be
+/// rounded up to a multiple of 16 bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorIo<'a> {
+    /// Queries, f32.
+    pub q: &'a wgpu::Buffer,
+    /// Keys, f32.
+    pub k: &'a wgpu::Buffer,
+    /// Values, f32.
+    pub v: &'a wgpu::Buffer,
+    /// Key-padding mask, u32 `[batch, kv_len]`, exactly when the configuration has one.
+    pub key_mask: Option<&'a wgpu::Buffer>,
+    /// Additive bias, f32, exactly when the configuration has one.
+    pub bias: Option<&'a wgpu::Buffer>,
+    /// Where the output goes, f32.
+    pub out: &'a wgpu::Buffer,
+}
+
+/// A bind group tying an [`AttentionOp`] to one set of application buffers; made once by
+/// [`AttentionOp::bind`], reused by every [`AttentionOp::encode`].
+#[derive(Debug)]
+pub struct OperatorBindings {
+    op: u64,
+    group: wgpu::BindGroup,
+}
+
+/// The operator's own buffers, for [`AttentionOp::run`].
+#[derive(Debug)]
+struct OwnIo {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    key_mask: wgpu::Buffer,
+    bias: wgpu::Buffer,
+    out: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    belt: wgpu::util::StagingBelt,
+}
+
+/// The attention operator on an application's Q, K and V, built once for an
+/// [`OperatorConfig`]: every call of up to its maximum lengths then allocates and compiles
+/// nothing.
+///
+/// ```no_run
+/// use wgpu_attention::{AttentionOp, GpuContext, OperatorConfig, OperatorInputs, Tensor};
+/// let ctx = GpuContext::from_env()?;
+/// // 8 query heads over 2 key/value heads of width 64; up to 16 queries over 512 keys.
+/// let config = OperatorConfig::new(1, 8, 2, 64, 16, 512).causal();
+/// let mut op = AttentionOp::new(&ctx, &config)?;
+/// let q = Tensor::zeros([1, 8, 4, 64]);
+/// let (k, v) = (Tensor::zeros([1, 2, 300, 64]), Tensor::zeros([1, 2, 300, 64]));
+/// let out = op.run(&OperatorInputs::new(q, k, v))?;
+/// assert_eq!(out.shape(), &[1, 8, 4, 64]);
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct AttentionOp {
+    ctx: GpuContext,
+    config: OperatorConfig,
+    id: u64,
+    core: Core,
+    chunks: ChunkTable,
+    max_per_dim: u32,
+    own: OwnIo,
+    own_bindings: OperatorBindings,
+}
+
+impl AttentionOp {
+    /// Builds the operator: checks the configuration and every buffer size against the device,
+    /// compiles (or reuses) the kernel and makes its parameters. Blocks until done.
+    pub fn new(ctx: &GpuContext, config: &OperatorConfig) -> Result<Self> {
+        let _device = ctx.kernels().exclusive();
+        pollster::block_on(Self::new_async(ctx, config))
+    }
+
+    /// The async form of [`AttentionOp::new`], which never blocks (for the web).
+    pub async fn new_async(ctx: &GpuContext, config: &OperatorConfig) -> Result<Self> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        config.validate()?;
+        let limits = ctx.limits();
+        for (name, elements) in config.max_elements() {
+            let bytes = elements * 4;
+            let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");
+            for (limit, max) in [
+                (
+                    "max_storage_buffer_binding_size",
+                    limits.max_storage_buffer_binding_size,
+                ),
+                ("max_buffer_size", limits.max_buffer_size),
+                ("u32 indexing", u32::MAX as u64),
+            ] {
+                let requested = if limit == "u32 indexing" {
+                    elements
+                } else {
+                    bytes
+                };
+                if requested > max {
+                    return Err(Error::LimitExceeded {
+                        limit,
+                        max,
+                        requested,
+                        what: what.clone(),
+                        hint: "; build the operator with smaller maximum lengths".into(),
+                    });
+                }
+            }
+        }
+        let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
+        let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
+        let device = ctx.device();
+        let own = scoped_async(device, "creating the operator's buffers", || {
+            let [q, k, v, out, mask, bias] = config
+                .max_elements()
+                .map(|(name, n)| buffer(device, name, (n * 4).next_multiple_of(16), STORAGE));
+            let upload = [&q, &k, &v, &mask, &bias]
+                .iter()
+                .map(|b| b.size())
+                .sum::<u64>();
+            OwnIo {
+                staging: buffer(
+                    device,
+                    "operator read-back",
+                    out.size(),
+                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                ),
+                belt: wgpu::util::StagingBelt::new(device.clone(), upload.next_multiple_of(256)),
+                q,
+                k,
+                v,
+                key_mask: mask,
+                bias,
+                out,
+            }
+        })
+        .await?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let own_bindings = make_group(
+            device,
+            id,
+            &core,
+            OperatorIo {
+                q: &own.q,
+                k: &own.k,
+                v: &own.v,
+                key_mask: Some(&own.key_mask),
+                bias: Some(&own.bias),
+                out: &own.out,
+            },
+        )
+        .await?;
+        Ok(AttentionOp {
+            ctx: ctx.clone(),
+            config: config.clone(),
+            id,
+            core,
+            chunks: ctx.kernels().chunks().await?,
+            max_per_dim: limits.max_compute_workgroups_per_dimension,
+            own,
+            own_bindings,
+        })
+    }
+
+    /// The configuration this operator runs.
+    pub fn config(&self) -> &OperatorConfig {
+        &self.config
+    }
+
+    /// Makes the bind group that ties this operator to an application's buffers, checking
+    /// each (usage, size for the maximum lengths). Call once per set of buffers and keep it.
+    pub fn bind(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        let _device = self.ctx.kernels().exclusive();
+        pollster::block_on(self.bind_async(io))
+    }
+
+    /// The async form of [`AttentionOp::bind`].
+    pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        let [q, k, v, out, mask, bias] = self.config.max_elements();
+        // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
+        for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
+            check_buffer(name, buffer, (elements * 4).next_multiple_of(16))?;
+        }
+        check_buffer(out.0, io.out, out.1 * 4)?;
+        for ((name, elements), wanted, given) in [
+            (mask, self.config.key_padding_mask, io.key_mask),
+            (bias, self.config.bias.is_some(), io.bias),
+        ] {
+            match (wanted, given) {
+                (true, Some(b)) => check_buffer(name, b, elements * 4)?,
+                (true, None) => {
+                    return Err(Error::BadBuffer {
+                        name,
+                        problem: "the configuration has one but no buffer was given".into(),
+                    });
+                }
+                (false, Some(_)) => {
+                    return Err(Error::BadBuffer {
+                        name,
+                        problem: "given, but the configuration has none".into(),
+                    });
+                }
+                (false, None) => {}
+            }
+        }
+        make_group(self.ctx.device(), self.id, &self.core, io).await
+    }
+
+    /// Records one call into `encoder`: `lengths.q_len` queries over `lengths.kv_len` keys,
+    /// each at most the configured maximum, reading and writing the buffers of `bindings`
+    /// (tensors packed at these lengths). Allocates, writes and compiles nothing: the lengths
+    /// are picked from a table made with the operator, so calls of different lengths may share
+    /// one encoder.
+    ///
+    /// ```no_run
+    /// # use wgpu_attention::*;
+    /// # fn demo(device: wgpu::Device, queue: wgpu::Queue, q: wgpu::Buffer, k: wgpu::Buffer,
+    /// #         v: wgpu::Buffer, out: wgpu::Buffer) -> Result<(), Error> {
+    /// let ctx = GpuContext::from_device(device.clone(), queue.clone());
+    /// // GQA as in Llama 3: 32 query heads over 8 key/value heads of width 128; up to 16 new
+    /// // tokens over up to 4096 keys.
+    /// let config = OperatorConfig::new(1, 32, 8, 128, 16, 4096).causal();
+    /// let op = AttentionOp::new(&ctx, &config)?;
+    /// let io = OperatorIo { q: &q, k: &k, v: &v, key_mask: None, bias: None, out: &out };
+    /// let bindings = op.bind(io)?;
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// op.encode(&mut encoder, &bindings, Lengths { q_len: 1, kv_len: 1337 })?;
+    /// queue.submit([encoder.finish()]);
+    /// # Ok(()) }
+    /// ```
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bindings: &OperatorBindings,
+        lengths: Lengths,
+    ) -> Result<()> {
+        if bindings.op != self.id {
+            return Err(Error::ForeignBindings);
+        }
+        self.config.check_lengths(lengths)?;
+        let grid = fold_grid(
+            self.core.workgroups(lengths.q_len as u32),
+            self.max_per_dim,
+            "the attention operator",
+        )?;
+        self.record(encoder, &bindings.group, lengths, grid, 0..1);
+        Ok(())
+    }
+
+    /// Records chunks `chunks` of a call cut into chunks of `grid` workgroups each (see
+    /// `shaders/dispatch.wgsl`), in one compute pass.
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        group: &wgpu::BindGroup,
+        lengths: Lengths,
+        grid: [u32; 3],
+        chunks: std::ops::Range<u32>,
+    ) {
+        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("attention operator"),
+            timestamp_writes: None,
+        });
+        pass.push_debug_group("attention operator");
+        pass.set_pipeline(&self.core.pipeline.pipeline);
+        pass.set_bind_group(0, group, &self.core.offsets(q_len, kv_len));
+        let [x, y, z] = grid;
+        for c in chunks {
+            pass.set_bind_group(1, &self.chunks.group, &[c * self.chunks.stride]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+        pass.pop_debug_group();
+    }
+
+    /// Uploads `inputs` (in the configuration's layout, lengths read from their shapes), runs
+    /// the operator and reads the output back, blocking until the GPU is done. For tests and
+    /// tools; an application records [`AttentionOp::encode`] on its own buffers.
+    ///
+    /// A large call runs as several submissions of about 0.1 s of work each at the rate the
+    /// device showed before, each waited for (see `shaders/dispatch.wgsl` for why).
+    pub fn run(&mut self, inputs: &OperatorInputs) -> Result<Tensor> {
+        let budget = self.ctx.kernels().rate() * SUBMISSION_SECONDS;
+        self.run_within(inputs, budget)
+    }
+
+    /// [`AttentionOp::run`] with submissions of at most about `budget` FLOPs each; for tests
+    /// of the split.
+    #[doc(hidden)]
+    pub fn run_within(&mut self, inputs: &OperatorInputs, budget: f64) -> Result<Tensor> {
+        let ctx = self.ctx.clone();
+        let _device = ctx.kernels().exclusive();
+        let start = std::time::Instant::now();
+        let lengths = inputs.validate(&self.config)?;
+        let out_bytes = (self
+            .config
+            .output_shape(lengths.q_len)
+            .iter()
+            .product::<usize>()
+            * 4) as u64;
+        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
+        let flops = self.core.geometry.flops(q_len, kv_len);
+        let workgroups = self.core.workgroups(q_len);
+        let wanted = (flops / budget).ceil().clamp(1.0, MAX_CHUNKS as f64) as u32;
+        let grid = fold_grid(
+            workgroups.div_ceil(wanted),
+            self.max_per_dim,
+            "a chunk of the attention operator",
+        )?;
+        let per_chunk = grid.iter().product::<u32>();
+        let chunks = workgroups.div_ceil(per_chunk).max(1);
+        let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
+        for c in 0..chunks {
+            let last = c + 1 == chunks;
+            scoped(&device, "running the attention operator", || {
+                let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("attention operator"),
+                });
+                if c == 0 {
+                    self.upload(&mut encoder, inputs);
+                }
+                self.record(
+                    &mut encoder,
+                    &self.own_bindings.group,
+                    lengths,
+                    grid,
+                    c..c + 1,
+                );
+                if last {
+                    encoder.copy_buffer_to_buffer(
+                        &self.own.out,
+                        0,
+                        &self.own.staging,
+                        0,
+                        out_bytes,
+                    );
+                }
+                queue.submit([encoder.finish()]);
+                if c == 0 {
+                    self.own.belt.recall();
+                }
+            })?;
+            if !last {
+                device.poll(wgpu::PollType::wait_indefinitely())?;
+            }
+        }
+        let data = map_and_read(&device, &self.own.staging, |bytes| {
+            bytemuck::cast_slice::<u8, f32>(&bytes[..out_bytes as usize]).to_vec()
+        })?;
+        self.ctx
+            .kernels()
+            .measured(flops, start.elapsed().as_secs_f64());
+        let shape = self.config.output_shape(lengths.q_len);
+        if let Some(at) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteOutput {
+                index: Shape(unravel(&shape, at)),
+                value: data[at],
+                hint: "a score, bias or product passed f32's range (3.4e38): scale the inputs \
+                       down"
+                    .into(),
+            });
+        }
+        Tensor::new(shape, data)
+    }
+}
+
+impl AttentionOp {
+    /// Records the upload of `inputs` (checked) into the operator's own buffers through its
+    /// staging belt; the caller recalls the belt after submitting.
+    fn upload(&mut self, encoder: &mut wgpu::CommandEncoder, inputs: &OperatorInputs) {
+        let mask_words: Option<Vec<u32>> = inputs
+            .key_mask
+            .as_ref()
+            .map(|m| m.data().iter().map(|&x| (x != 0.0) as u32).collect());
+        let own = &mut self.own;
+        let uploads: [(&wgpu::Buffer, Option<&[u8]>); 3] = [
+            (&own.q, Some(bytemuck::cast_slice(inputs.q.data()))),
+            (
+                &own.key_mask,
+                mask_words.as_deref().map(bytemuck::cast_slice),
+            ),
+            (
+                &own.bias,
+                inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
+            ),
+        ];
+        for (target, bytes) in uploads {
+            if let Some(bytes) = bytes
+                && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
+            {
+                own.belt
+                    .write_buffer(encoder, target, 0, size)
+                    .copy_from_slice(bytes);
+            }
+        }
+        // K and V in blocks of kv_len token rows (a head, head-major; a batch row,
+        // token-major), packed, or with a capacity each at its place in the cache.
+        let kv = inputs.k.shape()[if self.config.layout == QkvLayout::HeadMajor {
+            2
+        } else {
+            1
+        }];
+        let rows = self.config.kv_capacity.unwrap_or(kv);
+        for (target, t) in [(&own.k, &inputs.k), (&own.v, &inputs.v)] {
+            let width = t.shape().last().copied().unwrap_or(0);
+            let block = kv * width;
+            for (n, src) in t.data().chunks_exact(block.max(1)).enumerate() {
+                let src: &[u8] = bytemuck::cast_slice(src);
+                if let Some(size) = wgpu::BufferSize::new(src.len() as u64) {
+                    own.belt
+                        .write_buffer(encoder, target, (n * rows * width * 4) as u64, size)
+                        .copy_from_slice(src);
+                }
+            }
+        }
+        own.belt.finish();
+    }
+}
+
+async fn make_group(
+    device: &wgpu::Device,
+    op: u64,
+    core: &Core,
+    io: OperatorIo<'_>,
+) -> Result<OperatorBindings> {
+    let group = scoped_async(device, "binding the operator's buffers", || {
+        let buffers = [
+            &core.params,
+            io.q,
+            io.k,
+            io.v,
+            io.key_mask.unwrap_or(&core.absent),
+            io.bias.unwrap_or(&core.absent),
+            io.out,
+        ];
+        let mut entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .zip(0..)
+            .map(|(b, binding)| wgpu::BindGroupEntry {
+                binding,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        entries.extend((7..9).map(|binding| wgpu::BindGroupEntry {
+            binding,
+            resource: core.lengths.binding(),
+        }));
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("attention operator"),
+            layout: &core.pipeline.layout,
+            entries: &entries,
+        })
+    })
+    .await?;
+    Ok(OperatorBindings { op, group })
+}
+
+fn check_buffer(name: &'static str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::BadBuffer {
+            name,
+            problem: format!("needs STORAGE usage, has {:?}", buffer.usage()),
+        });
+    }
+    if buffer.size() < bytes {
+        return Err(Error::BadBuffer {
+            name,
+            problem: format!(
+                "is {} bytes, needs at least {bytes} (the maximum lengths)",
+                buffer.size()
+            ),
+        });
+    }
+    Ok(())
+}
