@@ -9,7 +9,9 @@
 use std::ops::ControlFlow;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use wgpu_attention::{AttentionConfig, Comparison, Tensor, Tolerance, compare, reference};
+use wgpu_attention::{AttentionConfig, Comparison, Tensor, compare, compare_bounded, reference};
+
+use super::run::CheckRule;
 
 use super::CliError;
 use super::layer::Layer;
@@ -146,7 +148,7 @@ pub fn output(
     layer: &Layer,
     output: &Tensor,
     plan: &RowPlan,
-    tolerance: Tolerance,
+    rule: CheckRule,
     progress: &ProgressBar,
 ) -> Result<Comparison, CliError> {
     let c = &layer.config;
@@ -165,9 +167,29 @@ pub fn output(
     )?;
     debug_assert!(flow.is_continue());
     progress.finish_and_clear();
+    // The bounds of the same rows, linear in memory like the rows themselves.
+    let bound: Vec<f32> = match rule {
+        CheckRule::Bound => {
+            reference::output_row_bounds(c, &layer.weights, &layer.inputs, &plan.rows)?
+                .into_iter()
+                .flatten()
+                .collect()
+        }
+        CheckRule::Fixed(_) => Vec::new(),
+    };
+    let judge = |actual: &Tensor, expected: &Tensor| -> Result<Comparison, CliError> {
+        Ok(match rule {
+            CheckRule::Bound => compare_bounded(
+                actual,
+                expected,
+                &Tensor::new(expected.shape().to_vec(), bound.clone())?,
+            )?,
+            CheckRule::Fixed(tolerance) => compare(actual, expected, tolerance)?,
+        })
+    };
     if plan.all {
         let expected = Tensor::new(output.shape().to_vec(), expected)?;
-        return Ok(compare(output, &expected, tolerance)?);
+        return judge(output, &expected);
     }
     let actual: Vec<f32> = plan
         .rows
@@ -178,11 +200,7 @@ pub fn output(
         })
         .collect();
     let shape = [plan.rows.len(), d_out];
-    let mut comparison = compare(
-        &Tensor::new(shape, actual)?,
-        &Tensor::new(shape, expected)?,
-        tolerance,
-    )?;
+    let mut comparison = judge(&Tensor::new(shape, actual)?, &Tensor::new(shape, expected)?)?;
     // Point back into the output: sample row k is token plan.rows[k].
     for element in [
         &mut comparison.max_abs_at,
