@@ -48,9 +48,6 @@ fn slice(v: &Tensor, range: std::ops::Range<usize>) -> Tensor {
 }
 
 #[test]
-#[ignore = "tests/fixtures/mha.safetensors is not committed yet: run \
-            tests/fixtures/make_mha_fixture.py where torch is installed, commit the file and \
-            remove this line"]
 fn matches_torch_multihead_attention() {
     let bytes = std::fs::read(FIXTURE).unwrap_or_else(|e| panic!("{FIXTURE}: {e}"));
     let file = SafeTensors::deserialize(&bytes).unwrap();
