@@ -45,6 +45,32 @@ pub(crate) async fn scoped_async<T>(
     }
 }
 
+/// Checks a buffer the caller hands in: `STORAGE` usage and at least `bytes` long (`sized_for`
+/// says what that size holds, for the message).
+pub(crate) fn check_storage(
+    name: &'static str,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+    sized_for: &str,
+) -> Result<()> {
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::BadBuffer {
+            name,
+            problem: format!("needs STORAGE usage, has {:?}", buffer.usage()),
+        });
+    }
+    if buffer.size() < bytes {
+        return Err(Error::BadBuffer {
+            name,
+            problem: format!(
+                "is {} bytes, needs at least {bytes}{sized_for}",
+                buffer.size()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// An uninitialised buffer of at least `bytes` (rounded up to 4; zero-sized buffers cannot be
 /// bound, so four bytes stand in).
 pub(crate) fn buffer(

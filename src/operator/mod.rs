@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
-use crate::gpu::{STORAGE, buffer, map_and_read, scoped, scoped_async};
+use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
 use crate::kernels::fused::{FusedGeometry, Strides};
 use crate::kernels::{ChunkTable, MAX_CHUNKS, fold_grid};
 use crate::tensor::{Tensor, unravel};
@@ -668,15 +668,20 @@ impl AttentionOp {
         let [q, k, v, out, mask, bias] = self.config.max_elements();
         // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
         for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
-            check_buffer(name, buffer, (elements * 4).next_multiple_of(16))?;
+            check_storage(
+                name,
+                buffer,
+                (elements * 4).next_multiple_of(16),
+                " (the maximum lengths)",
+            )?;
         }
-        check_buffer(out.0, io.out, out.1 * 4)?;
+        check_storage(out.0, io.out, out.1 * 4, " (the maximum lengths)")?;
         for ((name, elements), wanted, given) in [
             (mask, self.config.key_padding_mask, io.key_mask),
             (bias, self.config.bias.is_some(), io.bias),
         ] {
             match (wanted, given) {
-                (true, Some(b)) => check_buffer(name, b, elements * 4)?,
+                (true, Some(b)) => check_storage(name, b, elements * 4, " (the maximum lengths)")?,
                 (true, None) => {
                     return Err(Error::BadBuffer {
                         name,
@@ -942,23 +947,4 @@ async fn make_group(
     })
     .await?;
     Ok(OperatorBindings { op, group })
-}
-
-fn check_buffer(name: &'static str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
-    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(Error::BadBuffer {
-            name,
-            problem: format!("needs STORAGE usage, has {:?}", buffer.usage()),
-        });
-    }
-    if buffer.size() < bytes {
-        return Err(Error::BadBuffer {
-            name,
-            problem: format!(
-                "is {} bytes, needs at least {bytes} (the maximum lengths)",
-                buffer.size()
-            ),
-        });
-    }
-    Ok(())
 }

@@ -19,7 +19,7 @@ use steps::{Piece, Res, Stamps, Step};
 use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
-use crate::gpu::{map_and_read, read_f32, read_mapped, scoped, scoped_async};
+use crate::gpu::{check_storage, map_and_read, read_f32, read_mapped, scoped, scoped_async};
 use crate::kernels::{ChunkTable, Layout, check_sizes};
 use crate::reference::Intermediates;
 use crate::stage::Stage;
@@ -242,11 +242,11 @@ impl AttentionPlan {
     /// The async form of [`AttentionPlan::bind`], which never blocks (for the web).
     pub async fn bind_async(&self, io: AttentionIo<'_>) -> Result<AttentionBindings> {
         let l = &self.layout;
-        check_io_buffer("x", io.x, l.tokens() * l.d_model as u64 * 4)?;
-        check_io_buffer("output", io.output, l.tokens() * l.d_out as u64 * 4)?;
+        check_storage("x", io.x, l.tokens() * l.d_model as u64 * 4, "")?;
+        check_storage("output", io.output, l.tokens() * l.d_out as u64 * 4, "")?;
         let mask = match (l.has_mask, io.key_mask) {
             (true, Some(m)) => {
-                check_io_buffer("key_mask", m, l.tokens() * 4)?;
+                check_storage("key_mask", m, l.tokens() * 4, "")?;
                 m
             }
             (true, None) => {
@@ -633,20 +633,4 @@ async fn make_bindings(
     })
     .await?;
     Ok(AttentionBindings { plan, groups })
-}
-
-fn check_io_buffer(name: &'static str, buffer: &wgpu::Buffer, bytes: u64) -> Result<()> {
-    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-        return Err(Error::BadBuffer {
-            name,
-            problem: format!("needs STORAGE usage, has {:?}", buffer.usage()),
-        });
-    }
-    if buffer.size() < bytes {
-        return Err(Error::BadBuffer {
-            name,
-            problem: format!("is {} bytes, needs at least {bytes}", buffer.size()),
-        });
-    }
-    Ok(())
 }
