@@ -1,0 +1,444 @@
+//! What an operator computes: its configuration and maximum lengths, the layouts and bias
+//! shapes it reads, one call's lengths, and host inputs with their checks.
+
+use crate::error::{Error, Result, Shape};
+use crate::kernels::fused::{FusedGeometry, Strides};
+use crate::tensor::{Tensor, unravel};
+
+/// How Q, K, V and the output are laid out in memory (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QkvLayout {
+    /// `[batch, heads, len, dim]`.
+    #[default]
+    HeadMajor,
+    /// `[batch, len, heads * dim]`.
+    TokenMajor,
+}
+
+/// Which dimensions of the bias `[batch or 1, heads or 1, q_len, kv_len]` are full; a
+/// dimension that is not is 1 and broadcast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BiasShape {
+    /// The bias has a `batch` dimension (else 1).
+    pub per_batch: bool,
+    /// The bias has a `heads` dimension (else 1).
+    pub per_head: bool,
+}
+
+impl BiasShape {
+    /// The bias's leading dimensions for `batch` and `heads`.
+    pub fn dims(&self, batch: usize, heads: usize) -> [usize; 2] {
+        [
+            if self.per_batch { batch } else { 1 },
+            if self.per_head { heads } else { 1 },
+        ]
+    }
+}
+
+/// What an [`AttentionOp`](super::AttentionOp) computes and the largest lengths it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorConfig {
+    /// Batch rows.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; must divide `heads` (equal: MHA, 1: MQA).
+    pub kv_heads: usize,
+    /// Width of a query and key head.
+    pub head_dim: usize,
+    /// Width of a value head (and of the output's heads).
+    pub head_dim_v: usize,
+    /// The most queries a call may have.
+    pub max_q_len: usize,
+    /// The most keys a call may have.
+    pub max_kv_len: usize,
+    /// Causal masking, aligned to the end of the keys.
+    pub causal: bool,
+    /// Whether calls bind a key-padding mask `[batch, kv_len]`.
+    pub key_padding_mask: bool,
+    /// The additive bias's shape, if calls bind one.
+    pub bias: Option<BiasShape>,
+    /// The scale of `Q Kᵀ`; `None` means `1 / sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// The layout of Q, K, V and the output.
+    pub layout: QkvLayout,
+    /// K and V laid out for this many keys whatever the call's `kv_len` (a KV cache: the
+    /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
+    /// `kv_len`. At least `max_kv_len`.
+    pub kv_capacity: Option<usize>,
+}
+
+impl OperatorConfig {
+    /// `heads` query heads over `kv_heads` key/value heads, all `head_dim` wide, for up to
+    /// `max_q_len` queries over `max_kv_len` keys; head-major, unmasked, default scale.
+    pub fn new(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_q_len: usize,
+        max_kv_len: usize,
+    ) -> Self {
+        OperatorConfig {
+            batch,
+            heads,
+            kv_heads,
+            head_dim,
+            head_dim_v: head_dim,
+            max_q_len,
+            max_kv_len,
+            causal: false,
+            key_padding_mask: false,
+            bias: None,
+            scale: None,
+            layout: QkvLayout::HeadMajor,
+            kv_capacity: None,
+        }
+    }
+
+    /// Value heads of another width.
+    pub fn with_head_dim_v(mut self, head_dim_v: usize) -> Self {
+        self.head_dim_v = head_dim_v;
+        self
+    }
+
+    /// Causal masking, aligned to the end of the keys.
+    pub fn causal(mut self) -> Self {
+        self.causal = true;
+        self
+    }
+
+    /// Calls bind a key-padding mask.
+    pub fn with_key_padding_mask(mut self) -> Self {
+        self.key_padding_mask = true;
+        self
+    }
+
+    /// Calls bind an additive bias of this shape.
+    pub fn with_bias(mut self, bias: BiasShape) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// A scale other than `1 / sqrt(head_dim)`.
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Q, K, V and the output token-major, `[batch, len, heads * dim]`.
+    pub fn token_major(mut self) -> Self {
+        self.layout = QkvLayout::TokenMajor;
+        self
+    }
+
+    /// K and V buffers laid out for `capacity` keys (a KV cache), the call's keys first.
+    pub fn with_kv_capacity(mut self, capacity: usize) -> Self {
+        self.kv_capacity = Some(capacity);
+        self
+    }
+
+    /// Keys K and V are laid out for: the capacity, else the maximum length.
+    fn kv_rows(&self) -> usize {
+        self.kv_capacity.unwrap_or(self.max_kv_len)
+    }
+
+    /// The scale applied to `Q Kᵀ`.
+    pub fn scale_value(&self) -> f32 {
+        self.scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// Checks the configuration, naming what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("head_dim_v", self.head_dim_v),
+            ("max_q_len", self.max_q_len),
+            ("max_kv_len", self.max_kv_len),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroSize { name });
+            }
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::KvHeadsNotDividing {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
+        }
+        if let Some(capacity) = self.kv_capacity
+            && capacity < self.max_kv_len
+        {
+            return Err(Error::InvalidConfig(format!(
+                "kv_capacity {capacity} is below max_kv_len {}",
+                self.max_kv_len
+            )));
+        }
+        if !self.scale_value().is_finite() {
+            return Err(Error::InvalidConfig(format!(
+                "scale {} is not finite",
+                self.scale_value()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The shape of a tensor for a call of `len` tokens: `heads` heads of `width`.
+    fn shape(&self, heads: usize, len: usize, width: usize) -> Vec<usize> {
+        match self.layout {
+            QkvLayout::HeadMajor => vec![self.batch, heads, len, width],
+            QkvLayout::TokenMajor => vec![self.batch, len, heads * width],
+        }
+    }
+
+    /// The output's shape for a call of `q_len` queries.
+    pub fn output_shape(&self, q_len: usize) -> Vec<usize> {
+        self.shape(self.heads, q_len, self.head_dim_v)
+    }
+
+    fn strides(&self, heads: usize, width: usize) -> Strides {
+        let (h, w) = (heads as u32, width as u32);
+        match self.layout {
+            QkvLayout::HeadMajor => Strides::head_major(h, w, 0),
+            QkvLayout::TokenMajor => Strides::token_major(h, w, 0),
+        }
+    }
+
+    fn kv_strides(&self, width: usize) -> Strides {
+        let s = self.strides(self.kv_heads, width);
+        match self.kv_capacity {
+            Some(capacity) => s.at_capacity(capacity as u32),
+            None => s,
+        }
+    }
+
+    pub(super) fn geometry(&self) -> FusedGeometry {
+        FusedGeometry {
+            batch: self.batch as u32,
+            heads: self.heads as u32,
+            kv_heads: self.kv_heads as u32,
+            head_dim: self.head_dim as u32,
+            head_dim_v: self.head_dim_v as u32,
+            causal: self.causal,
+            has_mask: self.key_padding_mask,
+            bias: self.bias.map(|b| (b.per_batch, b.per_head)),
+            scale: self.scale_value(),
+            q: self.strides(self.heads, self.head_dim),
+            k: self.kv_strides(self.head_dim),
+            v: self.kv_strides(self.head_dim_v),
+            out: self.strides(self.heads, self.head_dim_v),
+        }
+    }
+
+    /// Elements of each tensor at the maximum lengths: q, k, v, out, key_mask, bias.
+    pub(super) fn max_elements(&self) -> [(&'static str, u64); 6] {
+        let (b, h, kh) = (self.batch as u64, self.heads as u64, self.kv_heads as u64);
+        let (q, kv) = (self.max_q_len as u64, self.max_kv_len as u64);
+        let rows = self.kv_rows() as u64;
+        let (d, dv) = (self.head_dim as u64, self.head_dim_v as u64);
+        let [bb, hb] = self.bias.map_or([0, 0], |s| s.dims(self.batch, self.heads));
+        [
+            ("q", b * h * q * d),
+            ("k", b * kh * rows * d),
+            ("v", b * kh * rows * dv),
+            ("out", b * h * q * dv),
+            ("key_mask", if self.key_padding_mask { b * kv } else { 0 }),
+            ("bias", bb as u64 * hb as u64 * q * kv),
+        ]
+    }
+
+    /// Checks a call's lengths against the maxima.
+    pub fn check_lengths(&self, lengths: Lengths) -> Result<()> {
+        for (name, len, max) in [
+            ("q_len", lengths.q_len, self.max_q_len),
+            ("kv_len", lengths.kv_len, self.max_kv_len),
+        ] {
+            if len == 0 {
+                return Err(Error::ZeroSize { name });
+            }
+            if len > max {
+                return Err(Error::LengthPastMaximum { name, len, max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The lengths of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lengths {
+    /// Queries.
+    pub q_len: usize,
+    /// Keys (and values).
+    pub kv_len: usize,
+}
+
+/// Host tensors for [`AttentionOp::run`](super::AttentionOp::run) and [`crate::reference::operator`], in the
+/// configuration's layout; the lengths are read from their shapes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorInputs {
+    /// Queries.
+    pub q: Tensor,
+    /// Keys.
+    pub k: Tensor,
+    /// Values.
+    pub v: Tensor,
+    /// Key-padding mask `[batch, kv_len]`, nonzero = attend.
+    pub key_mask: Option<Tensor>,
+    /// Additive bias `[batch or 1, heads or 1, q_len, kv_len]`; `-inf` masks a key.
+    pub bias: Option<Tensor>,
+}
+
+impl OperatorInputs {
+    /// Q, K and V, with no mask or bias.
+    pub fn new(q: Tensor, k: Tensor, v: Tensor) -> Self {
+        OperatorInputs {
+            q,
+            k,
+            v,
+            key_mask: None,
+            bias: None,
+        }
+    }
+
+    /// With a key-padding mask.
+    pub fn with_key_mask(mut self, mask: Tensor) -> Self {
+        self.key_mask = Some(mask);
+        self
+    }
+
+    /// With an additive bias.
+    pub fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// The call's lengths, after checking every tensor against `config`, naming the first
+    /// that does not fit.
+    pub fn validate(&self, config: &OperatorConfig) -> Result<Lengths> {
+        let rank = match config.layout {
+            QkvLayout::HeadMajor => 4,
+            QkvLayout::TokenMajor => 3,
+        };
+        // The sequence axis and, head-major, the head axis.
+        let (len_axis, width) = (rank - 2, rank - 1);
+        for (name, t) in [("q", &self.q), ("k", &self.k), ("v", &self.v)] {
+            if t.shape().len() != rank {
+                return Err(Error::WrongRank {
+                    name: name.into(),
+                    shape: Shape(t.shape().to_vec()),
+                    rank,
+                    layout: format!("{:?}", config.layout),
+                });
+            }
+        }
+        let q_len = self.q.shape()[len_axis];
+        let kv_len = self.k.shape()[len_axis];
+        // Head dims first: a mismatch there is the likelier mistake than a head count.
+        let per_head = |t: &Tensor, heads: usize| match config.layout {
+            QkvLayout::HeadMajor => t.shape()[width],
+            QkvLayout::TokenMajor => t.shape()[width] / heads.max(1),
+        };
+        for (name, t, heads, dim) in [
+            ("q", &self.q, config.heads, config.head_dim),
+            ("k", &self.k, config.kv_heads, config.head_dim),
+            ("v", &self.v, config.kv_heads, config.head_dim_v),
+        ] {
+            let actual = per_head(t, heads);
+            if actual != dim {
+                return Err(Error::HeadDimMismatch {
+                    name: name.into(),
+                    expected: dim,
+                    actual,
+                });
+            }
+        }
+        config.check_lengths(Lengths { q_len, kv_len })?;
+        for (name, t, expected) in [
+            (
+                "q",
+                &self.q,
+                config.shape(config.heads, q_len, config.head_dim),
+            ),
+            (
+                "k",
+                &self.k,
+                config.shape(config.kv_heads, kv_len, config.head_dim),
+            ),
+            (
+                "v",
+                &self.v,
+                config.shape(config.kv_heads, kv_len, config.head_dim_v),
+            ),
+        ] {
+            if t.shape() != expected.as_slice() {
+                return Err(Error::shape(name, &expected, t.shape()));
+            }
+            t.check_finite(name)?;
+        }
+        match (&self.key_mask, config.key_padding_mask) {
+            (Some(m), true) => {
+                let expected = [config.batch, kv_len];
+                if m.shape() != expected {
+                    return Err(Error::shape("key_mask", &expected, m.shape()));
+                }
+                m.check_finite("key_mask")?;
+            }
+            (None, true) => {
+                return Err(Error::MissingTensor {
+                    name: "key_mask".into(),
+                    expected: Shape(vec![config.batch, kv_len]),
+                    why: "the operator was built with a key-padding mask".into(),
+                });
+            }
+            (Some(_), false) => {
+                return Err(Error::UnexpectedTensor {
+                    name: "key_mask".into(),
+                    why: "the operator was built without a key-padding mask".into(),
+                });
+            }
+            (None, false) => {}
+        }
+        match (&self.bias, config.bias) {
+            (Some(t), Some(s)) => {
+                let [bb, hb] = s.dims(config.batch, config.heads);
+                let expected = [bb, hb, q_len, kv_len];
+                if t.shape() != expected {
+                    return Err(Error::shape("attn_bias", &expected, t.shape()));
+                }
+                // -inf masks a key; NaN and +inf have no meaning.
+                if let Some(at) = t
+                    .data()
+                    .iter()
+                    .position(|&x| x.is_nan() || x == f32::INFINITY)
+                {
+                    return Err(Error::NonFinite {
+                        name: "attn_bias".into(),
+                        index: Shape(unravel(t.shape(), at)),
+                        value: t.data()[at],
+                    });
+                }
+            }
+            (None, Some(s)) => {
+                let [bb, hb] = s.dims(config.batch, config.heads);
+                return Err(Error::MissingTensor {
+                    name: "attn_bias".into(),
+                    expected: Shape(vec![bb, hb, q_len, kv_len]),
+                    why: "the operator was built with an additive bias".into(),
+                });
+            }
+            (Some(_), None) => {
+                return Err(Error::UnexpectedTensor {
+                    name: "attn_bias".into(),
+                    why: "the operator was built without a bias".into(),
+                });
+            }
+            (None, None) => {}
+        }
+        Ok(Lengths { q_len, kv_len })
+    }
+}
