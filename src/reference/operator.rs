@@ -1,0 +1,81 @@
+//! The f64 reference of the attention operator.
+
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// The attention operator ([`crate::AttentionOp`]) in f64 loops: for each batch row, query head
+/// `h` (attending key/value head `h / (heads / kv_heads)`) and query `i`, the softmax over the
+/// keys it may see of `scale · q·k + bias`, times V. Causal masking is aligned to the end of
+/// the keys (`j <= i + kv_len - q_len`); a bias of `-inf` masks a key; a query with no key to
+/// attend gets zeros. Inputs and output are in the configuration's layout.
+pub fn operator(
+    config: &crate::operator::OperatorConfig,
+    inputs: &crate::operator::OperatorInputs,
+) -> Result<Tensor> {
+    use crate::operator::QkvLayout;
+    let lengths = inputs.validate(config)?;
+    let (nq, nk) = (lengths.q_len, lengths.kv_len);
+    let (batch, heads, kv_heads) = (config.batch, config.heads, config.kv_heads);
+    let (d, dv) = (config.head_dim, config.head_dim_v);
+    let group = heads / kv_heads;
+    let scale = config.scale_value() as f64;
+    // Element [b, h, t, c] of a tensor of `hs` heads, `len` tokens and `w` columns.
+    let at = |hs: usize, len: usize, w: usize, b: usize, h: usize, t: usize, c: usize| match config
+        .layout
+    {
+        QkvLayout::HeadMajor => ((b * hs + h) * len + t) * w + c,
+        QkvLayout::TokenMajor => (b * len + t) * hs * w + h * w + c,
+    };
+    let (q, k, v) = (inputs.q.data(), inputs.k.data(), inputs.v.data());
+    let mut out = vec![0f32; batch * heads * nq * dv];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kh = h / group;
+            for i in 0..nq {
+                let logits: Vec<Option<f64>> = (0..nk)
+                    .map(|j| {
+                        let causal_ok = !config.causal || j + nq <= i + nk;
+                        let mask_ok = inputs
+                            .key_mask
+                            .as_ref()
+                            .is_none_or(|m| m.data()[b * nk + j] != 0.0);
+                        if !(causal_ok && mask_ok) {
+                            return None;
+                        }
+                        let dot: f64 = (0..d)
+                            .map(|c| {
+                                q[at(heads, nq, d, b, h, i, c)] as f64
+                                    * k[at(kv_heads, nk, d, b, kh, j, c)] as f64
+                            })
+                            .sum();
+                        let bias = match (&inputs.bias, config.bias) {
+                            (Some(t), Some(s)) => {
+                                let [bb, hb] = s.dims(batch, heads);
+                                let (bi, hi) = (b.min(bb - 1), h.min(hb - 1));
+                                t.data()[((bi * hb + hi) * nq + i) * nk + j] as f64
+                            }
+                            _ => 0.0,
+                        };
+                        let x = scale * dot + bias;
+                        (x != f64::NEG_INFINITY).then_some(x)
+                    })
+                    .collect();
+                let Some(max) = logits.iter().flatten().copied().reduce(f64::max) else {
+                    continue; // nothing to attend: zeros
+                };
+                let weights: Vec<f64> = logits
+                    .iter()
+                    .map(|x| x.map_or(0.0, |x| (x - max).exp()))
+                    .collect();
+                let sum: f64 = weights.iter().sum();
+                for c in 0..dv {
+                    let acc: f64 = (0..nk)
+                        .map(|j| weights[j] * v[at(kv_heads, nk, dv, b, kh, j, c)] as f64)
+                        .sum();
+                    out[at(heads, nq, dv, b, h, i, c)] = (acc / sum) as f32;
+                }
+            }
+        }
+    }
+    Tensor::new(config.output_shape(nq), out)
+}
