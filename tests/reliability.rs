@@ -191,3 +191,33 @@ fn a_long_run_does_not_starve_another_thread() {
         }
     });
 }
+
+/// A device that allows four storage buffers per shader stage (wgpu's downlevel limits, GLES
+/// 3.1-class hardware) cannot bind the fused kernel's six: `Auto` takes the staged kernels and
+/// gives the reference's answer, while an explicit fused choice and the operator are refused,
+/// naming the limit.
+#[test]
+fn four_storage_buffers_per_stage_take_the_staged_path() {
+    use wgpu_attention::{AttentionOp, OperatorConfig};
+    let (device, queue) = common::app_device(|l| l.max_storage_buffers_per_shader_stage = 4);
+    let small = GpuContext::from_device(device, queue);
+    let (config, weights, inputs) = small_layer(&mut Rng::new(7));
+    let mut plan = AttentionPlan::new(&small, &config, &weights).unwrap();
+    assert_eq!(plan.kernel(), KernelChoice::Staged);
+    let cpu = reference::run(&config, &weights, &inputs).unwrap();
+    let cmp = compare(&plan.run(&inputs).unwrap(), &cpu.output, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "{cmp}");
+    let fused = AttentionPlan::new(&small, &config.with_kernel(KernelChoice::Fused), &weights);
+    let e = fused.unwrap_err().to_string();
+    assert!(
+        e.contains("max_storage_buffers_per_shader_stage") && e.contains("KernelChoice::Staged"),
+        "{e}"
+    );
+    let op = AttentionOp::new(&small, &OperatorConfig::new(1, 2, 2, 4, 6, 6));
+    assert!(
+        op.is_err_and(|e| e
+            .to_string()
+            .contains("max_storage_buffers_per_shader_stage")),
+        "the operator was built on a device it cannot run on"
+    );
+}

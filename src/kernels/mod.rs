@@ -228,6 +228,31 @@ impl Kernel {
         }
     }
 
+    /// How many storage buffers the kernel binds: a device must allow that many per shader
+    /// stage (`max_storage_buffers_per_shader_stage`; 4 on downlevel devices, 8 in WebGPU).
+    pub fn storage_buffers(self) -> u32 {
+        self.bindings()
+            .iter()
+            .filter(|b| b.access != Access::Uniform)
+            .count() as u32
+    }
+
+    /// Refuses the kernel, naming the limit, on a device that allows fewer storage buffers per
+    /// shader stage than it binds.
+    pub(crate) fn check_storage_buffers(self, limits: &wgpu::Limits, hint: &str) -> Result<()> {
+        let needed = self.storage_buffers();
+        if needed > limits.max_storage_buffers_per_shader_stage {
+            return Err(Error::LimitExceeded {
+                limit: "max_storage_buffers_per_shader_stage",
+                max: limits.max_storage_buffers_per_shader_stage as u64,
+                requested: needed as u64,
+                what: format!("{} (its storage buffers)", self.file_name()),
+                hint: hint.into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The bindings of the kernel's pipeline layout, exactly as the kernel cache creates them.
     #[doc(hidden)]
     pub fn bindings(self) -> Vec<Binding> {

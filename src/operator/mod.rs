@@ -133,6 +133,8 @@ impl AttentionOp {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         config.validate()?;
         let limits = ctx.limits();
+        crate::kernels::Kernel::Fused
+            .check_storage_buffers(&limits, "; the operator has only the fused kernel so far")?;
         for (name, elements) in config.max_elements() {
             let bytes = elements * 4;
             let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");

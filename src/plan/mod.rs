@@ -20,7 +20,7 @@ use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{check_storage, map_and_read, read_f32, read_mapped, scoped, scoped_async};
-use crate::kernels::{ChunkTable, Layout, check_sizes};
+use crate::kernels::{ChunkTable, Kernel, Layout, check_sizes};
 use crate::reference::Intermediates;
 use crate::stage::Stage;
 use crate::tensor::{Tensor, unravel};
@@ -134,8 +134,23 @@ impl AttentionPlan {
     ) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         weights.validate(config)?;
-        let layout = Layout::new(config)?;
-        check_sizes(config, &layout, &ctx.limits())?;
+        let limits = ctx.limits();
+        let mut layout = Layout::new(config)?;
+        // The fused kernel binds six storage buffers; a downlevel device allows four per stage.
+        // `Auto` then takes the staged kernels, which bind at most four; an explicit choice of
+        // the fused kernel is refused by name.
+        if layout.kernel == KernelChoice::Fused
+            && let Err(e) = Kernel::Fused.check_storage_buffers(
+                &limits,
+                "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
+            )
+        {
+            if config.kernel != KernelChoice::Auto {
+                return Err(e);
+            }
+            layout.kernel = KernelChoice::Staged;
+        }
+        check_sizes(config, &layout, &limits)?;
         let device = ctx.device();
         let (bufs, own) = scoped_async(device, "creating the plan's buffers", || {
             (
