@@ -39,6 +39,12 @@ pub(crate) struct KernelCache {
     serial: Option<Mutex<()>>,
 }
 
+/// How long one submission of a plan's or operator's `run` should take at most, at the
+/// device's measured rate. Well under the few seconds after which a GL context's waiting
+/// threads give up and watchdogs reset a GPU; long enough that the round trip between
+/// submissions (tens of microseconds) costs little.
+const SUBMISSION_SECONDS: f64 = 0.1;
+
 /// Most chunks one dispatch is split into (see `shaders/dispatch.wgsl`).
 pub(crate) const MAX_CHUNKS: u32 = 1024;
 
@@ -88,6 +94,11 @@ impl KernelCache {
         self.serial
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// FLOPs one submission should hold: [`SUBMISSION_SECONDS`] at the measured rate.
+    pub fn submission_budget(&self) -> f64 {
+        self.rate() * SUBMISSION_SECONDS
     }
 
     /// The device's arithmetic rate, as last measured by a run (FLOP/s).

@@ -37,11 +37,6 @@ mod core;
 
 pub use config::{BiasShape, Lengths, OperatorConfig, OperatorInputs, QkvLayout};
 
-/// How long one submission of [`AttentionOp::run`] should take at most, at the device's
-/// measured rate: well under the seconds after which a GL context's waiting threads give up
-/// and watchdogs reset a GPU.
-const SUBMISSION_SECONDS: f64 = 0.1;
-
 pub(crate) use core::Core;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -340,7 +335,7 @@ impl AttentionOp {
     /// A large call runs as several submissions of about 0.1 s of work each at the rate the
     /// device showed before, each waited for (see `shaders/dispatch.wgsl` for why).
     pub fn run(&mut self, inputs: &OperatorInputs) -> Result<Tensor> {
-        let budget = self.ctx.kernels().rate() * SUBMISSION_SECONDS;
+        let budget = self.ctx.kernels().submission_budget();
         self.run_within(inputs, budget)
     }
 

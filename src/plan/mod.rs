@@ -27,12 +27,6 @@ use crate::tensor::{Tensor, unravel};
 use crate::timing::GpuTimer;
 use crate::weights::{AttentionInputs, AttentionWeights};
 
-/// How long one submission of [`AttentionPlan::run`] should take at most, at the device's
-/// measured rate. Well under the few seconds after which a GL context's waiting threads give
-/// up and watchdogs reset a GPU; long enough that the round trip between submissions (tens of
-/// microseconds) costs little.
-const SUBMISSION_SECONDS: f64 = 0.1;
-
 /// The application's buffers for one layer call (the embedding path).
 ///
 /// All are f32 except the mask; each needs `STORAGE` usage:
@@ -349,7 +343,7 @@ impl AttentionPlan {
         steps::submissions(
             &work,
             range,
-            self.ctx.kernels().rate() * SUBMISSION_SECONDS,
+            self.ctx.kernels().submission_budget(),
             self.ctx.limits().max_compute_workgroups_per_dimension,
         )
     }

@@ -250,15 +250,7 @@ pub fn output_row_bounds(
     rows: &[(usize, usize)],
 ) -> Result<Vec<Vec<f32>>> {
     let layer = Layer::new(config, weights, inputs)?;
-    if let Some(&(b, t)) = rows
-        .iter()
-        .find(|&&(b, t)| b >= config.batch || t >= config.seq_len)
-    {
-        return Err(Error::InvalidConfig(format!(
-            "row ({b}, {t}) is outside batch {} x seq {}",
-            config.batch, config.seq_len
-        )));
-    }
+    check_rows(config, rows)?;
     let (h, dk, dv) = (config.heads, config.head_dim, config.head_dim_v);
     // Flushed subnormals cost at most the smallest normal per operation.
     let floor =

@@ -266,15 +266,7 @@ pub fn for_each_output_row<B>(
     mut each: impl FnMut((usize, usize), &[f32]) -> ControlFlow<B>,
 ) -> Result<ControlFlow<B>> {
     let layer = Layer::new(config, weights, inputs)?;
-    if let Some(&(b, t)) = rows
-        .iter()
-        .find(|&&(b, t)| b >= config.batch || t >= config.seq_len)
-    {
-        return Err(Error::InvalidConfig(format!(
-            "row ({b}, {t}) is outside batch {} x seq {}",
-            config.batch, config.seq_len
-        )));
-    }
+    check_rows(config, rows)?;
     let (h, dk) = (config.heads, config.head_dim);
     let mut current: Option<(usize, ByHead, ByHead)> = None;
     for &(b, i) in rows {
@@ -325,15 +317,7 @@ pub fn output_rows(
     rows: &[(usize, usize)],
 ) -> Result<Vec<Vec<f32>>> {
     let layer = Layer::new(config, weights, inputs)?;
-    if let Some(&(b, t)) = rows
-        .iter()
-        .find(|&&(b, t)| b >= config.batch || t >= config.seq_len)
-    {
-        return Err(Error::InvalidConfig(format!(
-            "row ({b}, {t}) is outside batch {} x seq {}",
-            config.batch, config.seq_len
-        )));
-    }
+    check_rows(config, rows)?;
     let (h, dk) = (config.heads, config.head_dim);
     let mut out = vec![Vec::new(); rows.len()];
     for b in 0..config.batch {
@@ -364,3 +348,17 @@ mod operator;
 
 pub use bound::{error_bound, output_row_bounds};
 pub use operator::operator;
+
+/// Refuses a requested (batch row, token) outside the layer, naming it.
+fn check_rows(config: &AttentionConfig, rows: &[(usize, usize)]) -> Result<()> {
+    match rows
+        .iter()
+        .find(|&&(b, t)| b >= config.batch || t >= config.seq_len)
+    {
+        Some(&(b, t)) => Err(Error::InvalidConfig(format!(
+            "row ({b}, {t}) is outside batch {} x seq {}",
+            config.batch, config.seq_len
+        ))),
+        None => Ok(()),
+    }
+}
