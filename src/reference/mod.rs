@@ -343,9 +343,11 @@ pub fn output_rows(
     Ok(out)
 }
 
+mod backward;
 mod bound;
 mod operator;
 
+pub use backward::{EMPTY_ROW_LSE, OperatorGrads, operator_backward, operator_lse};
 pub use bound::{error_bound, output_row_bounds};
 pub use operator::operator;
 
