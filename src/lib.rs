@@ -93,8 +93,8 @@ pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use operator::{
-    AttentionOp, BiasShape, Lengths, OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo,
-    QkvLayout,
+    AttentionOp, BackwardBindings, BackwardIo, BiasShape, Lengths, OperatorBindings,
+    OperatorConfig, OperatorInputs, OperatorIo, QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 #[cfg(feature = "random")]

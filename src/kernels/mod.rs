@@ -5,6 +5,7 @@
 //! constants, so one source gives every specialisation; each specialisation is compiled once per
 //! [`crate::GpuContext`] and shared by all plans on it.
 
+pub(crate) mod backward;
 mod cache;
 pub(crate) mod fused;
 pub(crate) mod gemm;
@@ -34,6 +35,13 @@ pub enum Kernel {
     WeightedSum,
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass.
     Fused,
+    /// `attention_bwd_prep.wgsl`: the backward's `D = rowsum(dO ∘ O)` beside the saved
+    /// logsumexp.
+    BackwardPrep,
+    /// `attention_bwd_kv.wgsl`: the backward's dK and dV, a workgroup per key block.
+    BackwardKv,
+    /// `attention_bwd_q.wgsl`: the backward's dQ, a workgroup per query block.
+    BackwardQ,
 }
 
 /// How a kernel sees one binding.
@@ -137,12 +145,15 @@ pub(crate) use uniform_params;
 
 impl Kernel {
     /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Gemm,
         Kernel::Scores,
         Kernel::Softmax,
         Kernel::WeightedSum,
         Kernel::Fused,
+        Kernel::BackwardPrep,
+        Kernel::BackwardKv,
+        Kernel::BackwardQ,
     ];
 
     /// The file name under `shaders/`.
@@ -153,6 +164,9 @@ impl Kernel {
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
             Kernel::Fused => "fused_attention.wgsl",
+            Kernel::BackwardPrep => "attention_bwd_prep.wgsl",
+            Kernel::BackwardKv => "attention_bwd_kv.wgsl",
+            Kernel::BackwardQ => "attention_bwd_q.wgsl",
         }
     }
 
@@ -164,6 +178,9 @@ impl Kernel {
             Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
             Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
             Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
+            Kernel::BackwardPrep => include_str!("../../shaders/attention_bwd_prep.wgsl"),
+            Kernel::BackwardKv => include_str!("../../shaders/attention_bwd_kv.wgsl"),
+            Kernel::BackwardQ => include_str!("../../shaders/attention_bwd_q.wgsl"),
         }
     }
 
@@ -213,6 +230,17 @@ impl Kernel {
                 "score_tile.wgsl",
                 "fused_attention.wgsl"
             ),
+            Kernel::BackwardPrep => with!("dispatch.wgsl", "attention_bwd_prep.wgsl"),
+            Kernel::BackwardKv => with!(
+                "dispatch.wgsl",
+                "attention_bwd.wgsl",
+                "attention_bwd_kv.wgsl"
+            ),
+            Kernel::BackwardQ => with!(
+                "dispatch.wgsl",
+                "attention_bwd.wgsl",
+                "attention_bwd_q.wgsl"
+            ),
         }
     }
 
@@ -224,7 +252,10 @@ impl Kernel {
             Kernel::Scores => &scores::ScoreParams::LAYOUT,
             Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
             Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
-            Kernel::Fused => &fused::FusedParams::LAYOUT,
+            // The backward reads the forward's parameters (the same buffer).
+            Kernel::Fused | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
+                &fused::FusedParams::LAYOUT
+            }
         }
     }
 
@@ -264,6 +295,12 @@ impl Kernel {
             Kernel::WeightedSum => &[Read, Read, ReadWrite],
             // q, k, v, key_mask, bias, out.
             Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
+            // o, d_o, lse, aux.
+            Kernel::BackwardPrep => &[Read, Read, Read, ReadWrite],
+            // q, k, v, d_o, aux, bias, dk, dv.
+            Kernel::BackwardKv => &[Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite],
+            // q, k, v, d_o, aux, bias, dq.
+            Kernel::BackwardQ => &[Read, Read, Read, Read, Read, Read, ReadWrite],
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
@@ -276,7 +313,7 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        if self == Kernel::Fused {
+        if self.reads_lengths() {
             // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
             let next = bindings.len() as u32;
             bindings.extend((next..next + 2).map(|binding| Binding {
@@ -287,6 +324,16 @@ impl Kernel {
         }
         bindings.push(CHUNK_BINDING);
         bindings
+    }
+}
+
+impl Kernel {
+    /// Whether the kernel reads the call's q_len and kv_len from the length table.
+    fn reads_lengths(self) -> bool {
+        matches!(
+            self,
+            Kernel::Fused | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ
+        )
     }
 }
 

@@ -35,6 +35,8 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Softmax => super::softmax::override_sets(limits),
                 Kernel::WeightedSum => super::weighted_sum::override_sets(limits),
                 Kernel::Fused => super::fused::override_sets(limits),
+                Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
+                Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
             };
             sets.into_iter().map(move |overrides| Variant {
                 kernel,
@@ -154,7 +156,9 @@ mod tests {
             }
             for kernel in Kernel::ALL {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
-                assert!(n >= 2, "{kernel:?}: only {n} override sets");
+                // The D pass has one workgroup shape.
+                let least = if kernel == Kernel::BackwardPrep { 1 } else { 2 };
+                assert!(n >= least, "{kernel:?}: only {n} override sets");
             }
         }
     }

@@ -66,6 +66,10 @@ pub struct OperatorConfig {
     /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
     /// `kv_len`. At least `max_kv_len`.
     pub kv_capacity: Option<usize>,
+    /// Whether the operator also runs the backward (dQ, dK, dV): it then compiles the
+    /// backward's kernels and allocates their scratch when built (see
+    /// [`AttentionOp::encode_backward`](super::AttentionOp::encode_backward)).
+    pub gradients: bool,
 }
 
 impl OperatorConfig {
@@ -93,6 +97,7 @@ impl OperatorConfig {
             scale: None,
             layout: QkvLayout::HeadMajor,
             kv_capacity: None,
+            gradients: false,
         }
     }
 
@@ -135,6 +140,12 @@ impl OperatorConfig {
     /// K and V buffers laid out for `capacity` keys (a KV cache), the call's keys first.
     pub fn with_kv_capacity(mut self, capacity: usize) -> Self {
         self.kv_capacity = Some(capacity);
+        self
+    }
+
+    /// Gradients wanted: the operator also runs the backward.
+    pub fn with_gradients(mut self) -> Self {
+        self.gradients = true;
         self
     }
 

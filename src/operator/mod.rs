@@ -32,9 +32,11 @@
 //! dtype=torch.bool).tril(kv_len - q_len), enable_gqa=True)`.
 //! A query with no key to attend (all masked) gets zeros.
 
+mod backward;
 mod config;
 mod core;
 
+pub use backward::{BackwardBindings, BackwardIo};
 pub use config::{BiasShape, Lengths, OperatorConfig, OperatorInputs, QkvLayout};
 
 pub(crate) use core::Core;
@@ -113,6 +115,8 @@ pub struct AttentionOp {
     max_per_dim: u32,
     own: OwnIo,
     own_bindings: OperatorBindings,
+    /// The backward's kernels and scratch, when built with gradients.
+    backward: Option<backward::Backward>,
 }
 
 impl AttentionOp {
@@ -159,6 +163,11 @@ impl AttentionOp {
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
         let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
+        let backward = if config.gradients {
+            Some(backward::Backward::new(ctx, config).await?)
+        } else {
+            None
+        };
         let device = ctx.device();
         let own = scoped_async(device, "creating the operator's buffers", || {
             let [q, k, v, out, mask, bias] = config
@@ -209,6 +218,7 @@ impl AttentionOp {
             max_per_dim: limits.max_compute_workgroups_per_dimension,
             own,
             own_bindings,
+            backward,
         })
     }
 

@@ -1,0 +1,364 @@
+//! The operator's backward pass on the GPU: dQ, dK and dV against the f64 reference gradients
+//! (`reference::operator_backward`) over masks, biases, causal alignment, GQA/MQA, cross
+//! attention and both layouts; against central differences of the reference forward on tiny
+//! shapes; zero gradients (not NaN) for a query that sees no key; nothing allocated by
+//! repeated calls; and a scratch that grows linearly with the lengths.
+//!
+//! The forward's output and logsumexp come from the f64 reference here, so that these tests
+//! judge the backward alone.
+
+mod common;
+
+use common::{Rng, ctx};
+use wgpu::util::DeviceExt;
+use wgpu_attention::reference::{self, OperatorGrads};
+use wgpu_attention::{
+    AttentionOp, BackwardIo, BiasShape, Error, GpuContext, Lengths, OperatorConfig, OperatorInputs,
+    Tensor,
+};
+
+/// Inputs of `config` at `nq` x `nk`: N(0, 1) tensors, a mask that drops every third key of
+/// batch row 0 (and all of batch row 1's keys when `empty_row`), a bias with one key masked
+/// by -inf.
+fn inputs(config: &OperatorConfig, nq: usize, nk: usize, seed: u64) -> OperatorInputs {
+    let mut rng = Rng::new(seed);
+    let shape = |heads: usize, len: usize, w: usize| match config.layout {
+        wgpu_attention::QkvLayout::HeadMajor => vec![config.batch, heads, len, w],
+        wgpu_attention::QkvLayout::TokenMajor => vec![config.batch, len, heads * w],
+    };
+    let mut x = OperatorInputs::new(
+        rng.tensor(&shape(config.heads, nq, config.head_dim), 1.0),
+        rng.tensor(&shape(config.kv_heads, nk, config.head_dim), 1.0),
+        rng.tensor(&shape(config.kv_heads, nk, config.head_dim_v), 1.0),
+    );
+    if config.key_padding_mask {
+        let m = (0..config.batch * nk)
+            .map(|e| (e >= nk || e % 3 != 1) as u8 as f32)
+            .collect();
+        x = x.with_key_mask(Tensor::new([config.batch, nk], m).unwrap());
+    }
+    if let Some(s) = config.bias {
+        let [bb, hb] = s.dims(config.batch, config.heads);
+        let mut data = rng.tensor(&[bb, hb, nq, nk], 1.0).into_data();
+        data[nk.min(2) - 1] = f32::NEG_INFINITY;
+        x = x.with_bias(Tensor::new([bb, hb, nq, nk], data).unwrap());
+    }
+    x
+}
+
+/// The backward on the GPU, fed the reference's output and logsumexp, for `grad_out`.
+fn gpu_grads(
+    op: &mut AttentionOp,
+    x: &OperatorInputs,
+    grad_out: &Tensor,
+) -> Result<OperatorGrads, Error> {
+    let config = op.config().clone();
+    let out = reference::operator(&config, x)?;
+    let lse = reference::operator_lse(&config, x)?;
+    op.run_backward(x, &out, &lse, grad_out)
+}
+
+/// Every element within `1e-4 · max|reference| + 1e-5` of the reference (gradients sum many
+/// f32 terms of both signs, so an element's own size says little of its error).
+fn assert_close(what: &str, gpu: &Tensor, cpu: &Tensor) {
+    assert_eq!(gpu.shape(), cpu.shape(), "{what}");
+    let scale = cpu.data().iter().fold(0f32, |m, x| m.max(x.abs()));
+    let allowed = 1e-4 * scale + 1e-5;
+    for (i, (g, c)) in gpu.data().iter().zip(cpu.data()).enumerate() {
+        assert!(
+            g.is_finite() && (g - c).abs() <= allowed,
+            "{what} at {:?}: gpu {g}, reference {c} (allowed {allowed})",
+            cpu.unravel(i)
+        );
+    }
+}
+
+fn check(config: &OperatorConfig, nq: usize, nk: usize, seed: u64) -> OperatorGrads {
+    let mut op = AttentionOp::new(ctx(), config).unwrap();
+    let x = inputs(config, nq, nk, seed);
+    let out_shape = config.output_shape(nq);
+    let grad_out = Rng::new(seed ^ 77).tensor(&out_shape, 1.0);
+    let gpu = gpu_grads(&mut op, &x, &grad_out).unwrap();
+    let cpu = reference::operator_backward(config, &x, &grad_out).unwrap();
+    let what = format!("{config:?} at {nq}x{nk}");
+    assert_close(&format!("dQ of {what}"), &gpu.q, &cpu.q);
+    assert_close(&format!("dK of {what}"), &gpu.k, &cpu.k);
+    assert_close(&format!("dV of {what}"), &gpu.v, &cpu.v);
+    gpu
+}
+
+#[test]
+fn gradients_match_the_reference_over_masks_bias_causal_and_gqa() {
+    let base = |heads, kv_heads, d, q, kv| {
+        OperatorConfig::new(2, heads, kv_heads, d, q, kv).with_gradients()
+    };
+    // MHA, cross-attention both ways, aligned causal with more keys and more queries.
+    check(&base(2, 2, 8, 20, 20), 20, 20, 1);
+    check(&base(2, 2, 8, 20, 40), 5, 37, 2);
+    check(&base(2, 2, 8, 20, 40).causal(), 9, 33, 3);
+    check(&base(2, 2, 8, 40, 20).causal(), 23, 11, 4);
+    // GQA and MQA: dK and dV summed over each group's query heads.
+    check(&base(4, 2, 16, 24, 24).causal(), 17, 24, 5);
+    check(&base(3, 1, 12, 16, 16), 16, 13, 6);
+    // Padding, and every bias broadcast.
+    check(&base(2, 1, 8, 16, 16).with_key_padding_mask(), 10, 14, 7);
+    for (per_batch, per_head) in [(false, false), (true, false), (false, true), (true, true)] {
+        let bias = BiasShape {
+            per_batch,
+            per_head,
+        };
+        check(&base(2, 2, 8, 12, 12).with_bias(bias).causal(), 7, 12, 8);
+    }
+    // Widths that are not multiples of 4, other value widths, token-major, a custom scale.
+    check(&base(2, 2, 5, 12, 12).with_head_dim_v(7), 9, 10, 9);
+    check(
+        &base(4, 2, 6, 16, 16)
+            .with_head_dim_v(3)
+            .token_major()
+            .with_scale(-0.3),
+        11,
+        13,
+        10,
+    );
+    // A head of 64, the common size, over a few blocks of keys and queries.
+    check(&base(2, 1, 64, 40, 40).causal(), 40, 40, 11);
+}
+
+#[test]
+fn gradients_match_finite_differences_of_the_forward() {
+    // L = Σ g ∘ O, differentiated by central differences of the f64 reference forward (read
+    // back as f32, so the step is large and the tolerance wide).
+    let config = OperatorConfig::new(1, 2, 1, 3, 3, 4)
+        .causal()
+        .with_gradients();
+    let (nq, nk) = (3, 4);
+    let x = inputs(&config, nq, nk, 21);
+    let g = Rng::new(22).tensor(&config.output_shape(nq), 1.0);
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let gpu = gpu_grads(&mut op, &x, &g).unwrap();
+    let loss = |x: &OperatorInputs| -> f64 {
+        let out = reference::operator(&config, x).unwrap();
+        out.data()
+            .iter()
+            .zip(g.data())
+            .map(|(&o, &w)| o as f64 * w as f64)
+            .sum()
+    };
+    let eps = 1e-2f32;
+    for (name, grads) in [("q", &gpu.q), ("k", &gpu.k), ("v", &gpu.v)] {
+        for e in 0..grads.len() {
+            let nudged = |by: f32| {
+                let mut y = x.clone();
+                let t = match name {
+                    "q" => &mut y.q,
+                    "k" => &mut y.k,
+                    _ => &mut y.v,
+                };
+                let mut data = t.data().to_vec();
+                data[e] += by;
+                *t = Tensor::new(t.shape().to_vec(), data).unwrap();
+                loss(&y)
+            };
+            let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps as f64);
+            let analytic = grads.data()[e] as f64;
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 * (1.0 + numeric.abs()),
+                "d{name}[{e}]: central difference {numeric}, GPU {analytic}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_query_that_sees_no_key_gets_zero_gradients_not_nan() {
+    // Batch row 1 has every key masked; with causal alignment and more queries than keys the
+    // first queries of batch row 0 see nothing either.
+    let config = OperatorConfig::new(2, 2, 2, 8, 6, 4)
+        .causal()
+        .with_key_padding_mask()
+        .with_gradients();
+    let (nq, nk) = (6, 4);
+    let mut x = inputs(&config, nq, nk, 31);
+    let mask = (0..2 * nk).map(|e| (e < nk) as u8 as f32).collect();
+    x.key_mask = Some(Tensor::new([2, nk], mask).unwrap());
+    let g = Rng::new(32).tensor(&config.output_shape(nq), 1.0);
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let gpu = gpu_grads(&mut op, &x, &g).unwrap();
+    let cpu = reference::operator_backward(&config, &x, &g).unwrap();
+    for (name, t) in [("dQ", &gpu.q), ("dK", &gpu.k), ("dV", &gpu.v)] {
+        assert!(t.data().iter().all(|v| v.is_finite()), "{name} has NaN");
+        // Everything of batch row 1 is zero.
+        let half = t.len() / 2;
+        assert!(t.data()[half..].iter().all(|&v| v == 0.0), "{name}");
+    }
+    // Queries 0 and 1 of batch row 0 see no key (query i sees keys j <= i - 2).
+    for h in 0..2 {
+        for i in 0..2 {
+            for c in 0..8 {
+                assert_eq!(gpu.q.get(&[0, h, i, c]), Some(0.0));
+            }
+        }
+    }
+    assert_close("dQ", &gpu.q, &cpu.q);
+    assert_close("dK", &gpu.k, &cpu.k);
+    assert_close("dV", &gpu.v, &cpu.v);
+    assert!(
+        gpu.k.data().iter().any(|&v| v != 0.0),
+        "batch row 0 has gradients"
+    );
+}
+
+#[test]
+fn the_backward_needs_an_operator_built_with_gradients_and_right_shapes() {
+    let config = OperatorConfig::new(1, 2, 2, 4, 4, 4);
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let x = inputs(&config, 4, 4, 41);
+    let g = Tensor::zeros(config.output_shape(4));
+    let err = gpu_grads(&mut op, &x, &g).unwrap_err();
+    assert!(err.to_string().contains("with_gradients"), "{err}");
+    assert_eq!(op.backward_scratch_bytes(), None);
+
+    let config = config.with_gradients();
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let err = gpu_grads(&mut op, &x, &Tensor::zeros([1, 2, 3, 4])).unwrap_err();
+    assert!(err.to_string().contains("grad_out"), "{err}");
+    let out = reference::operator(&config, &x).unwrap();
+    let err = op
+        .run_backward(&x, &out, &Tensor::zeros([1, 2, 5]), &g)
+        .unwrap_err();
+    assert!(err.to_string().contains("lse"), "{err}");
+}
+
+#[test]
+fn the_backward_scratch_grows_linearly_with_the_lengths() {
+    let (b, h, kvh, d) = (1, 4, 2, 16);
+    let bytes = |n: usize| {
+        let config = OperatorConfig::new(b, h, kvh, d, n, n).with_gradients();
+        let op = AttentionOp::new(ctx(), &config).unwrap();
+        op.backward_scratch_bytes().unwrap()
+    };
+    let (small, large) = (bytes(1024), bytes(4096));
+    eprintln!("backward scratch: {small} bytes at 1024 tokens, {large} bytes at 4096");
+    // lse and D per query row, and the key mask: nothing of size q_len x kv_len.
+    assert_eq!(small, 4 * (2 * b * h * 1024 + b * 1024) as u64);
+    assert_eq!(large, 4 * small);
+}
+
+#[test]
+fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
+    let (device, queue) = common::app_device(|_| {});
+    let app = GpuContext::from_device(device.clone(), queue.clone());
+    let (b, h, kvh, d) = (1, 4, 2, 8);
+    let (max_q, max_kv) = (10, 24);
+    let config = OperatorConfig::new(b, h, kvh, d, max_q, max_kv)
+        .causal()
+        .with_key_padding_mask()
+        .with_gradients();
+    let mut op = AttentionOp::new(&app, &config).unwrap();
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let (nq, nk) = (7, 19);
+    let x = inputs(&config, nq, nk, 51);
+    let g = Rng::new(52).tensor(&config.output_shape(nq), 1.0);
+    let out = reference::operator(&config, &x).unwrap();
+    let lse = reference::operator_lse(&config, &x).unwrap();
+    let buffer = |data: &[f32], elements: usize| {
+        let mut contents = data.to_vec();
+        contents.resize(elements.next_multiple_of(4), 0.0);
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&contents),
+            usage,
+        })
+    };
+    let mask: Vec<f32> = x
+        .key_mask
+        .as_ref()
+        .unwrap()
+        .data()
+        .iter()
+        .map(|&m| f32::from_bits(m as u32))
+        .collect();
+    let (qn, kn, on) = (b * h * max_q * d, b * kvh * max_kv * d, b * h * max_q * d);
+    let q = buffer(x.q.data(), qn);
+    let k = buffer(x.k.data(), kn);
+    let v = buffer(x.v.data(), kn);
+    let m = buffer(&mask, b * max_kv);
+    let o = buffer(out.data(), on);
+    let l = buffer(lse.data(), b * h * max_q);
+    let go = buffer(g.data(), on);
+    let (dq, dk, dv) = (buffer(&[], qn), buffer(&[], kn), buffer(&[], kn));
+    let bindings = op
+        .bind_backward(BackwardIo {
+            q: &q,
+            k: &k,
+            v: &v,
+            key_mask: Some(&m),
+            bias: None,
+            out: &o,
+            lse: &l,
+            grad_out: &go,
+            grad_q: &dq,
+            grad_k: &dk,
+            grad_v: &dv,
+        })
+        .unwrap();
+    let counters = || {
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let c = device.get_internal_counters().hal;
+        [
+            ("buffers", c.buffers.read()),
+            ("bind groups", c.bind_groups.read()),
+            ("compute pipelines", c.compute_pipelines.read()),
+            ("buffer memory", c.buffer_memory.read()),
+        ]
+    };
+    queue.submit([]);
+    let before = counters();
+    assert!(
+        before.iter().all(|(_, n)| *n > 0),
+        "not counting: {before:?}"
+    );
+    for _ in 0..3 {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        op.encode_backward(
+            &mut encoder,
+            &bindings,
+            Lengths {
+                q_len: nq,
+                kv_len: nk,
+            },
+        )
+        .unwrap();
+        queue.submit([encoder.finish()]);
+    }
+    assert_eq!(counters(), before, "a backward call created wgpu objects");
+    let read = |buffer: &wgpu::Buffer, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: buffer.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+        queue.submit([encoder.finish()]);
+        staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let data: Vec<f32> = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
+        Tensor::new(shape.to_vec(), data[..n].to_vec()).unwrap()
+    };
+    let cpu = reference::operator_backward(&config, &x, &g).unwrap();
+    assert_close("dQ", &read(&dq, x.q.shape()), &cpu.q);
+    assert_close("dK", &read(&dk, x.k.shape()), &cpu.k);
+    assert_close("dV", &read(&dv, x.v.shape()), &cpu.v);
+
+    // The operator's own run_backward: after the first call, none creates anything.
+    let first = op.run_backward(&x, &out, &lse, &g).unwrap();
+    let after_first = counters();
+    for _ in 0..2 {
+        assert_eq!(op.run_backward(&x, &out, &lse, &g).unwrap(), first);
+        assert_eq!(counters(), after_first, "run_backward created wgpu objects");
+    }
+}
