@@ -310,7 +310,7 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
             ("buffers", c.buffers.read()),
             ("bind groups", c.bind_groups.read()),
             ("compute pipelines", c.compute_pipelines.read()),
-            ("buffer memory", c.buffer_memory.read()),
+            ("shader modules", c.shader_modules.read()),
         ]
     };
     queue.submit([]);
