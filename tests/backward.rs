@@ -125,6 +125,31 @@ fn gradients_match_the_reference_over_masks_bias_causal_and_gqa() {
 }
 
 #[test]
+fn a_kv_cache_layout_and_a_split_call_give_the_reference_gradients() {
+    // K and V laid out for 32 keys, 13 of them in this call: dK and dV come back in that
+    // layout too; and a budget of one FLOP puts every workgroup in a submission of its own.
+    let config = OperatorConfig::new(2, 4, 2, 8, 8, 16)
+        .with_kv_capacity(32)
+        .causal()
+        .with_gradients();
+    let (nq, nk) = (6, 13);
+    let x = inputs(&config, nq, nk, 61);
+    let g = Rng::new(62).tensor(&config.output_shape(nq), 1.0);
+    let out = reference::operator(&config, &x).unwrap();
+    let lse = reference::operator_lse(&config, &x).unwrap();
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let whole = op
+        .run_backward_within(&x, &out, &lse, &g, f64::INFINITY)
+        .unwrap();
+    let cpu = reference::operator_backward(&config, &x, &g).unwrap();
+    assert_close("dQ", &whole.q, &cpu.q);
+    assert_close("dK", &whole.k, &cpu.k);
+    assert_close("dV", &whole.v, &cpu.v);
+    let split = op.run_backward_within(&x, &out, &lse, &g, 1.0).unwrap();
+    assert_eq!(split, whole, "the split changed the bits");
+}
+
+#[test]
 fn gradients_match_finite_differences_of_the_forward() {
     // L = Σ g ∘ O, differentiated by central differences of the f64 reference forward (read
     // back as f32, so the step is large and the tolerance wide).

@@ -433,6 +433,21 @@ impl AttentionOp {
         lse: &Tensor,
         grad_out: &Tensor,
     ) -> Result<OperatorGrads> {
+        let budget = self.ctx.kernels().submission_budget();
+        self.run_backward_within(inputs, out, lse, grad_out, budget)
+    }
+
+    /// [`AttentionOp::run_backward`] with submissions of at most about `budget` FLOPs each;
+    /// for tests of the split.
+    #[doc(hidden)]
+    pub fn run_backward_within(
+        &mut self,
+        inputs: &OperatorInputs,
+        out: &Tensor,
+        lse: &Tensor,
+        grad_out: &Tensor,
+        budget: f64,
+    ) -> Result<OperatorGrads> {
         let ctx = self.ctx.clone();
         let _device = ctx.kernels().exclusive();
         self.backward_part()?;
@@ -483,7 +498,6 @@ impl AttentionOp {
             }
         }
         let flops = backward_flops(&self.config, lengths);
-        let budget = ctx.kernels().submission_budget();
         let (device, queue) = (ctx.device().clone(), ctx.queue().clone());
         // Each stage cut into chunks of about `budget` FLOPs, one submission each.
         let mut steps = Vec::new();
@@ -508,10 +522,23 @@ impl AttentionOp {
                 steps.push((stage, grid, c..c + 1));
             }
         }
+        // Each gradient is laid out like its tensor: K and V (and so dK and dV) in blocks of
+        // `rows` token rows when the operator has a KV cache's capacity, packed otherwise.
+        let kv_axis = match self.config.layout {
+            super::QkvLayout::HeadMajor => 2,
+            super::QkvLayout::TokenMajor => 1,
+        };
+        let rows = self.config.kv_capacity.unwrap_or(lengths.kv_len);
+        // Bytes of a gradient up to the end of its last block's rows for this call.
+        let span = |t: &Tensor, rows: usize| -> u64 {
+            let (n, width) = (t.shape()[kv_axis], t.shape().last().copied().unwrap_or(0));
+            let blocks = t.len() / (n * width).max(1);
+            (blocks.saturating_sub(1) * rows + n) as u64 * width as u64 * 4
+        };
         let sizes = [
             inputs.q.len() as u64 * 4,
-            inputs.k.len() as u64 * 4,
-            inputs.v.len() as u64 * 4,
+            span(&inputs.k, rows),
+            span(&inputs.v, rows),
         ];
         for (n, step) in steps.iter().enumerate() {
             let (first, last) = (n == 0, n + 1 == steps.len());
@@ -567,6 +594,17 @@ impl AttentionOp {
         })?;
         ctx.kernels().measured(flops, start.elapsed().as_secs_f64());
         let [dq, dk, dv] = data;
+        let unpack = |t: &Tensor, d: Vec<f32>| -> Vec<f32> {
+            let (kv, width) = (t.shape()[kv_axis], t.shape().last().copied().unwrap_or(0));
+            if rows == kv {
+                return d;
+            }
+            let block = kv * width;
+            (0..t.len() / block.max(1))
+                .flat_map(|n| d[n * rows * width..][..block].iter().copied())
+                .collect()
+        };
+        let (dk, dv) = (unpack(&inputs.k, dk), unpack(&inputs.v, dv));
         let checked = |name: &str, t: &Tensor, d: Vec<f32>| -> Result<Tensor> {
             if let Some(at) = d.iter().position(|x| !x.is_finite()) {
                 return Err(Error::NonFiniteOutput {
