@@ -1,4 +1,4 @@
-// Contract: the includer binds p (FusedParams), lq and lkv (Len), and q, k, v, d_o (vec4 arrays), aux and bias (f32 arrays), and declares overrides DS and NC.
+// Contract: the includer binds p (FusedParams), lq and lkv (Len), and q, k, v, d_o (vec4 arrays), aux and bias (f32 arrays), and declares overrides DS and NC; the host sets HAS_MASK and HAS_BIAS.
 //
 // What the two gradient kernels of the attention backward (attention_bwd_kv.wgsl and
 // attention_bwd_q.wgsl) share: the forward's parameters and length table (the same uniform
@@ -18,6 +18,11 @@
 // c < NC in registers (so DS NC vec4 cover the widest head).
 
 const LOWEST: f32 = -3.402823e38;
+
+// Whether a key-padding mask (in aux) and a bias are read: the host specialises the kernels,
+// so that what a call lacks costs nothing (the forward's parameters do not say).
+override HAS_MASK: bool = false;
+override HAS_BIAS: bool = false;
 
 struct FusedParams {
     batch: u32,
@@ -155,7 +160,7 @@ fn key_ok(b: u32, j: u32) -> bool {
     if (j >= lkv.n) {
         return false;
     }
-    if (p.has_mask == 0u) {
+    if (!HAS_MASK) {
         return true;
     }
     return bitcast<u32>(aux[2u * p.batch * p.kv_heads * p.group * lq.n + b * lkv.n + j]) != 0u;
@@ -193,7 +198,7 @@ struct Pair {
 fn pair(b: u32, h: u32, i: u32, j: u32, s: f32, dp: f32, lse: f32, dd: f32, present: bool) -> Pair {
     var ok = present && causal_ok(i, j);
     var x = p.scale * s;
-    if (ok && p.has_bias != 0u) {
+    if (ok && HAS_BIAS) {
         x += bias[(b * p.bias_b + h * p.bias_h) * lq.n * lkv.n + i * lkv.n + j];
         ok = !(x < LOWEST);
     }

@@ -16,7 +16,7 @@
 //   3  v      storage, read       f32 as vec4, V [b, kh, j, d]
 //   4  d_o    storage, read       f32 as vec4, dO, laid out as the output
 //   5  aux    storage, read       f32: lse, D, key mask (attention_bwd.wgsl)
-//   6  bias   storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if has_bias)
+//   6  bias   storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if HAS_BIAS)
 //   7  dk     storage, read_write f32 dK, laid out as K
 //   8  dv     storage, read_write f32 dV, laid out as V
 //   9  lq     uniform, dynamic    Len: q_len

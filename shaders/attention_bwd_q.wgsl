@@ -14,7 +14,7 @@
 //   3  v      storage, read       f32 as vec4, V [b, kh, j, d]
 //   4  d_o    storage, read       f32 as vec4, dO, laid out as the output
 //   5  aux    storage, read       f32: lse, D, key mask (attention_bwd.wgsl)
-//   6  bias   storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if has_bias)
+//   6  bias   storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if HAS_BIAS)
 //   7  dq     storage, read_write f32 dQ, laid out as Q
 //   8  lq     uniform, dynamic    Len: q_len
 //   9  lkv    uniform, dynamic    Len: kv_len

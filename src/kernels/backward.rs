@@ -89,12 +89,15 @@ impl BackwardTiles {
         })
     }
 
-    pub(crate) fn overrides(&self) -> Overrides {
+    /// The override constants, for a call with or without a key mask and a bias.
+    pub(crate) fn overrides(&self, mask: bool, bias: bool) -> Overrides {
         vec![
             ("DS", self.ds as f64),
             ("NC", self.nc as f64),
             ("BO", self.bo as f64),
             ("BW", self.bw as f64),
+            ("HAS_MASK", mask as u8 as f64),
+            ("HAS_BIAS", bias as u8 as f64),
         ]
     }
 }
@@ -104,8 +107,9 @@ pub(crate) fn prep_overrides() -> Overrides {
     vec![("WG", PREP_ROWS as f64)]
 }
 
-/// Every override set [`BackwardTiles::choose`] can emit under `limits`: row counts matter only
-/// through powers of two up to 16, head widths through their vec4 count.
+/// Every override set [`BackwardTiles::choose`] can emit under `limits`, with and without a
+/// mask and a bias: row counts matter only through powers of two up to 16, head widths through
+/// their vec4 count.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
     let mut tiles = Distinct::default();
     for owned in [1, 2, 4, 8, 16] {
@@ -113,13 +117,17 @@ pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
             for dp in sizes(4).take_while(|&d| d <= MAX_HEAD_DIM) {
                 for dvp in [4, dp] {
                     if let Ok(t) = BackwardTiles::choose(dp, dvp, owned, walked, limits) {
-                        tiles.add(t);
+                        for (mask, bias) in
+                            [(false, false), (true, false), (false, true), (true, true)]
+                        {
+                            tiles.add((t, mask, bias));
+                        }
                     }
                 }
             }
         }
     }
-    tiles.overrides(|t| t.overrides())
+    tiles.overrides(|(t, mask, bias)| t.overrides(mask, bias))
 }
 
 /// Tiles for an operator's gradient kernels: the dK/dV kernel owns keys and walks queries,

@@ -128,15 +128,16 @@ impl Backward {
             config.max_kv_len as u32,
             &limits,
         )?;
+        let (mask, bias) = (config.key_padding_mask, config.bias.is_some());
         let cache = ctx.kernels();
         let prep = cache
             .pipeline(Kernel::BackwardPrep, &backward::prep_overrides())
             .await?;
         let kv = cache
-            .pipeline(Kernel::BackwardKv, &kv_tiles.overrides())
+            .pipeline(Kernel::BackwardKv, &kv_tiles.overrides(mask, bias))
             .await?;
         let q = cache
-            .pipeline(Kernel::BackwardQ, &q_tiles.overrides())
+            .pipeline(Kernel::BackwardQ, &q_tiles.overrides(mask, bias))
             .await?;
         let device = ctx.device();
         let [q_n, k_n, v_n, out_n, _, _] = config.max_elements();
