@@ -149,8 +149,7 @@ impl<'a> Problem<'a> {
         (0..batch).flat_map(move |b| (0..heads).flat_map(move |h| (0..nq).map(move |i| (b, h, i))))
     }
 
-    /// The output in f64, in the configuration's layout (for the finite differences).
-    #[cfg(test)]
+    /// The output in f64, in the configuration's layout.
     pub fn forward(&self) -> Vec<f64> {
         let cfg = self.config;
         let group = cfg.heads / cfg.kv_heads;
