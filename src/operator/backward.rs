@@ -101,6 +101,8 @@ pub(crate) struct Backward {
     q_tiles: BackwardTiles,
     /// lse and D per query row, then the key mask: see `shaders/attention_bwd.wgsl`.
     aux: wgpu::Buffer,
+    /// Four bytes bound as the bias where there is none: the kernels never read it.
+    absent: wgpu::Buffer,
     own: OwnGrads,
     own_bindings: Option<BackwardBindings>,
 }
@@ -143,8 +145,9 @@ impl Backward {
         let [q_n, k_n, v_n, out_n, _, _] = config.max_elements();
         let rows = (config.batch * config.heads * config.max_q_len) as u64;
         let bytes = |n: u64| (n * 4).next_multiple_of(16);
-        let (aux, own) = scoped_async(device, "creating the backward's buffers", || {
+        let (aux, absent, own) = scoped_async(device, "creating the backward's buffers", || {
             let aux = buffer(device, "backward scratch", scratch_bytes(config), STORAGE);
+            let absent = buffer(device, "absent bias", 4, STORAGE);
             let staging = bytes(q_n.1) + bytes(k_n.1) + bytes(v_n.1);
             let upload = bytes(rows) + bytes(out_n.1);
             let own = OwnGrads {
@@ -161,7 +164,7 @@ impl Backward {
                 ),
                 belt: wgpu::util::StagingBelt::new(device.clone(), upload.next_multiple_of(256)),
             };
-            (aux, own)
+            (aux, absent, own)
         })
         .await?;
         Ok(Backward {
@@ -171,6 +174,7 @@ impl Backward {
             kv_tiles,
             q_tiles,
             aux,
+            absent,
             own,
             own_bindings: None,
         })
@@ -244,7 +248,7 @@ fn make_groups(
                 entries: &entries,
             })
         };
-        let bias = io.bias.unwrap_or(&core.absent);
+        let bias = io.bias.unwrap_or(&bw.absent);
         BackwardBindings {
             op,
             prep: group(
