@@ -20,7 +20,7 @@
 //!
 //! f32 `[batch, heads, q_len]`: for each query row, the natural log of `Σ_j exp(x_j)` over the
 //! keys `j` it attends, `x_j = scale · q·k_j + bias_j` the logits the softmax sees (so
-//! `P_j = exp(x_j - lse)`); `-f32::MAX` ([`crate::reference::EMPTY_ROW_LSE`]) for a row that
+//! `P_j = exp(x_j - lse)`); `-3.402823e38` ([`crate::reference::EMPTY_ROW_LSE`]) for a row that
 //! attends no key. [`crate::reference::operator_lse`] computes it in f64.
 
 use crate::error::{Error, Result, Shape};

@@ -28,9 +28,9 @@ pub struct OperatorGrads {
     pub v: Tensor,
 }
 
-/// The logsumexp of a query row that attends no key: `-f32::MAX` (the kernels' `LOWEST`),
-/// finite because WGSL implementations may assume no infinities.
-pub const EMPTY_ROW_LSE: f32 = -f32::MAX;
+/// The logsumexp of a query row that attends no key: the kernels' `LOWEST` (-3.402823e38,
+/// just above `-f32::MAX`), finite because WGSL implementations may assume no infinities.
+pub const EMPTY_ROW_LSE: f32 = -3.402823e38;
 
 /// The operator's tensors as f64, with the call's sizes: the loops below read it.
 pub(crate) struct Problem<'a> {
