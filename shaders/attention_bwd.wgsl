@@ -33,8 +33,8 @@ struct FusedParams {
     dp4: u32,
     dvp4: u32,
     causal: u32,
-    has_mask: u32,
-    has_bias: u32,
+    // Bias broadcast: the bias's batch index step (in q_len kv_len blocks; 0 = broadcast)
+    // and head index step (0 or 1).
     bias_b: u32,
     bias_h: u32,
     scale: f32,
@@ -65,6 +65,8 @@ struct FusedParams {
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
+    _pad4: u32,
 }
 
 struct Len {
