@@ -4,8 +4,9 @@
 //! shapes; zero gradients (not NaN) for a query that sees no key; nothing allocated by
 //! repeated calls; and a scratch that grows linearly with the lengths.
 //!
-//! The forward's output and logsumexp come from the f64 reference here, so that these tests
-//! judge the backward alone.
+//! Most tests feed the backward the f64 reference's output and logsumexp, so that they judge
+//! the backward alone; the forward's saved logsumexp is checked on its own, and forward and
+//! backward together.
 
 mod common;
 
@@ -122,6 +123,112 @@ fn gradients_match_the_reference_over_masks_bias_causal_and_gqa() {
     );
     // A head of 64, the common size, over a few blocks of keys and queries.
     check(&base(2, 1, 64, 40, 40).causal(), 40, 40, 11);
+}
+
+/// The forward of an operator built with gradients saves each row's logsumexp, in the units
+/// the backward reads (natural log of the logits' exponentials), whatever the scale's sign,
+/// with a bias or without, and -f32::MAX for a row that sees no key.
+#[test]
+fn the_forward_saves_the_reference_logsumexp() {
+    let cases = [
+        OperatorConfig::new(2, 4, 2, 8, 12, 12).causal(),
+        OperatorConfig::new(1, 2, 2, 5, 9, 6)
+            .causal()
+            .with_scale(-0.7),
+        OperatorConfig::new(2, 2, 1, 8, 8, 8)
+            .with_key_padding_mask()
+            .with_bias(BiasShape {
+                per_batch: true,
+                per_head: false,
+            }),
+        OperatorConfig::new(1, 3, 1, 6, 16, 16)
+            .token_major()
+            .with_scale(3.0),
+    ];
+    for (n, config) in cases.into_iter().enumerate() {
+        let config = config.with_gradients();
+        let (nq, nk) = (config.max_q_len, config.max_kv_len);
+        let x = inputs(&config, nq, nk, 70 + n as u64);
+        let mut op = AttentionOp::new(ctx(), &config).unwrap();
+        let (out, lse) = op.run_saving_lse(&x).unwrap();
+        let expected = reference::operator_lse(&config, &x).unwrap();
+        assert_eq!(lse.shape(), expected.shape());
+        for (i, (g, c)) in lse.data().iter().zip(expected.data()).enumerate() {
+            let ok = if *c == reference::EMPTY_ROW_LSE {
+                g == c
+            } else {
+                (g - c).abs() <= 1e-5 * (1.0 + c.abs())
+            };
+            assert!(ok, "{config:?}: lse[{i}] gpu {g}, reference {c}");
+        }
+        if config.causal && nq > nk {
+            assert!(lse.data().contains(&reference::EMPTY_ROW_LSE));
+        }
+        assert_close("out", &out, &reference::operator(&config, &x).unwrap());
+    }
+}
+
+#[test]
+fn forward_then_backward_on_the_gpu_match_the_reference() {
+    let config = OperatorConfig::new(2, 4, 2, 16, 20, 24)
+        .causal()
+        .with_key_padding_mask()
+        .with_gradients();
+    let (nq, nk) = (17, 24);
+    let x = inputs(&config, nq, nk, 81);
+    let g = Rng::new(82).tensor(&config.output_shape(nq), 1.0);
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let (_, gpu) = op.run_with_grad(&x, &g).unwrap();
+    let cpu = reference::operator_backward(&config, &x, &g).unwrap();
+    assert_close("dQ", &gpu.q, &cpu.q);
+    assert_close("dK", &gpu.k, &cpu.k);
+    assert_close("dV", &gpu.v, &cpu.v);
+}
+
+#[test]
+fn only_a_forward_with_gradients_binds_the_logsumexp() {
+    use wgpu_attention::kernels::{FusedIo, Kernel};
+    let io = |lse| FusedIo {
+        packed_qkv: false,
+        mask: false,
+        bias: false,
+        lse,
+    };
+    assert_eq!(Kernel::Fused(io(false)).storage_buffers(), 4);
+    assert_eq!(Kernel::Fused(io(true)).storage_buffers(), 5);
+    let device = ctx().device();
+    let buffer = |bytes| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let (q, k, v, out, lse) = (
+        buffer(256),
+        buffer(256),
+        buffer(256),
+        buffer(256),
+        buffer(64),
+    );
+    let io = wgpu_attention::OperatorIo {
+        q: &q,
+        k: &k,
+        v: &v,
+        key_mask: None,
+        bias: None,
+        out: &out,
+    };
+    let plain = OperatorConfig::new(1, 2, 2, 4, 4, 4);
+    let op = AttentionOp::new(ctx(), &plain).unwrap();
+    let err = op.bind_with_lse(io, &lse).unwrap_err();
+    assert!(err.to_string().contains("lse"), "{err}");
+    op.bind(io).unwrap();
+    let op = AttentionOp::new(ctx(), &plain.with_gradients()).unwrap();
+    let err = op.bind(io).unwrap_err();
+    assert!(err.to_string().contains("bind_with_lse"), "{err}");
+    op.bind_with_lse(io, &lse).unwrap();
 }
 
 #[test]
@@ -309,8 +416,9 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
     let k = buffer(x.k.data(), kn);
     let v = buffer(x.v.data(), kn);
     let m = buffer(&mask, b * max_kv);
-    let o = buffer(out.data(), on);
-    let l = buffer(lse.data(), b * h * max_q);
+    // The forward writes O and the logsumexp that the backward reads: they start as zeros.
+    let o = buffer(&[], on);
+    let l = buffer(&[], b * h * max_q);
     let go = buffer(g.data(), on);
     let (dq, dk, dv) = (buffer(&[], qn), buffer(&[], kn), buffer(&[], kn));
     let bindings = op
@@ -327,6 +435,19 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
             grad_k: &dk,
             grad_v: &dv,
         })
+        .unwrap();
+    let forward = op
+        .bind_with_lse(
+            wgpu_attention::OperatorIo {
+                q: &q,
+                k: &k,
+                v: &v,
+                key_mask: Some(&m),
+                bias: None,
+                out: &o,
+            },
+            &l,
+        )
         .unwrap();
     let counters = || {
         device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
@@ -346,6 +467,11 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
     );
     for _ in 0..3 {
         let mut encoder = device.create_command_encoder(&Default::default());
+        let lengths = Lengths {
+            q_len: nq,
+            kv_len: nk,
+        };
+        op.encode(&mut encoder, &forward, lengths).unwrap();
         op.encode_backward(
             &mut encoder,
             &bindings,
@@ -357,7 +483,11 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
         .unwrap();
         queue.submit([encoder.finish()]);
     }
-    assert_eq!(counters(), before, "a backward call created wgpu objects");
+    assert_eq!(
+        counters(),
+        before,
+        "a forward and backward call created wgpu objects"
+    );
     let read = |buffer: &wgpu::Buffer, shape: &[usize]| {
         let n: usize = shape.iter().product();
         let staging = device.create_buffer(&wgpu::BufferDescriptor {

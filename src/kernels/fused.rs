@@ -135,30 +135,38 @@ pub struct FusedIo {
     pub mask: bool,
     /// An additive bias is bound.
     pub bias: bool,
+    /// The row logsumexp is saved for the backward (binding 9): only where gradients are
+    /// wanted, so a forward without them binds and computes nothing more.
+    pub lse: bool,
 }
 
 impl FusedIo {
-    /// Every variant, the one binding the most first.
-    pub const ALL: [FusedIo; 8] = {
+    /// Every variant, the one binding the most first: the logsumexp is saved only with Q, K
+    /// and V apart (the operator; the layer has no backward yet).
+    pub const ALL: [FusedIo; 12] = {
         let mut all = [FusedIo {
             packed_qkv: false,
             mask: true,
             bias: true,
-        }; 8];
+            lse: true,
+        }; 12];
         let mut i = 0;
-        while i < 8 {
+        while i < 12 {
+            // 0-3: with the logsumexp; 4-11: without, as before.
+            let (lse, j) = if i < 4 { (true, i) } else { (false, i - 4) };
             all[i] = FusedIo {
-                packed_qkv: i & 4 != 0,
-                mask: i & 2 == 0,
-                bias: i & 1 == 0,
+                packed_qkv: j & 4 != 0,
+                mask: j & 2 == 0,
+                bias: j & 1 == 0,
+                lse,
             };
             i += 1;
         }
         all
     };
 
-    /// The include files, in order: Q/K/V, mask, bias.
-    pub(crate) fn files(self) -> [&'static str; 3] {
+    /// The include files, in order: Q/K/V, mask, bias, logsumexp.
+    pub(crate) fn files(self) -> [&'static str; 4] {
         [
             if self.packed_qkv {
                 "fused_io_qkv_packed.wgsl"
@@ -174,6 +182,11 @@ impl FusedIo {
                 "fused_io_bias.wgsl"
             } else {
                 "fused_io_no_bias.wgsl"
+            },
+            if self.lse {
+                "fused_io_lse.wgsl"
+            } else {
+                "fused_io_no_lse.wgsl"
             },
         ]
     }
@@ -192,6 +205,9 @@ impl FusedIo {
             b.push((5, false));
         }
         b.push((6, true));
+        if self.lse {
+            b.push((9, true));
+        }
         b
     }
 }
@@ -208,6 +224,8 @@ pub(crate) struct FusedGeometry {
     pub has_mask: bool,
     /// Q, K and V lie in one buffer (the layer's), bound once.
     pub packed_qkv: bool,
+    /// The row logsumexp is saved for the backward.
+    pub lse: bool,
     /// The bias's broadcast, as (varies over batch, varies over heads), if there is one.
     pub bias: Option<(bool, bool)>,
     pub scale: f32,
@@ -231,6 +249,7 @@ impl FusedGeometry {
             causal: l.causal,
             has_mask: l.has_mask,
             packed_qkv: true,
+            lse: false,
             bias: None,
             scale: l.scale,
             q: Strides::head_major(l.heads, l.dp, l.q_offset),
@@ -246,6 +265,7 @@ impl FusedGeometry {
             packed_qkv: self.packed_qkv,
             mask: self.has_mask,
             bias: self.bias.is_some(),
+            lse: self.lse,
         }
     }
 

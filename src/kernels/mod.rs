@@ -178,7 +178,7 @@ impl Kernel {
     pub fn name(self) -> String {
         match self {
             Kernel::Fused(io) => format!(
-                "{} ({}, {}, {})",
+                "{} ({}, {}, {}{})",
                 self.file_name(),
                 if io.packed_qkv {
                     "packed qkv"
@@ -187,6 +187,7 @@ impl Kernel {
                 },
                 if io.mask { "mask" } else { "no mask" },
                 if io.bias { "bias" } else { "no bias" },
+                if io.lse { ", saving lse" } else { "" },
             ),
             _ => self.file_name().into(),
         }
@@ -396,6 +397,8 @@ fn shader_file(name: &str) -> &'static str {
         "fused_io_no_mask.wgsl",
         "fused_io_bias.wgsl",
         "fused_io_no_bias.wgsl",
+        "fused_io_lse.wgsl",
+        "fused_io_no_lse.wgsl",
         "fused_attention.wgsl",
         "attention_bwd.wgsl",
         "attention_bwd_prep.wgsl",

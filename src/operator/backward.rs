@@ -83,6 +83,7 @@ pub struct BackwardBindings {
 #[derive(Debug)]
 struct OwnGrads {
     lse: wgpu::Buffer,
+    lse_staging: wgpu::Buffer,
     grad_out: wgpu::Buffer,
     grad_q: wgpu::Buffer,
     grad_k: wgpu::Buffer,
@@ -152,6 +153,12 @@ impl Backward {
             let upload = bytes(rows) + bytes(out_n.1);
             let own = OwnGrads {
                 lse: buffer(device, "lse", bytes(rows), STORAGE),
+                lse_staging: buffer(
+                    device,
+                    "lse read-back",
+                    bytes(rows),
+                    wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                ),
                 grad_out: buffer(device, "grad_out", bytes(out_n.1), STORAGE),
                 grad_q: buffer(device, "grad_q", bytes(q_n.1), STORAGE),
                 grad_k: buffer(device, "grad_k", bytes(k_n.1), STORAGE),
@@ -178,6 +185,11 @@ impl Backward {
             own,
             own_bindings: None,
         })
+    }
+
+    /// The buffer the operator's own forward ([`AttentionOp::run`]) saves the logsumexp to.
+    pub fn own_lse(&self) -> &wgpu::Buffer {
+        &self.own.lse
     }
 
     /// Workgroups of each stage for a call.
@@ -424,6 +436,41 @@ impl AttentionOp {
                 pass.dispatch_workgroups(*x, *y, *z);
             }
         }
+    }
+
+    /// [`AttentionOp::run`] for an operator built with gradients: the output and the
+    /// logsumexp its forward saved (`[batch, heads, q_len]`, see the module documentation).
+    pub fn run_saving_lse(&mut self, inputs: &OperatorInputs) -> Result<(Tensor, Tensor)> {
+        self.backward_part()?;
+        let out = self.run(inputs)?;
+        let _device = self.ctx.kernels().exclusive();
+        let lengths = inputs.validate(&self.config)?;
+        let shape = [self.config.batch, self.config.heads, lengths.q_len];
+        let bytes = (shape.iter().product::<usize>() * 4) as u64;
+        let bw = self.backward_part()?;
+        let device = self.ctx.device();
+        scoped(device, "reading the saved logsumexp", || {
+            let mut encoder = device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(&bw.own.lse, 0, &bw.own.lse_staging, 0, bytes);
+            self.ctx.queue().submit([encoder.finish()]);
+        })?;
+        let data = map_and_read(device, &bw.own.lse_staging, |b| {
+            bytemuck::cast_slice::<u8, f32>(&b[..bytes as usize]).to_vec()
+        })?;
+        Ok((out, Tensor::new(shape, data)?))
+    }
+
+    /// The forward and then the backward, for tests and tools: the output and the gradients
+    /// of Q, K and V for `grad_out = ∂L/∂out`, the backward reading the logsumexp the forward
+    /// saved.
+    pub fn run_with_grad(
+        &mut self,
+        inputs: &OperatorInputs,
+        grad_out: &Tensor,
+    ) -> Result<(Tensor, OperatorGrads)> {
+        let (out, lse) = self.run_saving_lse(inputs)?;
+        let grads = self.run_backward(inputs, &out, &lse, grad_out)?;
+        Ok((out, grads))
     }
 
     /// Uploads the forward's `inputs`, its output `out` and saved logsumexp `lse`

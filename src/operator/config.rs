@@ -237,6 +237,7 @@ impl OperatorConfig {
             causal: self.causal,
             has_mask: self.key_padding_mask,
             packed_qkv: false,
+            lse: self.gradients,
             bias: self.bias.map(|b| (b.per_batch, b.per_head)),
             scale: self.scale_value(),
             q: self.strides(self.heads, self.head_dim),

@@ -210,6 +210,7 @@ impl AttentionOp {
                 bias: config.bias.is_some().then_some(&own.bias),
                 out: &own.out,
             },
+            backward.as_ref().map(|b| b.own_lse()),
         )
         .await?;
         Ok(AttentionOp {
@@ -239,6 +240,57 @@ impl AttentionOp {
 
     /// The async form of [`AttentionOp::bind`].
     pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        self.bind_checked(io, None).await
+    }
+
+    /// [`AttentionOp::bind`] for an operator built with gradients
+    /// ([`OperatorConfig::with_gradients`]), whose forward also writes each query row's
+    /// logsumexp to `lse` (f32 `[batch, heads, q_len]`, `STORAGE` usage; see
+    /// [`AttentionOp::encode_backward`] for its units), which the backward reads.
+    pub fn bind_with_lse(
+        &self,
+        io: OperatorIo<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<OperatorBindings> {
+        let _device = self.ctx.kernels().exclusive();
+        pollster::block_on(self.bind_checked(io, Some(lse)))
+    }
+
+    /// The async form of [`AttentionOp::bind_with_lse`].
+    pub async fn bind_with_lse_async(
+        &self,
+        io: OperatorIo<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<OperatorBindings> {
+        self.bind_checked(io, Some(lse)).await
+    }
+
+    async fn bind_checked(
+        &self,
+        io: OperatorIo<'_>,
+        lse: Option<&wgpu::Buffer>,
+    ) -> Result<OperatorBindings> {
+        let rows = (self.config.batch * self.config.heads * self.config.max_q_len) as u64;
+        match (self.config.gradients, lse) {
+            (true, Some(b)) => check_storage("lse", b, rows * 4, " (the maximum lengths)")?,
+            (true, None) => {
+                return Err(Error::BadBuffer {
+                    name: "lse",
+                    problem: "the operator was built with gradients, so its forward saves each \
+                              row's logsumexp: bind with bind_with_lse"
+                        .into(),
+                });
+            }
+            (false, Some(_)) => {
+                return Err(Error::BadBuffer {
+                    name: "lse",
+                    problem: "given, but the operator was built without gradients \
+                              (OperatorConfig::with_gradients)"
+                        .into(),
+                });
+            }
+            (false, None) => {}
+        }
         let [q, k, v, out, mask, bias] = self.config.max_elements();
         // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
         for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
@@ -271,7 +323,7 @@ impl AttentionOp {
                 (false, None) => {}
             }
         }
-        make_group(self.ctx.device(), self.id, &self.core, io).await
+        make_group(self.ctx.device(), self.id, &self.core, io, lse).await
     }
 
     /// Records one call into `encoder`: `lengths.q_len` queries over `lengths.kv_len` keys,
@@ -490,6 +542,7 @@ async fn make_group(
     op: u64,
     core: &Core,
     io: OperatorIo<'_>,
+    lse: Option<&wgpu::Buffer>,
 ) -> Result<OperatorBindings> {
     let group = scoped_async(device, "binding the operator's buffers", || {
         // In binding order; the variant binds a mask and a bias only when the operator has
@@ -498,7 +551,8 @@ async fn make_group(
             .into_iter()
             .chain(io.key_mask)
             .chain(io.bias)
-            .chain([io.out]);
+            .chain([io.out])
+            .chain(lse);
         let lengths = [core.lengths.binding(), core.lengths.binding()];
         let entries: Vec<wgpu::BindGroupEntry> = core
             .pipeline
