@@ -39,16 +39,13 @@ impl BackwardTiles {
     }
 
     /// Tiles for heads `dp` (queries, keys) and `dvp` (values) wide, padded to multiples of
-    /// 4, over up to `owned` and `walked` rows: enough invocations per row that each holds at
-    /// most 4 vec4 columns (8 past 128 columns), then the most owned rows (up to 16) and
-    /// walked rows (up to 16, no more than owned) that fit the device's limits.
-    pub fn choose(
-        dp: u32,
-        dvp: u32,
-        owned: u32,
-        walked: u32,
-        limits: &wgpu::Limits,
-    ) -> Result<Self> {
+    /// 4: enough invocations per row (a power of two) that each holds at most 4 vec4 columns
+    /// (8 past 128 columns), rounded up to a power of two, then the most owned rows (up to 16)
+    /// and walked rows (half as many) that fit the device's limits. Powers of two throughout
+    /// and no dependence on the lengths keep the specialisations few (a handful per device),
+    /// at the cost of idle columns for head widths between powers of two and idle rows for
+    /// calls of a few tokens (the backward is for training, on long sequences).
+    pub fn choose(dp: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
         let w4 = dp.max(dvp) / 4;
         if w4 > MAX_DS * MAX_NC {
             return Err(Error::LimitExceeded {
@@ -60,12 +57,11 @@ impl BackwardTiles {
             });
         }
         let ds = w4.div_ceil(4).next_power_of_two().clamp(1, MAX_DS);
-        let nc = w4.div_ceil(ds).max(1);
-        let most = |n: u32| n.next_power_of_two().clamp(1, 16);
+        let nc = w4.div_ceil(ds).max(1).next_power_of_two();
         let mut smallest = u32::MAX;
-        let mut bo = most(owned);
+        let mut bo = 16;
         while bo >= 1 {
-            let mut bw = most(walked).min(bo);
+            let mut bw = (bo / 2).max(1);
             while bw >= 1 {
                 let t = BackwardTiles { ds, nc, bo, bw };
                 smallest = smallest.min(t.workgroup_bytes());
@@ -108,42 +104,27 @@ pub(crate) fn prep_overrides() -> Overrides {
 }
 
 /// Every override set [`BackwardTiles::choose`] can emit under `limits`, with and without a
-/// mask and a bias: row counts matter only through powers of two up to 16, head widths through
-/// their vec4 count.
+/// mask and a bias: the choice reads only the wider head's vec4 count.
 pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
     let mut tiles = Distinct::default();
-    for owned in [1, 2, 4, 8, 16] {
-        for walked in [1, 2, 4, 8, 16] {
-            for dp in sizes(4).take_while(|&d| d <= MAX_HEAD_DIM) {
-                for dvp in [4, dp] {
-                    if let Ok(t) = BackwardTiles::choose(dp, dvp, owned, walked, limits) {
-                        for (mask, bias) in
-                            [(false, false), (true, false), (false, true), (true, true)]
-                        {
-                            tiles.add((t, mask, bias));
-                        }
-                    }
-                }
+    for dp in sizes(4).take_while(|&d| d <= MAX_HEAD_DIM) {
+        if let Ok(t) = BackwardTiles::choose(dp, 4, limits) {
+            for (mask, bias) in [(false, false), (true, false), (false, true), (true, true)] {
+                tiles.add((t, mask, bias));
             }
         }
     }
     tiles.overrides(|(t, mask, bias)| t.overrides(mask, bias))
 }
 
-/// Tiles for an operator's gradient kernels: the dK/dV kernel owns keys and walks queries,
-/// the dQ kernel the other way round; one choice serves both.
+/// Tiles for an operator's gradient kernels (the dK/dV kernel owns keys and walks queries, the
+/// dQ kernel the other way round; one choice serves both).
 pub(crate) fn tiles(
     head_dim: u32,
     head_dim_v: u32,
-    max_q: u32,
-    max_kv: u32,
     limits: &wgpu::Limits,
-) -> Result<(BackwardTiles, BackwardTiles)> {
-    let (dp, dvp) = (pad4(head_dim), pad4(head_dim_v));
-    Ok((
-        BackwardTiles::choose(dp, dvp, max_kv, max_q, limits)?,
-        BackwardTiles::choose(dp, dvp, max_q, max_kv, limits)?,
-    ))
+) -> Result<BackwardTiles> {
+    BackwardTiles::choose(pad4(head_dim), pad4(head_dim_v), limits)
 }
 
 #[cfg(test)]
@@ -154,18 +135,20 @@ mod tests {
     fn tiles_cover_the_head_and_fit_the_limits() {
         for limits in [wgpu::Limits::default(), wgpu::Limits::downlevel_defaults()] {
             for dp in (4..=MAX_HEAD_DIM).step_by(4) {
-                for rows in [1, 5, 16, 1000] {
-                    let t = BackwardTiles::choose(dp, 4, rows, rows, &limits).unwrap();
+                for dvp in [4, dp] {
+                    let t = BackwardTiles::choose(dp, dvp, &limits).unwrap();
                     assert!(4 * t.ds * t.nc >= dp, "{dp}: {t:?}");
                     assert!(t.nc <= MAX_NC && t.bw <= t.bo);
                     assert!(t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size);
                 }
             }
+            // Few specialisations: the naga and Tint checks compile every one.
+            assert!(override_sets(&limits).len() <= 40);
         }
-        let t = BackwardTiles::choose(64, 64, 4096, 4096, &wgpu::Limits::default()).unwrap();
+        let t = BackwardTiles::choose(64, 64, &wgpu::Limits::default()).unwrap();
         assert_eq!((t.ds, t.nc, t.bo, t.bw), (4, 4, 16, 8));
         assert!(matches!(
-            BackwardTiles::choose(MAX_HEAD_DIM + 4, 4, 8, 8, &wgpu::Limits::default()),
+            BackwardTiles::choose(MAX_HEAD_DIM + 4, 4, &wgpu::Limits::default()),
             Err(Error::LimitExceeded { .. })
         ));
     }

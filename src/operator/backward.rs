@@ -124,13 +124,8 @@ impl Backward {
         for kernel in [Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ] {
             kernel.check_storage_buffers(&limits, "; the attention backward")?;
         }
-        let (kv_tiles, q_tiles) = backward::tiles(
-            config.head_dim as u32,
-            config.head_dim_v as u32,
-            config.max_q_len as u32,
-            config.max_kv_len as u32,
-            &limits,
-        )?;
+        let tiles = backward::tiles(config.head_dim as u32, config.head_dim_v as u32, &limits)?;
+        let (kv_tiles, q_tiles) = (tiles, tiles);
         let (mask, bias) = (config.key_padding_mask, config.bias.is_some());
         let cache = ctx.kernels();
         let prep = cache
