@@ -73,6 +73,11 @@ pub struct BenchArgs {
     /// Draw time and GFLOP/s against sequence length as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Time the attention operator's backward beside its forward instead (see
+    /// `bench_backward.rs`); reads --batch, --heads, --head-dim, the lengths, --causal,
+    /// --warmup, --repeats and --json.
+    #[arg(long)]
+    pub backward: bool,
 }
 
 impl BenchArgs {
@@ -94,6 +99,7 @@ impl BenchArgs {
             json: None,
             csv: None,
             plot: None,
+            backward: false,
         }
     }
 
@@ -273,6 +279,9 @@ pub fn main(
         )));
     }
     args.check_sizes(&lengths, &ctx.limits())?;
+    if args.backward {
+        return super::bench_backward::main(adapter, args, &lengths);
+    }
     let kernels = args.kernels();
     let bar = progress.add(ProgressBar::new(
         (lengths.len() * (kernels.len() + usize::from(!args.no_cpu))) as u64,

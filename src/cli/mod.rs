@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_backward;
 mod check;
 mod error;
 mod files;
