@@ -156,7 +156,7 @@ fn row(ctx: &GpuContext, args: &BenchArgs, seq: usize) -> Result<BackwardRow, Cl
 }
 
 fn rng_tensor(rng: &mut Random, n: usize, std: f32) -> Result<Vec<f32>, CliError> {
-    Ok(rng.tensor(&[n], std)?.into_data())
+    Ok(rng.tensor([n], std)?.into_data())
 }
 
 /// Runs the sweep of `args` (its batch, heads, head width, lengths, causal flag, warm-up and
