@@ -49,6 +49,9 @@ var<workgroup> walk_do: array<vec4<f32>, BW * DS * NC>;
 // P and dS of the step: [walked row w][owned key o].
 var<workgroup> p_t: array<f32, BW * BO>;
 var<workgroup> ds_t: array<f32, BW * BO>;
+// The walked rows' lse and D, read once per step rather than once per pair.
+var<workgroup> walk_lse: array<f32, BW>;
+var<workgroup> walk_d: array<f32, BW>;
 
 @compute @workgroup_size(DS, BO)
 fn main(
@@ -97,6 +100,11 @@ fn main(
                 walk_q[e] = select(vec4<f32>(0.0), q4(q_row(b, h, ii), e % w4), i < lq.n);
                 walk_do[e] = select(vec4<f32>(0.0), do4(o_row(b, h, ii), e % w4), i < lq.n);
             }
+            for (var e = li; e < BW; e += threads) {
+                let ii = min(i0 + e, lq.n - 1u);
+                walk_lse[e] = lse_of(b, h, ii);
+                walk_d[e] = d_of(b, h, ii);
+            }
             workgroupBarrier();
             for (var w = s; w < BW; w += DS) {
                 let i = i0 + w;
@@ -108,7 +116,7 @@ fn main(
                 }
                 var pr = Pair(0.0, 0.0);
                 if (i < lq.n && present) {
-                    pr = pair(b, h, i, j, sd, pd, lse_of(b, h, i), d_of(b, h, i), true);
+                    pr = pair(b, h, i, j, sd, pd, walk_lse[w], walk_d[w], true);
                 }
                 p_t[w * BO + o] = pr.prob;
                 ds_t[w * BO + o] = pr.ds;

@@ -362,6 +362,24 @@ fn the_backward_needs_an_operator_built_with_gradients_and_right_shapes() {
 }
 
 #[test]
+fn a_long_sequence_runs_within_the_default_limits() {
+    // 4096 tokens under the suite's limits (WebGPU's defaults unless asked otherwise): nothing
+    // of size q_len x kv_len is stored, so only the tensors themselves grow.
+    let n = 4096;
+    let config = OperatorConfig::new(1, 1, 1, 8, n, n)
+        .causal()
+        .with_gradients();
+    let x = inputs(&config, n, n, 91);
+    let g = Rng::new(92).tensor(&config.output_shape(n), 1.0);
+    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let (_, gpu) = op.run_with_grad(&x, &g).unwrap();
+    let cpu = reference::operator_backward(&config, &x, &g).unwrap();
+    assert_close("dQ", &gpu.q, &cpu.q);
+    assert_close("dK", &gpu.k, &cpu.k);
+    assert_close("dV", &gpu.v, &cpu.v);
+}
+
+#[test]
 fn the_backward_scratch_grows_linearly_with_the_lengths() {
     let (b, h, kvh, d) = (1, 4, 2, 16);
     let bytes = |n: usize| {

@@ -32,10 +32,11 @@ pub(crate) struct BackwardTiles {
 
 impl BackwardTiles {
     /// Bytes of workgroup memory of the larger of the two kernels: four row tiles of `ds nc`
-    /// vec4 (owned and walked, two tensors each) and two f32 tiles of `bw bo`.
+    /// vec4 (owned and walked, two tensors each), two f32 tiles of `bw bo` and two f32 rows
+    /// of `bw`.
     pub fn workgroup_bytes(&self) -> u32 {
         let w4 = self.ds * self.nc;
-        2 * (self.bo + self.bw) * w4 * 16 + 2 * self.bw * self.bo * 4 + self.bw * 4
+        2 * (self.bo + self.bw) * w4 * 16 + 2 * self.bw * self.bo * 4 + 2 * self.bw * 4
     }
 
     /// Tiles for heads `dp` (queries, keys) and `dvp` (values) wide, padded to multiples of
