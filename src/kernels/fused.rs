@@ -425,8 +425,8 @@ impl FusedTiles {
     }
 
     /// The tiles the autotuner times for the same problem, [`FusedTiles::choose`]'s first:
-    /// half and twice its rows per workgroup, twice its key columns (half the vec4 columns of
-    /// O per invocation), and shallower Q/K staging, each kept where it fits. At most six, so
+    /// half its rows per workgroup, twice its key columns (half the vec4 columns of O per
+    /// invocation), twice its rows, and shallower Q/K staging, each kept where it fits. At most six, so
     /// that tuning stays within its budget on a slow device.
     pub fn candidates(rows: u32, keys: u32, dp: u32, dvp: u32, limits: &wgpu::Limits) -> Vec<Self> {
         let Ok(base) = Self::choose(rows, keys, dp, dvp, limits) else {
@@ -438,16 +438,17 @@ impl FusedTiles {
             nv: dvp.div_ceil(4 * tx).max(1),
             ..base
         };
+        // In the order they are worth timing when the budget runs out first.
         for t in [
             FusedTiles {
                 ty: base.ty / 2,
                 ..base
             },
+            wider(base.tx * 2),
             FusedTiles {
                 ty: base.ty * 2,
                 ..base
             },
-            wider(base.tx * 2),
             FusedTiles { dk: 8, ..base },
             FusedTiles {
                 ty: base.ty / 2,

@@ -22,6 +22,12 @@ const TRIAL_SECONDS: f64 = 0.02;
 /// Timed calls per candidate, after one untimed call; the fastest counts.
 const REPS: usize = 2;
 
+/// What tuning one class may spend, compiles included: candidates not reached by then are
+/// skipped. On a CPU driver compiling one candidate takes 0.1-0.4 s, so there the first few
+/// candidates (the rule's, then fewer rows per workgroup, then more key columns) are what gets
+/// timed; a GPU compiles and runs all six well within it.
+const TUNE_SECONDS: f64 = 1.0;
+
 /// The fused kernel's tiles for calls of up to `max_q` queries over `max_kv` keys: the rule's
 /// ([`FusedGeometry::tiles`]), or the winner of this shape class on this device, timed now if
 /// the context's [`Autotune`] mode asks for it and nobody has yet.
@@ -116,7 +122,12 @@ async fn fastest(
     let chunks = ctx.kernels().chunks().await?;
     let offsets = [lengths.offset(q_len), lengths.offset(kv_len)];
     let mut best: Option<(f64, FusedTiles)> = None;
+    let began = Instant::now();
     for &t in candidates {
+        if best.is_some() && began.elapsed().as_secs_f64() > TUNE_SECONDS {
+            log::debug!("autotune: budget spent, {t:?} and later candidates skipped");
+            break;
+        }
         let pipeline = ctx
             .kernels()
             .pipeline(Kernel::Fused(io), &t.overrides())
