@@ -194,8 +194,8 @@ fn a_long_run_does_not_starve_another_thread() {
 
 /// A device that allows four storage buffers per shader stage (wgpu's downlevel limits, GLES
 /// 3.1-class hardware) cannot bind the fused kernel's six: `Auto` takes the staged kernels and
-/// gives the reference's answer, while an explicit fused choice and the operator are refused,
-/// naming the limit.
+/// gives the reference's answer, and so does the operator's; an explicit fused choice is
+/// refused, naming the limit.
 #[test]
 fn four_storage_buffers_per_stage_take_the_staged_path() {
     use wgpu_attention::{AttentionOp, OperatorConfig};
@@ -213,11 +213,15 @@ fn four_storage_buffers_per_stage_take_the_staged_path() {
         e.contains("max_storage_buffers_per_shader_stage") && e.contains("KernelChoice::Staged"),
         "{e}"
     );
-    let op = AttentionOp::new(&small, &OperatorConfig::new(1, 2, 2, 4, 6, 6));
+    // The operator likewise: Auto runs its staged kernels, an explicit fused choice is refused.
+    let op = OperatorConfig::new(1, 2, 2, 4, 6, 6);
+    let built = AttentionOp::new(&small, &op).unwrap();
+    assert_eq!(built.kernel(), KernelChoice::Staged);
+    let fused = AttentionOp::new(&small, &op.with_kernel(KernelChoice::Fused));
     assert!(
-        op.is_err_and(|e| e
+        fused.is_err_and(|e| e
             .to_string()
             .contains("max_storage_buffers_per_shader_stage")),
-        "the operator was built on a device it cannot run on"
+        "the fused operator was built on a device it cannot run on"
     );
 }

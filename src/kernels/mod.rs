@@ -9,10 +9,8 @@ mod cache;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
-pub(crate) mod scores;
-pub(crate) mod softmax;
+pub(crate) mod staged;
 mod variants;
-pub(crate) mod weighted_sum;
 
 #[doc(hidden)]
 pub use variants::{Variant, variants};
@@ -26,11 +24,11 @@ pub(crate) use layout::{Layout, check_sizes};
 pub enum Kernel {
     /// `gemm.wgsl`: projection GEMM with bias.
     Gemm,
-    /// `scores.wgsl`: scaled, masked `Q K^T`.
+    /// `scores.wgsl`: the staged path's unscaled `Q K^T`.
     Scores,
-    /// `softmax.wgsl`: stable row softmax in place.
+    /// `softmax.wgsl`: the staged path's scaled, biased, masked, stable row softmax in place.
     Softmax,
-    /// `weighted_sum.wgsl`: `P V`, heads concatenated.
+    /// `weighted_sum.wgsl`: the staged path's `P V`, written through the output's strides.
     WeightedSum,
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass.
     Fused,
@@ -170,7 +168,8 @@ impl Kernel {
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum.
+    /// scores, and the staged kernels' shared geometry of `shaders/staged_io.wgsl` ahead of
+    /// each of them.
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -198,13 +197,14 @@ impl Kernel {
                 "dispatch.wgsl",
                 "tiles.wgsl",
                 "score_tile.wgsl",
+                "staged_io.wgsl",
                 "scores.wgsl"
             ),
-            Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
+            Kernel::Softmax => with!("dispatch.wgsl", "staged_io.wgsl", "softmax.wgsl"),
             Kernel::WeightedSum => with!(
                 "dispatch.wgsl",
                 "tiles.wgsl",
-                "heads_out.wgsl",
+                "staged_io.wgsl",
                 "weighted_sum.wgsl"
             ),
             Kernel::Fused => with!(
@@ -221,9 +221,7 @@ impl Kernel {
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
             Kernel::Gemm => &gemm::GemmParams::LAYOUT,
-            Kernel::Scores => &scores::ScoreParams::LAYOUT,
-            Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
-            Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
+            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
             Kernel::Fused => &fused::FusedParams::LAYOUT,
         }
     }
@@ -259,8 +257,11 @@ impl Kernel {
         use Access::*;
         let rest: &[Access] = match self {
             Kernel::Gemm => &[Read, Read, Read, ReadWrite],
+            // q, k, scores.
             Kernel::Scores => &[Read, Read, ReadWrite],
-            Kernel::Softmax => &[Read, ReadWrite],
+            // key_mask, bias, scores in and probabilities out.
+            Kernel::Softmax => &[Read, Read, ReadWrite],
+            // probabilities, v, out.
             Kernel::WeightedSum => &[Read, Read, ReadWrite],
             // q, k, v, key_mask, bias, out.
             Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
@@ -276,7 +277,7 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        if self == Kernel::Fused {
+        if self != Kernel::Gemm {
             // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
             let next = bindings.len() as u32;
             bindings.extend((next..next + 2).map(|binding| Binding {

@@ -4,15 +4,13 @@
 use std::ops::Range;
 
 use super::buffers::PlanBuffers;
-use crate::config::AttentionConfig;
+use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::gpu::{init_uniform, scoped_async};
 use crate::kernels::fused::FusedGeometry;
-use crate::kernels::{
-    self, ChunkTable, DispatchSpec, Layout, MAX_CHUNKS, Pipeline, fold_grid, gemm,
-};
-use crate::operator::Core;
+use crate::kernels::{ChunkTable, DispatchSpec, Layout, MAX_CHUNKS, Pipeline, fold_grid, gemm};
+use crate::operator::{Core, StagedCore};
 use crate::stage::Stage;
 
 /// A buffer a dispatch binds, resolved when bind groups are made: the caller's input, mask or
@@ -68,14 +66,14 @@ impl Step {
 
 /// A dispatch's size, for cutting it into submissions.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) struct Work {
+pub(crate) struct Work {
     pub workgroups: u32,
     pub flops: f64,
 }
 
 /// Part of a step: a copy, or chunks `chunks` of a dispatch recorded with grid `grid`.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Piece {
+pub(crate) struct Piece {
     pub step: usize,
     pub grid: [u32; 3],
     pub chunks: Range<u32>,
@@ -91,13 +89,13 @@ pub(super) struct Stamps<'a> {
 }
 
 /// Every dispatch of the plan, in order: the projection, the attention (staged or fused), the
-/// output projection.
+/// output projection; and the staged path's (scores, probabilities) buffers.
 pub(super) async fn build(
     ctx: &GpuContext,
     config: &AttentionConfig,
     l: &Layout,
     bufs: &PlanBuffers,
-) -> Result<Vec<Step>> {
+) -> Result<(Vec<Step>, Option<(wgpu::Buffer, wgpu::Buffer)>)> {
     let limits = ctx.limits();
     let own = |b: &wgpu::Buffer| Res::Own(b.clone());
     let dispatch = async |stage: Stage, spec: DispatchSpec, resources: Vec<Res>| -> Result<Step> {
@@ -148,70 +146,85 @@ pub(super) async fn build(
         )
         .await?,
     ];
-    match &bufs.scores {
-        None => {
-            // The operator's core, on the qkv buffer the projection wrote: one attention
-            // kernel for the layer and the operator.
-            let core = Core::new(ctx, FusedGeometry::for_layer(l), l.seq, l.seq, l.seq).await?;
-            let workgroups = core.workgroups(l.seq);
-            let lengths = || Res::Lengths(core.lengths.buffer.clone());
-            steps.push(Step::Dispatch(Dispatch {
-                stage: Stage::FusedAttention,
-                pipeline: core.pipeline.clone(),
-                params: core.params.clone(),
+    let geometry = FusedGeometry::for_layer(l);
+    let mut scores = None;
+    if l.kernel == KernelChoice::Fused {
+        // The operator's core, on the qkv buffer the projection wrote: one attention
+        // kernel for the layer and the operator.
+        let core = Core::new(ctx, geometry, l.seq, l.seq, l.seq).await?;
+        let workgroups = core.workgroups(l.seq);
+        let lengths = || Res::Lengths(core.lengths.buffer.clone());
+        steps.push(Step::Dispatch(Dispatch {
+            stage: Stage::FusedAttention,
+            pipeline: core.pipeline.clone(),
+            params: core.params.clone(),
+            workgroups,
+            grid: fold_grid(
                 workgroups,
-                grid: fold_grid(
-                    workgroups,
-                    limits.max_compute_workgroups_per_dimension,
-                    Stage::FusedAttention.label(),
-                )?,
-                flops: core.geometry.flops(l.seq, l.seq),
-                resources: vec![
-                    own(&bufs.qkv),
-                    own(&bufs.qkv),
-                    own(&bufs.qkv),
-                    Res::KeyMask,
-                    own(&core.absent),
-                    heads_out(),
-                    lengths(),
-                    lengths(),
-                ],
-                offsets: core.offsets(l.seq, l.seq).to_vec(),
-            }));
-        }
-        Some((scores, probs)) => {
-            steps.push(
-                dispatch(
-                    Stage::Scores,
-                    kernels::scores::spec(l, &limits),
-                    vec![own(&bufs.qkv), Res::KeyMask, own(scores)],
-                )
-                .await?,
-            );
-            if config.keep_intermediates {
+                limits.max_compute_workgroups_per_dimension,
+                Stage::FusedAttention.label(),
+            )?,
+            flops: core.geometry.flops(l.seq, l.seq),
+            resources: vec![
+                own(&bufs.qkv),
+                own(&bufs.qkv),
+                own(&bufs.qkv),
+                Res::KeyMask,
+                own(&core.absent),
+                heads_out(),
+                lengths(),
+                lengths(),
+            ],
+            offsets: core.offsets(l.seq, l.seq).to_vec(),
+        }));
+    } else {
+        // The operator's staged core, on the same qkv buffer: its three kernels, with the
+        // scores copied aside before the softmax overwrites them when they are to be read.
+        let core = StagedCore::new(
+            ctx,
+            geometry,
+            l.seq,
+            l.seq,
+            l.seq,
+            config.keep_intermediates,
+        )
+        .await?;
+        let workgroups = core.workgroups(l.seq, l.seq);
+        let flops = core.flops(l.seq, l.seq);
+        let offsets = core.offsets(l.seq, l.seq).to_vec();
+        let lengths = || Res::Lengths(core.lengths.buffer.clone());
+        let stages = [Stage::Scores, Stage::Softmax, Stage::WeightedSum];
+        let resources = [
+            [own(&bufs.qkv), own(&bufs.qkv), own(&core.scores)],
+            [Res::KeyMask, own(&core.absent), own(&core.probs)],
+            [own(&core.probs), own(&bufs.qkv), heads_out()],
+        ];
+        for (k, resources) in resources.into_iter().enumerate() {
+            if k == 1 && core.keeps_scores() {
                 steps.push(Step::Copy {
-                    from: scores.clone(),
-                    to: probs.clone(),
-                    bytes: scores.size(),
+                    from: core.scores.clone(),
+                    to: core.probs.clone(),
+                    bytes: core.call_bytes(l.seq, l.seq),
                 });
             }
-            steps.push(
-                dispatch(
-                    Stage::Softmax,
-                    kernels::softmax::spec(l, &limits),
-                    vec![Res::KeyMask, own(probs)],
-                )
-                .await?,
-            );
-            steps.push(
-                dispatch(
-                    Stage::WeightedSum,
-                    kernels::weighted_sum::spec(l, &limits),
-                    vec![own(probs), own(&bufs.qkv), heads_out()],
-                )
-                .await?,
-            );
+            let mut resources = resources.to_vec();
+            resources.extend([lengths(), lengths()]);
+            steps.push(Step::Dispatch(Dispatch {
+                stage: stages[k],
+                pipeline: core.pipelines[k].clone(),
+                params: core.params.clone(),
+                workgroups: workgroups[k],
+                grid: fold_grid(
+                    workgroups[k],
+                    limits.max_compute_workgroups_per_dimension,
+                    stages[k].label(),
+                )?,
+                flops: flops[k],
+                resources,
+                offsets: offsets.clone(),
+            }));
         }
+        scores = Some((core.scores.clone(), core.probs.clone()));
     }
     if let (Some(a), Some((w_o, b_o))) = (&bufs.attention, &bufs.w_o) {
         steps.push(
@@ -232,7 +245,7 @@ pub(super) async fn build(
             .await?,
         );
     }
-    Ok(steps)
+    Ok((steps, scores))
 }
 
 /// Each step whole: what [`super::AttentionPlan::encode`] records.
@@ -262,7 +275,7 @@ pub(super) fn whole(steps: &[Step]) -> Vec<Piece> {
 /// Why: a submission is one uninterrupted call for some backends. OpenGL's context is locked
 /// for a whole submission, so a second thread using the same device gives up after a few
 /// seconds, and OS and browser watchdogs reset a GPU whose submission runs for seconds.
-pub(super) fn submissions(
+pub(crate) fn submissions(
     steps: &[Option<Work>],
     range: Range<usize>,
     budget: f64,
