@@ -6,6 +6,16 @@
 //! The layer ([`crate::AttentionPlan`]) runs the same core: its projection writes Q, K and V,
 //! the core attends, its output projection reads the heads.
 //!
+//! # Kernels
+//!
+//! The core is the fused kernel (one pass, an online softmax, memory linear in the lengths) or
+//! the staged kernels (scores, softmax, weighted sum through a score matrix
+//! `[batch, heads, q_len, kv_len]` sized for the maxima, which can be read back with
+//! [`OperatorConfig::with_intermediates`] and [`AttentionOp::read_probabilities`]; three
+//! storage buffers per kernel, so they run on downlevel devices). [`OperatorConfig::with_kernel`]
+//! picks; `Auto` takes the fused kernel unless it cannot run on the device or intermediates are
+//! kept. Both compute the same function, checked against [`crate::reference::operator`].
+//!
 //! # Layouts
 //!
 //! With [`QkvLayout::HeadMajor`] (the default):
