@@ -10,6 +10,7 @@ pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
 pub(crate) mod staged;
+mod submit;
 mod variants;
 
 #[doc(hidden)]
@@ -18,6 +19,7 @@ pub use variants::{Variant, variants};
 use crate::error::{Error, Result};
 pub(crate) use cache::{ChunkTable, KernelCache, MAX_CHUNKS, Pipeline};
 pub(crate) use layout::{Layout, check_sizes};
+pub(crate) use submit::{Piece, Work, submissions};
 
 /// The WGSL kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -56,8 +56,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, read_f32, scoped, scoped_async};
 use crate::kernels::fused::MAX_HEAD_DIM_V;
-use crate::kernels::{ChunkTable, Kernel, fold_grid, pad4};
-use crate::plan::steps::{Piece, Work, submissions};
+use crate::kernels::{ChunkTable, Kernel, Piece, Work, fold_grid, pad4, submissions};
 use crate::tensor::{Tensor, unravel};
 
 /// The application's buffers for an [`AttentionOp`]; each needs `STORAGE` usage and room for

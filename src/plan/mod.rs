@@ -7,7 +7,7 @@
 
 mod buffers;
 mod pack;
-pub(crate) mod steps;
+mod steps;
 mod timed;
 
 use std::sync::atomic::{AtomicU64, Ordering};
