@@ -47,6 +47,7 @@ mod core;
 
 pub use config::{BiasShape, Lengths, OperatorConfig, OperatorInputs, QkvLayout};
 
+use self::core::LengthTable;
 pub(crate) use core::{Core, StagedCore};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +57,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, read_f32, scoped, scoped_async};
 use crate::kernels::fused::MAX_HEAD_DIM_V;
-use crate::kernels::{ChunkTable, Kernel, Piece, Work, fold_grid, pad4, submissions};
+use crate::kernels::{ChunkTable, Kernel, Piece, Pipeline, Work, fold_grid, pad4, submissions};
 use crate::tensor::{Tensor, unravel};
 
 /// The application's buffers for an [`AttentionOp`]; each needs `STORAGE` usage and room for
@@ -224,8 +225,8 @@ impl AttentionOp {
                 q: &own.q,
                 k: &own.k,
                 v: &own.v,
-                key_mask: Some(&own.key_mask),
-                bias: Some(&own.bias),
+                key_mask: config.key_padding_mask.then_some(&own.key_mask),
+                bias: config.bias.is_some().then_some(&own.bias),
                 out: &own.out,
             },
         )
@@ -640,7 +641,7 @@ const STAGES: [&str; 4] = [
 fn choose_kernel(config: &OperatorConfig, limits: &wgpu::Limits) -> Result<KernelChoice> {
     let geometry = config.geometry();
     let fused_runs = || -> Result<()> {
-        Kernel::Fused.check_storage_buffers(
+        Kernel::Fused(geometry.io()).check_storage_buffers(
             limits,
             "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
         )?;
@@ -672,52 +673,47 @@ async fn make_groups(
     io: OperatorIo<'_>,
 ) -> Result<OperatorBindings> {
     let groups = scoped_async(device, "binding the operator's buffers", || {
-        let group = |layout: &wgpu::BindGroupLayout,
-                     buffers: &[&wgpu::Buffer],
-                     lengths: &self::core::LengthTable| {
-            let mut entries: Vec<wgpu::BindGroupEntry> = buffers
+        // Each buffer at its binding in the pipeline's group 0, then the two lengths.
+        let group = |pipeline: &Pipeline, buffers: &[&wgpu::Buffer], lengths: &LengthTable| {
+            let resources = buffers
                 .iter()
-                .zip(0..)
-                .map(|(b, binding)| wgpu::BindGroupEntry {
-                    binding,
-                    resource: b.as_entire_binding(),
-                })
+                .map(|b| b.as_entire_binding())
+                .chain([lengths.binding(), lengths.binding()]);
+            let entries: Vec<wgpu::BindGroupEntry> = pipeline
+                .kernel
+                .group0()
+                .into_iter()
+                .zip(resources)
+                .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
                 .collect();
-            let next = entries.len() as u32;
-            entries.extend((next..next + 2).map(|binding| wgpu::BindGroupEntry {
-                binding,
-                resource: lengths.binding(),
-            }));
             device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("attention operator"),
-                layout,
+                layout: &pipeline.layout,
                 entries: &entries,
             })
         };
         match path {
-            Path::Fused(core) => vec![group(
-                &core.pipeline.layout,
-                &[
-                    &core.params,
-                    io.q,
-                    io.k,
-                    io.v,
-                    io.key_mask.unwrap_or(&core.absent),
-                    io.bias.unwrap_or(&core.absent),
-                    io.out,
-                ],
-                &core.lengths,
-            )],
+            Path::Fused(core) => {
+                // The variant binds a mask and a bias only when the operator has them (`bind`
+                // checked that the buffers match the configuration).
+                let buffers: Vec<&wgpu::Buffer> = [&core.params, io.q, io.k, io.v]
+                    .into_iter()
+                    .chain(io.key_mask)
+                    .chain(io.bias)
+                    .chain([io.out])
+                    .collect();
+                vec![group(&core.pipeline, &buffers, &core.lengths)]
+            }
             Path::Staged(core) => {
                 let [scores, softmax, sum] = &core.pipelines;
                 vec![
                     group(
-                        &scores.layout,
+                        scores,
                         &[&core.params, io.q, io.k, &core.scores],
                         &core.lengths,
                     ),
                     group(
-                        &softmax.layout,
+                        softmax,
                         &[
                             &core.params,
                             io.key_mask.unwrap_or(&core.absent),
@@ -727,7 +723,7 @@ async fn make_groups(
                         &core.lengths,
                     ),
                     group(
-                        &sum.layout,
+                        sum,
                         &[&core.params, &core.probs, io.v, io.out],
                         &core.lengths,
                     ),
