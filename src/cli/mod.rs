@@ -6,6 +6,7 @@ mod check;
 mod error;
 mod files;
 mod layer;
+mod operator;
 mod report;
 mod run;
 mod signals;

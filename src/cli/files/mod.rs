@@ -36,6 +36,13 @@ pub enum Kind {
     /// An additive mask, F32 or F64: 0 = keep, -inf (or the dtype's lowest value, as Hugging
     /// Face writes it) = drop. Read as the keep flags 1.0 and 0.0.
     Additive,
+    /// The operator's `key_mask`: nonzero = attend, as PyTorch's boolean `attn_mask` means
+    /// True. BOOL, U8, I32, I64, F32 or F64, read as 0.0 and 1.0; a negative or non-finite
+    /// value is refused, as it marks an additive mask, which would be read inverted.
+    Attend,
+    /// The operator's additive `attn_bias`: F32, where `-inf` masks a key and NaN or `+inf`
+    /// are refused.
+    Bias,
 }
 
 /// The dtypes a [`Kind::Mask`] tensor may have, in the order messages list them.
@@ -97,13 +104,18 @@ impl TensorFile {
     }
 }
 
-/// Reads `path`, accepting exactly the tensors of `known` with their dtypes.
+/// Reads `path`, accepting exactly the tensors `choose` gives, with their dtypes, for the
+/// names the file holds (sorted); `choose` may refuse the names with a message (a file that
+/// mixes two formats).
 ///
 /// Only a regular file is read, and only after its header has been checked against its size,
 /// so `/dev/zero` or a lying header cannot make the program read or allocate without end.
 /// Every float tensor must be finite; checking here, before any transposition, lets the
 /// message give the index as it is in the file.
-pub fn read(path: &Path, known: &[(&str, Kind)]) -> Result<TensorFile, CliError> {
+pub fn read<'k>(
+    path: &Path,
+    choose: impl FnOnce(&[String]) -> Result<&'k [(&'k str, Kind)], String>,
+) -> Result<TensorFile, CliError> {
     let io_error = |source| CliError::Io {
         path: path.to_path_buf(),
         source,
@@ -128,6 +140,7 @@ pub fn read(path: &Path, known: &[(&str, Kind)]) -> Result<TensorFile, CliError>
         .map_err(|e| file_error(describe_parse_error(&bytes, &e)))?;
     let mut names: Vec<String> = parsed.names().into_iter().map(String::from).collect();
     names.sort();
+    let known = choose(&names).map_err(file_error)?;
     check_names(&names, known).map_err(file_error)?;
     let mut tensors = BTreeMap::new();
     for (name, view) in parsed.iter() {
@@ -258,6 +271,8 @@ fn convert(name: &str, view: &TensorView<'_>, kind: Kind) -> Result<Tensor, Stri
         Kind::Mask => mask_values(name, view)?,
         Kind::PaddingMask => padding_mask_values(name, view)?,
         Kind::Additive => additive_values(name, view)?,
+        Kind::Attend => attend_values(name, view)?,
+        Kind::Bias => bias_values(name, view)?,
     };
     Tensor::named(name, view.shape().to_vec(), data).map_err(|e| e.to_string())
 }
@@ -370,6 +385,58 @@ fn additive_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String
         .into_iter()
         .map(|v| if v == 0.0 { 1.0 } else { 0.0 })
         .collect())
+}
+
+fn attend_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String> {
+    let Some(values) = mask_as_f64(view) else {
+        let accepted: Vec<String> = MASK_DTYPES.iter().map(Dtype::to_string).collect();
+        return Err(format!(
+            "tensor `{name}` has dtype {}, expected one of {} (nonzero = attend, 0 = padding)",
+            view.dtype(),
+            accepted.join(", ")
+        ));
+    };
+    if let Some(i) = values.iter().position(|&v| !(v.is_finite() && v >= 0.0)) {
+        return Err(format!(
+            "tensor `{name}` holds {} at index {}: a key mask is nonzero to attend and 0 for \
+             padding; an additive mask (0 = keep, -inf = drop) goes in `attn_bias` \
+             [batch or 1, heads or 1, q_len, kv_len] instead",
+            values[i],
+            Shape(unravel(view.shape(), i))
+        ));
+    }
+    Ok(values
+        .into_iter()
+        .map(|v| if v != 0.0 { 1.0 } else { 0.0 })
+        .collect())
+}
+
+fn bias_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String> {
+    if view.dtype() != Dtype::F32 {
+        let hint = if matches!(view.dtype(), Dtype::BOOL | Dtype::U8) {
+            "; a boolean mask over keys goes in `key_mask` [batch, kv_len], and any other as \
+             its additive form, torch.zeros(m.shape).masked_fill(~m, float(\"-inf\"))"
+        } else {
+            "; save it with tensor.float()"
+        };
+        return Err(format!(
+            "tensor `{name}` has dtype {}, expected F32 (added to the scores){hint}",
+            view.dtype()
+        ));
+    }
+    let values = decode(view.data(), f32::from_le_bytes);
+    // -inf masks a key; NaN and +inf have no meaning as a bias.
+    if let Some(i) = values
+        .iter()
+        .position(|&v| v.is_nan() || v == f32::INFINITY)
+    {
+        return Err(format!(
+            "tensor `{name}` holds {} at index {}: a bias must be finite, or -inf to mask a key",
+            values[i],
+            Shape(unravel(view.shape(), i))
+        ));
+    }
+    Ok(values)
 }
 
 /// Little-endian elements of `N` bytes; safetensors data need not be aligned for a cast.

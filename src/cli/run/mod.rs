@@ -14,7 +14,10 @@ use wgpu_attention::{
 use super::check::{self, CHECK_BUDGET, RowPlan};
 use super::files::{self, Output};
 use super::layer::{self, Layer, LayerOptions, WeightLayout};
+use super::operator;
 use super::{AdapterArgs, CliError};
+
+mod op;
 
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
 #[derive(Debug, Clone, Args)]
@@ -174,7 +177,12 @@ pub fn main(
                 .into(),
         ));
     }
-    let mut file = files::read(&args.input, &layer::TENSORS)?;
+    let mut file = files::read(&args.input, |names| {
+        operator::choose_tensors(names, &layer::TENSORS)
+    })?;
+    if operator::OWN.iter().any(|name| file.holds(name)) {
+        return op::main(adapter, args, file, rule);
+    }
     let layer = layer::build(&mut file, &args.layer_options())?;
     if args.intermediates {
         refuse_huge_intermediates(&layer)?;
@@ -240,7 +248,7 @@ pub fn main(
             check_all(&layer, gpu, cpu, rule)?
         }
     };
-    print_results(&layer, &checked);
+    print_results(&checked, layer.unbatched);
     if let Some(message) = failures(&checked) {
         return Err(CliError::Mismatch(message));
     }
@@ -475,6 +483,11 @@ fn print_layer(ctx: &GpuContext, layer: &Layer, rule: CheckRule) {
             if c.causal { " up to itself" } else { "" }
         ),
     }
+    print_rule(rule);
+}
+
+/// The check's rule, as the report's `tolerance` line.
+fn print_rule(rule: CheckRule) {
     match rule {
         CheckRule::Bound => println!(
             "tolerance  each output element within its f32 forward error bound, computed beside \
@@ -487,13 +500,13 @@ fn print_layer(ctx: &GpuContext, layer: &Layer, rule: CheckRule) {
     }
 }
 
-fn print_results(layer: &Layer, checked: &[Checked]) {
+fn print_results(checked: &[Checked], unbatched: bool) {
     println!(
         "{:<10} {:<16} {:>12} {:>12} {:>9}  result",
         "tensor", "shape", "max abs err", "max rel err", "used"
     );
     for checked in checked {
-        let shape = unbatched_shape(checked.gpu.shape(), layer.unbatched);
+        let shape = unbatched_shape(checked.gpu.shape(), unbatched);
         println!(
             "{:<10} {:<16} {:>12.3e} {:>12.3e} {:>8.1}%  {}",
             checked.name,
