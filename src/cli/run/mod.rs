@@ -1,5 +1,6 @@
-//! `wgpu-attention run`: a layer on tensors from a safetensors file, run on the GPU, checked
-//! against the CPU reference, and written to another safetensors file only if they agree.
+//! `wgpu-attention run`: a layer (or an operator call, see `op`) on tensors from a safetensors
+//! file, run on the GPU, checked against the CPU reference, and written to another safetensors
+//! file only if they agree.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,25 +23,32 @@ mod op;
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Safetensors file with `x` [batch, seq, d_model] or [seq, d_model], `w_q`, `w_k`, `w_v`,
-    /// and optionally `b_q`, `b_k`, `b_v`, `w_o`, `b_o` and a key mask [batch, seq]; PyTorch's
-    /// names (`in_proj_weight`, `query.weight`, `key_padding_mask`, ...) are read too, in
-    /// PyTorch's conventions. Floats must be F32. See docs/safetensors.md.
+    /// Safetensors file with a layer: `x` [batch, seq, d_model] or [seq, d_model], `w_q`,
+    /// `w_k`, `w_v`, and optionally `b_q`, `b_k`, `b_v`, `w_o`, `b_o` and a key mask
+    /// [batch, seq]; PyTorch's names (`in_proj_weight`, `query.weight`, `key_padding_mask`,
+    /// ...) are read too, in PyTorch's conventions. Or one call of the attention operator:
+    /// `q` [batch, heads, q_len, head_dim], `k` [batch, kv_heads, kv_len, head_dim], `v`
+    /// [batch, kv_heads, kv_len, head_dim_v], optionally `key_mask` [batch, kv_len] (nonzero =
+    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Floats must be F32.
+    /// See docs/safetensors.md.
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
-    /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`).
+    /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`;
+    /// [batch, heads, q_len, head_dim_v] for an operator call).
     /// Written only if the GPU agrees with the CPU reference; an existing file is replaced
     /// atomically. Never the input file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
     /// Number of heads; the widths of `w_q` and `w_v` must divide by it. Required unless only
-    /// one count divides both.
+    /// one count divides both. An operator call reads its head counts from `q` and `k`, and
+    /// refuses a --heads that disagrees.
     #[arg(long, value_name = "H", value_parser = clap::value_parser!(u32).range(1..))]
     pub heads: Option<u32>,
     /// Score scale [default: 1/sqrt(head_dim)].
     #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = parse_scale)]
     pub scale: Option<f32>,
-    /// Query i attends only keys j <= i.
+    /// Query i attends only keys j <= i; for an operator call, keys j <= i + kv_len - q_len
+    /// (aligned to the end of the keys, as a KV cache needs).
     #[arg(long)]
     pub causal: bool,
     /// How `w_q`, `w_k`, `w_v`, `w_o` are stored: `torch` for nn.Linear weights
