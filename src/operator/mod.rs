@@ -289,16 +289,57 @@ impl AttentionOp {
         bindings: &OperatorBindings,
         lengths: Lengths,
     ) -> Result<()> {
+        self.encode_with(encoder, bindings, lengths, None)
+    }
+
+    /// [`AttentionOp::encode`], with the one compute pass it records writing `timestamps`
+    /// (the application's query set and indices), so that an application's own profiler times
+    /// the operator: what `wgpu_profiler`'s `GpuProfilerQuery::compute_pass_timestamp_writes`
+    /// gives can be handed over as it is. Needs a device created with
+    /// `Features::TIMESTAMP_QUERY`; without it, giving timestamps is an error.
+    ///
+    /// ```no_run
+    /// # use wgpu_attention::*;
+    /// # fn demo(device: wgpu::Device, op: AttentionOp, bindings: OperatorBindings,
+    /// #         queries: wgpu::QuerySet, resolve_buffer: wgpu::Buffer) -> Result<(), Error> {
+    /// // `queries`: the application's timestamp query set; `resolve_buffer`: QUERY_RESOLVE.
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// let timestamps = wgpu::ComputePassTimestampWrites {
+    ///     query_set: &queries,
+    ///     beginning_of_pass_write_index: Some(0),
+    ///     end_of_pass_write_index: Some(1),
+    /// };
+    /// let lengths = Lengths { q_len: 1, kv_len: 1337 };
+    /// op.encode_with(&mut encoder, &bindings, lengths, Some(timestamps))?;
+    /// encoder.resolve_query_set(&queries, 0..2, &resolve_buffer, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bindings: &OperatorBindings,
+        lengths: Lengths,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
         if bindings.op != self.id {
             return Err(Error::ForeignBindings);
         }
         self.config.check_lengths(lengths)?;
+        // Checked here: wgpu would report it only as a validation error when the encoder is
+        // finished, far from its cause.
+        if timestamps.is_some() && !self.ctx.has_timestamps() {
+            return Err(Error::InvalidConfig(
+                "timestamp writes need a device created with Features::TIMESTAMP_QUERY, which \
+                 this one was not (GpuContext::has_timestamps is false)"
+                    .into(),
+            ));
+        }
         let grid = fold_grid(
             self.core.workgroups(lengths.q_len as u32),
             self.max_per_dim,
             "the attention operator",
         )?;
-        self.record(encoder, &bindings.group, lengths, grid, 0..1);
+        self.record(encoder, &bindings.group, lengths, grid, 0..1, timestamps);
         Ok(())
     }
 
@@ -311,11 +352,12 @@ impl AttentionOp {
         lengths: Lengths,
         grid: [u32; 3],
         chunks: std::ops::Range<u32>,
+        timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) {
         let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("attention operator"),
-            timestamp_writes: None,
+            timestamp_writes,
         });
         pass.push_debug_group("attention operator");
         pass.set_pipeline(&self.core.pipeline.pipeline);
@@ -380,6 +422,7 @@ impl AttentionOp {
                     lengths,
                     grid,
                     c..c + 1,
+                    None,
                 );
                 if last {
                     encoder.copy_buffer_to_buffer(
