@@ -12,9 +12,11 @@ use super::report;
 use super::{AdapterArgs, CliError};
 
 mod layer;
+mod operator;
 mod table;
 
 use layer::{checked_rows, measure_cpu, measure_gpu};
+pub use operator::OperatorRow;
 use table::print_table;
 
 /// Arguments of `wgpu-attention bench`.
@@ -64,6 +66,18 @@ pub struct BenchArgs {
     /// Skip the CPU side.
     #[arg(long)]
     pub no_cpu: bool,
+    /// Lengths of the attention operator's GQA rows: 32 query heads over 8 key/value heads of
+    /// 128, causal, as many queries as keys [default: 256 on a software (CPU) adapter, 256,
+    /// 1024, 4096 on a GPU]. Each call's pass is timed as one submission.
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_parser = positive)]
+    pub op_len: Vec<usize>,
+    /// Keys of the operator's cross-attention row: 64 queries over them, 8 heads of 64, as
+    /// Whisper's decoder attends its encoder's 1500 positions.
+    #[arg(long, default_value_t = 1500, value_parser = positive)]
+    pub op_cross_kv_len: usize,
+    /// Skip the attention operator's rows.
+    #[arg(long)]
+    pub no_op: bool,
     /// Write every figure as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -91,6 +105,9 @@ impl BenchArgs {
             warmup: 1,
             repeats: 3,
             no_cpu: false,
+            op_len: Vec::new(),
+            op_cross_kv_len: 1500,
+            no_op: false,
             json: None,
             csv: None,
             plot: None,
@@ -243,6 +260,9 @@ pub struct Report {
     pub checked_rows: usize,
     pub gpu: Vec<GpuRow>,
     pub cpu: Vec<CpuRow>,
+    pub flops_operator: &'static str,
+    /// The attention operator's rows (GQA, cross-attention).
+    pub operator: Vec<OperatorRow>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -274,8 +294,9 @@ pub fn main(
     }
     args.check_sizes(&lengths, &ctx.limits())?;
     let kernels = args.kernels();
+    let op_shapes = operator::shapes(args, info.device_type == wgpu::DeviceType::Cpu);
     let bar = progress.add(ProgressBar::new(
-        (lengths.len() * (kernels.len() + usize::from(!args.no_cpu))) as u64,
+        (lengths.len() * (kernels.len() + usize::from(!args.no_cpu)) + op_shapes.len()) as u64,
     ));
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg:24} [{bar:30}] {pos}/{len} {elapsed}")
@@ -302,6 +323,8 @@ pub fn main(
         checked_rows: 0,
         gpu: Vec::new(),
         cpu: Vec::new(),
+        flops_operator: operator::FLOPS_OPERATOR,
+        operator: Vec::new(),
         skipped: Vec::new(),
     };
     for &seq in &lengths {
@@ -339,6 +362,22 @@ pub fn main(
             bar.inc(1);
         }
     }
+    for shape in &op_shapes {
+        bar.set_message(format!("operator {} {}", shape.name, shape.kv_len));
+        match operator::measure(&ctx, shape, args) {
+            Ok(row) => report.operator.push(row),
+            Err(CliError::Attention(e @ Error::LimitExceeded { .. })) => {
+                log::warn!("operator {} kv_len {}: {e}", shape.name, shape.kv_len);
+                report.skipped.push(Skipped {
+                    seq: shape.kv_len,
+                    kernel: shape.name,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        bar.inc(1);
+    }
     bar.finish_and_clear();
     print_table(&report);
     report::write(&report, args)?;
@@ -359,6 +398,13 @@ fn check_errors(report: &Report) -> Result<(), CliError> {
                 .iter()
                 .filter(|r| !r.error.passed)
                 .map(|r| format!("seq {} cpu", r.seq)),
+        )
+        .chain(
+            report
+                .operator
+                .iter()
+                .filter(|r| !r.error.passed)
+                .map(|r| format!("operator {} kv_len {}", r.shape.name, r.shape.kv_len)),
         )
         .collect();
     if failed.is_empty() {
@@ -429,6 +475,8 @@ mod tests {
                 layer_gflops: 1.0,
                 error: error(gpu_ok),
             }],
+            flops_operator: operator::FLOPS_OPERATOR,
+            operator: Vec::new(),
             cpu: vec![CpuRow {
                 seq: 8,
                 threads: 1,

@@ -116,4 +116,62 @@ pub(super) fn print_table(r: &Report) {
          fus/stg: fused attention time over staged; vs cpu: CPU layer time over the GPU's e2e time; \
          cpu attn: on already-projected inputs; n: timed CPU runs"
     );
+    if !r.operator.is_empty() {
+        print_operator(r);
+    }
+}
+
+/// The attention operator's rows, after the layer's.
+fn print_operator(r: &Report) {
+    println!();
+    println!(
+        "operator: AttentionOp on buffers bound as an application's, its pass timed with {}; \
+         GFLOP/s {}",
+        if r.timing == "timestamp queries" {
+            "the application's timestamp queries (encode_with)"
+        } else {
+            "the wall clock around a submission"
+        },
+        r.flops_operator
+    );
+    println!(
+        "{:<6} {:>5} {:>8} {:>4} {:>6} {:>7} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9} {:>7}",
+        "row",
+        "batch",
+        "heads",
+        "dim",
+        "q_len",
+        "kv_len",
+        "causal",
+        "pass ms",
+        "e2e ms",
+        "GFLOP/s",
+        "max abs",
+        "tol used",
+        "checked"
+    );
+    for row in &r.operator {
+        let s = &row.shape;
+        println!(
+            "{:<6} {:>5} {:>8} {:>4} {:>6} {:>7} {:>6} {:>9.3} {:>9.3} {:>8.2} {:>9.2e} {:>9.3} {:>7}",
+            s.name,
+            s.batch,
+            format!("{}/{}", s.heads, s.kv_heads),
+            s.head_dim,
+            s.q_len,
+            s.kv_len,
+            if s.causal { "yes" } else { "no" },
+            row.gpu.median * 1e3,
+            row.end_to_end.median * 1e3,
+            row.gflops,
+            row.error.max_abs,
+            row.error.tolerance_used,
+            format!("{} h", row.checked_heads)
+        );
+    }
+    println!(
+        "heads: query/key-value; pass: the operator's compute pass; e2e: run() with upload and \
+         read-back; checked: query heads compared with the f64 reference (those of the first \
+         and last key/value heads)"
+    );
 }
