@@ -387,3 +387,28 @@ fn queries_with_no_key_need_allow_masked_rows() {
     assert!(out["out"].data()[..12].iter().all(|&v| v == 0.0));
     assert!(out["out"].data()[12..16].iter().any(|&v| v != 0.0));
 }
+
+#[test]
+fn a_call_past_the_checks_budget_is_checked_on_a_spread_of_head_groups() {
+    // 8 query heads over 4 key/value heads of 64, 768 queries over 768 keys: checking all
+    // 4 groups would take 1.2e9 multiply-adds, over the budget of 1e9, so 3 are.
+    let mut rng = Rng(51);
+    let case = Case::new(vec![
+        ("q", from_tensor(&rng.tensor(&[1, 8, 768, 64], 1.0))),
+        ("k", from_tensor(&rng.tensor(&[1, 4, 768, 64], 1.0))),
+        ("v", from_tensor(&rng.tensor(&[1, 4, 768, 64], 1.0))),
+    ]);
+    case.run(&["--causal"])
+        .success()
+        .stdout(predicate::str::contains(
+            "check      the query heads of 3 of 4 (batch row, key/value head) groups, evenly \
+             spread (every one would take 1.2e9 multiply-adds",
+        ))
+        .stdout(predicate::str::is_match(r"out\s+\[1, 8, 768, 64\].*%\s+pass").unwrap());
+    std::fs::remove_file(&case.output).unwrap();
+    // The sampled groups are really compared: no error at all is more than f32 gives.
+    case.fails(
+        &["--causal", "--tolerance-atol", "0", "--tolerance-rtol", "0"],
+        "nothing was written",
+    );
+}
