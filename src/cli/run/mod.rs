@@ -189,7 +189,7 @@ pub fn main(
         operator::choose_tensors(names, &layer::TENSORS)
     })?;
     if operator::OWN.iter().any(|name| file.holds(name)) {
-        return op::main(adapter, args, file, rule);
+        return op::main(adapter, args, file, rule, progress);
     }
     let layer = layer::build(&mut file, &args.layer_options())?;
     if args.intermediates {
@@ -214,19 +214,7 @@ pub fn main(
     if estimate.worth_telling() {
         println!("estimate   {estimate}; Ctrl-C stops cleanly");
     }
-    // The GPU call gives no progress of its own: a spinner shows it is alive.
-    let spinner = if estimate.gpu_seconds > 2.0 {
-        let spinner = progress.add(
-            ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
-                    .expect("the template is valid"),
-            ),
-        );
-        spinner.enable_steady_tick(Duration::from_millis(200));
-        spinner
-    } else {
-        ProgressBar::hidden()
-    };
+    let spinner = gpu_spinner(progress, estimate.gpu_seconds);
     let gpu = run_gpu(&ctx, &layer, args);
     spinner.finish_and_clear();
     progress.remove(&spinner);
@@ -307,6 +295,21 @@ fn refuse_huge_intermediates(layer: &Layer) -> Result<(), CliError> {
     }
 }
 
+/// The GPU call gives no progress of its own: past two seconds, a spinner shows it is alive.
+fn gpu_spinner(progress: &MultiProgress, gpu_seconds: f64) -> ProgressBar {
+    if gpu_seconds <= 2.0 {
+        return ProgressBar::hidden();
+    }
+    let spinner = progress.add(
+        ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
+                .expect("the template is valid"),
+        ),
+    );
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    spinner
+}
+
 /// A rough forecast of how long the run takes, so a long one says so before it starts.
 struct Estimate {
     gpu_seconds: f64,
@@ -323,16 +326,21 @@ impl Estimate {
         let width = (c.head_dim + c.head_dim_v) as f64;
         let flops = 2.0 * b * h * n * n * width
             + 2.0 * b * n * c.d_model as f64 * h * (2 * c.head_dim + c.head_dim_v) as f64;
-        // Software adapters (lavapipe, llvmpipe) reach a few GFLOP/s; anything else far more.
-        let rate = if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
-            2e9
-        } else {
-            1e12
-        };
+        let rate = Self::rate(ctx);
         let check_work = rows.map_or(b * h * n * n * width, |r| r.work);
         Estimate {
             gpu_seconds: flops / rate,
             check_seconds: check_work / REFERENCE_RATE,
+        }
+    }
+
+    /// FLOP/s to expect: software adapters (lavapipe, llvmpipe) reach a few GFLOP/s; anything
+    /// else far more.
+    fn rate(ctx: &GpuContext) -> f64 {
+        if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
+            2e9
+        } else {
+            1e12
         }
     }
 

@@ -1,6 +1,7 @@
 //! `wgpu-attention run` on a file holding `q`, `k`, `v`: one call of the attention operator,
 //! checked against its f64 reference like the layer before anything is written.
 
+use indicatif::MultiProgress;
 use wgpu_attention::{
     AttentionOp, BiasShape, Comparison, DeviceLimits, GpuContext, KernelChoice, OperatorConfig,
     OperatorInputs, Tensor, compare, compare_bounded, reference,
@@ -10,7 +11,10 @@ use super::super::check::{CHECK_BUDGET, spread};
 use super::super::files::{self, Output, TensorFile};
 use super::super::operator::{self, OperatorCall, OperatorOptions};
 use super::super::{AdapterArgs, CliError};
-use super::{CheckRule, Checked, RunArgs, failures, print_results, print_rule};
+use super::{
+    CheckRule, Checked, Estimate, REFERENCE_RATE, RunArgs, failures, gpu_spinner, print_results,
+    print_rule,
+};
 
 /// Runs the operator on `file`'s tensors, checks the output, and writes it if it passes.
 pub fn main(
@@ -18,6 +22,7 @@ pub fn main(
     args: &RunArgs,
     mut file: TensorFile,
     rule: CheckRule,
+    progress: &MultiProgress,
 ) -> Result<(), CliError> {
     refuse_layer_flags(args)?;
     let options = OperatorOptions {
@@ -33,7 +38,24 @@ pub fn main(
     print_rule(rule);
     let sample = Sample::choose(&call, args.check_all);
     println!("check      {}", sample.describe(&call));
-    let gpu = AttentionOp::new(&ctx, &call.config)?.run(&call.inputs)?;
+    let c = &call.config;
+    let flops = 2.0
+        * (c.batch * c.heads) as f64
+        * call.q_len() as f64
+        * call.kv_len() as f64
+        * (c.head_dim + c.head_dim_v) as f64;
+    let estimate = Estimate {
+        gpu_seconds: flops / Estimate::rate(&ctx),
+        check_seconds: sample.work / REFERENCE_RATE,
+    };
+    if estimate.worth_telling() {
+        println!("estimate   {estimate}; Ctrl-C stops cleanly");
+    }
+    let spinner = gpu_spinner(progress, estimate.gpu_seconds);
+    let gpu = AttentionOp::new(&ctx, &call.config).and_then(|mut op| op.run(&call.inputs));
+    spinner.finish_and_clear();
+    progress.remove(&spinner);
+    let gpu = gpu?;
     let comparison = sample.check(&call, &gpu, rule)?;
     let checked = [Checked {
         name: "out",
