@@ -26,7 +26,7 @@ pub struct Variant {
 /// distinct override sets, in the order first reached.
 #[doc(hidden)]
 pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
-    Kernel::ALL
+    Kernel::all()
         .into_iter()
         .flat_map(|kernel| {
             let sets = match kernel {
@@ -34,7 +34,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Scores => super::scores::override_sets(limits),
                 Kernel::Softmax => super::softmax::override_sets(limits),
                 Kernel::WeightedSum => super::weighted_sum::override_sets(limits),
-                Kernel::Fused => super::fused::override_sets(limits),
+                Kernel::Fused(_) => super::fused::override_sets(limits),
             };
             sets.into_iter().map(move |overrides| Variant {
                 kernel,
@@ -147,12 +147,12 @@ mod tests {
                     );
                     for dvp in [4, 36, 100, 132, 256] {
                         if let Ok(t) = fused::FusedTiles::choose(seq, seq, n, dvp, &limits) {
-                            has(Kernel::Fused, t.overrides());
+                            has(Kernel::Fused(fused::FusedIo::ALL[0]), t.overrides());
                         }
                     }
                 }
             }
-            for kernel in Kernel::ALL {
+            for kernel in Kernel::all() {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 assert!(n >= 2, "{kernel:?}: only {n} override sets");
             }
