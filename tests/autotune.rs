@@ -77,7 +77,11 @@ fn a_class_is_timed_once_and_a_new_class_again() {
     assert_eq!(ctx.autotune_trials(), 1);
     let tuned = ctx.tuned();
     assert_eq!(tuned.len(), 1, "{tuned:?}");
-    assert_eq!(Some(&tuned[0].1), op.tiles().as_ref(), "the operator runs the winner");
+    assert_eq!(
+        Some(&tuned[0].1),
+        op.tiles().as_ref(),
+        "the operator runs the winner"
+    );
     // The same class (lengths in the same power-of-two bucket): no second timing.
     AttentionOp::new(&ctx, &OperatorConfig::new(1, 2, 2, 16, 30, 60)).unwrap();
     assert_eq!(ctx.autotune_trials(), 1);
@@ -120,7 +124,10 @@ fn winners_in_a_file_serve_the_next_context_on_the_same_adapter() {
     std::fs::write(&file, format!("{other}{text}")).unwrap();
     let second = fresh();
     second.autotune_file(&file).unwrap();
-    assert_eq!(AttentionOp::new(&second, &config).unwrap().tiles(), Some(tiles));
+    assert_eq!(
+        AttentionOp::new(&second, &config).unwrap().tiles(),
+        Some(tiles)
+    );
     assert_eq!(second.autotune_trials(), 0, "the file's winner was used");
     assert_eq!(second.tuned().len(), 1, "only this adapter's line");
 

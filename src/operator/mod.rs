@@ -356,10 +356,51 @@ impl AttentionOp {
         bindings: &OperatorBindings,
         lengths: Lengths,
     ) -> Result<()> {
+        self.encode_with(encoder, bindings, lengths, None)
+    }
+
+    /// [`AttentionOp::encode`], with the one compute pass it records writing `timestamps`
+    /// (the application's query set and indices), so that an application's own profiler times
+    /// the operator: what `wgpu_profiler`'s `GpuProfilerQuery::compute_pass_timestamp_writes`
+    /// gives can be handed over as it is. Needs a device created with
+    /// `Features::TIMESTAMP_QUERY`; without it, giving timestamps is an error.
+    ///
+    /// ```no_run
+    /// # use wgpu_attention::*;
+    /// # fn demo(device: wgpu::Device, op: AttentionOp, bindings: OperatorBindings,
+    /// #         queries: wgpu::QuerySet, resolve_buffer: wgpu::Buffer) -> Result<(), Error> {
+    /// // `queries`: the application's timestamp query set; `resolve_buffer`: QUERY_RESOLVE.
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// let timestamps = wgpu::ComputePassTimestampWrites {
+    ///     query_set: &queries,
+    ///     beginning_of_pass_write_index: Some(0),
+    ///     end_of_pass_write_index: Some(1),
+    /// };
+    /// let lengths = Lengths { q_len: 1, kv_len: 1337 };
+    /// op.encode_with(&mut encoder, &bindings, lengths, Some(timestamps))?;
+    /// encoder.resolve_query_set(&queries, 0..2, &resolve_buffer, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bindings: &OperatorBindings,
+        lengths: Lengths,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
         if bindings.op != self.id {
             return Err(Error::ForeignBindings);
         }
         self.config.check_lengths(lengths)?;
+        // Checked here: wgpu would report it only as a validation error when the encoder is
+        // finished, far from its cause.
+        if timestamps.is_some() && !self.ctx.has_timestamps() {
+            return Err(Error::InvalidConfig(
+                "timestamp writes need a device created with Features::TIMESTAMP_QUERY, which \
+                 this one was not (GpuContext::has_timestamps is false)"
+                    .into(),
+            ));
+        }
         let steps = self.call_steps(lengths);
         let pieces = steps
             .iter()
@@ -377,7 +418,14 @@ impl AttentionOp {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        self.record(encoder, &bindings.groups, lengths, &steps, &pieces);
+        self.record(
+            encoder,
+            &bindings.groups,
+            lengths,
+            &steps,
+            &pieces,
+            timestamps,
+        );
         Ok(())
     }
 
@@ -423,6 +471,7 @@ impl AttentionOp {
         lengths: Lengths,
         steps: &[CallStep],
         pieces: &[Piece],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) {
         let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
         let (pipelines, offsets) = match &self.path {
@@ -432,8 +481,14 @@ impl AttentionOp {
             ),
             Path::Staged(core) => (&core.pipelines[..], core.offsets(q_len, kv_len)),
         };
+        // The application's timestamps go at the beginning of the first pass and the end of
+        // the last (the staged path with intermediates has two, around the copy of scores).
+        let is_copy = |p: &Piece| steps[p.step].is_none();
+        let last_copy = pieces.iter().rposition(is_copy);
+        let last_dispatch = pieces.iter().rposition(|p| !is_copy(p));
+        let mut first = true;
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
-        for piece in pieces {
+        for (i, piece) in pieces.iter().enumerate() {
             let Some((k, _)) = steps[piece.step] else {
                 drop(pass.take());
                 if let Path::Staged(core) = &self.path {
@@ -448,10 +503,22 @@ impl AttentionOp {
                 continue;
             };
             let pass = pass.get_or_insert_with(|| {
+                let last = last_copy.is_none_or(|c| c < i || Some(c) > last_dispatch);
+                let timestamp_writes =
+                    timestamps
+                        .as_ref()
+                        .map(|t| wgpu::ComputePassTimestampWrites {
+                            query_set: t.query_set,
+                            beginning_of_pass_write_index: t
+                                .beginning_of_pass_write_index
+                                .filter(|_| first),
+                            end_of_pass_write_index: t.end_of_pass_write_index.filter(|_| last),
+                        });
+                first = false;
                 encoder
                     .begin_compute_pass(&wgpu::ComputePassDescriptor {
                         label: Some("attention operator"),
-                        timestamp_writes: None,
+                        timestamp_writes,
                     })
                     .forget_lifetime()
             });
@@ -521,6 +588,7 @@ impl AttentionOp {
                     lengths,
                     &steps,
                     pieces,
+                    None,
                 );
                 if last {
                     encoder.copy_buffer_to_buffer(
