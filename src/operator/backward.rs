@@ -288,6 +288,17 @@ fn make_groups(
 }
 
 impl AttentionOp {
+    /// The fused kernel's core, whose parameters and length table the backward binds (an
+    /// operator with gradients always runs the fused kernel: see `choose_kernel`).
+    fn fused_core(&self) -> Result<&Core> {
+        match &self.path {
+            super::Path::Fused(core) => Ok(core),
+            super::Path::Staged(_) => Err(Error::InvalidConfig(
+                "the attention backward needs the fused kernel's forward".into(),
+            )),
+        }
+    }
+
     fn backward_part(&self) -> Result<&Backward> {
         self.backward.as_ref().ok_or_else(|| {
             Error::InvalidConfig(
@@ -362,7 +373,7 @@ impl AttentionOp {
                 ),
             });
         }
-        make_groups(self.ctx.device(), self.id, &self.core, bw, io)
+        make_groups(self.ctx.device(), self.id, self.fused_core()?, bw, io)
     }
 
     /// Records one backward call into `encoder`: the gradients of `lengths.q_len` queries over
@@ -403,7 +414,8 @@ impl AttentionOp {
         copy_mask: bool,
         stages: &[(Stage, [u32; 3], std::ops::Range<u32>)],
     ) {
-        let Some(bw) = self.backward.as_ref() else {
+        // Both exist: the callers checked (backward_part, and gradients imply the fused path).
+        let (Some(bw), Ok(core)) = (self.backward.as_ref(), self.fused_core()) else {
             return;
         };
         if copy_mask && let Some(mask) = &bindings.key_mask {
@@ -415,9 +427,7 @@ impl AttentionOp {
             label: Some("attention backward"),
             timestamp_writes: None,
         });
-        let offsets = self
-            .core
-            .offsets(lengths.q_len as u32, lengths.kv_len as u32);
+        let offsets = core.offsets(lengths.q_len as u32, lengths.kv_len as u32);
         for (stage, [x, y, z], chunks) in stages {
             let group = match stage {
                 Stage::Prep => &bindings.prep,
@@ -524,7 +534,7 @@ impl AttentionOp {
             let bindings = make_groups(
                 self.ctx.device(),
                 self.id,
-                &self.core,
+                self.fused_core()?,
                 bw,
                 BackwardIo {
                     q: &own.q,
