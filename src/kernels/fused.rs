@@ -141,8 +141,8 @@ pub struct FusedIo {
 }
 
 impl FusedIo {
-    /// Every variant, the one binding the most first: the logsumexp is saved only with Q, K
-    /// and V apart (the operator; the layer has no backward yet).
+    /// Every variant, the one binding the most first, then those saving the logsumexp (only
+    /// with Q, K and V apart: the operator; the layer has no backward yet).
     pub const ALL: [FusedIo; 12] = {
         let mut all = [FusedIo {
             packed_qkv: false,
@@ -152,8 +152,8 @@ impl FusedIo {
         }; 12];
         let mut i = 0;
         while i < 12 {
-            // 0-3: with the logsumexp; 4-11: without, as before.
-            let (lse, j) = if i < 4 { (true, i) } else { (false, i - 4) };
+            // 0-7: without the logsumexp; 8-11: with it, Q, K and V apart.
+            let (lse, j) = if i < 8 { (false, i) } else { (true, i - 8) };
             all[i] = FusedIo {
                 packed_qkv: j & 4 != 0,
                 mask: j & 2 == 0,
