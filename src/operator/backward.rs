@@ -22,6 +22,20 @@
 //! keys `j` it attends, `x_j = scale · q·k_j + bias_j` the logits the softmax sees (so
 //! `P_j = exp(x_j - lse)`); `-3.402823e38` ([`crate::reference::EMPTY_ROW_LSE`]) for a row that
 //! attends no key. [`crate::reference::operator_lse`] computes it in f64.
+//!
+//! # Use
+//!
+//! Build the operator from [`OperatorConfig::with_gradients`] (it then always runs the fused
+//! kernel, the one whose forward saves the logsumexp). On an application's buffers: bind the
+//! forward with [`AttentionOp::bind_with_lse`] and the backward with
+//! [`AttentionOp::bind_backward`] once, then record [`AttentionOp::encode`] and
+//! [`AttentionOp::encode_backward`] per call. For tests and tools,
+//! [`AttentionOp::run_with_grad`] runs both on host tensors.
+//!
+//! Limits: every storage binding is a buffer of the application's or the backward's scratch,
+//! so the dK/dV kernel binds eight (q, k, v, dO, scratch, bias, dK, dV) and the dQ kernel
+//! seven; a device with four per shader stage (downlevel) refuses the operator with
+//! gradients by name. Head widths up to 256.
 
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
