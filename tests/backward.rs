@@ -286,6 +286,49 @@ fn a_kv_cache_layout_and_a_split_call_give_the_reference_gradients() {
     assert_eq!(split, whole, "the split changed the bits");
 }
 
+/// Under GQA, dK and dV of a key/value head are the sums, over the query heads of its group,
+/// of MHA's dK and dV with K and V repeated per query head: a second route, GPU against GPU.
+#[test]
+fn gqa_gradients_equal_mha_gradients_summed_over_each_group() {
+    let (heads, d, n) = (4, 8, 13);
+    for kv_heads in [2, 1] {
+        let group = heads / kv_heads;
+        let gqa = OperatorConfig::new(1, heads, kv_heads, d, n, n)
+            .causal()
+            .with_gradients();
+        let x = inputs(&gqa, n, n, 100 + kv_heads as u64);
+        let g = Rng::new(101).tensor(&gqa.output_shape(n), 1.0);
+        let Some(mut op) = grad_op(ctx(), &gqa) else {
+            return;
+        };
+        let (_, grouped) = op.run_with_grad(&x, &g).unwrap();
+        let repeat = |t: &Tensor| {
+            let data = (0..heads)
+                .flat_map(|h| t.data()[(h / group) * n * d..][..n * d].to_vec())
+                .collect();
+            Tensor::new([1, heads, n, d], data).unwrap()
+        };
+        let mha = OperatorConfig::new(1, heads, heads, d, n, n)
+            .causal()
+            .with_gradients();
+        let y = OperatorInputs::new(x.q.clone(), repeat(&x.k), repeat(&x.v));
+        let mut op = grad_op(ctx(), &mha).unwrap();
+        let (_, full) = op.run_with_grad(&y, &g).unwrap();
+        let summed = |t: &Tensor| {
+            let mut data = vec![0f32; kv_heads * n * d];
+            for h in 0..heads {
+                for (e, x) in t.data()[h * n * d..][..n * d].iter().enumerate() {
+                    data[(h / group) * n * d + e] += x;
+                }
+            }
+            Tensor::new([1, kv_heads, n, d], data).unwrap()
+        };
+        assert_close("dQ", &grouped.q, &full.q);
+        assert_close("dK", &grouped.k, &summed(&full.k));
+        assert_close("dV", &grouped.v, &summed(&full.v));
+    }
+}
+
 #[test]
 fn gradients_match_finite_differences_of_the_forward() {
     // L = Σ g ∘ O, differentiated by central differences of the f64 reference forward (read
