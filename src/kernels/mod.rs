@@ -6,6 +6,7 @@
 //! [`crate::GpuContext`] and shared by all plans on it.
 
 mod cache;
+pub(crate) mod decode;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
@@ -34,6 +35,10 @@ pub enum Kernel {
     WeightedSum,
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass.
     Fused,
+    /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range.
+    DecodeSplit,
+    /// `decode_combine.wgsl`: merges split-K partials into the output.
+    DecodeCombine,
 }
 
 /// How a kernel sees one binding.
@@ -137,12 +142,14 @@ pub(crate) use uniform_params;
 
 impl Kernel {
     /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::Gemm,
         Kernel::Scores,
         Kernel::Softmax,
         Kernel::WeightedSum,
         Kernel::Fused,
+        Kernel::DecodeSplit,
+        Kernel::DecodeCombine,
     ];
 
     /// The file name under `shaders/`.
@@ -153,6 +160,8 @@ impl Kernel {
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
             Kernel::Fused => "fused_attention.wgsl",
+            Kernel::DecodeSplit => "decode_split.wgsl",
+            Kernel::DecodeCombine => "decode_combine.wgsl",
         }
     }
 
@@ -164,6 +173,8 @@ impl Kernel {
             Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
             Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
             Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
+            Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
+            Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
         }
     }
 
@@ -213,6 +224,8 @@ impl Kernel {
                 "score_tile.wgsl",
                 "fused_attention.wgsl"
             ),
+            Kernel::DecodeSplit => with!("dispatch.wgsl", "decode_split.wgsl"),
+            Kernel::DecodeCombine => with!("dispatch.wgsl", "decode_combine.wgsl"),
         }
     }
 
@@ -225,6 +238,8 @@ impl Kernel {
             Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
             Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
             Kernel::Fused => &fused::FusedParams::LAYOUT,
+            Kernel::DecodeSplit => &decode::DecodeParams::LAYOUT,
+            Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
         }
     }
 
@@ -264,6 +279,10 @@ impl Kernel {
             Kernel::WeightedSum => &[Read, Read, ReadWrite],
             // q, k, v, key_mask, bias, out.
             Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
+            // q, k, v, keys (mask or row lengths), partials.
+            Kernel::DecodeSplit => &[Read, Read, Read, Read, ReadWrite],
+            // partials, out.
+            Kernel::DecodeCombine => &[Read, ReadWrite],
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
@@ -276,10 +295,15 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        if self == Kernel::Fused {
-            // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
+        // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
+        let lengths = match self {
+            Kernel::Fused | Kernel::DecodeSplit => 2,
+            Kernel::DecodeCombine => 1,
+            _ => 0,
+        };
+        if lengths > 0 {
             let next = bindings.len() as u32;
-            bindings.extend((next..next + 2).map(|binding| Binding {
+            bindings.extend((next..next + lengths).map(|binding| Binding {
                 binding,
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)

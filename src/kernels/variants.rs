@@ -35,6 +35,8 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Softmax => super::softmax::override_sets(limits),
                 Kernel::WeightedSum => super::weighted_sum::override_sets(limits),
                 Kernel::Fused => super::fused::override_sets(limits),
+                Kernel::DecodeSplit => super::decode::override_sets(limits),
+                Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
                 kernel,
@@ -152,7 +154,11 @@ mod tests {
                     }
                 }
             }
-            for kernel in Kernel::ALL {
+            // The combine has one workgroup size.
+            for kernel in Kernel::ALL
+                .into_iter()
+                .filter(|&k| k != Kernel::DecodeCombine)
+            {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 assert!(n >= 2, "{kernel:?}: only {n} override sets");
             }

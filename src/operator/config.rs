@@ -2,6 +2,7 @@
 //! shapes it reads, one call's lengths, and host inputs with their checks.
 
 use crate::error::{Error, Result, Shape};
+use crate::kernels::decode::{DecodeGeometry, KeysMode};
 use crate::kernels::fused::{FusedGeometry, Strides};
 use crate::tensor::{Tensor, unravel};
 
@@ -13,6 +14,24 @@ pub enum QkvLayout {
     HeadMajor,
     /// `[batch, len, heads * dim]`.
     TokenMajor,
+}
+
+/// The most queries a call may have for the split-K decode kernel
+/// (`shaders/decode_split.wgsl`); [`OperatorPath::Auto`] runs it for calls up to this long.
+pub const DECODE_MAX_Q_LEN: usize = 16;
+
+/// Which kernel an [`AttentionOp`](super::AttentionOp) call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OperatorPath {
+    /// By shape: split-K decode for calls of at most [`DECODE_MAX_Q_LEN`] queries (when there
+    /// is no bias), the fused kernel otherwise.
+    #[default]
+    Auto,
+    /// Always the fused kernel (one workgroup per block of query rows; a "single pass").
+    Fused,
+    /// Always split-K decode: the keys cut across workgroups, the partial results merged by a
+    /// second pass. Needs `max_q_len <= DECODE_MAX_Q_LEN` and no bias.
+    SplitK,
 }
 
 /// Which dimensions of the bias `[batch or 1, heads or 1, q_len, kv_len]` are full; a
@@ -66,6 +85,18 @@ pub struct OperatorConfig {
     /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
     /// `kv_len`. At least `max_kv_len`.
     pub kv_capacity: Option<usize>,
+    /// Which kernel calls run.
+    pub path: OperatorPath,
+    /// Key ranges split-K decode cuts the keys into; `None`: chosen from the shape and the
+    /// adapter (enough workgroups to fill it when `batch x kv_heads` does not, each split at
+    /// least 64 keys of `max_kv_len`).
+    pub splits: Option<usize>,
+    /// Each batch row has its own key count (`<=` the call's `kv_len`), read from a `[batch]`
+    /// u32 buffer (a [`KvCache`](super::KvCache)'s, bound with
+    /// [`AttentionOp::bind_cache`](super::AttentionOp::bind_cache)); causal masking is aligned
+    /// to each row's own end. Split-K decode only: needs `max_q_len <= DECODE_MAX_Q_LEN`, no
+    /// key mask and no bias.
+    pub row_lengths: bool,
 }
 
 impl OperatorConfig {
@@ -93,7 +124,33 @@ impl OperatorConfig {
             scale: None,
             layout: QkvLayout::HeadMajor,
             kv_capacity: None,
+            path: OperatorPath::Auto,
+            splits: None,
+            row_lengths: false,
         }
+    }
+
+    /// Calls run this kernel.
+    pub fn with_path(mut self, path: OperatorPath) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// Split-K decode cuts the keys into `splits` ranges.
+    pub fn with_splits(mut self, splits: usize) -> Self {
+        self.splits = Some(splits);
+        self
+    }
+
+    /// Each batch row has its own key count (see [`OperatorConfig::row_lengths`]).
+    pub fn with_row_lengths(mut self) -> Self {
+        self.row_lengths = true;
+        self
+    }
+
+    /// Whether the operator builds the split-K decode kernel.
+    pub(super) fn has_decode(&self) -> bool {
+        self.path != OperatorPath::Fused && self.bias.is_none()
     }
 
     /// Value heads of another width.
@@ -178,6 +235,42 @@ impl OperatorConfig {
                 self.max_kv_len
             )));
         }
+        if self.splits == Some(0) {
+            return Err(Error::ZeroSize { name: "splits" });
+        }
+        let split_k_only = |what: &str| -> Result<()> {
+            if self.max_q_len > DECODE_MAX_Q_LEN {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} runs only split-K decode, which takes at most {DECODE_MAX_Q_LEN} \
+                     queries, but max_q_len is {}",
+                    self.max_q_len
+                )));
+            }
+            if self.bias.is_some() {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} runs only split-K decode, which takes no bias"
+                )));
+            }
+            Ok(())
+        };
+        if self.path == OperatorPath::SplitK {
+            split_k_only("OperatorPath::SplitK")?;
+        }
+        if self.row_lengths {
+            split_k_only("with_row_lengths")?;
+            if self.path == OperatorPath::Fused {
+                return Err(Error::InvalidConfig(
+                    "with_row_lengths needs split-K decode, but the path is Fused".into(),
+                ));
+            }
+            if self.key_padding_mask {
+                return Err(Error::InvalidConfig(
+                    "with_row_lengths and a key-padding mask: the decode kernel takes one of \
+                     the two (a row's key count is a mask of its first keys)"
+                        .into(),
+                ));
+            }
+        }
         if !self.scale_value().is_finite() {
             return Err(Error::InvalidConfig(format!(
                 "scale {} is not finite",
@@ -198,6 +291,31 @@ impl OperatorConfig {
     /// The output's shape for a call of `q_len` queries.
     pub fn output_shape(&self, q_len: usize) -> Vec<usize> {
         self.shape(self.heads, q_len, self.head_dim_v)
+    }
+
+    pub(super) fn decode_geometry(&self, splits: u32) -> DecodeGeometry {
+        let g = self.geometry();
+        DecodeGeometry {
+            batch: g.batch,
+            heads: g.heads,
+            kv_heads: g.kv_heads,
+            head_dim: g.head_dim,
+            head_dim_v: g.head_dim_v,
+            causal: g.causal,
+            keys: if self.row_lengths {
+                KeysMode::RowLengths
+            } else if self.key_padding_mask {
+                KeysMode::Mask
+            } else {
+                KeysMode::None
+            },
+            scale: g.scale,
+            splits,
+            q: g.q,
+            k: g.k,
+            v: g.v,
+            out: g.out,
+        }
     }
 
     fn strides(&self, heads: usize, width: usize) -> Strides {

@@ -34,8 +34,13 @@
 
 mod config;
 mod core;
+mod decode;
+mod kv_cache;
 
-pub use config::{BiasShape, Lengths, OperatorConfig, OperatorInputs, QkvLayout};
+pub use config::{
+    BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorInputs, OperatorPath, QkvLayout,
+};
+pub use kv_cache::KvCache;
 
 pub(crate) use core::Core;
 
@@ -72,6 +77,8 @@ pub struct OperatorIo<'a> {
 pub struct OperatorBindings {
     op: u64,
     group: wgpu::BindGroup,
+    /// The split-K decode pass's and its combine's, where the operator has that path.
+    decode: Option<[wgpu::BindGroup; 2]>,
 }
 
 /// The operator's own buffers, for [`AttentionOp::run`].
@@ -109,6 +116,7 @@ pub struct AttentionOp {
     config: OperatorConfig,
     id: u64,
     core: Core,
+    decode: Option<decode::DecodeCore>,
     chunks: ChunkTable,
     max_per_dim: u32,
     own: OwnIo,
@@ -159,6 +167,12 @@ impl AttentionOp {
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
         let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
+        let decode = if config.has_decode() {
+            let max_q = max_q.min(DECODE_MAX_Q_LEN as u32);
+            Some(decode::DecodeCore::new(ctx, config, max_q, max_kv).await?)
+        } else {
+            None
+        };
         let device = ctx.device();
         let own = scoped_async(device, "creating the operator's buffers", || {
             let [q, k, v, out, mask, bias] = config
@@ -190,6 +204,8 @@ impl AttentionOp {
             device,
             id,
             &core,
+            decode.as_ref(),
+            None,
             OperatorIo {
                 q: &own.q,
                 k: &own.k,
@@ -205,6 +221,7 @@ impl AttentionOp {
             config: config.clone(),
             id,
             core,
+            decode,
             chunks: ctx.kernels().chunks().await?,
             max_per_dim: limits.max_compute_workgroups_per_dimension,
             own,
@@ -226,6 +243,85 @@ impl AttentionOp {
 
     /// The async form of [`AttentionOp::bind`].
     pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        if self.config.row_lengths {
+            return Err(Error::BadBuffer {
+                name: "row_lengths",
+                problem: "the configuration has per-row lengths: bind a KvCache with \
+                          AttentionOp::bind_cache"
+                    .into(),
+            });
+        }
+        self.check_io(io)?;
+        make_group(
+            self.ctx.device(),
+            self.id,
+            &self.core,
+            self.decode.as_ref(),
+            None,
+            io,
+        )
+        .await
+    }
+
+    /// Makes the bind group that ties this operator to a [`KvCache`] (its K, V and, with
+    /// [`OperatorConfig::with_row_lengths`], its per-row lengths) and the application's query
+    /// and output buffers. The cache must match the configuration: batch, kv heads, head
+    /// widths, head-major, and a capacity equal to the configuration's `kv_capacity`.
+    pub fn bind_cache(
+        &self,
+        q: &wgpu::Buffer,
+        cache: &KvCache,
+        out: &wgpu::Buffer,
+    ) -> Result<OperatorBindings> {
+        let _device = self.ctx.kernels().exclusive();
+        let c = &self.config;
+        let wanted = [
+            ("batch", c.batch, cache.batch()),
+            ("kv_heads", c.kv_heads, cache.kv_heads()),
+            ("head_dim", c.head_dim, cache.head_dim()),
+            ("head_dim_v", c.head_dim_v, cache.head_dim_v()),
+            ("kv_capacity", c.kv_capacity.unwrap_or(0), cache.capacity()),
+        ];
+        for (what, config, given) in wanted {
+            if config != given {
+                return Err(Error::InvalidConfig(format!(
+                    "the KV cache has {what} {given}, the operator {config} (build the operator \
+                     with the cache's shape: KvCache::operator_config)"
+                )));
+            }
+        }
+        if c.layout != QkvLayout::HeadMajor {
+            return Err(Error::InvalidConfig(
+                "a KvCache is head-major; the operator is token-major".into(),
+            ));
+        }
+        let io = OperatorIo {
+            q,
+            k: cache.k(),
+            v: cache.v(),
+            key_mask: None,
+            bias: None,
+            out,
+        };
+        if c.key_padding_mask || c.bias.is_some() {
+            return Err(Error::InvalidConfig(
+                "bind_cache binds no key mask or bias; use bind with the cache's buffers".into(),
+            ));
+        }
+        self.check_io(io)?;
+        let row_lengths = c.row_lengths.then(|| cache.row_lengths());
+        pollster::block_on(make_group(
+            self.ctx.device(),
+            self.id,
+            &self.core,
+            self.decode.as_ref(),
+            row_lengths,
+            io,
+        ))
+    }
+
+    /// Checks each of an application's buffers (usage, size for the maximum lengths).
+    fn check_io(&self, io: OperatorIo<'_>) -> Result<()> {
         let [q, k, v, out, mask, bias] = self.config.max_elements();
         // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
         for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
@@ -258,7 +354,23 @@ impl AttentionOp {
                 (false, None) => {}
             }
         }
-        make_group(self.ctx.device(), self.id, &self.core, io).await
+        Ok(())
+    }
+
+    /// Whether a call of `q_len` queries runs split-K decode.
+    fn uses_decode(&self, q_len: usize) -> bool {
+        self.decode.is_some()
+            && match self.config.path {
+                OperatorPath::Auto => q_len <= DECODE_MAX_Q_LEN,
+                OperatorPath::SplitK => true,
+                OperatorPath::Fused => false,
+            }
+    }
+
+    /// The number of key ranges split-K decode cuts the keys into (`None` where the operator
+    /// has no decode path: a bias, or [`OperatorPath::Fused`]).
+    pub fn splits(&self) -> Option<usize> {
+        self.decode.as_ref().map(|d| d.geometry.splits as usize)
     }
 
     /// Records one call into `encoder`: `lengths.q_len` queries over `lengths.kv_len` keys,
@@ -293,6 +405,18 @@ impl AttentionOp {
             return Err(Error::ForeignBindings);
         }
         self.config.check_lengths(lengths)?;
+        if self.uses_decode(lengths.q_len)
+            && let (Some(decode), Some(groups)) = (&self.decode, &bindings.decode)
+        {
+            return decode.record(
+                encoder,
+                groups,
+                &self.core.lengths,
+                &self.chunks,
+                self.max_per_dim,
+                (lengths.q_len as u32, lengths.kv_len as u32),
+            );
+        }
         let grid = fold_grid(
             self.core.workgroups(lengths.q_len as u32),
             self.max_per_dim,
@@ -346,6 +470,12 @@ impl AttentionOp {
         let ctx = self.ctx.clone();
         let _device = ctx.kernels().exclusive();
         let start = std::time::Instant::now();
+        if self.config.row_lengths {
+            return Err(Error::InvalidConfig(
+                "`run` has no per-row lengths: bind a KvCache with bind_cache and record encode"
+                    .into(),
+            ));
+        }
         let lengths = inputs.validate(&self.config)?;
         let out_bytes = (self
             .config
@@ -365,6 +495,9 @@ impl AttentionOp {
         let per_chunk = grid.iter().product::<u32>();
         let chunks = workgroups.div_ceil(per_chunk).max(1);
         let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
+        // Split-K decode reads K and V once and is short: one submission.
+        let decode = self.uses_decode(lengths.q_len);
+        let chunks = if decode { 1 } else { chunks };
         for c in 0..chunks {
             let last = c + 1 == chunks;
             scoped(&device, "running the attention operator", || {
@@ -374,13 +507,25 @@ impl AttentionOp {
                 if c == 0 {
                     self.upload(&mut encoder, inputs);
                 }
-                self.record(
-                    &mut encoder,
-                    &self.own_bindings.group,
-                    lengths,
-                    grid,
-                    c..c + 1,
-                );
+                if decode && let (Some(d), Some(groups)) = (&self.decode, &self.own_bindings.decode)
+                {
+                    d.record(
+                        &mut encoder,
+                        groups,
+                        &self.core.lengths,
+                        &self.chunks,
+                        self.max_per_dim,
+                        (q_len, kv_len),
+                    )?;
+                } else {
+                    self.record(
+                        &mut encoder,
+                        &self.own_bindings.group,
+                        lengths,
+                        grid,
+                        c..c + 1,
+                    );
+                }
                 if last {
                     encoder.copy_buffer_to_buffer(
                         &self.own.out,
@@ -394,7 +539,8 @@ impl AttentionOp {
                 if c == 0 {
                     self.own.belt.recall();
                 }
-            })?;
+                Ok::<(), Error>(())
+            })??;
             if !last {
                 device.poll(wgpu::PollType::wait_indefinitely())?;
             }
@@ -476,9 +622,15 @@ async fn make_group(
     device: &wgpu::Device,
     op: u64,
     core: &Core,
+    decode: Option<&decode::DecodeCore>,
+    row_lengths: Option<&wgpu::Buffer>,
     io: OperatorIo<'_>,
 ) -> Result<OperatorBindings> {
-    let group = scoped_async(device, "binding the operator's buffers", || {
+    let (group, decode) = scoped_async(device, "binding the operator's buffers", || {
+        let decode = decode.map(|d| {
+            let keys = row_lengths.or(io.key_mask).unwrap_or(&core.absent);
+            d.groups(device, &core.lengths, [io.q, io.k, io.v, keys, io.out])
+        });
         let buffers = [
             &core.params,
             io.q,
@@ -500,12 +652,13 @@ async fn make_group(
             binding,
             resource: core.lengths.binding(),
         }));
-        device.create_bind_group(&wgpu::BindGroupDescriptor {
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("attention operator"),
             layout: &core.pipeline.layout,
             entries: &entries,
-        })
+        });
+        (group, decode)
     })
     .await?;
-    Ok(OperatorBindings { op, group })
+    Ok(OperatorBindings { op, group, decode })
 }
