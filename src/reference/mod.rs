@@ -347,7 +347,7 @@ mod bound;
 mod operator;
 
 pub use bound::{error_bound, output_row_bounds};
-pub use operator::operator;
+pub use operator::{cache_step, operator};
 
 /// Refuses a requested (batch row, token) outside the layer, naming it.
 fn check_rows(config: &AttentionConfig, rows: &[(usize, usize)]) -> Result<()> {
