@@ -359,7 +359,7 @@ fn decode_steps_allocate_nothing() {
     // by the first host append).
     let mut step = |i: usize| {
         let mut encoder = device.create_command_encoder(&Default::default());
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             cache
                 .append_buffers(&mut encoder, &k_buf, &v_buf, 1)
                 .unwrap();

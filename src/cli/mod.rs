@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_decode;
 mod check;
 mod error;
 mod files;

@@ -62,6 +62,31 @@ uniform_params! {
     }
 }
 
+uniform_params! {
+    /// Uniform parameters; the layout of `StreamParams` in `stream_read.wgsl`.
+    struct StreamParams {
+        n4: u32,
+        per: u32,
+        groups: u32,
+        _pad0: u32,
+    }
+}
+
+/// Invocations per workgroup of the streaming-read ceiling: as many as the decode kernel's.
+pub(crate) const STREAM_WG: u32 = 64;
+
+impl StreamParams {
+    /// `groups` workgroups over `n4` vec4.
+    pub(crate) fn new(n4: u32, groups: u32) -> Self {
+        StreamParams {
+            n4,
+            per: n4.div_ceil(groups.max(1)),
+            groups,
+            _pad0: 0,
+        }
+    }
+}
+
 /// The most packed query rows one split workgroup holds (`MAX_ROWS` in the shader).
 const MAX_ROWS: u32 = 16;
 

@@ -39,6 +39,8 @@ pub enum Kernel {
     DecodeSplit,
     /// `decode_combine.wgsl`: merges split-K partials into the output.
     DecodeCombine,
+    /// `stream_read.wgsl`: sums a buffer with vec4 loads (the benchmark's read ceiling).
+    StreamRead,
 }
 
 /// How a kernel sees one binding.
@@ -142,7 +144,7 @@ pub(crate) use uniform_params;
 
 impl Kernel {
     /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Gemm,
         Kernel::Scores,
         Kernel::Softmax,
@@ -150,6 +152,7 @@ impl Kernel {
         Kernel::Fused,
         Kernel::DecodeSplit,
         Kernel::DecodeCombine,
+        Kernel::StreamRead,
     ];
 
     /// The file name under `shaders/`.
@@ -162,6 +165,7 @@ impl Kernel {
             Kernel::Fused => "fused_attention.wgsl",
             Kernel::DecodeSplit => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
+            Kernel::StreamRead => "stream_read.wgsl",
         }
     }
 
@@ -175,6 +179,7 @@ impl Kernel {
             Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
             Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
             Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
+            Kernel::StreamRead => include_str!("../../shaders/stream_read.wgsl"),
         }
     }
 
@@ -226,6 +231,7 @@ impl Kernel {
             ),
             Kernel::DecodeSplit => with!("dispatch.wgsl", "decode_split.wgsl"),
             Kernel::DecodeCombine => with!("dispatch.wgsl", "decode_combine.wgsl"),
+            Kernel::StreamRead => with!("dispatch.wgsl", "stream_read.wgsl"),
         }
     }
 
@@ -240,6 +246,7 @@ impl Kernel {
             Kernel::Fused => &fused::FusedParams::LAYOUT,
             Kernel::DecodeSplit => &decode::DecodeParams::LAYOUT,
             Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
+            Kernel::StreamRead => &decode::StreamParams::LAYOUT,
         }
     }
 
@@ -283,6 +290,8 @@ impl Kernel {
             Kernel::DecodeSplit => &[Read, Read, Read, Read, ReadWrite],
             // partials, out.
             Kernel::DecodeCombine => &[Read, ReadWrite],
+            // src, out.
+            Kernel::StreamRead => &[Read, ReadWrite],
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];

@@ -37,6 +37,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Fused => super::fused::override_sets(limits),
                 Kernel::DecodeSplit => super::decode::override_sets(limits),
                 Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
+                Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
                 kernel,
