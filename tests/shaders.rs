@@ -16,7 +16,7 @@ fn parse(kernel: Kernel) -> (naga::Module, ModuleInfo) {
     let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| {
         panic!(
             "{} does not parse:\n{}",
-            kernel.file_name(),
+            kernel.name(),
             e.emit_to_string(src)
         )
     });
@@ -25,7 +25,7 @@ fn parse(kernel: Kernel) -> (naga::Module, ModuleInfo) {
         .unwrap_or_else(|e| {
             panic!(
                 "{} does not validate:\n{}",
-                kernel.file_name(),
+                kernel.name(),
                 e.emit_to_string(src)
             )
         });
@@ -83,7 +83,7 @@ fn specialisations(kernel: Kernel) -> Vec<Vec<(&'static str, f64)>> {
     assert!(
         !sets.is_empty(),
         "{}: the host emits nothing",
-        kernel.file_name()
+        kernel.name()
     );
     sets
 }
@@ -102,32 +102,32 @@ fn specialise<'a>(
         Some((naga::ShaderStage::Compute, "main")),
         &constants,
     )
-    .unwrap_or_else(|e| panic!("{} with {overrides:?}: {e}", kernel.file_name()));
+    .unwrap_or_else(|e| panic!("{} with {overrides:?}: {e}", kernel.name()));
     (m.into_owned(), i.into_owned())
 }
 
 #[test]
 fn every_kernel_validates_and_opens_with_a_comment() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, _) = parse(kernel);
         assert_eq!(
             module.entry_points.len(),
             1,
             "{}: one kernel per file",
-            kernel.file_name()
+            kernel.name()
         );
         assert_eq!(module.entry_points[0].name, "main");
         let first = kernel.source().lines().next().unwrap_or("");
         assert!(
             first.starts_with("// "),
             "{} must open with a comment",
-            kernel.file_name()
+            kernel.name()
         );
         for word in ["Bindings", "binding(0)"] {
             assert!(
                 kernel.source().contains(word),
                 "{} lacks {word}",
-                kernel.file_name()
+                kernel.name()
             );
         }
     }
@@ -135,7 +135,7 @@ fn every_kernel_validates_and_opens_with_a_comment() {
 
 #[test]
 fn every_shared_include_opens_with_its_contract() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let parts = kernel.parts();
         let (own, _) = parts.last().expect("a kernel has its own file");
         assert_eq!(*own, kernel.file_name(), "the kernel's own file comes last");
@@ -151,13 +151,13 @@ fn every_shared_include_opens_with_its_contract() {
 
 #[test]
 fn every_kernel_translates_to_spirv() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
             let words =
                 naga::back::spv::write_vec(&m, &i, &naga::back::spv::Options::default(), None)
-                    .unwrap_or_else(|e| panic!("{} {o:?} to SPIR-V: {e}", kernel.file_name()));
+                    .unwrap_or_else(|e| panic!("{} {o:?} to SPIR-V: {e}", kernel.name()));
             assert_eq!(words[0], 0x0723_0203, "SPIR-V magic number");
         }
     }
@@ -165,7 +165,7 @@ fn every_kernel_translates_to_spirv() {
 
 #[test]
 fn every_kernel_translates_to_msl() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -179,11 +179,11 @@ fn every_kernel_translates_to_msl() {
                 ..Default::default()
             };
             let (msl, _) = naga::back::msl::write_string(&m, &i, &options, &pipeline)
-                .unwrap_or_else(|e| panic!("{} {o:?} to MSL: {e:?}", kernel.file_name()));
+                .unwrap_or_else(|e| panic!("{} {o:?} to MSL: {e:?}", kernel.name()));
             assert!(
                 msl.contains("kernel void"),
                 "{}: no MSL kernel",
-                kernel.file_name()
+                kernel.name()
             );
         }
     }
@@ -191,7 +191,7 @@ fn every_kernel_translates_to_msl() {
 
 #[test]
 fn every_kernel_translates_to_hlsl() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -206,11 +206,11 @@ fn every_kernel_translates_to_hlsl() {
             let mut hlsl = String::new();
             naga::back::hlsl::Writer::new(&mut hlsl, &options, &pipeline)
                 .write(&m, &i, None)
-                .unwrap_or_else(|e| panic!("{} {o:?} to HLSL: {e:?}", kernel.file_name()));
+                .unwrap_or_else(|e| panic!("{} {o:?} to HLSL: {e:?}", kernel.name()));
             assert!(
                 hlsl.contains("[numthreads("),
                 "{}: no HLSL compute entry",
-                kernel.file_name()
+                kernel.name()
             );
         }
     }
@@ -218,7 +218,7 @@ fn every_kernel_translates_to_hlsl() {
 
 #[test]
 fn every_kernel_translates_to_glsl() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -244,11 +244,11 @@ fn every_kernel_translates_to_glsl() {
                 Default::default(),
             )
             .and_then(|mut w| w.write())
-            .unwrap_or_else(|e| panic!("{} {o:?} to GLSL: {e:?}", kernel.file_name()));
+            .unwrap_or_else(|e| panic!("{} {o:?} to GLSL: {e:?}", kernel.name()));
             assert!(
                 glsl.contains("layout(local_size_x"),
                 "{}: no GLSL compute layout",
-                kernel.file_name()
+                kernel.name()
             );
         }
     }
@@ -256,8 +256,8 @@ fn every_kernel_translates_to_glsl() {
 
 #[test]
 fn every_kernel_interface_matches_the_host() {
-    for kernel in Kernel::ALL {
-        let name = kernel.file_name();
+    for kernel in Kernel::all() {
+        let name = kernel.name();
         let (module, _) = parse(kernel);
         let host: BTreeMap<(u32, u32), _> = kernel
             .bindings()

@@ -16,6 +16,8 @@ mod variants;
 pub(crate) mod weighted_sum;
 
 #[doc(hidden)]
+pub use fused::FusedIo;
+#[doc(hidden)]
 pub use variants::{Variant, variants};
 
 use crate::error::{Error, Result};
@@ -33,8 +35,9 @@ pub enum Kernel {
     Softmax,
     /// `weighted_sum.wgsl`: `P V`, heads concatenated.
     WeightedSum,
-    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass.
-    Fused,
+    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
+    /// that binds the given buffers.
+    Fused(fused::FusedIo),
     /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range.
     DecodeSplit,
     /// `decode_combine.wgsl`: merges split-K partials into the output.
@@ -143,17 +146,22 @@ macro_rules! uniform_params {
 pub(crate) use uniform_params;
 
 impl Kernel {
-    /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 8] = [
-        Kernel::Gemm,
-        Kernel::Scores,
-        Kernel::Softmax,
-        Kernel::WeightedSum,
-        Kernel::Fused,
-        Kernel::DecodeSplit,
-        Kernel::DecodeCombine,
-        Kernel::StreamRead,
-    ];
+    /// Every kernel in every variant, for validation and listing.
+    pub fn all() -> Vec<Kernel> {
+        let mut all = vec![
+            Kernel::Gemm,
+            Kernel::Scores,
+            Kernel::Softmax,
+            Kernel::WeightedSum,
+        ];
+        all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
+        all.extend([
+            Kernel::DecodeSplit,
+            Kernel::DecodeCombine,
+            Kernel::StreamRead,
+        ]);
+        all
+    }
 
     /// The file name under `shaders/`.
     pub fn file_name(self) -> &'static str {
@@ -162,31 +170,41 @@ impl Kernel {
             Kernel::Scores => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
-            Kernel::Fused => "fused_attention.wgsl",
+            Kernel::Fused(_) => "fused_attention.wgsl",
             Kernel::DecodeSplit => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::StreamRead => "stream_read.wgsl",
         }
     }
 
+    /// The kernel's name in messages and labels: its file, and for a variant what it binds.
+    pub fn name(self) -> String {
+        match self {
+            Kernel::Fused(io) => format!(
+                "{} ({}, {}, {})",
+                self.file_name(),
+                if io.packed_qkv {
+                    "packed qkv"
+                } else {
+                    "q, k, v"
+                },
+                if io.mask { "mask" } else { "no mask" },
+                if io.bias { "bias" } else { "no bias" },
+            ),
+            _ => self.file_name().into(),
+        }
+    }
+
     /// The kernel's own WGSL file, as written.
     pub fn file_source(self) -> &'static str {
-        match self {
-            Kernel::Gemm => include_str!("../../shaders/gemm.wgsl"),
-            Kernel::Scores => include_str!("../../shaders/scores.wgsl"),
-            Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
-            Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
-            Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
-            Kernel::DecodeSplit => include_str!("../../shaders/decode_split.wgsl"),
-            Kernel::DecodeCombine => include_str!("../../shaders/decode_combine.wgsl"),
-            Kernel::StreamRead => include_str!("../../shaders/stream_read.wgsl"),
-        }
+        shader_file(self.file_name())
     }
 
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum.
+    /// scores, the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum, and
+    /// the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its variant.
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -198,41 +216,47 @@ impl Kernel {
         self.composition().1
     }
 
-    /// The composed source and its parts, from one list of files per kernel.
+    /// The composed source and its parts, from one list of files per kernel; joined once per
+    /// kernel and process (a few dozen kilobytes in all), so every caller shares one string.
     fn composition(self) -> (&'static str, &'static [(&'static str, &'static str)]) {
-        macro_rules! with {
-            ($($file:literal),+) => {
-                (
-                    concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+),
-                    &[$(($file, include_str!(concat!("../../shaders/", $file)))),+],
-                )
-            };
-        }
+        type Composed = (&'static str, &'static [(&'static str, &'static str)]);
+        static COMPOSED: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<Kernel, Composed>>,
+        > = std::sync::OnceLock::new();
+        let mut composed = COMPOSED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *composed.entry(self).or_insert_with(|| {
+            let parts: Vec<(&'static str, &'static str)> = self
+                .files()
+                .into_iter()
+                .map(|f| (f, shader_file(f)))
+                .collect();
+            let source: String = parts.iter().map(|(_, text)| format!("{text}\n")).collect();
+            (
+                Box::leak(source.into_boxed_str()),
+                Box::leak(parts.into_boxed_slice()),
+            )
+        })
+    }
+
+    /// The files a kernel is composed of, its own last.
+    fn files(self) -> Vec<&'static str> {
+        let mut files = vec!["dispatch.wgsl"];
         match self {
-            Kernel::Gemm => with!("dispatch.wgsl", "tiles.wgsl", "gemm.wgsl"),
-            Kernel::Scores => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "score_tile.wgsl",
-                "scores.wgsl"
-            ),
-            Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
-            Kernel::WeightedSum => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "heads_out.wgsl",
-                "weighted_sum.wgsl"
-            ),
-            Kernel::Fused => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "score_tile.wgsl",
-                "fused_attention.wgsl"
-            ),
-            Kernel::DecodeSplit => with!("dispatch.wgsl", "decode_split.wgsl"),
-            Kernel::DecodeCombine => with!("dispatch.wgsl", "decode_combine.wgsl"),
-            Kernel::StreamRead => with!("dispatch.wgsl", "stream_read.wgsl"),
+            Kernel::Gemm => files.extend(["tiles.wgsl"]),
+            Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl"]),
+            Kernel::Softmax => {}
+            Kernel::WeightedSum => files.extend(["tiles.wgsl", "heads_out.wgsl"]),
+            Kernel::Fused(io) => {
+                files.extend(["tiles.wgsl", "score_tile.wgsl"]);
+                files.extend(io.files());
+            }
+            Kernel::DecodeSplit | Kernel::DecodeCombine | Kernel::StreamRead => {}
         }
+        files.push(self.file_name());
+        files
     }
 
     /// The Rust layout of the uniform parameters at `@group(0) @binding(0)`.
@@ -243,7 +267,7 @@ impl Kernel {
             Kernel::Scores => &scores::ScoreParams::LAYOUT,
             Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
             Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
-            Kernel::Fused => &fused::FusedParams::LAYOUT,
+            Kernel::Fused(_) => &fused::FusedParams::LAYOUT,
             Kernel::DecodeSplit => &decode::DecodeParams::LAYOUT,
             Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
             Kernel::StreamRead => &decode::StreamParams::LAYOUT,
@@ -279,23 +303,26 @@ impl Kernel {
     #[doc(hidden)]
     pub fn bindings(self) -> Vec<Binding> {
         use Access::*;
-        let rest: &[Access] = match self {
-            Kernel::Gemm => &[Read, Read, Read, ReadWrite],
-            Kernel::Scores => &[Read, Read, ReadWrite],
-            Kernel::Softmax => &[Read, ReadWrite],
-            Kernel::WeightedSum => &[Read, Read, ReadWrite],
-            // q, k, v, key_mask, bias, out.
-            Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
+        let storage: Vec<(u32, Access)> = match self {
+            Kernel::Gemm => numbered(&[Read, Read, Read, ReadWrite]),
+            Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
+            Kernel::Softmax => numbered(&[Read, ReadWrite]),
+            Kernel::WeightedSum => numbered(&[Read, Read, ReadWrite]),
+            Kernel::Fused(io) => io
+                .storage()
+                .into_iter()
+                .map(|(b, rw)| (b, if rw { ReadWrite } else { Read }))
+                .collect(),
             // q, k, v, keys (mask or row lengths), partials.
-            Kernel::DecodeSplit => &[Read, Read, Read, Read, ReadWrite],
+            Kernel::DecodeSplit => numbered(&[Read, Read, Read, Read, ReadWrite]),
             // partials, out.
-            Kernel::DecodeCombine => &[Read, ReadWrite],
+            Kernel::DecodeCombine => numbered(&[Read, ReadWrite]),
             // src, out.
-            Kernel::StreamRead => &[Read, ReadWrite],
+            Kernel::StreamRead => numbered(&[Read, ReadWrite]),
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
-        bindings.extend(rest.iter().zip(1..).map(|(&access, binding)| Binding {
+        bindings.extend(storage.into_iter().map(|(binding, access)| Binding {
             group: 0,
             binding,
             access,
@@ -306,13 +333,13 @@ impl Kernel {
         }));
         // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
-            Kernel::Fused | Kernel::DecodeSplit => 2,
-            Kernel::DecodeCombine => 1,
-            _ => 0,
+            Kernel::Fused(_) => 7..9,
+            Kernel::DecodeSplit => 6..8,
+            Kernel::DecodeCombine => 3..4,
+            _ => 0..0,
         };
-        if lengths > 0 {
-            let next = bindings.len() as u32;
-            bindings.extend((next..next + lengths).map(|binding| Binding {
+        {
+            bindings.extend(lengths.map(|binding| Binding {
                 binding,
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
@@ -321,6 +348,57 @@ impl Kernel {
         bindings.push(CHUNK_BINDING);
         bindings
     }
+
+    /// The `@binding` numbers of group 0, in order: where a bind group puts its resources.
+    pub(crate) fn group0(self) -> Vec<u32> {
+        self.bindings()
+            .iter()
+            .filter(|b| b.group == 0)
+            .map(|b| b.binding)
+            .collect()
+    }
+}
+
+/// Storage bindings numbered from 1, after the parameters.
+fn numbered(access: &[Access]) -> Vec<(u32, Access)> {
+    access
+        .iter()
+        .copied()
+        .zip(1..)
+        .map(|(a, b)| (b, a))
+        .collect()
+}
+
+/// A file of `shaders/`, by name.
+fn shader_file(name: &str) -> &'static str {
+    macro_rules! files {
+        ($($file:literal),+ $(,)?) => {
+            match name {
+                $($file => include_str!(concat!("../../shaders/", $file)),)+
+                _ => unreachable!("{name} is not listed in kernels::shader_file"),
+            }
+        };
+    }
+    files!(
+        "dispatch.wgsl",
+        "tiles.wgsl",
+        "score_tile.wgsl",
+        "heads_out.wgsl",
+        "gemm.wgsl",
+        "scores.wgsl",
+        "softmax.wgsl",
+        "weighted_sum.wgsl",
+        "fused_io_qkv.wgsl",
+        "fused_io_qkv_packed.wgsl",
+        "fused_io_mask.wgsl",
+        "fused_io_no_mask.wgsl",
+        "fused_io_bias.wgsl",
+        "fused_io_no_bias.wgsl",
+        "fused_attention.wgsl",
+        "decode_split.wgsl",
+        "decode_combine.wgsl",
+        "stream_read.wgsl",
+    )
 }
 
 /// Override values of one pipeline, as (name, value) pairs.

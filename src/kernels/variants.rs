@@ -26,7 +26,7 @@ pub struct Variant {
 /// distinct override sets, in the order first reached.
 #[doc(hidden)]
 pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
-    Kernel::ALL
+    Kernel::all()
         .into_iter()
         .flat_map(|kernel| {
             let sets = match kernel {
@@ -34,7 +34,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Scores => super::scores::override_sets(limits),
                 Kernel::Softmax => super::softmax::override_sets(limits),
                 Kernel::WeightedSum => super::weighted_sum::override_sets(limits),
-                Kernel::Fused => super::fused::override_sets(limits),
+                Kernel::Fused(_) => super::fused::override_sets(limits),
                 Kernel::DecodeSplit => super::decode::override_sets(limits),
                 Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
                 Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
@@ -150,15 +150,15 @@ mod tests {
                     );
                     for dvp in [4, 36, 100, 132, 256] {
                         if let Ok(t) = fused::FusedTiles::choose(seq, seq, n, dvp, &limits) {
-                            has(Kernel::Fused, t.overrides());
+                            has(Kernel::Fused(fused::FusedIo::ALL[0]), t.overrides());
                         }
                     }
                 }
             }
-            // The combine has one workgroup size.
-            for kernel in Kernel::ALL
+            // The combine and the read ceiling have one workgroup size.
+            for kernel in Kernel::all()
                 .into_iter()
-                .filter(|&k| k != Kernel::DecodeCombine)
+                .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
             {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 assert!(n >= 2, "{kernel:?}: only {n} override sets");

@@ -18,6 +18,8 @@ pub(crate) struct DecodeCore {
     params: wgpu::Buffer,
     combine_params: wgpu::Buffer,
     pub partials: wgpu::Buffer,
+    /// Four bytes bound as `keys` where there is no mask or row-length table: never read.
+    pub absent: wgpu::Buffer,
 }
 
 impl DecodeCore {
@@ -63,7 +65,7 @@ impl DecodeCore {
             )
             .await?;
         let device = ctx.device();
-        let (params, combine_params, partials) =
+        let (params, combine_params, partials, absent) =
             scoped_async(device, "creating the decode buffers", || {
                 (
                     init_uniform(
@@ -77,6 +79,7 @@ impl DecodeCore {
                         bytemuck::bytes_of(&geometry.combine_params()),
                     ),
                     buffer(device, "decode partials", bytes.max(16), STORAGE),
+                    buffer(device, "decode: no keys table", 4, STORAGE),
                 )
             })
             .await?;
@@ -88,6 +91,7 @@ impl DecodeCore {
             params,
             combine_params,
             partials,
+            absent,
         })
     }
 

@@ -136,8 +136,11 @@ impl AttentionOp {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         config.validate()?;
         let limits = ctx.limits();
-        crate::kernels::Kernel::Fused
-            .check_storage_buffers(&limits, "; the operator has only the fused kernel so far")?;
+        crate::kernels::Kernel::Fused(config.geometry().io()).check_storage_buffers(
+            &limits,
+            "; without a key mask or bias the operator binds four (the operator has only the \
+             fused kernel so far)",
+        )?;
         for (name, elements) in config.max_elements() {
             let bytes = elements * 4;
             let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");
@@ -167,7 +170,13 @@ impl AttentionOp {
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
         let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
-        let decode = if config.has_decode() {
+        // Auto takes split-K only where the device allows its storage buffers (5); asked for
+        // by name (SplitK, row lengths), it is refused by name there.
+        let decode_fits = crate::kernels::Kernel::DecodeSplit.storage_buffers()
+            <= limits.max_storage_buffers_per_shader_stage;
+        let decode = if config.has_decode()
+            && (decode_fits || config.path == OperatorPath::SplitK || config.row_lengths)
+        {
             let max_q = max_q.min(DECODE_MAX_Q_LEN as u32);
             Some(decode::DecodeCore::new(ctx, config, max_q, max_kv).await?)
         } else {
@@ -210,8 +219,8 @@ impl AttentionOp {
                 q: &own.q,
                 k: &own.k,
                 v: &own.v,
-                key_mask: Some(&own.key_mask),
-                bias: Some(&own.bias),
+                key_mask: config.key_padding_mask.then_some(&own.key_mask),
+                bias: config.bias.is_some().then_some(&own.bias),
                 out: &own.out,
             },
         )
@@ -628,30 +637,25 @@ async fn make_group(
 ) -> Result<OperatorBindings> {
     let (group, decode) = scoped_async(device, "binding the operator's buffers", || {
         let decode = decode.map(|d| {
-            let keys = row_lengths.or(io.key_mask).unwrap_or(&core.absent);
+            let keys = row_lengths.or(io.key_mask).unwrap_or(&d.absent);
             d.groups(device, &core.lengths, [io.q, io.k, io.v, keys, io.out])
         });
-        let buffers = [
-            &core.params,
-            io.q,
-            io.k,
-            io.v,
-            io.key_mask.unwrap_or(&core.absent),
-            io.bias.unwrap_or(&core.absent),
-            io.out,
-        ];
-        let mut entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .zip(0..)
-            .map(|(b, binding)| wgpu::BindGroupEntry {
-                binding,
-                resource: b.as_entire_binding(),
-            })
+        // In binding order; the variant binds a mask and a bias only when the operator has
+        // them (`bind` checked that the buffers match the configuration).
+        let buffers = [&core.params, io.q, io.k, io.v]
+            .into_iter()
+            .chain(io.key_mask)
+            .chain(io.bias)
+            .chain([io.out]);
+        let lengths = [core.lengths.binding(), core.lengths.binding()];
+        let entries: Vec<wgpu::BindGroupEntry> = core
+            .pipeline
+            .kernel
+            .group0()
+            .into_iter()
+            .zip(buffers.map(|b| b.as_entire_binding()).chain(lengths))
+            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
             .collect();
-        entries.extend((7..9).map(|binding| wgpu::BindGroupEntry {
-            binding,
-            resource: core.lengths.binding(),
-        }));
         let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("attention operator"),
             layout: &core.pipeline.layout,
