@@ -11,9 +11,10 @@
 //     o = sum_j exp(|scale| (sg · Q·K_j - m)) V[b,kh,j,:]        (not divided by l)
 // A split with no key to attend writes m = LOWEST, l = 0, o = 0.
 // Masks: causal aligned to the end of the row's keys: j <= i + n_b - q_len, with n_b the row's
-// key count; padding: key_mask[b, j] == 0. The row's key count n_b is kv_len, or with per-row
-// lengths (keys_mode 2) row_len[b] (<= kv_len): a KV cache whose batch rows hold different
-// numbers of tokens.
+// key count; padding: key_kept(b, j) false (decode_keys_mask.wgsl reads key_mask[b, j];
+// decode_keys_all.wgsl keeps every key and binds no mask). The row's key count n_b is kv_len,
+// or with per-row lengths (row_lengths != 0) row_len[b] (<= kv_len): a KV cache whose batch
+// rows hold different numbers of tokens.
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p         uniform             DecodeParams, below
@@ -21,12 +22,13 @@
 //                                    + h (sh n + shc) + i si + d, n = q_len (as fused_attention)
 //   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
 //   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
-//   4  keys      storage, read       u32; keys_mode 1: key_mask [batch, kv_len] (0 = padding);
-//                                    keys_mode 2: row_len [batch]; 0: never read
+//   4  key_mask  storage, read       u32 [batch, kv_len], 0 = padding (the mask variant only)
 //   5  partials  storage, read_write  vec4 [batch, heads, q_len, splits, 1 + dvp4]: per entry
 //                                    (m, l, 0, 0) then o in dvp4 vec4 (dvp4 = ceil(head_dim_v/4))
 //   6  lq        uniform, dynamic    Len: q_len
 //   7  lkv       uniform, dynamic    Len: kv_len
+//   8  row_len   uniform             RowLengths: batch row b's key count at n[b / 4][b % 4]
+//                                    (read only if row_lengths != 0); at most 1024 rows
 //
 // Work: one workgroup per (batch, kv head, block of ROWS packed query rows, split). As in
 // fused_attention.wgsl the `group` query heads of a kv head are packed as group · q_len rows, so
@@ -60,7 +62,7 @@ struct DecodeParams {
     dp4: u32,
     dvp4: u32,
     causal: u32,
-    keys_mode: u32,
+    row_lengths: u32,
     splits: u32,
     scale: f32,
     _pad2: u32,
@@ -86,6 +88,11 @@ struct DecodeParams {
     _pad1: u32,
 }
 
+// Each batch row's key count (a KV cache's rows hold different numbers of tokens).
+struct RowLengths {
+    n: array<vec4<u32>, 256>,
+}
+
 // One length, at a dynamic offset into the operator's table of lengths.
 struct Len {
     n: u32,
@@ -98,10 +105,10 @@ struct Len {
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read> keys: array<u32>;
 @group(0) @binding(5) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(6) var<uniform> lq: Len;
 @group(0) @binding(7) var<uniform> lkv: Len;
+@group(0) @binding(8) var<uniform> row_len: RowLengths;
 
 // The queries (rows r at r D4), and at the end the summed outputs in the same place.
 var<workgroup> q_tile: array<vec4<f32>, ROWS * D4>;
@@ -180,8 +187,8 @@ fn main(
 
     if (t == 0u) {
         var n = lkv.n;
-        if (p.keys_mode == 2u) {
-            n = min(keys[b], lkv.n);
+        if (p.row_lengths != 0u) {
+            n = min(row_len.n[b / 4u][b % 4u], lkv.n);
         }
         keys_n = n;
     }
@@ -237,8 +244,8 @@ fn main(
             acc[r] = 0.0;
         }
         var present = j < k_end;
-        if (present && p.keys_mode == 1u) {
-            present = keys[b * lkv.n + j] != 0u;
+        if (present) {
+            present = key_kept(b, j);
         }
         if (present) {
             for (var d4 = 0u; d4 < p.dp4; d4++) {

@@ -17,7 +17,7 @@ uniform_params! {
         dp4: u32,
         dvp4: u32,
         causal: u32,
-        keys_mode: u32,
+        row_lengths: u32,
         splits: u32,
         scale: f32,
         _pad2: u32,
@@ -90,15 +90,23 @@ impl StreamParams {
 /// The most packed query rows one split workgroup holds (`MAX_ROWS` in the shader).
 const MAX_ROWS: u32 = 16;
 
-/// What the split kernel's `keys` binding holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum KeysMode {
-    /// Nothing: every key up to `kv_len` is real.
-    None = 0,
-    /// A key-padding mask `[batch, kv_len]`.
-    Mask = 1,
-    /// Each batch row's key count `[batch]`.
-    RowLengths = 2,
+/// The most batch rows a table of row lengths holds (`RowLengths` in `decode_split.wgsl`).
+pub const MAX_ROW_LENGTHS: usize = 1024;
+
+/// Each batch row's key count, `n[b]`; the layout of `RowLengths` in `decode_split.wgsl`
+/// (`array<vec4<u32>, 256>`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct RowLengths {
+    n: [u32; MAX_ROW_LENGTHS],
+}
+
+impl RowLengths {
+    pub(crate) const LAYOUT: super::UniformLayout = super::UniformLayout {
+        name: "RowLengths",
+        size: size_of::<RowLengths>(),
+        fields: &[("n", 0)],
+    };
 }
 
 /// The split kernel's override constants (see the shader's opening comment).
@@ -176,7 +184,8 @@ pub(crate) struct DecodeGeometry {
     pub head_dim: u32,
     pub head_dim_v: u32,
     pub causal: bool,
-    pub keys: KeysMode,
+    pub mask: bool,
+    pub row_lengths: bool,
     pub scale: f32,
     pub splits: u32,
     pub q: Strides,
@@ -214,7 +223,7 @@ impl DecodeGeometry {
             dp4: self.head_dim.div_ceil(4),
             dvp4: self.dvp4(),
             causal: self.causal as u32,
-            keys_mode: self.keys as u32,
+            row_lengths: self.row_lengths as u32,
             splits: self.splits,
             scale: self.scale,
             _pad2: 0,

@@ -38,8 +38,12 @@ pub enum Kernel {
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
     Fused(fused::FusedIo),
-    /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range.
-    DecodeSplit,
+    /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range; with a
+    /// key-padding mask bound, or without (then 4 storage buffers).
+    DecodeSplit {
+        /// A key-padding mask is bound.
+        mask: bool,
+    },
     /// `decode_combine.wgsl`: merges split-K partials into the output.
     DecodeCombine,
     /// `stream_read.wgsl`: sums a buffer with vec4 loads (the benchmark's read ceiling).
@@ -156,7 +160,8 @@ impl Kernel {
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
         all.extend([
-            Kernel::DecodeSplit,
+            Kernel::DecodeSplit { mask: true },
+            Kernel::DecodeSplit { mask: false },
             Kernel::DecodeCombine,
             Kernel::StreamRead,
         ]);
@@ -171,7 +176,7 @@ impl Kernel {
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
             Kernel::Fused(_) => "fused_attention.wgsl",
-            Kernel::DecodeSplit => "decode_split.wgsl",
+            Kernel::DecodeSplit { .. } => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::StreamRead => "stream_read.wgsl",
         }
@@ -190,6 +195,11 @@ impl Kernel {
                 },
                 if io.mask { "mask" } else { "no mask" },
                 if io.bias { "bias" } else { "no bias" },
+            ),
+            Kernel::DecodeSplit { mask } => format!(
+                "{} ({})",
+                self.file_name(),
+                if mask { "mask" } else { "no mask" }
             ),
             _ => self.file_name().into(),
         }
@@ -253,7 +263,12 @@ impl Kernel {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
             }
-            Kernel::DecodeSplit | Kernel::DecodeCombine | Kernel::StreamRead => {}
+            Kernel::DecodeSplit { mask } => files.push(if mask {
+                "decode_keys_mask.wgsl"
+            } else {
+                "decode_keys_all.wgsl"
+            }),
+            Kernel::DecodeCombine | Kernel::StreamRead => {}
         }
         files.push(self.file_name());
         files
@@ -268,7 +283,7 @@ impl Kernel {
             Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
             Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
             Kernel::Fused(_) => &fused::FusedParams::LAYOUT,
-            Kernel::DecodeSplit => &decode::DecodeParams::LAYOUT,
+            Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
             Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
             Kernel::StreamRead => &decode::StreamParams::LAYOUT,
         }
@@ -313,8 +328,12 @@ impl Kernel {
                 .into_iter()
                 .map(|(b, rw)| (b, if rw { ReadWrite } else { Read }))
                 .collect(),
-            // q, k, v, keys (mask or row lengths), partials.
-            Kernel::DecodeSplit => numbered(&[Read, Read, Read, Read, ReadWrite]),
+            // q, k, v, key_mask, partials.
+            Kernel::DecodeSplit { mask: true } => numbered(&[Read, Read, Read, Read, ReadWrite]),
+            // q, k, v, partials.
+            Kernel::DecodeSplit { mask: false } => {
+                vec![(1, Read), (2, Read), (3, Read), (5, ReadWrite)]
+            }
             // partials, out.
             Kernel::DecodeCombine => numbered(&[Read, ReadWrite]),
             // src, out.
@@ -334,7 +353,7 @@ impl Kernel {
         // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
             Kernel::Fused(_) => 7..9,
-            Kernel::DecodeSplit => 6..8,
+            Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine => 3..4,
             _ => 0..0,
         };
@@ -344,6 +363,10 @@ impl Kernel {
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
             }));
+        }
+        if let Kernel::DecodeSplit { .. } = self {
+            // Each batch row's key count.
+            bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT));
         }
         bindings.push(CHUNK_BINDING);
         bindings
@@ -395,6 +418,8 @@ fn shader_file(name: &str) -> &'static str {
         "fused_io_bias.wgsl",
         "fused_io_no_bias.wgsl",
         "fused_attention.wgsl",
+        "decode_keys_mask.wgsl",
+        "decode_keys_all.wgsl",
         "decode_split.wgsl",
         "decode_combine.wgsl",
         "stream_read.wgsl",

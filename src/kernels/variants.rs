@@ -35,7 +35,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Softmax => super::softmax::override_sets(limits),
                 Kernel::WeightedSum => super::weighted_sum::override_sets(limits),
                 Kernel::Fused(_) => super::fused::override_sets(limits),
-                Kernel::DecodeSplit => super::decode::override_sets(limits),
+                Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
                 Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
                 Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };

@@ -2,7 +2,7 @@
 //! shapes it reads, one call's lengths, and host inputs with their checks.
 
 use crate::error::{Error, Result, Shape};
-use crate::kernels::decode::{DecodeGeometry, KeysMode};
+use crate::kernels::decode::DecodeGeometry;
 use crate::kernels::fused::{FusedGeometry, Strides};
 use crate::tensor::{Tensor, unravel};
 
@@ -91,8 +91,8 @@ pub struct OperatorConfig {
     /// adapter (enough workgroups to fill it when `batch x kv_heads` does not, each split at
     /// least 64 keys of `max_kv_len`).
     pub splits: Option<usize>,
-    /// Each batch row has its own key count (`<=` the call's `kv_len`), read from a `[batch]`
-    /// u32 buffer (a [`KvCache`](super::KvCache)'s, bound with
+    /// Each batch row has its own key count (`<=` the call's `kv_len`), read from a uniform
+    /// table (a [`KvCache`](super::KvCache)'s, bound with
     /// [`AttentionOp::bind_cache`](super::AttentionOp::bind_cache)); causal masking is aligned
     /// to each row's own end. Split-K decode only: needs `max_q_len <= DECODE_MAX_Q_LEN`, no
     /// key mask and no bias.
@@ -263,6 +263,13 @@ impl OperatorConfig {
                     "with_row_lengths needs split-K decode, but the path is Fused".into(),
                 ));
             }
+            if self.batch > crate::kernels::decode::MAX_ROW_LENGTHS {
+                return Err(Error::InvalidConfig(format!(
+                    "with_row_lengths takes at most {} batch rows, not {}",
+                    crate::kernels::decode::MAX_ROW_LENGTHS,
+                    self.batch
+                )));
+            }
             if self.key_padding_mask {
                 return Err(Error::InvalidConfig(
                     "with_row_lengths and a key-padding mask: the decode kernel takes one of \
@@ -302,13 +309,8 @@ impl OperatorConfig {
             head_dim: g.head_dim,
             head_dim_v: g.head_dim_v,
             causal: g.causal,
-            keys: if self.row_lengths {
-                KeysMode::RowLengths
-            } else if self.key_padding_mask {
-                KeysMode::Mask
-            } else {
-                KeysMode::None
-            },
+            mask: self.key_padding_mask,
+            row_lengths: self.row_lengths,
             scale: g.scale,
             splits,
             q: g.q,

@@ -5,7 +5,7 @@ use super::core::LengthTable;
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::gpu::{STORAGE, buffer, init_uniform, scoped_async};
-use crate::kernels::decode::{DecodeGeometry, DecodeTiles, auto_splits, parallelism};
+use crate::kernels::decode::{DecodeGeometry, DecodeTiles, RowLengths, auto_splits, parallelism};
 use crate::kernels::{ChunkTable, Kernel, Pipeline, fold_grid};
 
 /// Split-K decode for one geometry.
@@ -18,8 +18,8 @@ pub(crate) struct DecodeCore {
     params: wgpu::Buffer,
     combine_params: wgpu::Buffer,
     pub partials: wgpu::Buffer,
-    /// Four bytes bound as `keys` where there is no mask or row-length table: never read.
-    pub absent: wgpu::Buffer,
+    /// A table of row lengths bound where calls have none: never read.
+    pub no_rows: wgpu::Buffer,
 }
 
 impl DecodeCore {
@@ -32,7 +32,10 @@ impl DecodeCore {
         max_kv: u32,
     ) -> Result<Self> {
         let limits = ctx.limits();
-        Kernel::DecodeSplit.check_storage_buffers(&limits, "; use OperatorPath::Fused")?;
+        let kernel = Kernel::DecodeSplit {
+            mask: config.key_padding_mask,
+        };
+        kernel.check_storage_buffers(&limits, "; use OperatorPath::Fused")?;
         let probe = config.decode_geometry(1);
         let tiles = probe.tiles(max_q, &limits)?;
         let splits = match config.splits {
@@ -55,9 +58,7 @@ impl DecodeCore {
             });
         }
         let kernels = ctx.kernels();
-        let split = kernels
-            .pipeline(Kernel::DecodeSplit, &tiles.overrides())
-            .await?;
+        let split = kernels.pipeline(kernel, &tiles.overrides()).await?;
         let combine = kernels
             .pipeline(
                 Kernel::DecodeCombine,
@@ -65,7 +66,7 @@ impl DecodeCore {
             )
             .await?;
         let device = ctx.device();
-        let (params, combine_params, partials, absent) =
+        let (params, combine_params, partials, no_rows) =
             scoped_async(device, "creating the decode buffers", || {
                 (
                     init_uniform(
@@ -79,7 +80,12 @@ impl DecodeCore {
                         bytemuck::bytes_of(&geometry.combine_params()),
                     ),
                     buffer(device, "decode partials", bytes.max(16), STORAGE),
-                    buffer(device, "decode: no keys table", 4, STORAGE),
+                    buffer(
+                        device,
+                        "decode: no row lengths",
+                        RowLengths::LAYOUT.size as u64,
+                        wgpu::BufferUsages::UNIFORM,
+                    ),
                 )
             })
             .await?;
@@ -91,16 +97,20 @@ impl DecodeCore {
             params,
             combine_params,
             partials,
-            absent,
+            no_rows,
         })
     }
 
-    /// The two bind groups of one set of buffers: the split's and the combine's.
+    /// The two bind groups of one set of buffers (the mask only where the configuration has
+    /// one; the row lengths, a uniform table, where calls have them): the split's and the
+    /// combine's.
     pub fn groups(
         &self,
         device: &wgpu::Device,
         lengths: &LengthTable,
-        [q, k, v, keys, out]: [&wgpu::Buffer; 5],
+        [q, k, v, out]: [&wgpu::Buffer; 4],
+        mask: Option<&wgpu::Buffer>,
+        row_lengths: Option<&wgpu::Buffer>,
     ) -> [wgpu::BindGroup; 2] {
         fn entries<'a>(
             buffers: &[&'a wgpu::Buffer],
@@ -124,10 +134,30 @@ impl DecodeCore {
             );
             e
         }
+        // In binding order (Kernel::bindings): 0 params, 1-3 q k v, 4 mask (if any),
+        // 5 partials, 6-7 lengths, 8 row lengths.
+        let storage: Vec<&wgpu::Buffer> = [&self.params, q, k, v]
+            .into_iter()
+            .chain(mask)
+            .chain([&self.partials])
+            .collect();
+        let resources = storage
+            .iter()
+            .map(|b| b.as_entire_binding())
+            .chain([lengths.binding(), lengths.binding()])
+            .chain([row_lengths.unwrap_or(&self.no_rows).as_entire_binding()]);
+        let split_entries: Vec<wgpu::BindGroupEntry> = self
+            .split
+            .kernel
+            .group0()
+            .into_iter()
+            .zip(resources)
+            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
+            .collect();
         let split = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("decode split"),
             layout: &self.split.layout,
-            entries: &entries(&[&self.params, q, k, v, keys, &self.partials], lengths, 2),
+            entries: &split_entries,
         });
         let combine = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("decode combine"),

@@ -4,6 +4,7 @@
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::gpu::{STORAGE, buffer, scoped};
+use crate::kernels::decode::MAX_ROW_LENGTHS;
 use crate::operator::{Lengths, OperatorConfig};
 use crate::tensor::Tensor;
 use wgpu::util::DeviceExt;
@@ -15,9 +16,10 @@ use wgpu::util::DeviceExt;
 /// [`KvCache::append_buffers`] and [`KvCache::append_host`] record the write of new tokens at
 /// each row's length into the caller's encoder and advance it, and [`KvCache::set_lengths`]
 /// sets the lengths outright (a new sequence, a rewind). Going past the capacity is
-/// [`Error::KvCacheFull`], never a wrap-around. The lengths also live on the GPU, in a `[batch]`
-/// u32 buffer ([`KvCache::row_lengths`]) that the same encoder updates with copies from a table
-/// of every length made with the cache: a step writes, allocates and compiles nothing.
+/// [`Error::KvCacheFull`], never a wrap-around. The lengths also live on the GPU, in a uniform
+/// table ([`KvCache::row_lengths`]) that the same encoder updates with copies from a table of
+/// every length made with the cache: a step writes, allocates and compiles nothing. At most
+/// 1024 batch rows.
 ///
 /// An [`crate::AttentionOp`] built from [`KvCache::operator_config`] and bound with
 /// [`crate::AttentionOp::bind_cache`] attends each row's own keys, causal masking aligned to
@@ -78,6 +80,15 @@ impl KvCache {
                 return Err(Error::ZeroSize { name });
             }
         }
+        if batch > MAX_ROW_LENGTHS {
+            return Err(Error::LimitExceeded {
+                limit: "KV cache batch rows",
+                max: MAX_ROW_LENGTHS as u64,
+                requested: batch as u64,
+                what: "the KV cache's table of row lengths (a uniform buffer)".into(),
+                hint: "; use several caches".into(),
+            });
+        }
         let limits = ctx.limits();
         let elements = |w: usize| (batch * kv_heads * capacity) as u64 * w as u64;
         for (name, n) in [("k", elements(head_dim)), ("v", elements(head_dim_v))] {
@@ -94,6 +105,7 @@ impl KvCache {
         }
         let device = ctx.device();
         let copy = STORAGE | wgpu::BufferUsages::COPY_DST;
+        let table = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
         let numbers: Vec<u32> = (0..=capacity as u32).collect();
         let step = (batch * kv_heads * (head_dim + head_dim_v) * 4) as u64;
         let (k, v, row_lengths, numbers) = scoped(device, "creating the KV cache", || {
@@ -113,8 +125,8 @@ impl KvCache {
                 ),
                 device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("kv cache row lengths"),
-                    contents: bytemuck::cast_slice(&vec![0u32; batch]),
-                    usage: copy,
+                    contents: bytemuck::cast_slice(&vec![0u32; MAX_ROW_LENGTHS]),
+                    usage: table,
                 }),
                 device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some("kv cache lengths table"),
@@ -192,7 +204,8 @@ impl KvCache {
         &self.v
     }
 
-    /// The rows' lengths on the GPU, `[batch]` u32, as of the commands recorded so far.
+    /// The rows' lengths on the GPU, as of the commands recorded so far: a uniform buffer of
+    /// 1024 u32, row `b`'s at `b`.
     pub fn row_lengths(&self) -> &wgpu::Buffer {
         &self.row_lengths
     }

@@ -170,9 +170,12 @@ impl AttentionOp {
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
         let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
-        // Auto takes split-K only where the device allows its storage buffers (5); asked for
-        // by name (SplitK, row lengths), it is refused by name there.
-        let decode_fits = crate::kernels::Kernel::DecodeSplit.storage_buffers()
+        // Auto takes split-K only where the device allows its storage buffers (4, 5 with a
+        // mask); asked for by name (SplitK, row lengths), it is refused by name there.
+        let decode_fits = crate::kernels::Kernel::DecodeSplit {
+            mask: config.key_padding_mask,
+        }
+        .storage_buffers()
             <= limits.max_storage_buffers_per_shader_stage;
         let decode = if config.has_decode()
             && (decode_fits || config.path == OperatorPath::SplitK || config.row_lengths)
@@ -637,8 +640,13 @@ async fn make_group(
 ) -> Result<OperatorBindings> {
     let (group, decode) = scoped_async(device, "binding the operator's buffers", || {
         let decode = decode.map(|d| {
-            let keys = row_lengths.or(io.key_mask).unwrap_or(&d.absent);
-            d.groups(device, &core.lengths, [io.q, io.k, io.v, keys, io.out])
+            d.groups(
+                device,
+                &core.lengths,
+                [io.q, io.k, io.v, io.out],
+                io.key_mask,
+                row_lengths,
+            )
         });
         // In binding order; the variant binds a mask and a bias only when the operator has
         // them (`bind` checked that the buffers match the configuration).
