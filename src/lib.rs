@@ -94,8 +94,8 @@ pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use operator::{
-    AttentionOp, BiasShape, DECODE_MAX_Q_LEN, KvCache, Lengths, OperatorBindings, OperatorConfig,
-    OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
+    AttentionOp, BiasShape, CombineBindings, CombinePartials, DECODE_MAX_Q_LEN, KvCache, Lengths,
+    OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 #[cfg(feature = "random")]

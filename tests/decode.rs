@@ -9,8 +9,8 @@ mod common;
 use common::{Rng, ctx};
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionOp, Error, GpuContext, KvCache, OperatorConfig, OperatorInputs, OperatorPath, Tensor,
-    Tolerance, compare, reference,
+    AttentionOp, CombinePartials, Error, GpuContext, KvCache, OperatorConfig, OperatorInputs,
+    OperatorPath, Tensor, Tolerance, compare, reference,
 };
 
 /// Reads a buffer back the way an application would.
@@ -405,4 +405,85 @@ fn decode_steps_allocate_nothing() {
         reference::cache_step(&config, &q, &repeat(&new_k), &repeat(&new_v), &[steps; 2]).unwrap();
     let cmp = compare(&gpu, &cpu, Tolerance::F32).unwrap();
     assert!(cmp.passed(), "{cmp}");
+}
+
+#[test]
+fn combine_partials_merges_parts_made_elsewhere_into_the_full_attention() {
+    // Partials of three parts of the keys made on the host, as another device would make
+    // them (the documented layout), the third part empty; the GPU merge must equal attention
+    // over all the keys.
+    let ctx = ctx();
+    let (device, queue) = (ctx.device(), ctx.queue());
+    let mut rng = Rng::new(25);
+    let (b, h, d, dv, q_len, kv) = (1, 2, 8, 6, 3, 50);
+    let config = OperatorConfig::new(b, h, h, d, q_len, kv)
+        .with_head_dim_v(dv)
+        .with_scale(-0.7);
+    let inputs = OperatorInputs::new(
+        rng.tensor(&[b, h, q_len, d], 1.0),
+        rng.tensor(&[b, h, kv, d], 1.0),
+        rng.tensor(&[b, h, kv, dv], 1.0),
+    );
+    let parts = [0..20, 20..50, 50..50];
+    let entry = 4 + dv.div_ceil(4) * 4;
+    let (q, k, v) = (inputs.q.data(), inputs.k.data(), inputs.v.data());
+    let mut partials = Vec::new();
+    for hh in 0..h {
+        for i in 0..q_len {
+            for part in &parts {
+                let s: Vec<f64> = part
+                    .clone()
+                    .map(|j| {
+                        -(0..d)
+                            .map(|c| {
+                                q[(hh * q_len + i) * d + c] as f64 * k[(hh * kv + j) * d + c] as f64
+                            })
+                            .sum::<f64>()
+                    })
+                    .collect();
+                let mut e = vec![0f32; entry];
+                if s.is_empty() {
+                    e[0] = f32::MIN;
+                } else {
+                    let m = s.iter().copied().fold(f64::MIN, f64::max);
+                    let w: Vec<f64> = s.iter().map(|x| (0.7 * (x - m)).exp()).collect();
+                    e[0] = m as f32;
+                    e[1] = w.iter().sum::<f64>() as f32;
+                    for c in 0..dv {
+                        e[4 + c] = part
+                            .clone()
+                            .zip(&w)
+                            .map(|(j, w)| w * v[(hh * kv + j) * dv + c] as f64)
+                            .sum::<f64>() as f32;
+                    }
+                }
+                partials.extend(e);
+            }
+        }
+    }
+    let merge = CombinePartials::new(ctx, &config, parts.len()).unwrap();
+    assert_eq!(merge.partials_bytes(q_len), partials.len() as u64 * 4);
+    let partials_buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(&partials),
+        usage: wgpu::BufferUsages::STORAGE,
+    });
+    let out_buf = storage_buffer(device, b * h * q_len * dv * 4);
+    let bindings = merge.bind(&partials_buf, &out_buf).unwrap();
+    let mut encoder = device.create_command_encoder(&Default::default());
+    merge.encode(&mut encoder, &bindings, q_len).unwrap();
+    queue.submit([encoder.finish()]);
+    let gpu = Tensor::new(
+        [b, h, q_len, dv],
+        read(device, queue, &out_buf, b * h * q_len * dv),
+    )
+    .unwrap();
+    let cpu = reference::operator(&config, &inputs).unwrap();
+    let cmp = compare(&gpu, &cpu, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "{cmp}");
+    let mut encoder = device.create_command_encoder(&Default::default());
+    assert!(matches!(
+        merge.encode(&mut encoder, &bindings, q_len + 1),
+        Err(Error::LengthPastMaximum { name: "q_len", .. })
+    ));
 }

@@ -18,7 +18,7 @@ pub(crate) struct LengthTable {
 }
 
 impl LengthTable {
-    fn new(device: &wgpu::Device, lo: u32, hi: u32) -> Self {
+    pub(crate) fn new(device: &wgpu::Device, lo: u32, hi: u32) -> Self {
         let stride = device
             .limits()
             .min_uniform_buffer_offset_alignment

@@ -32,11 +32,13 @@
 //! dtype=torch.bool).tril(kv_len - q_len), enable_gqa=True)`.
 //! A query with no key to attend (all masked) gets zeros.
 
+mod combine;
 mod config;
 mod core;
 mod decode;
 mod kv_cache;
 
+pub use combine::{CombineBindings, CombinePartials};
 pub use config::{
     BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorInputs, OperatorPath, QkvLayout,
 };
