@@ -54,7 +54,7 @@ fn project(x: &[f32], w: &[f32], heads: usize) -> Tensor {
 }
 
 /// The cache's contents as the host knows them, `[1, KV_HEADS, CAPACITY, HEAD_DIM]`.
-fn mirror(t: &mut Vec<f32>, new: &Tensor, at: usize) {
+fn mirror(t: &mut [f32], new: &Tensor, at: usize) {
     let n = new.shape()[2];
     for h in 0..KV_HEADS {
         for i in 0..n {
@@ -80,8 +80,7 @@ fn read(ctx: &GpuContext, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
     device
         .poll(wgpu::PollType::wait_indefinitely())
         .expect("poll");
-    let data = bytemuck::cast_slice(&staging.get_mapped_range(..).expect("mapped"))[..len].to_vec();
-    data
+    bytemuck::cast_slice(&staging.get_mapped_range(..).expect("mapped"))[..len].to_vec()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
