@@ -45,7 +45,7 @@
 //      every row; consecutive invocations read consecutive vec4 of a value row.
 // At the end the lanes' outputs are summed through workgroup memory and written unnormalised.
 
-override WG: u32 = 64u;    // invocations; keys per block; at least dvp4
+override WG: u32 = 128u;   // invocations; keys per block; at least dvp4
 override ROWS: u32 = 16u;  // packed query rows per workgroup, at most MAX_ROWS
 override D4: u32 = 32u;    // vec4 of workgroup memory per row: at least dp4 and dvp4
 

@@ -185,11 +185,12 @@ fn decode_in_chunks_of_seven_equals_the_causal_prefill() {
 #[test]
 fn split_k_equals_the_single_pass_at_the_split_boundaries() {
     let mut rng = Rng::new(21);
-    let (b, h, kvh, d, max_kv) = (1, 4, 2, 16, 300);
+    let (b, h, kvh, d, max_kv) = (1, 4, 2, 16, 520);
     let splits = 4;
-    // One key (three splits empty); one key per split; one 64-key block per split; a block and
-    // one key (ragged tail); a ragged last split.
-    for kv_len in [1, 4, 256, 257, 299] {
+    // One key (three splits empty); one key per split; exactly one 128-key block per split
+    // (the kernel's block at these widths); a block and one key (a ragged tail); a ragged
+    // last split.
+    for kv_len in [1, 4, 512, 513, 519] {
         for q_len in [1, 3] {
             if q_len > kv_len {
                 continue;
@@ -486,4 +487,38 @@ fn combine_partials_merges_parts_made_elsewhere_into_the_full_attention() {
         merge.encode(&mut encoder, &bindings, q_len + 1),
         Err(Error::LengthPastMaximum { name: "q_len", .. })
     ));
+}
+
+#[test]
+fn auto_builds_split_k_for_short_queries_unless_there_is_a_bias() {
+    use wgpu_attention::BiasShape;
+    let base = OperatorConfig::new(1, 4, 2, 8, 32, 64);
+    let auto = AttentionOp::new(ctx(), &base).unwrap();
+    assert!(auto.splits().is_some(), "Auto has the split-K path");
+    let fused = AttentionOp::new(ctx(), &base.clone().with_path(OperatorPath::Fused)).unwrap();
+    assert_eq!(fused.splits(), None);
+    let bias = base.clone().with_bias(BiasShape::default());
+    let with_bias = AttentionOp::new(common::op_ctx(&bias), &bias).unwrap();
+    assert_eq!(with_bias.splits(), None, "split-K takes no bias");
+    assert_eq!(
+        AttentionOp::new(ctx(), &base.clone().with_splits(7))
+            .unwrap()
+            .splits(),
+        Some(7)
+    );
+    // Split-K alone cannot take 32 queries; row lengths need split-K; a zero split count.
+    for bad in [
+        base.clone().with_path(OperatorPath::SplitK),
+        base.clone().with_row_lengths(),
+        base.clone().with_splits(0),
+    ] {
+        let err = AttentionOp::new(ctx(), &bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidConfig(_) | Error::ZeroSize { name: "splits" }
+            ),
+            "{bad:?}: {err}"
+        );
+    }
 }

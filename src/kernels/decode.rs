@@ -87,6 +87,11 @@ impl StreamParams {
     }
 }
 
+/// The fewest invocations of a split workgroup, and so keys per block: 128 read K and V at
+/// 0.55 of lavapipe's streaming-read rate at 4096 keys (32/8 heads of 128), where 64 read at
+/// 0.46 and 256 at 0.41 (its barriers and per-row reductions cost per block).
+const WG_MIN: u32 = 128;
+
 /// The most packed query rows one split workgroup holds (`MAX_ROWS` in the shader).
 const MAX_ROWS: u32 = 16;
 
@@ -124,12 +129,12 @@ impl DecodeTiles {
     }
 
     /// Tiles for `rows` packed query rows (group x q_len) and heads `dp` / `dvp` wide (padded
-    /// to 4): 64 invocations (more where a value head has more vec4), workgroup memory rows of
+    /// to 4): 128 invocations (more where a value head has more vec4), workgroup memory rows of
     /// the next power of two of vec4 (at least 8, so that few variants cover every width), and
     /// as many rows, up to 16, as fit the device's workgroup memory.
     pub fn choose(rows: u32, dp: u32, dvp: u32, limits: &wgpu::Limits) -> Result<Self> {
         let dvp4 = dvp / 4;
-        let wg = dvp4.next_power_of_two().max(64);
+        let wg = dvp4.next_power_of_two().max(WG_MIN);
         let d4 = (dp / 4).max(dvp4).next_power_of_two().max(8);
         let most = limits
             .max_compute_invocations_per_workgroup
@@ -374,7 +379,7 @@ mod tests {
         }
         // GQA 32/8 at q_len 1: the group's four heads in one workgroup.
         let t = DecodeTiles::choose(4, 128, 128, &wgpu::Limits::default()).unwrap();
-        assert_eq!((t.wg, t.rows, t.d4), (64, 4, 32));
+        assert_eq!((t.wg, t.rows, t.d4), (128, 4, 32));
     }
 
     #[test]
