@@ -522,3 +522,29 @@ fn auto_builds_split_k_for_short_queries_unless_there_is_a_bias() {
         );
     }
 }
+
+#[test]
+fn split_k_survives_scales_that_would_overflow_a_scaled_score() {
+    // Scores times 1e30 or -3e38 pass f32's range; the kernels take maxima of unscaled scores
+    // and scale only differences, so the answer is the hard (arg)max the reference gives.
+    let mut rng = Rng::new(26);
+    for scale in [1e30f32, -3e38, 0.0] {
+        let config = OperatorConfig::new(1, 2, 1, 8, 2, 200)
+            .with_scale(scale)
+            .causal()
+            .with_path(OperatorPath::SplitK)
+            .with_splits(3);
+        let inputs = OperatorInputs::new(
+            rng.tensor(&[1, 2, 2, 8], 1.0),
+            rng.tensor(&[1, 1, 200, 8], 1.0),
+            rng.tensor(&[1, 1, 200, 8], 1.0),
+        );
+        let gpu = AttentionOp::new(ctx(), &config)
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        let cpu = reference::operator(&config, &inputs).unwrap();
+        let cmp = compare(&gpu, &cpu, Tolerance::F32).unwrap();
+        assert!(cmp.passed(), "scale {scale}: {cmp}");
+    }
+}
