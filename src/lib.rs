@@ -93,6 +93,7 @@ pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 #[cfg(feature = "cpu")]
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
+pub use kernels::Autotune;
 pub use operator::{
     AttentionOp, BiasShape, CombineBindings, CombinePartials, DECODE_MAX_Q_LEN, KvCache, Lengths,
     OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, QkvLayout,

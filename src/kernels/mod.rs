@@ -12,11 +12,13 @@ pub(crate) mod gemm;
 pub(crate) mod layout;
 pub(crate) mod scores;
 pub(crate) mod softmax;
+pub(crate) mod tune;
 mod variants;
 pub(crate) mod weighted_sum;
 
 #[doc(hidden)]
 pub use fused::FusedIo;
+pub use tune::Autotune;
 #[doc(hidden)]
 pub use variants::{Variant, variants};
 

@@ -4,51 +4,10 @@
 use crate::context::GpuContext;
 use crate::error::Result;
 use crate::gpu::{init_uniform, scoped_async};
-use crate::kernels::fused::{FusedGeometry, FusedTiles, Len};
+use crate::kernels::fused::{FusedGeometry, FusedTiles};
 use crate::kernels::{Kernel, Pipeline};
 
-/// Uniform entries holding every length from `lo` to `hi`, one per `stride` bytes, so that a
-/// call picks its length with a dynamic offset: nothing is written or allocated per call, and
-/// several calls of different lengths recorded into one encoder each see their own.
-#[derive(Debug)]
-pub(crate) struct LengthTable {
-    pub buffer: wgpu::Buffer,
-    lo: u32,
-    stride: u32,
-}
-
-impl LengthTable {
-    pub(crate) fn new(device: &wgpu::Device, lo: u32, hi: u32) -> Self {
-        let stride = device
-            .limits()
-            .min_uniform_buffer_offset_alignment
-            .max(size_of::<Len>() as u32);
-        let mut bytes = vec![0u8; ((hi - lo + 1) * stride) as usize];
-        for n in lo..=hi {
-            let at = ((n - lo) * stride) as usize;
-            bytes[at..at + size_of::<Len>()].copy_from_slice(bytemuck::bytes_of(&Len::new(n)));
-        }
-        LengthTable {
-            buffer: init_uniform(device, "attention lengths", &bytes),
-            lo,
-            stride,
-        }
-    }
-
-    /// The dynamic offset of length `n` (which the caller checked to lie in the table).
-    pub fn offset(&self, n: u32) -> u32 {
-        (n - self.lo) * self.stride
-    }
-
-    /// The binding of one entry, at the dynamic offset given when recording.
-    pub fn binding(&self) -> wgpu::BindingResource<'_> {
-        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: &self.buffer,
-            offset: 0,
-            size: wgpu::BufferSize::new(size_of::<Len>() as u64),
-        })
-    }
-}
+pub(crate) use super::lengths::LengthTable;
 
 /// The fused kernel set up for one attention geometry and a range of lengths.
 #[derive(Debug)]
@@ -70,8 +29,7 @@ impl Core {
         max_q: u32,
         max_kv: u32,
     ) -> Result<Self> {
-        let limits = ctx.limits();
-        let tiles = geometry.tiles(max_q, max_kv, &limits)?;
+        let tiles = super::tune::tiles(ctx, &geometry, max_q, max_kv).await?;
         let pipeline = ctx
             .kernels()
             .pipeline(Kernel::Fused(geometry.io()), &tiles.overrides())

@@ -37,6 +37,8 @@ mod config;
 mod core;
 mod decode;
 mod kv_cache;
+mod lengths;
+mod tune;
 
 pub use combine::{CombineBindings, CombinePartials};
 pub use config::{
@@ -246,6 +248,26 @@ impl AttentionOp {
     /// The configuration this operator runs.
     pub fn config(&self) -> &OperatorConfig {
         &self.config
+    }
+
+    /// The fused kernel's tiles this operator runs, as the autotune file writes them.
+    pub fn tiles(&self) -> String {
+        crate::kernels::tune::tiles_text(&self.core.tiles)
+    }
+
+    /// The shape class `config` tunes as, and the tiles the autotuner would time for it on
+    /// `ctx` (the rule's first), in the autotune file's text: for tests that run each.
+    #[doc(hidden)]
+    pub fn tile_candidates(ctx: &GpuContext, config: &OperatorConfig) -> (String, Vec<String>) {
+        let g = config.geometry();
+        let (q, kv) = (config.max_q_len as u32, config.max_kv_len as u32);
+        (
+            tune::class(&g, q, kv).to_string(),
+            tune::candidates(&g, q, kv, &ctx.limits())
+                .iter()
+                .map(crate::kernels::tune::tiles_text)
+                .collect(),
+        )
     }
 
     /// Makes the bind group that ties this operator to an application's buffers, checking
