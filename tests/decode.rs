@@ -215,10 +215,11 @@ fn split_k_equals_the_single_pass_at_the_split_boundaries() {
                 .unwrap()
                 .run(&inputs)
                 .unwrap();
-                let single = AttentionOp::new(ctx(), &base.clone().with_path(OperatorPath::Fused))
-                    .unwrap()
-                    .run(&inputs)
-                    .unwrap();
+                let single =
+                    AttentionOp::new(ctx(), &base.clone().with_path(OperatorPath::Prefill))
+                        .unwrap()
+                        .run(&inputs)
+                        .unwrap();
                 let what = format!("kv_len {kv_len}, q_len {q_len}, causal {causal}");
                 let cmp = compare(&split, &single, Tolerance::F32).unwrap();
                 assert!(cmp.passed(), "split-K vs single pass, {what}: {cmp}");
@@ -495,7 +496,7 @@ fn auto_builds_split_k_for_short_queries_unless_there_is_a_bias() {
     let base = OperatorConfig::new(1, 4, 2, 8, 32, 64);
     let auto = AttentionOp::new(ctx(), &base).unwrap();
     assert!(auto.splits().is_some(), "Auto has the split-K path");
-    let fused = AttentionOp::new(ctx(), &base.clone().with_path(OperatorPath::Fused)).unwrap();
+    let fused = AttentionOp::new(ctx(), &base.clone().with_path(OperatorPath::Prefill)).unwrap();
     assert_eq!(fused.splits(), None);
     let bias = base.clone().with_bias(BiasShape::default());
     let with_bias = AttentionOp::new(common::op_ctx(&bias), &bias).unwrap();

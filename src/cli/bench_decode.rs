@@ -214,7 +214,7 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
         let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * d);
         let base = OperatorConfig::new(batch, heads, kv_heads, d, 1, kv).causal();
         let split = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
-        let single = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::Fused))?;
+        let single = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::Prefill))?;
         let lengths = Lengths {
             q_len: 1,
             kv_len: kv,

@@ -1,6 +1,7 @@
 //! What an operator computes: its configuration and maximum lengths, the layouts and bias
 //! shapes it reads, one call's lengths, and host inputs with their checks.
 
+use crate::config::KernelChoice;
 use crate::error::{Error, Result, Shape};
 use crate::kernels::decode::DecodeGeometry;
 use crate::kernels::fused::{FusedGeometry, Strides};
@@ -20,15 +21,17 @@ pub enum QkvLayout {
 /// (`shaders/decode_split.wgsl`); [`OperatorPath::Auto`] runs it for calls up to this long.
 pub const DECODE_MAX_Q_LEN: usize = 16;
 
-/// Which kernel an [`AttentionOp`](super::AttentionOp) call runs.
+/// Whether an [`AttentionOp`](super::AttentionOp) call runs split-K decode or the prefill
+/// kernels (fused or staged, as [`OperatorConfig::with_kernel`] picks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OperatorPath {
     /// By shape: split-K decode for calls of at most [`DECODE_MAX_Q_LEN`] queries (when there
-    /// is no bias), the fused kernel otherwise.
+    /// is no bias and no intermediates are kept), the prefill kernels otherwise.
     #[default]
     Auto,
-    /// Always the fused kernel (one workgroup per block of query rows; a "single pass").
-    Fused,
+    /// Always the prefill kernels (for the fused one, a workgroup per block of query rows: a
+    /// "single pass" over the keys).
+    Prefill,
     /// Always split-K decode: the keys cut across workgroups, the partial results merged by a
     /// second pass. Needs `max_q_len <= DECODE_MAX_Q_LEN` and no bias.
     SplitK,
@@ -85,7 +88,16 @@ pub struct OperatorConfig {
     /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
     /// `kv_len`. At least `max_kv_len`.
     pub kv_capacity: Option<usize>,
-    /// Which kernel calls run.
+    /// Which kernels run: the fused kernel, the staged ones (scores, softmax, weighted sum,
+    /// through a score matrix of the maximum lengths), or `Auto` (see
+    /// [`OperatorConfig::with_kernel`]).
+    pub kernel: KernelChoice,
+    /// Keep each call's probabilities readable
+    /// ([`AttentionOp::read_probabilities`](super::AttentionOp::read_probabilities)); only the
+    /// staged kernels have them.
+    pub keep_intermediates: bool,
+    /// Whether short calls run split-K decode ([`OperatorPath`]); `kernel` picks the kernels
+    /// of the others.
     pub path: OperatorPath,
     /// Key ranges split-K decode cuts the keys into; `None`: chosen from the shape and the
     /// adapter (enough workgroups to fill it when `batch x kv_heads` does not, each split at
@@ -124,10 +136,28 @@ impl OperatorConfig {
             scale: None,
             layout: QkvLayout::HeadMajor,
             kv_capacity: None,
+            kernel: KernelChoice::Auto,
+            keep_intermediates: false,
             path: OperatorPath::Auto,
             splits: None,
             row_lengths: false,
         }
+    }
+
+    /// Runs these kernels. `Auto` (the default) takes the fused kernel unless it cannot run:
+    /// intermediates are kept, the device allows fewer storage buffers per shader stage than
+    /// it binds (downlevel devices: 4), a value head is wider than it holds, or its smallest
+    /// tiles pass the device's workgroup memory; the staged kernels then run.
+    pub fn with_kernel(mut self, kernel: KernelChoice) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Keeps each call's probabilities readable; runs the staged kernels (an explicit
+    /// `KernelChoice::Fused` is refused).
+    pub fn with_intermediates(mut self) -> Self {
+        self.keep_intermediates = true;
+        self
     }
 
     /// Calls run this kernel.
@@ -150,7 +180,7 @@ impl OperatorConfig {
 
     /// Whether the operator builds the split-K decode kernel.
     pub(super) fn has_decode(&self) -> bool {
-        self.path != OperatorPath::Fused && self.bias.is_none()
+        self.path != OperatorPath::Prefill && self.bias.is_none() && !self.keep_intermediates
     }
 
     /// Value heads of another width.
@@ -258,7 +288,7 @@ impl OperatorConfig {
         }
         if self.row_lengths {
             split_k_only("with_row_lengths")?;
-            if self.path == OperatorPath::Fused {
+            if self.path == OperatorPath::Prefill {
                 return Err(Error::InvalidConfig(
                     "with_row_lengths needs split-K decode, but the path is Fused".into(),
                 ));
@@ -277,6 +307,13 @@ impl OperatorConfig {
                         .into(),
                 ));
             }
+        }
+        if self.keep_intermediates && self.kernel == KernelChoice::Fused {
+            return Err(Error::InvalidConfig(
+                "the fused kernel stores no probabilities to keep: use KernelChoice::Staged \
+                 (or Auto) to read them back"
+                    .into(),
+            ));
         }
         if !self.scale_value().is_finite() {
             return Err(Error::InvalidConfig(format!(

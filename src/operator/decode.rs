@@ -35,7 +35,7 @@ impl DecodeCore {
         let kernel = Kernel::DecodeSplit {
             mask: config.key_padding_mask,
         };
-        kernel.check_storage_buffers(&limits, "; use OperatorPath::Fused")?;
+        kernel.check_storage_buffers(&limits, "; use OperatorPath::Prefill")?;
         let probe = config.decode_geometry(1);
         let tiles = probe.tiles(max_q, &limits)?;
         let splits = match config.splits {

@@ -1,9 +1,9 @@
 //! Every buffer a plan owns, by name: the packed weights and the intermediates the kernels pass
-//! between them, and the input, mask, output and read-back buffers that [`super::AttentionPlan::run`]
+//! between them (but the attention core's own: its score matrix, parameters and lengths), and the input, mask, output and read-back buffers that [`super::AttentionPlan::run`]
 //! uses in place of an application's.
 
 use super::pack::{pack_out, pack_qkv};
-use crate::config::{AttentionConfig, KernelChoice};
+use crate::config::AttentionConfig;
 use crate::gpu::{STORAGE, buffer, init_buffer};
 use crate::kernels::Layout;
 use crate::weights::AttentionWeights;
@@ -19,9 +19,6 @@ pub(super) struct PlanBuffers {
     pub w_o: Option<(wgpu::Buffer, wgpu::Buffer)>,
     /// Q, K and V, head-major, one after the other.
     pub qkv: wgpu::Buffer,
-    /// The staged path's score matrix and its probabilities: two buffers when intermediates
-    /// are kept, else the same buffer twice (the softmax runs in place). `None` when fused.
-    pub scores: Option<(wgpu::Buffer, wgpu::Buffer)>,
     /// The concatenated heads, when an output projection follows them.
     pub attention: Option<wgpu::Buffer>,
 }
@@ -42,15 +39,6 @@ impl PlanBuffers {
                 init_buffer(device, "b_o", &b),
             )
         });
-        let scores = (l.kernel == KernelChoice::Staged).then(|| {
-            let scores = buffer(device, "scores", l.scores_len * 4, STORAGE);
-            let probs = if config.keep_intermediates {
-                buffer(device, "probs", l.scores_len * 4, STORAGE)
-            } else {
-                scores.clone()
-            };
-            (scores, probs)
-        });
         let attention = config.output_projection.map(|_| {
             let len = l.tokens() * (l.heads * l.head_dim_v) as u64;
             buffer(device, "attention", len * 4, STORAGE)
@@ -60,7 +48,6 @@ impl PlanBuffers {
             b_qkv: init_buffer(device, "b_qkv", &b),
             w_o,
             qkv: buffer(device, "qkv", l.qkv_len * 4, STORAGE),
-            scores,
             attention,
         }
     }
@@ -70,12 +57,6 @@ impl PlanBuffers {
         let mut all = vec![&self.w_qkv, &self.b_qkv, &self.qkv];
         if let Some((w, b)) = &self.w_o {
             all.extend([w, b]);
-        }
-        if let Some((scores, probs)) = &self.scores {
-            all.push(scores);
-            if probs != scores {
-                all.push(probs);
-            }
         }
         all.extend(&self.attention);
         all

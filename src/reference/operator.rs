@@ -12,6 +12,24 @@ pub fn operator(
     config: &crate::operator::OperatorConfig,
     inputs: &crate::operator::OperatorInputs,
 ) -> Result<Tensor> {
+    Ok(attend(config, inputs)?.0)
+}
+
+/// The probabilities of [`operator`] `[batch, heads, q_len, kv_len]` (each query's softmax over
+/// the keys: 0 where a key is masked, a row of zeros where none is left), what
+/// [`crate::AttentionOp::read_probabilities`] reads back from the staged kernels.
+pub fn operator_probs(
+    config: &crate::operator::OperatorConfig,
+    inputs: &crate::operator::OperatorInputs,
+) -> Result<Tensor> {
+    Ok(attend(config, inputs)?.1)
+}
+
+/// The output and the probabilities.
+fn attend(
+    config: &crate::operator::OperatorConfig,
+    inputs: &crate::operator::OperatorInputs,
+) -> Result<(Tensor, Tensor)> {
     use crate::operator::QkvLayout;
     let lengths = inputs.validate(config)?;
     let (nq, nk) = (lengths.q_len, lengths.kv_len);
@@ -28,6 +46,7 @@ pub fn operator(
     };
     let (q, k, v) = (inputs.q.data(), inputs.k.data(), inputs.v.data());
     let mut out = vec![0f32; batch * heads * nq * dv];
+    let mut probs = vec![0f32; batch * heads * nq * nk];
     for b in 0..batch {
         for h in 0..heads {
             let kh = h / group;
@@ -68,6 +87,10 @@ pub fn operator(
                     .map(|x| x.map_or(0.0, |x| (x - max).exp()))
                     .collect();
                 let sum: f64 = weights.iter().sum();
+                let row = ((b * heads + h) * nq + i) * nk;
+                for (p, w) in probs[row..row + nk].iter_mut().zip(&weights) {
+                    *p = (w / sum) as f32;
+                }
                 for c in 0..dv {
                     let acc: f64 = (0..nk)
                         .map(|j| weights[j] * v[at(kv_heads, nk, dv, b, kh, j, c)] as f64)
@@ -77,7 +100,10 @@ pub fn operator(
             }
         }
     }
-    Tensor::new(config.output_shape(nq), out)
+    Ok((
+        Tensor::new(config.output_shape(nq), out)?,
+        Tensor::new([batch, heads, nq, nk], probs)?,
+    ))
 }
 
 /// The f64 reference of one step of attention over a KV cache ([`crate::KvCache`]) whose batch
