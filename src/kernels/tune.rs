@@ -17,8 +17,8 @@ use crate::error::{Error, Result};
 /// a class of shapes not seen before on the device, within about a second on a slow one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Autotune {
-    /// Tiles from the device's limits alone ([`FusedTiles::choose`]'s rule); nothing is timed.
-    /// Results are then the same on every run, which is what tests want.
+    /// Tiles from the device's limits alone (the rule the fused kernel has always used);
+    /// nothing is timed. Results are then the same on every run, which is what tests want.
     Off,
     /// Winners already known (from this context's earlier plans or a loaded file) are used;
     /// an unknown class takes the rule's tiles and is not timed.

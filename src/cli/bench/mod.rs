@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use wgpu_attention::{AttentionConfig, DeviceLimits, Error, KernelChoice, Random, reference};
+use wgpu_attention::{
+    AttentionConfig, Autotune, DeviceLimits, Error, KernelChoice, Random, reference,
+};
 
 use super::report;
 use super::{AdapterArgs, CliError};
@@ -18,6 +20,24 @@ mod table;
 use layer::{checked_rows, measure_cpu, measure_gpu};
 pub use operator::OperatorRow;
 use table::print_table;
+
+/// `--autotune`: [`Autotune`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AutotuneArg {
+    Off,
+    Cached,
+    Full,
+}
+
+impl From<AutotuneArg> for Autotune {
+    fn from(a: AutotuneArg) -> Self {
+        match a {
+            AutotuneArg::Off => Autotune::Off,
+            AutotuneArg::Cached => Autotune::Cached,
+            AutotuneArg::Full => Autotune::Full,
+        }
+    }
+}
 
 /// Arguments of `wgpu-attention bench`.
 #[derive(Debug, Clone, Args)]
@@ -78,6 +98,14 @@ pub struct BenchArgs {
     /// Skip the attention operator's rows.
     #[arg(long)]
     pub no_op: bool,
+    /// How plans choose the fused kernel's tiles: timed on this adapter once per shape class
+    /// (`full`), only from what `--autotune-file` holds (`cached`), or by the limits rule
+    /// alone (`off`).
+    #[arg(long, value_enum, default_value_t = AutotuneArg::Full)]
+    pub autotune: AutotuneArg,
+    /// Read the autotuner's winners for this adapter from this file, and append new ones.
+    #[arg(long)]
+    pub autotune_file: Option<PathBuf>,
     /// Write every figure as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -111,6 +139,8 @@ impl BenchArgs {
             op_len: Vec::new(),
             op_cross_kv_len: 1500,
             no_op: false,
+            autotune: AutotuneArg::Full,
+            autotune_file: None,
             json: None,
             csv: None,
             plot: None,
@@ -281,6 +311,10 @@ pub struct Report {
     /// The attention operator's rows (GQA, cross-attention).
     pub operator: Vec<OperatorRow>,
     pub skipped: Vec<Skipped>,
+    /// How the fused kernel's tiles were chosen (`--autotune`).
+    pub autotune: String,
+    /// The fused kernel's tiles chosen per shape class, as (class, override constants).
+    pub tuned: Vec<(String, String)>,
 }
 
 const FLOPS_ATTENTION: &str = "4*B*H*N*N*D (2*B*H*N*N*(D+Dv); causal counted dense)";
@@ -304,6 +338,10 @@ pub fn main(
     }
     // The sweep reaches past wgpu's portable defaults where the adapter allows.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
+    ctx.set_autotune(args.autotune.into());
+    if let Some(path) = &args.autotune_file {
+        ctx.autotune_file(path)?;
+    }
     let info = ctx.adapter_info().clone();
     let lengths = args.sequence_lengths(&info);
     if lengths.is_empty() {
@@ -346,6 +384,8 @@ pub fn main(
         flops_operator: operator::FLOPS_OPERATOR,
         operator: Vec::new(),
         skipped: Vec::new(),
+        autotune: format!("{:?}", args.autotune).to_lowercase(),
+        tuned: Vec::new(),
     };
     for &seq in &lengths {
         let config = args.config(seq);
@@ -399,6 +439,7 @@ pub fn main(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    report.tuned = ctx.tuned();
     print_table(&report);
     report::write(&report, args)?;
     check_errors(&report)
@@ -509,6 +550,8 @@ mod tests {
                 error: error(cpu_ok),
             }],
             skipped: Vec::new(),
+            autotune: "off".into(),
+            tuned: Vec::new(),
         }
     }
 

@@ -119,6 +119,14 @@ pub(super) fn print_table(r: &Report) {
     if !r.operator.is_empty() {
         print_operator(r);
     }
+    println!();
+    println!("fused kernel tiles (autotune {}):", r.autotune);
+    for (class, tiles) in &r.tuned {
+        println!("  {class:<50} {tiles}");
+    }
+    if r.tuned.is_empty() {
+        println!("  the limits rule's, for every shape (nothing timed)");
+    }
 }
 
 /// The attention operator's rows, after the layer's.
