@@ -22,6 +22,15 @@ pub(crate) struct DecodeCore {
     pub no_rows: wgpu::Buffer,
 }
 
+/// What a call's record reads from its operator beside the decode core: the length table the
+/// dynamic offsets index, the dispatch-chunk table, and the device's grid limit.
+#[derive(Clone, Copy)]
+pub(crate) struct Tables<'a> {
+    pub lengths: &'a LengthTable,
+    pub chunks: &'a ChunkTable,
+    pub max_per_dim: u32,
+}
+
 impl DecodeCore {
     /// Compiles (or reuses) both kernels for calls of up to `max_q` queries over up to `max_kv`
     /// keys, choosing the splits (`splits`, else the `Auto` rule) and making the partials.
@@ -173,10 +182,13 @@ impl DecodeCore {
         &self,
         encoder: &mut wgpu::CommandEncoder,
         groups: &[wgpu::BindGroup; 2],
-        lengths: &LengthTable,
-        chunks: &ChunkTable,
-        max_per_dim: u32,
+        Tables {
+            lengths,
+            chunks,
+            max_per_dim,
+        }: Tables<'_>,
         (q_len, kv_len): (u32, u32),
+        timestamp_writes: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) -> Result<()> {
         let split_grid = fold_grid(
             self.geometry.split_workgroups(&self.tiles, q_len),
@@ -190,7 +202,7 @@ impl DecodeCore {
         )?;
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("split-K decode"),
-            timestamp_writes: None,
+            timestamp_writes,
         });
         pass.push_debug_group("split-K decode");
         pass.set_bind_group(1, &chunks.group, &[0]);

@@ -445,6 +445,15 @@ impl AttentionOp {
         Ok(())
     }
 
+    /// The tables split-K decode's record reads.
+    fn tables(&self) -> decode::Tables<'_> {
+        decode::Tables {
+            lengths: self.path.lengths(),
+            chunks: &self.chunks,
+            max_per_dim: self.max_per_dim,
+        }
+    }
+
     /// Whether a call of `q_len` queries runs split-K decode.
     fn uses_decode(&self, q_len: usize) -> bool {
         self.decode.is_some()
@@ -540,10 +549,9 @@ impl AttentionOp {
             return decode.record(
                 encoder,
                 groups,
-                self.path.lengths(),
-                &self.chunks,
-                self.max_per_dim,
+                self.tables(),
                 (lengths.q_len as u32, lengths.kv_len as u32),
+                timestamps,
             );
         }
         let steps = self.call_steps(lengths);
@@ -738,14 +746,7 @@ impl AttentionOp {
                 }
                 if decode && let (Some(d), Some(groups)) = (&self.decode, &self.own_bindings.decode)
                 {
-                    d.record(
-                        &mut encoder,
-                        groups,
-                        self.path.lengths(),
-                        &self.chunks,
-                        self.max_per_dim,
-                        (q_len, kv_len),
-                    )?;
+                    d.record(&mut encoder, groups, self.tables(), (q_len, kv_len), None)?;
                 } else {
                     self.record(
                         &mut encoder,
