@@ -234,6 +234,23 @@ pub enum Error {
         max: usize,
     },
 
+    /// An append would pass a KV cache's capacity (the cache never wraps around).
+    #[error(
+        "appending {adding} tokens to batch row {row} of the KV cache, which holds {len}, would \
+         pass its capacity of {capacity} tokens: build the cache with a larger capacity, or set \
+         shorter lengths first"
+    )]
+    KvCacheFull {
+        /// The batch row.
+        row: usize,
+        /// Tokens the row holds.
+        len: usize,
+        /// Tokens being appended.
+        adding: usize,
+        /// The cache's capacity per row.
+        capacity: usize,
+    },
+
     /// A tensor has the wrong number of dimensions for the layout.
     #[error("tensor `{name}` has shape {shape}, expected rank {rank} for the {layout} layout")]
     WrongRank {

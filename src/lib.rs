@@ -68,6 +68,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ceiling;
 pub mod compare;
 pub mod config;
 pub mod context;
@@ -94,8 +95,9 @@ pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use kernels::Autotune;
 pub use operator::{
-    AttentionOp, BackwardBindings, BackwardIo, BiasShape, Lengths, OperatorBindings,
-    OperatorConfig, OperatorInputs, OperatorIo, QkvLayout,
+    AttentionOp, BackwardBindings, BackwardIo, BiasShape, CombineBindings, CombinePartials,
+    DECODE_MAX_Q_LEN, KvCache, Lengths, OperatorBindings, OperatorConfig, OperatorInputs,
+    OperatorIo, OperatorPath, QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 #[cfg(feature = "random")]

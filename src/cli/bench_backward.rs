@@ -79,7 +79,7 @@ fn time(
 }
 
 fn row(ctx: &GpuContext, args: &BenchArgs, seq: usize) -> Result<BackwardRow, CliError> {
-    let (b, h, d) = (args.batch, args.heads, args.head_dim);
+    let (b, h, d) = (args.batch, args.heads(), args.head_dim());
     let mut config = OperatorConfig::new(b, h, h, d, seq, seq).with_gradients();
     config.causal = args.causal;
     let op = AttentionOp::new(ctx, &config)?;
@@ -168,8 +168,8 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs, lengths: &[usize]) -> Resul
         adapter: info.name.clone(),
         backend: format!("{:?}", info.backend),
         batch: args.batch,
-        heads: args.heads,
-        head_dim: args.head_dim,
+        heads: args.heads(),
+        head_dim: args.head_dim(),
         causal: args.causal,
         warmup: args.warmup,
         repeats: args.repeats,
@@ -182,8 +182,8 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs, lengths: &[usize]) -> Resul
         info.name,
         info.backend,
         args.batch,
-        args.heads,
-        args.head_dim,
+        args.heads(),
+        args.head_dim(),
         if args.causal { ", causal" } else { "" }
     );
     println!(

@@ -3,6 +3,7 @@
 mod adapters;
 mod bench;
 mod bench_backward;
+mod bench_decode;
 mod check;
 mod error;
 mod files;
@@ -42,7 +43,7 @@ pub enum Command {
     /// and write the output to another.
     Run(run::RunArgs),
     /// Sweep shapes and time the GPU against the CPU.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// Which adapter to use. The WGPU_BACKEND, WGPU_ADAPTER_NAME and WGPU_POWER_PREF variables

@@ -7,6 +7,7 @@
 
 pub(crate) mod backward;
 mod cache;
+pub(crate) mod decode;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
@@ -47,6 +48,16 @@ pub enum Kernel {
     BackwardKv,
     /// `attention_bwd_q.wgsl`: the backward's dQ, a workgroup per query block.
     BackwardQ,
+    /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range; with a
+    /// key-padding mask bound, or without (then 4 storage buffers).
+    DecodeSplit {
+        /// A key-padding mask is bound.
+        mask: bool,
+    },
+    /// `decode_combine.wgsl`: merges split-K partials into the output.
+    DecodeCombine,
+    /// `stream_read.wgsl`: sums a buffer with vec4 loads (the benchmark's read ceiling).
+    StreamRead,
 }
 
 /// How a kernel sees one binding.
@@ -159,6 +170,12 @@ impl Kernel {
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
         all.extend([Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ]);
+        all.extend([
+            Kernel::DecodeSplit { mask: true },
+            Kernel::DecodeSplit { mask: false },
+            Kernel::DecodeCombine,
+            Kernel::StreamRead,
+        ]);
         all
     }
 
@@ -173,6 +190,9 @@ impl Kernel {
             Kernel::BackwardPrep => "attention_bwd_prep.wgsl",
             Kernel::BackwardKv => "attention_bwd_kv.wgsl",
             Kernel::BackwardQ => "attention_bwd_q.wgsl",
+            Kernel::DecodeSplit { .. } => "decode_split.wgsl",
+            Kernel::DecodeCombine => "decode_combine.wgsl",
+            Kernel::StreamRead => "stream_read.wgsl",
         }
     }
 
@@ -190,6 +210,11 @@ impl Kernel {
                 if io.mask { "mask" } else { "no mask" },
                 if io.bias { "bias" } else { "no bias" },
                 if io.lse { ", saving lse" } else { "" },
+            ),
+            Kernel::DecodeSplit { mask } => format!(
+                "{} ({})",
+                self.file_name(),
+                if mask { "mask" } else { "no mask" }
             ),
             _ => self.file_name().into(),
         }
@@ -256,6 +281,12 @@ impl Kernel {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
             }
+            Kernel::DecodeSplit { mask } => files.push(if mask {
+                "decode_keys_mask.wgsl"
+            } else {
+                "decode_keys_all.wgsl"
+            }),
+            Kernel::DecodeCombine | Kernel::StreamRead => {}
         }
         files.push(self.file_name());
         files
@@ -271,6 +302,9 @@ impl Kernel {
             Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 &fused::FusedParams::LAYOUT
             }
+            Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
+            Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
+            Kernel::StreamRead => &decode::StreamParams::LAYOUT,
         }
     }
 
@@ -324,6 +358,16 @@ impl Kernel {
             }
             // q, k, v, d_o, aux, bias, dq.
             Kernel::BackwardQ => numbered(&[Read, Read, Read, Read, Read, Read, ReadWrite]),
+            // q, k, v, key_mask, partials.
+            Kernel::DecodeSplit { mask: true } => numbered(&[Read, Read, Read, Read, ReadWrite]),
+            // q, k, v, partials.
+            Kernel::DecodeSplit { mask: false } => {
+                vec![(1, Read), (2, Read), (3, Read), (5, ReadWrite)]
+            }
+            // partials, out.
+            Kernel::DecodeCombine => numbered(&[Read, ReadWrite]),
+            // src, out.
+            Kernel::StreamRead => numbered(&[Read, ReadWrite]),
         };
         // The backward's lengths follow its storage buffers.
         let after_storage = storage.len() as u32 + 1;
@@ -338,21 +382,27 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
+        // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
-            Kernel::Gemm => None,
-            Kernel::Fused(_) => Some(7..9),
-            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => Some(4..6),
+            Kernel::Fused(_) => 7..9,
+            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
+            Kernel::DecodeSplit { .. } => 6..8,
+            Kernel::DecodeCombine => 3..4,
+            Kernel::Gemm | Kernel::StreamRead => 0..0,
             Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
-                Some(after_storage..after_storage + 2)
+                after_storage..after_storage + 2
             }
         };
-        if let Some(lengths) = lengths {
+        {
             bindings.extend(lengths.map(|binding| Binding {
                 binding,
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
             }));
+        }
+        if let Kernel::DecodeSplit { .. } = self {
+            // Each batch row's key count.
+            bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT));
         }
         bindings.push(CHUNK_BINDING);
         bindings
@@ -410,6 +460,11 @@ fn shader_file(name: &str) -> &'static str {
         "attention_bwd_prep.wgsl",
         "attention_bwd_kv.wgsl",
         "attention_bwd_q.wgsl",
+        "decode_keys_mask.wgsl",
+        "decode_keys_all.wgsl",
+        "decode_split.wgsl",
+        "decode_combine.wgsl",
+        "stream_read.wgsl",
     )
 }
 

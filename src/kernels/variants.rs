@@ -37,6 +37,9 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Fused(_) => super::fused::override_sets(limits),
                 Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
                 Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
+                Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
+                Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
+                Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
                 kernel,
@@ -159,7 +162,11 @@ mod tests {
                     }
                 }
             }
-            for kernel in Kernel::all() {
+            // The combine and the read ceiling have one workgroup size.
+            for kernel in Kernel::all()
+                .into_iter()
+                .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
+            {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 // The D pass has one workgroup shape.
                 let least = if kernel == Kernel::BackwardPrep { 1 } else { 2 };

@@ -351,7 +351,7 @@ mod operator;
 pub use backward::{EMPTY_ROW_LSE, OperatorGrads, operator_backward, operator_lse};
 pub use bound::{error_bound, operator_error_bound, output_row_bounds};
 pub use layer_backward::{LayerGrads, layer_backward};
-pub use operator::{operator, operator_probs};
+pub use operator::{cache_step, operator, operator_probs};
 
 /// Refuses a requested (batch row, token) outside the layer, naming it.
 fn check_rows(config: &AttentionConfig, rows: &[(usize, usize)]) -> Result<()> {
