@@ -41,12 +41,23 @@ use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
 use crate::kernels::backward::{self, BackwardTiles, PREP_ROWS};
 use crate::kernels::{Kernel, Pipeline, fold_grid};
-use crate::reference::OperatorGrads;
 use crate::tensor::{Tensor, unravel};
 
 use super::config::{OperatorConfig, OperatorInputs};
 use super::core::Core;
 use super::{AttentionOp, Lengths};
+
+/// The gradients of a loss with respect to the operator's Q, K and V, each shaped (and laid
+/// out) like the tensor it is the gradient of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorGrads {
+    /// `∂L/∂Q`, shaped like Q.
+    pub q: Tensor,
+    /// `∂L/∂K`, shaped like K (summed over each group's query heads under GQA).
+    pub k: Tensor,
+    /// `∂L/∂V`, shaped like V (summed over each group's query heads under GQA).
+    pub v: Tensor,
+}
 
 /// The application's buffers for one backward call of an [`AttentionOp`] built with
 /// [`OperatorConfig::with_gradients`]: the forward's inputs and output, the logsumexp it

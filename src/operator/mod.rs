@@ -51,7 +51,7 @@ mod kv_cache;
 mod lengths;
 mod tune;
 
-pub use backward::{BackwardBindings, BackwardIo};
+pub use backward::{BackwardBindings, BackwardIo, OperatorGrads};
 pub use combine::{CombineBindings, CombinePartials};
 pub use config::{
     BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorInputs, OperatorPath, QkvLayout,

@@ -13,20 +13,9 @@
 //! A query with no key to attend has `O = 0` and contributes nothing: zero gradients.
 
 use crate::error::Result;
+pub use crate::operator::OperatorGrads;
 use crate::operator::{Lengths, OperatorConfig, OperatorInputs, QkvLayout};
 use crate::tensor::Tensor;
-
-/// The gradients of a loss with respect to the operator's Q, K and V, each shaped (and laid
-/// out) like the tensor it is the gradient of.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OperatorGrads {
-    /// `∂L/∂Q`, shaped like Q.
-    pub q: Tensor,
-    /// `∂L/∂K`, shaped like K (summed over each group's query heads under GQA).
-    pub k: Tensor,
-    /// `∂L/∂V`, shaped like V (summed over each group's query heads under GQA).
-    pub v: Tensor,
-}
 
 /// The logsumexp of a query row that attends no key: the kernels' `LOWEST` (-3.402823e38,
 /// just above `-f32::MAX`), finite because WGSL implementations may assume no infinities.
