@@ -6,8 +6,8 @@ mod common;
 
 use common::Rng;
 use wgpu_attention::{
-    AttentionOp, Autotune, BiasShape, Error, GpuContext, OperatorConfig, OperatorInputs, Tolerance,
-    compare, reference,
+    AttentionOp, Autotune, BiasShape, Error, GpuContext, KernelChoice, OperatorConfig,
+    OperatorInputs, Tolerance, compare, reference,
 };
 
 /// A context of its own (winners are per device), on the suite's adapter and limits profile.
@@ -45,6 +45,8 @@ fn every_candidate_gives_the_reference_answer() {
             .with_bias(bias),
         OperatorConfig::new(1, 8, 1, 64, 8, 130),
     ] {
+        // Tiles are the fused kernel's: pin it (Auto may take the staged kernels).
+        let config = config.with_kernel(KernelChoice::Fused);
         let ctx = common::op_ctx(&config);
         let (class, candidates) = AttentionOp::tile_candidates(ctx, &config);
         assert!(candidates.len() >= 2, "{class}: {candidates:?}");
