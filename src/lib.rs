@@ -78,6 +78,7 @@ mod gpu;
 pub mod kernels;
 pub mod operator;
 pub mod plan;
+pub mod precision;
 #[cfg(feature = "random")]
 pub mod random;
 pub mod reference;
@@ -97,6 +98,7 @@ pub use operator::{
     QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
+pub use precision::Precision;
 #[cfg(feature = "random")]
 pub use random::Random;
 pub use reference::Intermediates;

@@ -381,17 +381,35 @@ fn missing_tensor() {
     );
 }
 
+/// `data` stored as F16 or BF16 (each value rounded to the dtype).
+fn halves(dtype: Dtype, shape: &[usize], data: &[f32]) -> Stored {
+    let bytes = data
+        .iter()
+        .flat_map(|&v| match dtype {
+            Dtype::F16 => half::f16::from_f32(v).to_le_bytes(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes(),
+            other => panic!("{other:?} is not a half type"),
+        })
+        .collect();
+    Stored {
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
+}
+
 #[test]
-fn f16_weights_are_refused() {
-    let f16 = Stored {
-        dtype: Dtype::F16,
-        shape: vec![4, 3],
-        bytes: vec![0; 24],
-    };
-    Case::new(with("w_q", f16)).fails(
-        &[],
-        "tensor `w_q` has dtype F16, expected F32; save it with tensor.float()",
-    );
+fn f16_and_bf16_tensors_are_read_as_their_exact_values() {
+    // The worked example's values are small integers, exact in both formats, so the layer
+    // must give exactly the f32 file's answer.
+    let case = Case::new(vec![
+        ("x", halves(Dtype::BF16, &[3, 4], &X)),
+        ("w_q", halves(Dtype::F16, &[4, 3], &W_Q)),
+        ("w_k", halves(Dtype::BF16, &[4, 3], &W_K)),
+        ("w_v", halves(Dtype::F16, &[4, 3], &W_V)),
+    ]);
+    let out = case.ok(&["--heads", "1", "--scale", "1"]);
+    assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
 }
 
 #[test]
@@ -401,7 +419,8 @@ fn integer_weights_are_refused() {
         shape: vec![4, 3],
         bytes: W_Q.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(),
     };
-    Case::new(with("w_q", i32s)).fails(&[], "tensor `w_q` has dtype I32, expected F32");
+    Case::new(with("w_q", i32s))
+        .fails(&[], "tensor `w_q` has dtype I32, expected F32, F16 or BF16");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result, Shape};
 use crate::kernels::fused::{FusedGeometry, Strides};
+use crate::precision::Precision;
 use crate::tensor::{Tensor, unravel};
 
 /// How Q, K, V and the output are laid out in memory (see the module documentation).
@@ -66,6 +67,9 @@ pub struct OperatorConfig {
     /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
     /// `kv_len`. At least `max_kv_len`.
     pub kv_capacity: Option<usize>,
+    /// How Q, K, V (the KV cache) and the output are stored in the caller's buffers: f32, or
+    /// f16 with f32 arithmetic (see [`crate::precision`]).
+    pub precision: Precision,
 }
 
 impl OperatorConfig {
@@ -93,7 +97,14 @@ impl OperatorConfig {
             scale: None,
             layout: QkvLayout::HeadMajor,
             kv_capacity: None,
+            precision: Precision::F32,
         }
+    }
+
+    /// Q, K, V and the output stored in `precision` (see [`crate::precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Value heads of another width.
