@@ -51,11 +51,23 @@ impl Layer<'_> {
                 g * (terms + bias.as_ref().map_or(0.0, |b| (b.data()[c] as f64).abs()))
             })
             .collect();
+        let value = self.project(w, bias, b, t);
         Bounded {
-            value: self.project(w, bias, b, t),
-            error,
+            error: self.stored(&value, error),
+            value,
             shared: vec![0.0; cols],
         }
+    }
+
+    /// `error` plus one rounding of each of `value` to the storage format, where a kernel
+    /// stores a value it computed (nothing for f32 storage; see [`Layer::store_u`]).
+    fn stored(&self, value: &[f64], mut error: Vec<f64>) -> Vec<f64> {
+        if self.store_u > 0.0 {
+            for (e, v) in error.iter_mut().zip(value) {
+                *e += self.store_u * v.abs() + self.store_floor;
+            }
+        }
+        error
     }
 
     /// One head's slice of a bounded projection.
@@ -189,6 +201,8 @@ impl Layer<'_> {
         let error = (0..dv)
             .map(|d| carried[d].sqrt() + g_sum * terms[d])
             .collect();
+        // The kernel stores its output row: rounded once more in f16 storage.
+        let error = self.stored(&value, error);
         Bounded {
             value,
             error,
@@ -226,7 +240,8 @@ impl Layer<'_> {
                     .b_o
                     .as_ref()
                     .map_or(0.0, |b| (b.data()[c] as f64).abs());
-                (value[c], independent + shared + g * (terms + bias))
+                let stored = self.store_u * value[c].abs() + self.store_floor;
+                (value[c], independent + shared + g * (terms + bias) + stored)
             })
             .collect()
     }
@@ -243,6 +258,14 @@ impl Layer<'_> {
 /// `2n·e^-18`), and independent errors combine as the root of their sum of squares. A correct
 /// f32 result of a BERT-sized layer with activations of 20 uses about 1% of it (tests/
 /// tolerance.rs); a dropped key, a scale 1% off and values held to f16's precision exceed it.
+///
+/// For [`crate::Precision::F16`] storage the values are those of the f16-rounded inputs, and
+/// every value a kernel stores (Q, K and V after the projection, each head's output, the
+/// output projection's result) adds one f16 rounding, `2^-11` of its magnitude
+/// ([`crate::precision::F16_UNIT_ROUNDOFF`]) or `2^-25` absolute in the subnormal range, as an
+/// independent error carried through everything that reads it: a score's error then grows as
+/// `√head_dim · 2^-11` of its absolute terms, an output's through the softmax and the output
+/// projection's `heads · head_dim_v` terms. The f32 arithmetic terms stay as they are.
 pub fn output_row_bounds(
     config: &AttentionConfig,
     weights: &AttentionWeights,
@@ -270,10 +293,10 @@ pub fn output_row_bounds(
                 .map(|head| all.iter().map(|t| Layer::head_of(t, head, width)).collect())
                 .collect()
         };
-        let keys = by_head(&tokens(&weights.w_k, &weights.b_k), dk);
-        let values = by_head(&tokens(&weights.w_v, &weights.b_v), dv);
+        let keys = by_head(&tokens(&layer.weights.w_k, &layer.weights.b_k), dk);
+        let values = by_head(&tokens(&layer.weights.w_v, &layer.weights.b_v), dv);
         for (slot, &(_, i)) in out.iter_mut().zip(rows).filter(|(_, r)| r.0 == b) {
-            let query = layer.project_bounded(&weights.w_q, &weights.b_q, b, i);
+            let query = layer.project_bounded(&layer.weights.w_q, &layer.weights.b_q, b, i);
             let mut heads = Bounded {
                 value: Vec::with_capacity(h * dv),
                 error: Vec::with_capacity(h * dv),
