@@ -11,7 +11,7 @@
 // cache needs): j <= i + kv_len - q_len; padding: key_mask[b, j] == 0; a bias of -inf also
 // masks. A query with no key to attend gets zeros.
 //
-// Tensors are f32 arrays addressed by element offsets and strides, so head-major
+// Tensors are f32 (or f16, widened to f32 as they are loaded) arrays addressed by element offsets and strides, so head-major
 // [B, H, N, D] and token-major [B, N, H·D] both work without copies. A stride depends on the
 // call's length n (the length of the tensor's sequence axis): batch stride = sb·n + sbc, head
 // stride = sh·n + shc, row stride = si (a KV cache's K and V have constant strides: sb = sh = 0). The lengths come from two dynamic-offset uniforms (`lq`, `lkv`)
@@ -20,13 +20,15 @@
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p         uniform             FusedParams, below
-//   1  q         storage, read       f32 read as vec4 (size a multiple of 16 bytes), Q [b, h, i, d]
+//   1  q         storage, read       f32 or f16 (the storage precision: fused_io_f32.wgsl,
+//                                    fused_io_f16.wgsl) read as vec4 (size a multiple of a
+//                                    vec4), Q [b, h, i, d]
 //                                    at q_offset + b (sb n + sbc) + h (sh n + shc) + i si + d
 //   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
 //   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
 //   4  key_mask  storage, read       u32 [batch, kv_len]; 0 = padding (read only if has_mask != 0)
 //   5  bias      storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if has_bias != 0)
-//   6  out       storage, read_write f32 out [b, h, i, d], strides as for Q
+//   6  out       storage, read_write f32 or f16, as q: out [b, h, i, d], strides as for Q
 //   7  lq        uniform, dynamic    Len: q_len
 //   8  lkv       uniform, dynamic    Len: kv_len
 //
@@ -116,12 +118,11 @@ struct Len {
 }
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+// Bindings 1 to 3 (q, k, v) and 6 (out) and their element access (load_q_vec4, load_k_vec4,
+// load_v_vec4, store_out) come from fused_io_f32.wgsl or fused_io_f16.wgsl, ahead of this
+// file: the storage precision. Everything below computes in f32 either way.
 @group(0) @binding(4) var<storage, read> key_mask: array<u32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<uniform> lq: Len;
 @group(0) @binding(8) var<uniform> lkv: Len;
 
@@ -158,21 +159,21 @@ fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
 // (every layer and every app tensor whose widths, strides and offsets are), two otherwise,
 // so that any head width and stride works.
 fn q4(e: u32) -> vec4<f32> {
-    let a = q[e / 4u];
+    let a = load_q_vec4(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, q[e / 4u + 1u], e % 4u);
+    return shifted(a, load_q_vec4(e / 4u + 1u), e % 4u);
 }
 
 fn k4(e: u32) -> vec4<f32> {
-    let a = k[e / 4u];
+    let a = load_k_vec4(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, k[e / 4u + 1u], e % 4u);
+    return shifted(a, load_k_vec4(e / 4u + 1u), e % 4u);
 }
 
 fn v4(e: u32) -> vec4<f32> {
-    let a = v[e / 4u];
+    let a = load_v_vec4(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, v[e / 4u + 1u], e % 4u);
+    return shifted(a, load_v_vec4(e / 4u + 1u), e % 4u);
 }
 
 // Where this workgroup's rows and heads start, set once by main: the element offset of each
@@ -341,7 +342,7 @@ fn store_row(mat: u32, r: u32, tx: u32, x: Row) {
         let d0 = 4u * (tx + TX * c);
         for (var e = 0u; e < 4u; e++) {
             if (d0 + e < p.head_dim_v) {
-                out[base + d0 + e] = x4[e];
+                store_out(base + d0 + e, x4[e]);
             }
         }
     }

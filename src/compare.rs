@@ -7,8 +7,9 @@
 //!   |gpu - ref| <= bound
 //!   ```
 //!
-//!   With f16 storage ([`crate::Precision::F16`]) the same analysis adds f16's unit roundoff
-//!   `2^-11` for each value a kernel stores (Q, K, V, the heads' output, the layer's output),
+//!   With f16 storage ([`crate::Precision::F16`]) the same analysis adds one f16 ulp (twice
+//!   f16's unit roundoff `2^-11`: WGSL may round a conversion either way) for each value a
+//!   kernel stores (Q, K, V, the heads' output, the layer's output),
 //!   carried through the reductions that follow (dot products of `head_dim` terms, softmax sums
 //!   over the keys, the output projection over `heads · head_dim_v`); arithmetic stays f32, so
 //!   the f32 terms are unchanged. The reference is computed from the f16-rounded inputs, so
@@ -111,7 +112,7 @@ impl fmt::Display for Rule {
             Rule::Fixed(t) => write!(f, "|gpu-ref| <= {:e} + {:e}*|ref|", t.atol, t.rtol),
             Rule::ErrorBound { largest } => write!(
                 f,
-                "|gpu-ref| <= the f32 forward error bound (at most {largest:.3e})"
+                "|gpu-ref| <= the forward error bound (at most {largest:.3e})"
             ),
         }
     }
@@ -449,7 +450,7 @@ mod tests {
         let s = c.to_string();
         assert!(
             s.starts_with(
-                "0 of 2 elements outside |gpu-ref| <= the f32 forward error bound (at most 1.000e0); \
+                "0 of 2 elements outside |gpu-ref| <= the forward error bound (at most 1.000e0); \
                  0.500 of the allowance used at [1]"
             ),
             "{s}"

@@ -170,6 +170,18 @@ pub enum Error {
         adapter: String,
     },
 
+    /// f16 storage was asked for where the staged kernels would run: they store in f32 only,
+    /// and f16 runs on the fused kernel.
+    #[error(
+        "f16 precision runs on the fused kernel only, but {why}: use f32 precision, or the \
+         fused kernel (no intermediates, value heads at most 256 wide, a device with 6 storage \
+         buffers per stage)"
+    )]
+    StagedF16 {
+        /// Why the staged kernels would run.
+        why: String,
+    },
+
     /// A key-padding mask holds something other than 0 or 1.
     #[error("key_mask holds {value} at index {index}: use 1 for a real token and 0 for padding")]
     InvalidMask {

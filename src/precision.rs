@@ -22,11 +22,16 @@ use crate::error::{Error, Result, Shape};
 use crate::tensor::unravel;
 
 /// f16's unit roundoff, `2^-11`: the largest relative error of rounding a value in f16's normal
-/// range to the nearest f16 (11 significant bits). Below 2^-14 the error is at most half the
-/// smallest subnormal, `2^-25`, absolute. The f16 error bound of
-/// [`crate::reference::error_bound`] adds one such rounding wherever a kernel stores a computed
-/// value, and carries it through every later reduction.
+/// range to the nearest f16 (11 significant bits); the host rounds this way on upload.
 pub const F16_UNIT_ROUNDOFF: f64 = 1.0 / 2048.0;
+
+/// The largest relative error of a kernel's store of an f32 value into f16: one f16 ulp,
+/// `2 · 2^-11`, because WGSL leaves the rounding mode of a conversion to the implementation
+/// (either neighbour of an inexact value is a valid result, as WebGPU's conformance tests
+/// accept); below f16's normal range, one subnormal step `2^-24` absolute. The f16 error bounds
+/// ([`crate::reference::error_bound`], [`crate::reference::operator_bounded`]) add one such
+/// error wherever a kernel stores a computed value and carry it through every later reduction.
+pub const F16_STORE_ERROR: f64 = 2.0 * F16_UNIT_ROUNDOFF;
 
 /// How tensors are stored on the GPU. Arithmetic is f32 with either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -62,11 +67,12 @@ impl Precision {
         }
     }
 
-    /// Refuses F16 on a device without `SHADER_F16`, naming the adapter; F32 always passes.
-    pub fn check_device(self, device: &wgpu::Device, adapter: &str) -> Result<()> {
-        if self == Precision::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
+    /// Refuses F16 on a device without `SHADER_F16` ([`Error::NoShaderF16`], naming the
+    /// adapter); F32 always passes.
+    pub fn check_device(self, ctx: &crate::GpuContext) -> Result<()> {
+        if self == Precision::F16 && !ctx.has_f16() {
             return Err(Error::NoShaderF16 {
-                adapter: adapter.to_string(),
+                adapter: ctx.adapter_info().name.clone(),
             });
         }
         Ok(())
@@ -145,6 +151,52 @@ pub fn to_f16(name: &str, shape: &[usize], values: &[f32]) -> Result<Vec<f16>> {
             Ok(h)
         })
         .collect()
+}
+
+/// Checks that every value of `values` can be stored in f16 (the errors of [`to_f16`]),
+/// without allocating: for inputs converted on every call.
+pub fn check_f16_range(name: &str, shape: &[usize], values: &[f32]) -> Result<()> {
+    match values
+        .iter()
+        .position(|&v| !v.is_finite() || f16::from_f32(v).is_infinite())
+    {
+        None => Ok(()),
+        Some(i) => to_f16(name, shape, &values[i..=i])
+            .map(|_| ())
+            .map_err(|e| match e {
+                Error::NonFinite { name, value, .. } => Error::NonFinite {
+                    name,
+                    index: Shape(unravel(shape, i)),
+                    value,
+                },
+                Error::OutsideF16Range { name, value, .. } => Error::OutsideF16Range {
+                    name,
+                    index: Shape(unravel(shape, i)),
+                    value,
+                },
+                other => other,
+            }),
+    }
+}
+
+/// Hands `write` the f16 bytes of `values` piece by piece, as (byte offset, bytes), padded
+/// with zeros to a whole number of 4-byte words: for filling write-only mapped memory
+/// without a buffer per call. The caller has checked the values fit f16.
+pub(crate) fn write_f16(values: &[f32], mut write: impl FnMut(usize, &[u8])) {
+    const PIECE: usize = 256;
+    let mut bytes = [0u8; 2 * PIECE + 2];
+    for (k, piece) in values.chunks(PIECE).enumerate() {
+        for (b, &v) in bytes.chunks_exact_mut(2).zip(piece) {
+            b.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+        }
+        let mut n = 2 * piece.len();
+        if n % 4 != 0 {
+            // Only the last piece can be odd: its padding half-word is zero.
+            bytes[n..n + 2].fill(0);
+            n += 2;
+        }
+        write(2 * PIECE * k, &bytes[..n]);
+    }
 }
 
 /// bf16 values rounded to f16, with the errors of [`to_f16`]. bf16 widens to f32 exactly, so

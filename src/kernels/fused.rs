@@ -4,6 +4,7 @@
 use super::variants::{Distinct, sizes};
 use super::{Layout, Overrides, pad4, rows_per_eight, uniform_params};
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 
 uniform_params! {
     /// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
@@ -138,14 +139,17 @@ pub(crate) struct FusedGeometry {
     pub k: Strides,
     pub v: Strides,
     pub out: Strides,
+    /// How Q, K, V and the output are stored: which storage variant of the kernel runs.
+    pub precision: Precision,
 }
 
 impl FusedGeometry {
     /// The layer's attention: Q, K and V head-major in the plan's qkv buffer (head widths
     /// padded to multiples of 4), the heads written token-major, concatenated, as the output
     /// projection (or the caller) reads them.
-    pub fn for_layer(l: &Layout) -> Self {
+    pub fn for_layer(l: &Layout, precision: Precision) -> Self {
         FusedGeometry {
+            precision,
             batch: l.batch,
             heads: l.heads,
             kv_heads: l.heads,

@@ -18,22 +18,24 @@ pub(crate) mod weighted_sum;
 pub use variants::{Variant, variants};
 
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 pub(crate) use cache::{ChunkTable, KernelCache, MAX_CHUNKS, Pipeline};
 pub(crate) use layout::{Layout, check_sizes};
 
 /// The WGSL kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// `gemm.wgsl`: projection GEMM with bias.
-    Gemm,
+    /// `gemm.wgsl`: projection GEMM with bias, its storage in f32 or f16 (f32 arithmetic).
+    Gemm(Precision),
     /// `scores.wgsl`: scaled, masked `Q K^T`.
     Scores,
     /// `softmax.wgsl`: stable row softmax in place.
     Softmax,
     /// `weighted_sum.wgsl`: `P V`, heads concatenated.
     WeightedSum,
-    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass.
-    Fused,
+    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, with Q, K, V and
+    /// the output stored in f32 or f16 (f32 arithmetic).
+    Fused(Precision),
 }
 
 /// How a kernel sees one binding.
@@ -137,33 +139,60 @@ pub(crate) use uniform_params;
 
 impl Kernel {
     /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 5] = [
-        Kernel::Gemm,
+    pub const ALL: [Kernel; 7] = [
+        Kernel::Gemm(Precision::F32),
+        Kernel::Gemm(Precision::F16),
         Kernel::Scores,
         Kernel::Softmax,
         Kernel::WeightedSum,
-        Kernel::Fused,
+        Kernel::Fused(Precision::F32),
+        Kernel::Fused(Precision::F16),
     ];
+
+    /// The storage precision of the variant: the element type of its storage buffers.
+    pub fn precision(self) -> Precision {
+        match self {
+            Kernel::Gemm(precision) | Kernel::Fused(precision) => precision,
+            _ => Precision::F32,
+        }
+    }
+
+    /// The device features the variant needs: `SHADER_F16` for f16 storage.
+    pub fn features(self) -> wgpu::Features {
+        match self.precision() {
+            Precision::F32 => wgpu::Features::empty(),
+            Precision::F16 => wgpu::Features::SHADER_F16,
+        }
+    }
+
+    /// A name for the variant, distinct among [`Kernel::ALL`]: the file name, with `+f16` for
+    /// f16 storage (`gemm.wgsl+f16`).
+    pub fn name(self) -> String {
+        match self.precision() {
+            Precision::F32 => self.file_name().to_string(),
+            Precision::F16 => format!("{}+f16", self.file_name()),
+        }
+    }
 
     /// The file name under `shaders/`.
     pub fn file_name(self) -> &'static str {
         match self {
-            Kernel::Gemm => "gemm.wgsl",
+            Kernel::Gemm(_) => "gemm.wgsl",
             Kernel::Scores => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
-            Kernel::Fused => "fused_attention.wgsl",
+            Kernel::Fused(_) => "fused_attention.wgsl",
         }
     }
 
     /// The kernel's own WGSL file, as written.
     pub fn file_source(self) -> &'static str {
         match self {
-            Kernel::Gemm => include_str!("../../shaders/gemm.wgsl"),
+            Kernel::Gemm(_) => include_str!("../../shaders/gemm.wgsl"),
             Kernel::Scores => include_str!("../../shaders/scores.wgsl"),
             Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
             Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
-            Kernel::Fused => include_str!("../../shaders/fused_attention.wgsl"),
+            Kernel::Fused(_) => include_str!("../../shaders/fused_attention.wgsl"),
         }
     }
 
@@ -171,6 +200,9 @@ impl Kernel {
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
     /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum.
+    /// Kernels with storage variants take their bindings and element access from a
+    /// `*_io_f32.wgsl` or `*_io_f16.wgsl` file; f16 variants open with `shaders/f16.wgsl`
+    /// (`enable f16;`, which must precede every declaration).
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -193,7 +225,19 @@ impl Kernel {
             };
         }
         match self {
-            Kernel::Gemm => with!("dispatch.wgsl", "tiles.wgsl", "gemm.wgsl"),
+            Kernel::Gemm(Precision::F32) => with!(
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "gemm_io_f32.wgsl",
+                "gemm.wgsl"
+            ),
+            Kernel::Gemm(Precision::F16) => with!(
+                "f16.wgsl",
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "gemm_io_f16.wgsl",
+                "gemm.wgsl"
+            ),
             Kernel::Scores => with!(
                 "dispatch.wgsl",
                 "tiles.wgsl",
@@ -207,10 +251,19 @@ impl Kernel {
                 "heads_out.wgsl",
                 "weighted_sum.wgsl"
             ),
-            Kernel::Fused => with!(
+            Kernel::Fused(Precision::F32) => with!(
                 "dispatch.wgsl",
                 "tiles.wgsl",
                 "score_tile.wgsl",
+                "fused_io_f32.wgsl",
+                "fused_attention.wgsl"
+            ),
+            Kernel::Fused(Precision::F16) => with!(
+                "f16.wgsl",
+                "dispatch.wgsl",
+                "tiles.wgsl",
+                "score_tile.wgsl",
+                "fused_io_f16.wgsl",
                 "fused_attention.wgsl"
             ),
         }
@@ -220,11 +273,11 @@ impl Kernel {
     #[doc(hidden)]
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
-            Kernel::Gemm => &gemm::GemmParams::LAYOUT,
+            Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores => &scores::ScoreParams::LAYOUT,
             Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
             Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
-            Kernel::Fused => &fused::FusedParams::LAYOUT,
+            Kernel::Fused(_) => &fused::FusedParams::LAYOUT,
         }
     }
 
@@ -258,12 +311,12 @@ impl Kernel {
     pub fn bindings(self) -> Vec<Binding> {
         use Access::*;
         let rest: &[Access] = match self {
-            Kernel::Gemm => &[Read, Read, Read, ReadWrite],
+            Kernel::Gemm(_) => &[Read, Read, Read, ReadWrite],
             Kernel::Scores => &[Read, Read, ReadWrite],
             Kernel::Softmax => &[Read, ReadWrite],
             Kernel::WeightedSum => &[Read, Read, ReadWrite],
             // q, k, v, key_mask, bias, out.
-            Kernel::Fused => &[Read, Read, Read, Read, Read, ReadWrite],
+            Kernel::Fused(_) => &[Read, Read, Read, Read, Read, ReadWrite],
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
@@ -276,7 +329,7 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        if self == Kernel::Fused {
+        if let Kernel::Fused(_) = self {
             // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
             let next = bindings.len() as u32;
             bindings.extend((next..next + 2).map(|binding| Binding {

@@ -107,6 +107,15 @@ impl OperatorConfig {
         self
     }
 
+    /// Bytes of one element of the tensor `name` (of [`OperatorConfig::max_elements`]): Q, K,
+    /// V and the output in the storage precision; the mask (u32) and the bias (f32) in 4.
+    pub(crate) fn element_bytes(&self, name: &str) -> u64 {
+        match name {
+            "q" | "k" | "v" | "out" => self.precision.bytes(),
+            _ => 4,
+        }
+    }
+
     /// Value heads of another width.
     pub fn with_head_dim_v(mut self, head_dim_v: usize) -> Self {
         self.head_dim_v = head_dim_v;
@@ -229,6 +238,7 @@ impl OperatorConfig {
 
     pub(super) fn geometry(&self) -> FusedGeometry {
         FusedGeometry {
+            precision: self.precision,
             batch: self.batch as u32,
             heads: self.heads as u32,
             kv_heads: self.kv_heads as u32,

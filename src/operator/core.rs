@@ -76,7 +76,7 @@ impl Core {
         let tiles = geometry.tiles(max_q, max_kv, &limits)?;
         let pipeline = ctx
             .kernels()
-            .pipeline(Kernel::Fused, &tiles.overrides())
+            .pipeline(Kernel::Fused(geometry.precision), &tiles.overrides())
             .await?;
         let device = ctx.device();
         let (params, lengths, absent) =

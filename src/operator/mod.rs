@@ -45,6 +45,7 @@ use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
 use crate::kernels::{ChunkTable, MAX_CHUNKS, fold_grid};
+use crate::precision::Precision;
 use crate::tensor::{Tensor, unravel};
 
 /// The application's buffers for an [`AttentionOp`]; each needs `STORAGE` usage and room for
@@ -127,11 +128,12 @@ impl AttentionOp {
     pub async fn new_async(ctx: &GpuContext, config: &OperatorConfig) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         config.validate()?;
+        config.precision.check_device(ctx)?;
         let limits = ctx.limits();
-        crate::kernels::Kernel::Fused
+        crate::kernels::Kernel::Fused(config.precision)
             .check_storage_buffers(&limits, "; the operator has only the fused kernel so far")?;
         for (name, elements) in config.max_elements() {
-            let bytes = elements * 4;
+            let bytes = elements * config.element_bytes(name);
             let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");
             for (limit, max) in [
                 (
@@ -161,9 +163,10 @@ impl AttentionOp {
         let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
         let device = ctx.device();
         let own = scoped_async(device, "creating the operator's buffers", || {
-            let [q, k, v, out, mask, bias] = config
-                .max_elements()
-                .map(|(name, n)| buffer(device, name, (n * 4).next_multiple_of(16), STORAGE));
+            let [q, k, v, out, mask, bias] = config.max_elements().map(|(name, n)| {
+                let bytes = (n * config.element_bytes(name)).next_multiple_of(16);
+                buffer(device, name, bytes, STORAGE)
+            });
             let upload = [&q, &k, &v, &mask, &bias]
                 .iter()
                 .map(|b| b.size())
@@ -228,15 +231,20 @@ impl AttentionOp {
     pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
         let [q, k, v, out, mask, bias] = self.config.max_elements();
         // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
+        let e = self.config.precision.bytes();
+        let sized_for = match self.config.precision {
+            Precision::F32 => " (the maximum lengths)",
+            Precision::F16 => " (the maximum lengths, f16 elements)",
+        };
         for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
             check_storage(
                 name,
                 buffer,
-                (elements * 4).next_multiple_of(16),
-                " (the maximum lengths)",
+                (elements * e).next_multiple_of(4 * e),
+                sized_for,
             )?;
         }
-        check_storage(out.0, io.out, out.1 * 4, " (the maximum lengths)")?;
+        check_storage(out.0, io.out, (out.1 * e).next_multiple_of(4), sized_for)?;
         for ((name, elements), wanted, given) in [
             (mask, self.config.key_padding_mask, io.key_mask),
             (bias, self.config.bias.is_some(), io.bias),
@@ -347,12 +355,19 @@ impl AttentionOp {
         let _device = ctx.kernels().exclusive();
         let start = std::time::Instant::now();
         let lengths = inputs.validate(&self.config)?;
-        let out_bytes = (self
+        let p = self.config.precision;
+        if p == Precision::F16 {
+            for (name, t) in [("q", &inputs.q), ("k", &inputs.k), ("v", &inputs.v)] {
+                crate::precision::check_f16_range(name, t.shape(), t.data())?;
+            }
+        }
+        let out_elements = self
             .config
             .output_shape(lengths.q_len)
             .iter()
-            .product::<usize>()
-            * 4) as u64;
+            .product::<usize>();
+        // Copies move whole 4-byte words: an odd number of f16 outputs takes one more.
+        let out_bytes = (out_elements as u64 * p.bytes()).next_multiple_of(4);
         let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
         let flops = self.core.geometry.flops(q_len, kv_len);
         let workgroups = self.core.workgroups(q_len);
@@ -399,9 +414,10 @@ impl AttentionOp {
                 device.poll(wgpu::PollType::wait_indefinitely())?;
             }
         }
-        let data = map_and_read(&device, &self.own.staging, |bytes| {
-            bytemuck::cast_slice::<u8, f32>(&bytes[..out_bytes as usize]).to_vec()
+        let mut data = map_and_read(&device, &self.own.staging, |bytes| {
+            p.decode(&bytes[..out_bytes as usize])
         })?;
+        data.truncate(out_elements);
         self.ctx
             .kernels()
             .measured(flops, start.elapsed().as_secs_f64());
@@ -410,9 +426,17 @@ impl AttentionOp {
             return Err(Error::NonFiniteOutput {
                 index: Shape(unravel(&shape, at)),
                 value: data[at],
-                hint: "a score, bias or product passed f32's range (3.4e38): scale the inputs \
-                       down"
-                    .into(),
+                hint: match p {
+                    Precision::F32 => {
+                        "a score, bias or product passed f32's range (3.4e38): scale the \
+                         inputs down"
+                    }
+                    Precision::F16 => {
+                        "the output passed f16's range (65504; scores and sums are f32): \
+                         scale V down, or use f32 precision"
+                    }
+                }
+                .into(),
             });
         }
         Tensor::new(shape, data)
@@ -427,27 +451,7 @@ impl AttentionOp {
             .key_mask
             .as_ref()
             .map(|m| m.data().iter().map(|&x| (x != 0.0) as u32).collect());
-        let own = &mut self.own;
-        let uploads: [(&wgpu::Buffer, Option<&[u8]>); 3] = [
-            (&own.q, Some(bytemuck::cast_slice(inputs.q.data()))),
-            (
-                &own.key_mask,
-                mask_words.as_deref().map(bytemuck::cast_slice),
-            ),
-            (
-                &own.bias,
-                inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
-            ),
-        ];
-        for (target, bytes) in uploads {
-            if let Some(bytes) = bytes
-                && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
-            {
-                own.belt
-                    .write_buffer(encoder, target, 0, size)
-                    .copy_from_slice(bytes);
-            }
-        }
+        let p = self.config.precision;
         // K and V in blocks of kv_len token rows (a head, head-major; a batch row,
         // token-major), packed, or with a capacity each at its place in the cache.
         let kv = inputs.k.shape()[if self.config.layout == QkvLayout::HeadMajor {
@@ -456,16 +460,73 @@ impl AttentionOp {
             1
         }];
         let rows = self.config.kv_capacity.unwrap_or(kv);
-        for (target, t) in [(&own.k, &inputs.k), (&own.v, &inputs.v)] {
+        // Q, K and V as stored: f32 as they are; f16 as whole images of the buffers (an f16
+        // block need not fill whole 4-byte words, the unit of a copy), K and V at their places.
+        let image = |t: &Tensor, placed: bool| -> Vec<u8> {
             let width = t.shape().last().copied().unwrap_or(0);
-            let block = kv * width;
-            for (n, src) in t.data().chunks_exact(block.max(1)).enumerate() {
-                let src: &[u8] = bytemuck::cast_slice(src);
-                if let Some(size) = wgpu::BufferSize::new(src.len() as u64) {
-                    own.belt
-                        .write_buffer(encoder, target, (n * rows * width * 4) as u64, size)
-                        .copy_from_slice(src);
+            let (block, stride) = if placed {
+                ((kv * width).max(1), rows * width)
+            } else {
+                (t.data().len().max(1), t.data().len().max(1))
+            };
+            let blocks = t.data().len().div_ceil(block);
+            let mut out = vec![0u8; (blocks * stride * 2).next_multiple_of(4)];
+            for (n, src) in t.data().chunks(block).enumerate() {
+                for (i, &x) in src.iter().enumerate() {
+                    let at = 2 * (n * stride + i);
+                    out[at..at + 2].copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
                 }
+            }
+            out
+        };
+        let halves = (p == Precision::F16).then(|| {
+            [
+                image(&inputs.q, false),
+                image(&inputs.k, true),
+                image(&inputs.v, true),
+            ]
+        });
+        let own = &mut self.own;
+        let q: &[u8] = match &halves {
+            Some([q, _, _]) => q,
+            None => bytemuck::cast_slice(inputs.q.data()),
+        };
+        let mut uploads: Vec<(&wgpu::Buffer, u64, Option<&[u8]>)> = vec![
+            (&own.q, 0, Some(q)),
+            (
+                &own.key_mask,
+                0,
+                mask_words.as_deref().map(bytemuck::cast_slice),
+            ),
+            (
+                &own.bias,
+                0,
+                inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
+            ),
+        ];
+        match &halves {
+            Some([_, k, v]) => {
+                uploads.push((&own.k, 0, Some(k)));
+                uploads.push((&own.v, 0, Some(v)));
+            }
+            None => {
+                for (target, t) in [(&own.k, &inputs.k), (&own.v, &inputs.v)] {
+                    let width = t.shape().last().copied().unwrap_or(0);
+                    let block = kv * width;
+                    for (n, src) in t.data().chunks_exact(block.max(1)).enumerate() {
+                        let at = (n * rows * width * 4) as u64;
+                        uploads.push((target, at, Some(bytemuck::cast_slice(src))));
+                    }
+                }
+            }
+        }
+        for (target, at, bytes) in uploads {
+            if let Some(bytes) = bytes
+                && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
+            {
+                own.belt
+                    .write_buffer(encoder, target, at, size)
+                    .copy_from_slice(bytes);
             }
         }
         own.belt.finish();

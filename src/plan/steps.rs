@@ -142,6 +142,7 @@ pub(super) async fn build(
                     k_offset: l.k_offset,
                     v_offset: l.v_offset,
                 },
+                config.precision,
                 &limits,
             ),
             vec![Res::X, own(&bufs.w_qkv), own(&bufs.b_qkv), own(&bufs.qkv)],
@@ -152,7 +153,14 @@ pub(super) async fn build(
         None => {
             // The operator's core, on the qkv buffer the projection wrote: one attention
             // kernel for the layer and the operator.
-            let core = Core::new(ctx, FusedGeometry::for_layer(l), l.seq, l.seq, l.seq).await?;
+            let core = Core::new(
+                ctx,
+                FusedGeometry::for_layer(l, config.precision),
+                l.seq,
+                l.seq,
+                l.seq,
+            )
+            .await?;
             let workgroups = core.workgroups(l.seq);
             let lengths = || Res::Lengths(core.lengths.buffer.clone());
             steps.push(Step::Dispatch(Dispatch {
@@ -225,6 +233,7 @@ pub(super) async fn build(
                         ldc: l.d_out,
                         n_store: l.d_out,
                     },
+                    config.precision,
                     &limits,
                 ),
                 vec![own(a), own(w_o), own(b_o), Res::Output],

@@ -4,7 +4,7 @@
 use super::*;
 
 /// f32's unit roundoff: the largest relative error of one rounding to nearest, `2^-24`.
-const UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
+pub(super) const UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
 
 /// How many "standard deviations" of rounding error the bound allows; see [`gamma`].
 const LAMBDA: f64 = 6.0;
@@ -17,7 +17,7 @@ const LAMBDA: f64 = 6.0;
 /// Analysis*, SIAM J. Sci. Comput. 41(5), 2019). The worst case is useless as a check: for a
 /// BERT-sized layer it allows errors of 8 on outputs of 70, so that a 1% error in the scale
 /// passes.
-fn gamma(n: usize) -> f64 {
+pub(super) fn gamma(n: usize) -> f64 {
     LAMBDA * (n as f64).sqrt() * UNIT_ROUNDOFF
 }
 
@@ -261,10 +261,11 @@ impl Layer<'_> {
 ///
 /// For [`crate::Precision::F16`] storage the values are those of the f16-rounded inputs, and
 /// every value a kernel stores (Q, K and V after the projection, each head's output, the
-/// output projection's result) adds one f16 rounding, `2^-11` of its magnitude
-/// ([`crate::precision::F16_UNIT_ROUNDOFF`]) or `2^-25` absolute in the subnormal range, as an
+/// output projection's result) adds one f16 store error, one ulp: `2^-10` of its magnitude
+/// ([`crate::precision::F16_STORE_ERROR`], from f16's unit roundoff `2^-11`, doubled because
+/// WGSL may round a conversion either way) or `2^-24` absolute in the subnormal range, as an
 /// independent error carried through everything that reads it: a score's error then grows as
-/// `√head_dim · 2^-11` of its absolute terms, an output's through the softmax and the output
+/// `√head_dim · 2^-10` of its absolute terms, an output's through the softmax and the output
 /// projection's `heads · head_dim_v` terms. The f32 arithmetic terms stay as they are.
 pub fn output_row_bounds(
     config: &AttentionConfig,

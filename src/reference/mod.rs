@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
-use crate::precision::{F16_UNIT_ROUNDOFF, Precision};
+use crate::precision::{F16_STORE_ERROR, Precision};
 use crate::tensor::Tensor;
 use crate::weights::{AttentionInputs, AttentionWeights};
 
@@ -46,12 +46,12 @@ struct Layer<'a> {
     x: Cow<'a, [f32]>,
     mask: Option<&'a [f32]>,
     scale: f64,
-    /// The unit roundoff of one store of a computed value (Q, K, V, a head's output, the
-    /// layer's output): 0 for f32 storage, where values are computed in f32 already; 2^-11
-    /// for f16.
+    /// The largest relative error of one store of a computed value (Q, K, V, a head's output,
+    /// the layer's output): 0 for f32 storage, where values are computed in f32 already;
+    /// [`F16_STORE_ERROR`] for f16.
     store_u: f64,
     /// The largest absolute error of one store of a value in the storage format's subnormal
-    /// range: half f16's smallest subnormal, 2^-25 (f32's is within the f32 floor).
+    /// range: f16's smallest subnormal, 2^-24 (f32's is within the f32 floor).
     store_floor: f64,
 }
 
@@ -75,8 +75,8 @@ impl<'a> Layer<'a> {
             Precision::F16 => (
                 Cow::Owned(weights.rounded_to(Precision::F16)?),
                 Cow::Owned(Precision::F16.round("x", inputs.x.shape(), inputs.x.data())?),
-                F16_UNIT_ROUNDOFF,
-                2f64.powi(-25),
+                F16_STORE_ERROR,
+                2f64.powi(-24),
             ),
         };
         Ok(Layer {
@@ -376,7 +376,7 @@ mod bound;
 mod operator;
 
 pub use bound::{error_bound, output_row_bounds};
-pub use operator::operator;
+pub use operator::{operator, operator_bounded};
 
 /// Refuses a requested (batch row, token) outside the layer, naming it.
 fn check_rows(config: &AttentionConfig, rows: &[(usize, usize)]) -> Result<()> {

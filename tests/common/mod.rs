@@ -87,7 +87,8 @@ pub fn contexts() -> Vec<(&'static str, &'static GpuContext)> {
 /// library itself asks for, so the kernels take the same paths.
 fn exact_limits(limits: wgpu::Limits) -> GpuContext {
     let adapter = env_adapter();
-    let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+    let wanted =
+        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("wgpu-attention tests"),
         required_features: adapter.features() & wanted,
