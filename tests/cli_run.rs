@@ -412,6 +412,44 @@ fn f16_and_bf16_tensors_are_read_as_their_exact_values() {
     assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
 }
 
+/// `--precision f16`: F16 and BF16 tensors taken as they are, F32 ones rounded; the output is
+/// stored in f16 and checked against its f16 bound. On an adapter without shader-f16 (llvmpipe's
+/// OpenGL) the run fails with the named error instead.
+#[test]
+fn precision_f16_runs_and_checks_in_f16_or_names_the_missing_feature() {
+    let w_v: Vec<f32> = W_V.iter().map(|v| v + 0.1).collect();
+    let case = Case::new(vec![
+        ("x", f32s(&[3, 4], &X)),
+        ("w_q", halves(Dtype::F16, &[4, 3], &W_Q)),
+        ("w_k", halves(Dtype::BF16, &[4, 3], &W_K)),
+        ("w_v", halves(Dtype::BF16, &[4, 3], &w_v)),
+    ]);
+    let flags = ["--heads", "1", "--scale", "1", "--precision", "f16"];
+    let has_f16 = wgpu_attention::GpuContext::from_env().unwrap().has_f16();
+    if !has_f16 {
+        return case.fails(&flags, "lacks shader-f16");
+    }
+    case.run(&flags).success().stdout(predicate::str::contains(
+        "precision f16 storage, f32 arithmetic",
+    ));
+    let out = load(&case.output);
+    // The reference for these inputs: w_v as stored in BF16, then in f16.
+    let round = |v: f32| half::f16::from_f32(half::bf16::from_f32(v).to_f32()).to_f32();
+    let w_v16: Vec<f32> = w_v.iter().map(|&v| round(v)).collect();
+    let config = AttentionConfig::new(1, 3, 4, 1, 3).with_scale(1.0);
+    let t = |shape: [usize; 2], d: &[f32]| Tensor::new(shape, d.to_vec()).unwrap();
+    let weights = AttentionWeights::new(t([4, 3], &W_Q), t([4, 3], &W_K), t([4, 3], &w_v16));
+    let inputs = AttentionInputs::new(Tensor::new([1, 3, 4], X.to_vec()).unwrap());
+    let exact = reference::run(&config, &weights, &inputs).unwrap().output;
+    for (i, (&a, &e)) in out["out"].data().iter().zip(exact.data()).enumerate() {
+        assert_eq!(half::f16::from_f32(a).to_f32(), a, "out[{i}] is not an f16");
+        assert!(
+            (a - e).abs() <= 4e-3 * e.abs().max(1.0),
+            "out[{i}]: {a} vs {e}"
+        );
+    }
+}
+
 #[test]
 fn integer_weights_are_refused() {
     let i32s = Stored {
