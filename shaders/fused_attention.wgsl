@@ -11,26 +11,41 @@
 // cache needs): j <= i + kv_len - q_len; padding: key_mask[b, j] == 0; a bias of -inf also
 // masks. A query with no key to attend gets zeros.
 //
-// Tensors are f32 (or f16, widened to f32 as they are loaded) arrays addressed by element offsets and strides, so head-major
+// Storage precision: Q, K, V and the output are f32, or f16 in the f16 variants (the
+// *_f16.wgsl includes, after f16.wgsl's `enable f16;`), which widen every value to f32 as it is
+// loaded and round only the finished output to f16 as it is stored: every dot product, the
+// running maximum and sum, exp and the output accumulator are f32 in both, so no score is
+// limited to f16's 65504. The mask is u32 and the bias f32 in both.
+//
+// Tensors are arrays addressed by element offsets and strides, so head-major
 // [B, H, N, D] and token-major [B, N, H·D] both work without copies. A stride depends on the
 // call's length n (the length of the tensor's sequence axis): batch stride = sb·n + sbc, head
 // stride = sh·n + shc, row stride = si (a KV cache's K and V have constant strides: sb = sh = 0). The lengths come from two dynamic-offset uniforms (`lq`, `lkv`)
 // that point into a table holding every length up to the plan's maximum, so a plan runs any
 // shorter length with nothing written, allocated or compiled per call.
 //
-// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index). The buffers the kernel reads
+// come from small include files, chosen by what the call binds (`FusedIo` on the host), so a
+// pipeline's layout holds exactly the bindings its kernel reads:
 //   0  p         uniform             FusedParams, below
-//   1  q         storage, read       f32 or f16 (the storage precision: fused_io_f32.wgsl,
-//                                    fused_io_f16.wgsl) read as vec4 (size a multiple of a
-//                                    vec4), Q [b, h, i, d]
-//                                    at q_offset + b (sb n + sbc) + h (sh n + shc) + i si + d
+//   1  q         storage, read       fused_io_qkv.wgsl: f32 read as vec4 (size a multiple of 16
+//                                    bytes), Q [b, h, i, d] at q_offset + b (sb n + sbc)
+//                                    + h (sh n + shc) + i si + d
 //   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
 //   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
-//   4  key_mask  storage, read       u32 [batch, kv_len]; 0 = padding (read only if has_mask != 0)
-//   5  bias      storage, read       f32 [batch or 1, heads or 1, q_len, kv_len] (if has_bias != 0)
-//   6  out       storage, read_write f32 or f16, as q: out [b, h, i, d], strides as for Q
+//   1  qkv       storage, read       in place of 1-3 (fused_io_qkv_packed.wgsl): Q, K and V in
+//                                    one buffer at their offsets, as the layer's projection
+//                                    writes them
+//   4  key_mask  storage, read       u32 [batch, kv_len]; 0 = padding (fused_io_mask.wgsl;
+//                                    absent with fused_io_no_mask.wgsl)
+//   5  bias      storage, read       f32 [batch or 1, heads or 1, q_len, kv_len]
+//                                    (fused_io_bias.wgsl; absent with fused_io_no_bias.wgsl)
+//   6  out       storage, read_write out [b, h, i, d], strides as for Q (fused_io_out.wgsl,
+//                                    or fused_io_out_f16.wgsl for f16 storage)
 //   7  lq        uniform, dynamic    Len: q_len
 //   8  lkv       uniform, dynamic    Len: kv_len
+// With packed Q/K/V and no bias the layer binds three storage buffers: within the four per
+// shader stage that downlevel devices allow.
 //
 // GQA without copies: a workgroup works on one (batch, kv head) and packs the `group` query
 // heads of that kv head as group · q_len rows (row r: head kh group + r / q_len, query
@@ -73,8 +88,6 @@ struct FusedParams {
     dp4: u32,
     dvp4: u32,
     causal: u32,
-    has_mask: u32,
-    has_bias: u32,
     // Bias broadcast: the bias's batch index step (in q_len kv_len blocks; 0 = broadcast)
     // and head index step (0 or 1).
     bias_b: u32,
@@ -107,6 +120,8 @@ struct FusedParams {
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
+    _pad4: u32,
 }
 
 // One length, at a dynamic offset into the plan's table of lengths.
@@ -118,11 +133,6 @@ struct Len {
 }
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
-// Bindings 1 to 3 (q, k, v) and 6 (out) and their element access (load_q_vec4, load_k_vec4,
-// load_v_vec4, store_out) come from fused_io_f32.wgsl or fused_io_f16.wgsl, ahead of this
-// file: the storage precision. Everything below computes in f32 either way.
-@group(0) @binding(4) var<storage, read> key_mask: array<u32>;
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(7) var<uniform> lq: Len;
 @group(0) @binding(8) var<uniform> lkv: Len;
 
@@ -159,21 +169,21 @@ fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
 // (every layer and every app tensor whose widths, strides and offsets are), two otherwise,
 // so that any head width and stride works.
 fn q4(e: u32) -> vec4<f32> {
-    let a = load_q_vec4(e / 4u);
+    let a = q_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, load_q_vec4(e / 4u + 1u), e % 4u);
+    return shifted(a, q_at(e / 4u + 1u), e % 4u);
 }
 
 fn k4(e: u32) -> vec4<f32> {
-    let a = load_k_vec4(e / 4u);
+    let a = k_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, load_k_vec4(e / 4u + 1u), e % 4u);
+    return shifted(a, k_at(e / 4u + 1u), e % 4u);
 }
 
 fn v4(e: u32) -> vec4<f32> {
-    let a = load_v_vec4(e / 4u);
+    let a = v_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, load_v_vec4(e / 4u + 1u), e % 4u);
+    return shifted(a, v_at(e / 4u + 1u), e % 4u);
 }
 
 // Where this workgroup's rows and heads start, set once by main: the element offset of each
@@ -249,8 +259,8 @@ fn keys_present(b: u32, kb: u32, tx: u32) -> Keys8 {
     for (var j = 0u; j < 4u; j++) {
         let k0 = kb + tx + TX * j;
         let k1 = kb + tx + TX * (j + 4u);
-        if (k0 < lkv.n && (p.has_mask == 0u || key_mask[b * lkv.n + k0] != 0u)) { a[j] = 1.0; }
-        if (k1 < lkv.n && (p.has_mask == 0u || key_mask[b * lkv.n + k1] != 0u)) { c[j] = 1.0; }
+        if (k0 < lkv.n && key_kept(b, k0)) { a[j] = 1.0; }
+        if (k1 < lkv.n && key_kept(b, k1)) { c[j] = 1.0; }
     }
     return Keys8(a, c);
 }
@@ -265,7 +275,7 @@ fn bias_row(mat: u32, r: u32) -> u32 {
 fn bias4(base: u32, j: vec4<u32>) -> vec4<f32> {
     var x = vec4<f32>(0.0);
     for (var e = 0u; e < 4u; e++) {
-        if (j[e] < lkv.n) { x[e] = bias[base + j[e]]; }
+        if (j[e] < lkv.n) { x[e] = bias_value(base + j[e]); }
     }
     return x;
 }
@@ -284,7 +294,7 @@ fn mask_row(s: Keys8, present: Keys8, lim: u32, bias_at: u32, kb: u32, tx: u32) 
     var ok_b = (present.b > vec4<f32>(0.0)) & (j_b < vec4<u32>(lim));
     let sg = select(1.0, -1.0, p.scale < 0.0);
     var x = Keys8(s.a * sg, s.b * sg);
-    if (p.has_bias != 0u && lim > 0u) {
+    if (HAS_BIAS && lim > 0u) {
         x = Keys8(s.a * p.scale + bias4(bias_at, j_a), s.b * p.scale + bias4(bias_at, j_b));
         ok_a = ok_a & !(x.a < vec4<f32>(LOWEST));
         ok_b = ok_b & !(x.b < vec4<f32>(LOWEST));
@@ -298,7 +308,7 @@ fn mask_row(s: Keys8, present: Keys8, lim: u32, bias_at: u32, kb: u32, tx: u32) 
 // exponent gives exactly 1 without exp2: at scale 0 every exponent is a signed zero, and
 // exp2(-0.0) came back NaN on a CPU Vulkan driver.
 fn exp_scaled(d: vec4<f32>) -> vec4<f32> {
-    let t = (d * select(abs(p.scale), 1.0, p.has_bias != 0u)) * LOG2E;
+    let t = (d * select(abs(p.scale), 1.0, HAS_BIAS)) * LOG2E;
     return select(exp2(t), vec4<f32>(1.0), t == vec4<f32>(0.0));
 }
 
@@ -393,7 +403,7 @@ fn main(
     var bias_at: array<u32, 8>;
     for (var r = 0u; r < 8u; r++) {
         lim[r] = key_limit(mat, i0 + r);
-        bias_at[r] = select(0u, bias_row(mat, i0 + r), p.has_bias != 0u && i0 + r < rows);
+        bias_at[r] = select(0u, bias_row(mat, i0 + r), HAS_BIAS && i0 + r < rows);
     }
 
     var m_lo = vec4<f32>(LOWEST);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, ctx};
+use common::{Rng, ctx, op_ctx};
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
     AttentionOp, BiasShape, Error, GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo,
@@ -20,7 +20,7 @@ fn check(config: &OperatorConfig, inputs: &OperatorInputs, gpu: &Tensor) {
 }
 
 fn run(config: &OperatorConfig, inputs: &OperatorInputs) -> Tensor {
-    let mut op = AttentionOp::new(ctx(), config).unwrap();
+    let mut op = AttentionOp::new(op_ctx(config), config).unwrap();
     let out = op.run(inputs).unwrap();
     check(config, inputs, &out);
     out
@@ -201,7 +201,7 @@ fn random_shapes_match_the_reference_including_lengths_below_the_maximum() {
         if rng.next_u64().is_multiple_of(2) {
             config = config.token_major();
         }
-        let mut op = AttentionOp::new(ctx(), &config).unwrap();
+        let mut op = AttentionOp::new(op_ctx(&config), &config).unwrap();
         // Two calls on one operator: the maximum lengths, then shorter ones.
         for (nq, nk) in [
             (max_q, max_kv),
@@ -553,7 +553,7 @@ fn a_call_split_into_bounded_submissions_gives_the_same_bits() {
         rng.tensor(&[b, kvh, nk, d], 1.0),
     )
     .with_bias(rng.tensor(&[1, h, nq, nk], 1.0));
-    let mut op = AttentionOp::new(ctx(), &config).unwrap();
+    let mut op = AttentionOp::new(op_ctx(&config), &config).unwrap();
     let whole = op.run_within(&inputs, f64::INFINITY).unwrap();
     check(&config, &inputs, &whole);
     // A budget of one FLOP: every workgroup in a submission of its own.

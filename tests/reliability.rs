@@ -193,31 +193,57 @@ fn a_long_run_does_not_starve_another_thread() {
 }
 
 /// A device that allows four storage buffers per shader stage (wgpu's downlevel limits, GLES
-/// 3.1-class hardware) cannot bind the fused kernel's six: `Auto` takes the staged kernels and
-/// gives the reference's answer, while an explicit fused choice and the operator are refused,
-/// naming the limit.
+/// 3.1-class hardware) runs the layer's fused kernel, which binds Q, K and V as one buffer
+/// (three in all with its mask), the staged kernels, and the operator without a mask or bias
+/// (four); an operator that would bind five or six is refused, naming the limit.
 #[test]
-fn four_storage_buffers_per_stage_take_the_staged_path() {
-    use wgpu_attention::{AttentionOp, OperatorConfig};
+fn four_storage_buffers_per_stage_run_every_variant_that_fits() {
+    use wgpu_attention::{AttentionOp, BiasShape, OperatorConfig, OperatorInputs};
     let (device, queue) = common::app_device(|l| l.max_storage_buffers_per_shader_stage = 4);
     let small = GpuContext::from_device(device, queue);
-    let (config, weights, inputs) = small_layer(&mut Rng::new(7));
-    let mut plan = AttentionPlan::new(&small, &config, &weights).unwrap();
-    assert_eq!(plan.kernel(), KernelChoice::Staged);
+    let mut rng = Rng::new(7);
+    let (config, weights, inputs) = small_layer(&mut rng);
     let cpu = reference::run(&config, &weights, &inputs).unwrap();
-    let cmp = compare(&plan.run(&inputs).unwrap(), &cpu.output, Tolerance::F32).unwrap();
-    assert!(cmp.passed(), "{cmp}");
-    let fused = AttentionPlan::new(&small, &config.with_kernel(KernelChoice::Fused), &weights);
-    let e = fused.unwrap_err().to_string();
-    assert!(
-        e.contains("max_storage_buffers_per_shader_stage") && e.contains("KernelChoice::Staged"),
-        "{e}"
+    for kernel in [KernelChoice::Auto, KernelChoice::Staged] {
+        let mut plan =
+            AttentionPlan::new(&small, &config.clone().with_kernel(kernel), &weights).unwrap();
+        let want = if kernel == KernelChoice::Auto {
+            KernelChoice::Fused
+        } else {
+            kernel
+        };
+        assert_eq!(plan.kernel(), want);
+        let cmp = compare(&plan.run(&inputs).unwrap(), &cpu.output, Tolerance::F32).unwrap();
+        assert!(cmp.passed(), "{kernel:?}: {cmp}");
+    }
+
+    let plain = OperatorConfig::new(1, 2, 1, 4, 6, 6).causal();
+    let mut op = AttentionOp::new(&small, &plain).unwrap();
+    let q = rng.tensor(&[1, 2, 6, 4], 1.0);
+    let (k, v) = (
+        rng.tensor(&[1, 1, 6, 4], 1.0),
+        rng.tensor(&[1, 1, 6, 4], 1.0),
     );
-    let op = AttentionOp::new(&small, &OperatorConfig::new(1, 2, 2, 4, 6, 6));
-    assert!(
-        op.is_err_and(|e| e
-            .to_string()
-            .contains("max_storage_buffers_per_shader_stage")),
-        "the operator was built on a device it cannot run on"
-    );
+    let io = OperatorInputs::new(q, k, v);
+    let want = wgpu_attention::reference::operator(&plain, &io).unwrap();
+    let cmp = compare(&op.run(&io).unwrap(), &want, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "operator: {cmp}");
+
+    let bias = BiasShape {
+        per_batch: false,
+        per_head: true,
+    };
+    for (config, binds) in [
+        (plain.clone().with_key_padding_mask(), 5),
+        (plain.clone().with_bias(bias), 5),
+        (plain.with_key_padding_mask().with_bias(bias), 6),
+    ] {
+        let e = AttentionOp::new(&small, &config).unwrap_err().to_string();
+        assert!(
+            e.contains("max_storage_buffers_per_shader_stage")
+                && e.contains(&format!("{binds}"))
+                && e.contains("without a key mask or bias"),
+            "{e}"
+        );
+    }
 }

@@ -114,7 +114,7 @@ fn specialise<'a>(
 
 #[test]
 fn every_kernel_validates_and_opens_with_a_comment() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, _) = parse(kernel);
         assert_eq!(
             module.entry_points.len(),
@@ -141,7 +141,7 @@ fn every_kernel_validates_and_opens_with_a_comment() {
 
 #[test]
 fn every_shared_include_opens_with_its_contract() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let parts = kernel.parts();
         let (own, _) = parts.last().expect("a kernel has its own file");
         assert_eq!(*own, kernel.file_name(), "the kernel's own file comes last");
@@ -157,7 +157,7 @@ fn every_shared_include_opens_with_its_contract() {
 
 #[test]
 fn every_kernel_translates_to_spirv() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -171,7 +171,7 @@ fn every_kernel_translates_to_spirv() {
 
 #[test]
 fn every_kernel_translates_to_msl() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -197,7 +197,7 @@ fn every_kernel_translates_to_msl() {
 
 #[test]
 fn every_kernel_translates_to_hlsl() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -231,7 +231,10 @@ fn every_kernel_translates_to_hlsl() {
 fn every_kernel_translates_to_glsl() {
     // wgpu's OpenGL backend never offers SHADER_F16, so f16 variants never reach GLSL: the
     // host refuses f16 there by name (tests/f16.rs checks that on GL).
-    for kernel in Kernel::ALL.into_iter().filter(|k| k.features().is_empty()) {
+    for kernel in Kernel::all()
+        .into_iter()
+        .filter(|k| k.features().is_empty())
+    {
         let (module, info) = parse(kernel);
         for o in specialisations(kernel) {
             let (m, i) = specialise(kernel, &module, &info, &o);
@@ -269,7 +272,7 @@ fn every_kernel_translates_to_glsl() {
 
 #[test]
 fn every_kernel_interface_matches_the_host() {
-    for kernel in Kernel::ALL {
+    for kernel in Kernel::all() {
         let name = kernel.name();
         let (module, _) = parse(kernel);
         let host: BTreeMap<(u32, u32), _> = kernel

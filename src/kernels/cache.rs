@@ -68,6 +68,7 @@ pub(crate) struct ChunkTable {
 /// A compiled kernel specialisation and the layout its bind groups use.
 #[derive(Clone, Debug)]
 pub(crate) struct Pipeline {
+    pub kernel: Kernel,
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
 }
@@ -209,6 +210,7 @@ impl KernelCache {
         };
         if let Some(pipeline) = cached {
             return Ok(Pipeline {
+                kernel,
                 pipeline,
                 layout: bgl,
             });
@@ -218,7 +220,7 @@ impl KernelCache {
             None => {
                 let m = scoped_async(
                     &self.device,
-                    &format!("compiling {}", kernel.file_name()),
+                    &format!("compiling {}", kernel.name()),
                     || {
                         self.device
                             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -232,10 +234,7 @@ impl KernelCache {
                 m
             }
         };
-        let stage = format!(
-            "building the {} pipeline with {overrides:?}",
-            kernel.file_name()
-        );
+        let stage = format!("building the {} pipeline with {overrides:?}", kernel.name());
         let pipeline = scoped_async(&self.device, &stage, || {
             self.device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -254,6 +253,7 @@ impl KernelCache {
         .await?;
         self.lock().pipelines.insert(key, pipeline.clone());
         Ok(Pipeline {
+            kernel,
             pipeline,
             layout: bgl,
         })
@@ -278,7 +278,7 @@ impl KernelCache {
             .collect();
         scoped_async(
             &self.device,
-            &format!("laying out {}", kernel.file_name()),
+            &format!("laying out {}", kernel.name()),
             || {
                 let bgl = self
                     .device

@@ -17,8 +17,6 @@ uniform_params! {
         dp4: u32,
         dvp4: u32,
         causal: u32,
-        has_mask: u32,
-        has_bias: u32,
         bias_b: u32,
         bias_h: u32,
         scale: f32,
@@ -49,6 +47,8 @@ uniform_params! {
         _pad0: u32,
         _pad1: u32,
         _pad2: u32,
+        _pad3: u32,
+        _pad4: u32,
     }
 }
 
@@ -122,6 +122,97 @@ impl Strides {
     }
 }
 
+/// What the fused kernel binds, which picks the include files it is composed from (see the
+/// header of `fused_attention.wgsl`): the variants differ in exactly their bindings, so a
+/// pipeline's layout holds only the buffers its kernel reads, and a device with few storage
+/// buffers per shader stage runs the variants that fit.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FusedIo {
+    /// Q, K and V in one buffer at their offsets (the layer's projection output) rather than
+    /// three (an application's).
+    pub packed_qkv: bool,
+    /// A key-padding mask is bound.
+    pub mask: bool,
+    /// An additive bias is bound.
+    pub bias: bool,
+    /// How Q, K, V and the output are stored (f32 arithmetic either way).
+    pub precision: Precision,
+}
+
+impl FusedIo {
+    /// Every variant, the one binding the most first.
+    pub const ALL: [FusedIo; 16] = {
+        let mut all = [FusedIo {
+            packed_qkv: false,
+            mask: true,
+            bias: true,
+            precision: Precision::F32,
+        }; 16];
+        let mut i = 0;
+        while i < 16 {
+            all[i] = FusedIo {
+                packed_qkv: i & 4 != 0,
+                mask: i & 2 == 0,
+                bias: i & 1 == 0,
+                precision: if i & 8 == 0 {
+                    Precision::F32
+                } else {
+                    Precision::F16
+                },
+            };
+            i += 1;
+        }
+        all
+    };
+
+    /// The include files, in order: Q/K/V, mask, bias, output (Q/K/V and the output in the
+    /// storage precision).
+    pub(crate) fn files(self) -> [&'static str; 4] {
+        let f16 = self.precision == Precision::F16;
+        [
+            match (self.packed_qkv, f16) {
+                (true, false) => "fused_io_qkv_packed.wgsl",
+                (true, true) => "fused_io_qkv_packed_f16.wgsl",
+                (false, false) => "fused_io_qkv.wgsl",
+                (false, true) => "fused_io_qkv_f16.wgsl",
+            },
+            if self.mask {
+                "fused_io_mask.wgsl"
+            } else {
+                "fused_io_no_mask.wgsl"
+            },
+            if self.bias {
+                "fused_io_bias.wgsl"
+            } else {
+                "fused_io_no_bias.wgsl"
+            },
+            if f16 {
+                "fused_io_out_f16.wgsl"
+            } else {
+                "fused_io_out.wgsl"
+            },
+        ]
+    }
+
+    /// The storage bindings after the parameters, as (binding, read_write), in binding order.
+    pub(crate) fn storage(self) -> Vec<(u32, bool)> {
+        let mut b: Vec<(u32, bool)> = if self.packed_qkv {
+            vec![(1, false)]
+        } else {
+            vec![(1, false), (2, false), (3, false)]
+        };
+        if self.mask {
+            b.push((4, false));
+        }
+        if self.bias {
+            b.push((5, false));
+        }
+        b.push((6, true));
+        b
+    }
+}
+
 /// Everything the fused kernel needs to know of one attention problem but its lengths.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct FusedGeometry {
@@ -132,6 +223,8 @@ pub(crate) struct FusedGeometry {
     pub head_dim_v: u32,
     pub causal: bool,
     pub has_mask: bool,
+    /// Q, K and V lie in one buffer (the layer's), bound once.
+    pub packed_qkv: bool,
     /// The bias's broadcast, as (varies over batch, varies over heads), if there is one.
     pub bias: Option<(bool, bool)>,
     pub scale: f32,
@@ -157,12 +250,23 @@ impl FusedGeometry {
             head_dim_v: l.head_dim_v,
             causal: l.causal,
             has_mask: l.has_mask,
+            packed_qkv: true,
             bias: None,
             scale: l.scale,
             q: Strides::head_major(l.heads, l.dp, l.q_offset),
             k: Strides::head_major(l.heads, l.dp, l.k_offset),
             v: Strides::head_major(l.heads, l.dvp, l.v_offset),
             out: Strides::token_major(l.heads, l.head_dim_v, 0),
+        }
+    }
+
+    /// What the kernel binds for this geometry.
+    pub fn io(&self) -> FusedIo {
+        FusedIo {
+            packed_qkv: self.packed_qkv,
+            mask: self.has_mask,
+            bias: self.bias.is_some(),
+            precision: self.precision,
         }
     }
 
@@ -190,8 +294,6 @@ impl FusedGeometry {
             dp4: self.head_dim.div_ceil(4),
             dvp4: self.head_dim_v.div_ceil(4),
             causal: self.causal as u32,
-            has_mask: self.has_mask as u32,
-            has_bias: self.bias.is_some() as u32,
             bias_b,
             bias_h,
             scale: self.scale,
@@ -219,9 +321,7 @@ impl FusedGeometry {
             o_sh: o.sh,
             o_shc: o.shc,
             o_si: o.si,
-            _pad0: 0,
-            _pad1: 0,
-            _pad2: 0,
+            ..Default::default()
         }
     }
 

@@ -15,6 +15,8 @@ mod variants;
 pub(crate) mod weighted_sum;
 
 #[doc(hidden)]
+pub use fused::FusedIo;
+#[doc(hidden)]
 pub use variants::{Variant, variants};
 
 use crate::error::{Error, Result};
@@ -33,9 +35,9 @@ pub enum Kernel {
     Softmax,
     /// `weighted_sum.wgsl`: `P V`, heads concatenated.
     WeightedSum,
-    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, with Q, K, V and
-    /// the output stored in f32 or f16 (f32 arithmetic).
-    Fused(Precision),
+    /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
+    /// that binds the given buffers.
+    Fused(fused::FusedIo),
 }
 
 /// How a kernel sees one binding.
@@ -138,40 +140,17 @@ macro_rules! uniform_params {
 pub(crate) use uniform_params;
 
 impl Kernel {
-    /// Every kernel, for validation and listing.
-    pub const ALL: [Kernel; 7] = [
-        Kernel::Gemm(Precision::F32),
-        Kernel::Gemm(Precision::F16),
-        Kernel::Scores,
-        Kernel::Softmax,
-        Kernel::WeightedSum,
-        Kernel::Fused(Precision::F32),
-        Kernel::Fused(Precision::F16),
-    ];
-
-    /// The storage precision of the variant: the element type of its storage buffers.
-    pub fn precision(self) -> Precision {
-        match self {
-            Kernel::Gemm(precision) | Kernel::Fused(precision) => precision,
-            _ => Precision::F32,
-        }
-    }
-
-    /// The device features the variant needs: `SHADER_F16` for f16 storage.
-    pub fn features(self) -> wgpu::Features {
-        match self.precision() {
-            Precision::F32 => wgpu::Features::empty(),
-            Precision::F16 => wgpu::Features::SHADER_F16,
-        }
-    }
-
-    /// A name for the variant, distinct among [`Kernel::ALL`]: the file name, with `+f16` for
-    /// f16 storage (`gemm.wgsl+f16`).
-    pub fn name(self) -> String {
-        match self.precision() {
-            Precision::F32 => self.file_name().to_string(),
-            Precision::F16 => format!("{}+f16", self.file_name()),
-        }
+    /// Every kernel in every variant, for validation and listing.
+    pub fn all() -> Vec<Kernel> {
+        let mut all = vec![
+            Kernel::Gemm(Precision::F32),
+            Kernel::Gemm(Precision::F16),
+            Kernel::Scores,
+            Kernel::Softmax,
+            Kernel::WeightedSum,
+        ];
+        all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
+        all
     }
 
     /// The file name under `shaders/`.
@@ -185,24 +164,59 @@ impl Kernel {
         }
     }
 
+    /// The kernel's name in messages and labels: its file, and for a variant what it binds
+    /// and, for f16 storage, `f16`.
+    pub fn name(self) -> String {
+        let name = match self {
+            Kernel::Fused(io) => format!(
+                "{} ({}, {}, {})",
+                self.file_name(),
+                if io.packed_qkv {
+                    "packed qkv"
+                } else {
+                    "q, k, v"
+                },
+                if io.mask { "mask" } else { "no mask" },
+                if io.bias { "bias" } else { "no bias" },
+            ),
+            _ => self.file_name().into(),
+        };
+        match self.precision() {
+            Precision::F32 => name,
+            Precision::F16 => format!("{name} f16"),
+        }
+    }
+
+    /// The storage precision of the variant: the element type of the storage buffers it reads
+    /// and writes (f32 arithmetic either way). The staged kernels store f32 only.
+    pub fn precision(self) -> Precision {
+        match self {
+            Kernel::Gemm(precision) => precision,
+            Kernel::Fused(io) => io.precision,
+            _ => Precision::F32,
+        }
+    }
+
+    /// The device features the variant needs: `SHADER_F16` for f16 storage.
+    pub fn features(self) -> wgpu::Features {
+        match self.precision() {
+            Precision::F32 => wgpu::Features::empty(),
+            Precision::F16 => wgpu::Features::SHADER_F16,
+        }
+    }
+
     /// The kernel's own WGSL file, as written.
     pub fn file_source(self) -> &'static str {
-        match self {
-            Kernel::Gemm(_) => include_str!("../../shaders/gemm.wgsl"),
-            Kernel::Scores => include_str!("../../shaders/scores.wgsl"),
-            Kernel::Softmax => include_str!("../../shaders/softmax.wgsl"),
-            Kernel::WeightedSum => include_str!("../../shaders/weighted_sum.wgsl"),
-            Kernel::Fused(_) => include_str!("../../shaders/fused_attention.wgsl"),
-        }
+        shader_file(self.file_name())
     }
 
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, and the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum.
-    /// Kernels with storage variants take their bindings and element access from a
-    /// `*_io_f32.wgsl` or `*_io_f16.wgsl` file; f16 variants open with `shaders/f16.wgsl`
-    /// (`enable f16;`, which must precede every declaration).
+    /// scores, the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum, and
+    /// the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its variant. Storage
+    /// variants take their bindings and element access from `*_f16.wgsl` includes, and f16
+    /// modules open with `shaders/f16.wgsl` (`enable f16;` must precede every declaration).
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -214,59 +228,50 @@ impl Kernel {
         self.composition().1
     }
 
-    /// The composed source and its parts, from one list of files per kernel.
+    /// The composed source and its parts, from one list of files per kernel; joined once per
+    /// kernel and process (a few dozen kilobytes in all), so every caller shares one string.
     fn composition(self) -> (&'static str, &'static [(&'static str, &'static str)]) {
-        macro_rules! with {
-            ($($file:literal),+) => {
-                (
-                    concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+),
-                    &[$(($file, include_str!(concat!("../../shaders/", $file)))),+],
-                )
-            };
-        }
+        type Composed = (&'static str, &'static [(&'static str, &'static str)]);
+        static COMPOSED: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<Kernel, Composed>>,
+        > = std::sync::OnceLock::new();
+        let mut composed = COMPOSED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *composed.entry(self).or_insert_with(|| {
+            let parts: Vec<(&'static str, &'static str)> = self
+                .files()
+                .into_iter()
+                .map(|f| (f, shader_file(f)))
+                .collect();
+            let source: String = parts.iter().map(|(_, text)| format!("{text}\n")).collect();
+            (
+                Box::leak(source.into_boxed_str()),
+                Box::leak(parts.into_boxed_slice()),
+            )
+        })
+    }
+
+    /// The files a kernel is composed of, its own last.
+    fn files(self) -> Vec<&'static str> {
+        let mut files = match self.precision() {
+            Precision::F32 => vec!["dispatch.wgsl"],
+            Precision::F16 => vec!["f16.wgsl", "dispatch.wgsl"],
+        };
         match self {
-            Kernel::Gemm(Precision::F32) => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "gemm_io_f32.wgsl",
-                "gemm.wgsl"
-            ),
-            Kernel::Gemm(Precision::F16) => with!(
-                "f16.wgsl",
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "gemm_io_f16.wgsl",
-                "gemm.wgsl"
-            ),
-            Kernel::Scores => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "score_tile.wgsl",
-                "scores.wgsl"
-            ),
-            Kernel::Softmax => with!("dispatch.wgsl", "softmax.wgsl"),
-            Kernel::WeightedSum => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "heads_out.wgsl",
-                "weighted_sum.wgsl"
-            ),
-            Kernel::Fused(Precision::F32) => with!(
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "score_tile.wgsl",
-                "fused_io_f32.wgsl",
-                "fused_attention.wgsl"
-            ),
-            Kernel::Fused(Precision::F16) => with!(
-                "f16.wgsl",
-                "dispatch.wgsl",
-                "tiles.wgsl",
-                "score_tile.wgsl",
-                "fused_io_f16.wgsl",
-                "fused_attention.wgsl"
-            ),
+            Kernel::Gemm(Precision::F32) => files.extend(["tiles.wgsl", "gemm_io_f32.wgsl"]),
+            Kernel::Gemm(Precision::F16) => files.extend(["tiles.wgsl", "gemm_io_f16.wgsl"]),
+            Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl"]),
+            Kernel::Softmax => {}
+            Kernel::WeightedSum => files.extend(["tiles.wgsl", "heads_out.wgsl"]),
+            Kernel::Fused(io) => {
+                files.extend(["tiles.wgsl", "score_tile.wgsl"]);
+                files.extend(io.files());
+            }
         }
+        files.push(self.file_name());
+        files
     }
 
     /// The Rust layout of the uniform parameters at `@group(0) @binding(0)`.
@@ -310,17 +315,20 @@ impl Kernel {
     #[doc(hidden)]
     pub fn bindings(self) -> Vec<Binding> {
         use Access::*;
-        let rest: &[Access] = match self {
-            Kernel::Gemm(_) => &[Read, Read, Read, ReadWrite],
-            Kernel::Scores => &[Read, Read, ReadWrite],
-            Kernel::Softmax => &[Read, ReadWrite],
-            Kernel::WeightedSum => &[Read, Read, ReadWrite],
-            // q, k, v, key_mask, bias, out.
-            Kernel::Fused(_) => &[Read, Read, Read, Read, Read, ReadWrite],
+        let storage: Vec<(u32, Access)> = match self {
+            Kernel::Gemm(_) => numbered(&[Read, Read, Read, ReadWrite]),
+            Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
+            Kernel::Softmax => numbered(&[Read, ReadWrite]),
+            Kernel::WeightedSum => numbered(&[Read, Read, ReadWrite]),
+            Kernel::Fused(io) => io
+                .storage()
+                .into_iter()
+                .map(|(b, rw)| (b, if rw { ReadWrite } else { Read }))
+                .collect(),
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
-        bindings.extend(rest.iter().zip(1..).map(|(&access, binding)| Binding {
+        bindings.extend(storage.into_iter().map(|(binding, access)| Binding {
             group: 0,
             binding,
             access,
@@ -331,8 +339,7 @@ impl Kernel {
         }));
         if let Kernel::Fused(_) = self {
             // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
-            let next = bindings.len() as u32;
-            bindings.extend((next..next + 2).map(|binding| Binding {
+            bindings.extend((7..9).map(|binding| Binding {
                 binding,
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
@@ -341,6 +348,61 @@ impl Kernel {
         bindings.push(CHUNK_BINDING);
         bindings
     }
+
+    /// The `@binding` numbers of group 0, in order: where a bind group puts its resources.
+    pub(crate) fn group0(self) -> Vec<u32> {
+        self.bindings()
+            .iter()
+            .filter(|b| b.group == 0)
+            .map(|b| b.binding)
+            .collect()
+    }
+}
+
+/// Storage bindings numbered from 1, after the parameters.
+fn numbered(access: &[Access]) -> Vec<(u32, Access)> {
+    access
+        .iter()
+        .copied()
+        .zip(1..)
+        .map(|(a, b)| (b, a))
+        .collect()
+}
+
+/// A file of `shaders/`, by name.
+fn shader_file(name: &str) -> &'static str {
+    macro_rules! files {
+        ($($file:literal),+ $(,)?) => {
+            match name {
+                $($file => include_str!(concat!("../../shaders/", $file)),)+
+                _ => unreachable!("{name} is not listed in kernels::shader_file"),
+            }
+        };
+    }
+    files!(
+        "f16.wgsl",
+        "dispatch.wgsl",
+        "tiles.wgsl",
+        "score_tile.wgsl",
+        "heads_out.wgsl",
+        "gemm_io_f32.wgsl",
+        "gemm_io_f16.wgsl",
+        "gemm.wgsl",
+        "scores.wgsl",
+        "softmax.wgsl",
+        "weighted_sum.wgsl",
+        "fused_io_qkv.wgsl",
+        "fused_io_qkv_packed.wgsl",
+        "fused_io_mask.wgsl",
+        "fused_io_no_mask.wgsl",
+        "fused_io_bias.wgsl",
+        "fused_io_no_bias.wgsl",
+        "fused_io_qkv_f16.wgsl",
+        "fused_io_qkv_packed_f16.wgsl",
+        "fused_io_out.wgsl",
+        "fused_io_out_f16.wgsl",
+        "fused_attention.wgsl",
+    )
 }
 
 /// Override values of one pipeline, as (name, value) pairs.

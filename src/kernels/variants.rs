@@ -30,7 +30,7 @@ pub struct Variant {
 /// the same override sets; f16 ones say in [`Variant::features`] that they need `SHADER_F16`.
 #[doc(hidden)]
 pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
-    Kernel::ALL
+    Kernel::all()
         .into_iter()
         .flat_map(|kernel| {
             let sets = match kernel {
@@ -153,12 +153,13 @@ mod tests {
                     );
                     for dvp in [4, 36, 100, 132, 256] {
                         if let Ok(t) = fused::FusedTiles::choose(seq, seq, n, dvp, &limits) {
-                            has(Kernel::Fused(Precision::F16), t.overrides());
+                            has(Kernel::Fused(fused::FusedIo::ALL[0]), t.overrides());
+                            has(Kernel::Fused(fused::FusedIo::ALL[8]), t.overrides());
                         }
                     }
                 }
             }
-            for kernel in Kernel::ALL {
+            for kernel in Kernel::all() {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 assert!(n >= 2, "{kernel:?}: only {n} override sets");
             }

@@ -246,6 +246,7 @@ impl OperatorConfig {
             head_dim_v: self.head_dim_v as u32,
             causal: self.causal,
             has_mask: self.key_padding_mask,
+            packed_qkv: false,
             bias: self.bias.map(|b| (b.per_batch, b.per_head)),
             scale: self.scale_value(),
             q: self.strides(self.heads, self.head_dim),

@@ -3,7 +3,7 @@
 
 use crate::context::GpuContext;
 use crate::error::Result;
-use crate::gpu::{STORAGE, buffer, init_uniform, scoped_async};
+use crate::gpu::{init_uniform, scoped_async};
 use crate::kernels::fused::{FusedGeometry, FusedTiles, Len};
 use crate::kernels::{Kernel, Pipeline};
 
@@ -58,8 +58,6 @@ pub(crate) struct Core {
     pub pipeline: Pipeline,
     pub params: wgpu::Buffer,
     pub lengths: LengthTable,
-    /// Four bytes bound where there is no mask or bias: the kernel never reads them.
-    pub absent: wgpu::Buffer,
 }
 
 impl Core {
@@ -76,29 +74,26 @@ impl Core {
         let tiles = geometry.tiles(max_q, max_kv, &limits)?;
         let pipeline = ctx
             .kernels()
-            .pipeline(Kernel::Fused(geometry.precision), &tiles.overrides())
+            .pipeline(Kernel::Fused(geometry.io()), &tiles.overrides())
             .await?;
         let device = ctx.device();
-        let (params, lengths, absent) =
-            scoped_async(device, "creating the attention parameters", || {
-                (
-                    init_uniform(
-                        device,
-                        "fused attention",
-                        bytemuck::bytes_of(&geometry.params()),
-                    ),
-                    LengthTable::new(device, min_len, max_q.max(max_kv)),
-                    buffer(device, "absent mask or bias", 4, STORAGE),
-                )
-            })
-            .await?;
+        let (params, lengths) = scoped_async(device, "creating the attention parameters", || {
+            (
+                init_uniform(
+                    device,
+                    "fused attention",
+                    bytemuck::bytes_of(&geometry.params()),
+                ),
+                LengthTable::new(device, min_len, max_q.max(max_kv)),
+            )
+        })
+        .await?;
         Ok(Core {
             geometry,
             tiles,
             pipeline,
             params,
             lengths,
-            absent,
         })
     }
 

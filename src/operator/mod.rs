@@ -130,8 +130,11 @@ impl AttentionOp {
         config.validate()?;
         config.precision.check_device(ctx)?;
         let limits = ctx.limits();
-        crate::kernels::Kernel::Fused(config.precision)
-            .check_storage_buffers(&limits, "; the operator has only the fused kernel so far")?;
+        crate::kernels::Kernel::Fused(config.geometry().io()).check_storage_buffers(
+            &limits,
+            "; without a key mask or bias the operator binds four (the operator has only the \
+             fused kernel so far)",
+        )?;
         for (name, elements) in config.max_elements() {
             let bytes = elements * config.element_bytes(name);
             let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");
@@ -197,8 +200,8 @@ impl AttentionOp {
                 q: &own.q,
                 k: &own.k,
                 v: &own.v,
-                key_mask: Some(&own.key_mask),
-                bias: Some(&own.bias),
+                key_mask: config.key_padding_mask.then_some(&own.key_mask),
+                bias: config.bias.is_some().then_some(&own.bias),
                 out: &own.out,
             },
         )
@@ -540,27 +543,22 @@ async fn make_group(
     io: OperatorIo<'_>,
 ) -> Result<OperatorBindings> {
     let group = scoped_async(device, "binding the operator's buffers", || {
-        let buffers = [
-            &core.params,
-            io.q,
-            io.k,
-            io.v,
-            io.key_mask.unwrap_or(&core.absent),
-            io.bias.unwrap_or(&core.absent),
-            io.out,
-        ];
-        let mut entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .zip(0..)
-            .map(|(b, binding)| wgpu::BindGroupEntry {
-                binding,
-                resource: b.as_entire_binding(),
-            })
+        // In binding order; the variant binds a mask and a bias only when the operator has
+        // them (`bind` checked that the buffers match the configuration).
+        let buffers = [&core.params, io.q, io.k, io.v]
+            .into_iter()
+            .chain(io.key_mask)
+            .chain(io.bias)
+            .chain([io.out]);
+        let lengths = [core.lengths.binding(), core.lengths.binding()];
+        let entries: Vec<wgpu::BindGroupEntry> = core
+            .pipeline
+            .kernel
+            .group0()
+            .into_iter()
+            .zip(buffers.map(|b| b.as_entire_binding()).chain(lengths))
+            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
             .collect();
-        entries.extend((7..9).map(|binding| wgpu::BindGroupEntry {
-            binding,
-            resource: core.lengths.binding(),
-        }));
         device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("attention operator"),
             layout: &core.pipeline.layout,

@@ -20,6 +20,7 @@ use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{check_storage, map_and_read, read_f32, read_mapped, scoped, scoped_async};
+use crate::kernels::fused::FusedGeometry;
 use crate::kernels::{ChunkTable, Kernel, Layout, check_sizes};
 use crate::precision::Precision;
 use crate::reference::Intermediates;
@@ -138,11 +139,11 @@ impl AttentionPlan {
         };
         let limits = ctx.limits();
         let mut layout = Layout::new(config)?;
-        // The fused kernel binds six storage buffers; a downlevel device allows four per stage.
-        // `Auto` then takes the staged kernels, which bind at most four; an explicit choice of
-        // the fused kernel is refused by name.
+        // The layer's fused kernel binds at most three storage buffers (packed Q/K/V, mask,
+        // output), within every device's limit; the check stays so that a kernel that grows
+        // one is refused by name. `Auto` then takes the staged kernels, which bind at most four.
         if layout.kernel == KernelChoice::Fused
-            && let Err(e) = Kernel::Fused(config.precision).check_storage_buffers(
+            && let Err(e) = Kernel::Fused(FusedGeometry::for_layer(&layout, config.precision).io()).check_storage_buffers(
                 &limits,
                 "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
             )
@@ -688,12 +689,13 @@ async fn make_bindings(
                         }),
                     }),
                 );
-                let entries: Vec<wgpu::BindGroupEntry> = resources
-                    .enumerate()
-                    .map(|(i, resource)| wgpu::BindGroupEntry {
-                        binding: i as u32,
-                        resource,
-                    })
+                let entries: Vec<wgpu::BindGroupEntry> = d
+                    .pipeline
+                    .kernel
+                    .group0()
+                    .into_iter()
+                    .zip(resources)
+                    .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
                     .collect();
                 Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some(d.stage.label()),

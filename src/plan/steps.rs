@@ -174,16 +174,12 @@ pub(super) async fn build(
                     Stage::FusedAttention.label(),
                 )?,
                 flops: core.geometry.flops(l.seq, l.seq),
-                resources: vec![
-                    own(&bufs.qkv),
-                    own(&bufs.qkv),
-                    own(&bufs.qkv),
-                    Res::KeyMask,
-                    own(&core.absent),
-                    heads_out(),
-                    lengths(),
-                    lengths(),
-                ],
+                // The packed variant: Q, K and V in one binding, a mask only if there is one.
+                resources: [own(&bufs.qkv)]
+                    .into_iter()
+                    .chain(l.has_mask.then_some(Res::KeyMask))
+                    .chain([heads_out(), lengths(), lengths()])
+                    .collect(),
                 offsets: core.offsets(l.seq, l.seq).to_vec(),
             }));
         }

@@ -73,6 +73,20 @@ pub fn adapter_ctx() -> &'static GpuContext {
     })
 }
 
+/// The context an operator test runs on: the profile's, unless its limits refuse the operator's
+/// bindings (a mask or a bias on a downlevel device, which tests/reliability.rs checks is a
+/// named error); then one with exactly WebGPU's default limits.
+pub fn op_ctx(config: &wgpu_attention::OperatorConfig) -> &'static GpuContext {
+    static WEBGPU: OnceLock<GpuContext> = OnceLock::new();
+    match wgpu_attention::AttentionOp::new(ctx(), config) {
+        Err(wgpu_attention::Error::LimitExceeded {
+            limit: "max_storage_buffers_per_shader_stage",
+            ..
+        }) => WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default())),
+        _ => ctx(),
+    }
+}
+
 /// The contexts a test of tile choices runs on: the suite's profile and the adapter's limits,
 /// each named; one when they are the same.
 pub fn contexts() -> Vec<(&'static str, &'static GpuContext)> {
