@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Rng, ctx};
+use common::{Rng, ctx, op_ctx};
 use wgpu_attention::{
     AttentionConfig, AttentionInputs, AttentionOp, AttentionPlan, AttentionWeights, BiasShape,
     Error, GpuContext, KernelChoice, OperatorConfig, OperatorInputs, Precision, QkvLayout, Tensor,
@@ -93,7 +93,7 @@ fn operator_in_f16_is_within_the_f16_bound_on_generated_cases() {
         } else if case % 4 == 2 {
             config = config.with_kv_capacity(max_kv + 5);
         }
-        let mut op = AttentionOp::new(ctx, &config).unwrap();
+        let mut op = AttentionOp::new(op_ctx(&config), &config).unwrap();
         for (nq, nk) in [(max_q, max_kv), (1 + max_q / 2, 1 + max_kv / 3)] {
             let shape = |heads: usize, n: usize, w: usize| match config.layout {
                 QkvLayout::HeadMajor => vec![batch, heads, n, w],
