@@ -14,6 +14,7 @@ use wgpu_attention::{
     TimingSource, Tolerance, compare, reference,
 };
 
+use super::bench_precision::PrecisionArg;
 use super::report;
 use super::{AdapterArgs, CliError};
 
@@ -73,6 +74,12 @@ pub struct BenchArgs {
     /// Draw time and GFLOP/s against sequence length as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Storage precision: f32 (this sweep), f16 (f16 storage, f32 arithmetic, on the fused
+    /// kernel) or both side by side with the f16/f32 time ratio per length; the f16 and both
+    /// sweeps print their own table and take --seq*, --batch, --heads, --head-dim, --d-model,
+    /// --causal, --warmup and --repeats.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
 }
 
 impl BenchArgs {
@@ -94,6 +101,7 @@ impl BenchArgs {
             json: None,
             csv: None,
             plot: None,
+            precision: PrecisionArg::F32,
         }
     }
 
@@ -120,7 +128,7 @@ impl BenchArgs {
         Ok(())
     }
 
-    fn sequence_lengths(&self, info: &wgpu::AdapterInfo) -> Vec<usize> {
+    pub(super) fn sequence_lengths(&self, info: &wgpu::AdapterInfo) -> Vec<usize> {
         if !self.seq.is_empty() {
             return self.seq.clone();
         }
@@ -131,7 +139,7 @@ impl BenchArgs {
             .collect()
     }
 
-    fn config(&self, seq: usize) -> AttentionConfig {
+    pub(super) fn config(&self, seq: usize) -> AttentionConfig {
         let d_model = self.d_model.unwrap_or(self.heads * self.head_dim);
         let mut config = AttentionConfig::new(self.batch, seq, d_model, self.heads, self.head_dim)
             .with_output_projection(d_model);
@@ -262,6 +270,9 @@ pub fn main(
     args: &BenchArgs,
     progress: &MultiProgress,
 ) -> Result<(), CliError> {
+    if args.precision != PrecisionArg::F32 {
+        return super::bench_precision::main(adapter, args, args.precision, progress);
+    }
     // The sweep reaches past wgpu's portable defaults where the adapter allows.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
     let info = ctx.adapter_info().clone();

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_precision;
 mod check;
 mod error;
 mod files;
