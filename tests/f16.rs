@@ -167,6 +167,14 @@ fn logits_past_f16_range_do_not_overflow() {
         // Key 0 wins by 400 logits or more: exactly its value row.
         assert_eq!(&gpu.data()[..4], &[1., 2., 3., 4.]);
     }
+    // Every key padded out: zeros, not NaN, in f16 as in f32.
+    let masked = config.clone().with_key_padding_mask();
+    let inputs = OperatorInputs::new(q, v.clone(), v).with_key_mask(Tensor::zeros([1, 3]));
+    let gpu = AttentionOp::new(op_ctx(&masked), &masked)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    assert_eq!(gpu.data(), &[0.0; 8]);
 }
 
 /// A small layer (two heads, key mask, biases, output projection) in f16 storage against the
@@ -261,6 +269,20 @@ fn f16_refusals_are_named() {
             assert_eq!((name.as_str(), index.0), ("x", vec![0, 2, 1]));
         }
         other => panic!("expected OutsideF16Range, got {other:?}"),
+    }
+    // Q = x W_q = 4 · 200 · 100 = 80000 is past f16's range where the projection stores it:
+    // an error that says so, never a silently wrong output.
+    let big = AttentionWeights::new(
+        Tensor::new([4, 4], vec![100.0; 16]).unwrap(),
+        Tensor::new([4, 4], vec![0.5; 16]).unwrap(),
+        Tensor::new([4, 4], vec![0.5; 16]).unwrap(),
+    );
+    let x = AttentionInputs::new(Tensor::new([1, 3, 4], vec![200.0; 12]).unwrap());
+    match AttentionPlan::new(ctx, &config, &big).unwrap().run(&x) {
+        Err(e @ Error::NonFiniteOutput { .. }) => {
+            assert!(e.to_string().contains("f16's range"), "{e}")
+        }
+        other => panic!("expected NonFiniteOutput, got {other:?}"),
     }
     for staged in [
         config.clone().with_kernel(KernelChoice::Staged),
