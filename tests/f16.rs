@@ -311,3 +311,51 @@ fn f16_refusals_are_named() {
         other => panic!("expected OutsideF16Range, got {other:?}"),
     }
 }
+
+/// A second f16 run uploads (converting x to f16 straight into the staging memory), runs and
+/// reads back without creating a wgpu object, and gives the same bits.
+#[test]
+fn a_second_f16_call_allocates_nothing() {
+    // A device of its own: tests running beside this one must not move its counters.
+    let own = GpuContext::from_env().expect("an adapter");
+    let mut rng = Rng::new(21);
+    let config = AttentionConfig::new(1, 7, 5, 1, 3).with_precision(Precision::F16);
+    let weights = AttentionWeights::new(
+        rng.tensor(&[5, 3], 0.4),
+        rng.tensor(&[5, 3], 0.4),
+        rng.tensor(&[5, 3], 0.4),
+    );
+    // Odd element counts (x 35, output 21): the f16 upload and read-back are padded to whole
+    // 4-byte words.
+    let inputs = AttentionInputs::new(rng.tensor(&[1, 7, 5], 1.0));
+    if !f16_here(&own) {
+        return assert_no_shader_f16(AttentionPlan::new(&own, &config, &weights));
+    }
+    let mut plan = AttentionPlan::new(&own, &config, &weights).unwrap();
+    let counters = || {
+        own.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .unwrap();
+        let c = own.device().get_internal_counters().hal;
+        [
+            c.buffers.read(),
+            c.bind_groups.read(),
+            c.compute_pipelines.read(),
+        ]
+    };
+    let first = plan.run(&inputs).unwrap();
+    let cpu = reference::run(&config, &weights, &inputs).unwrap().output;
+    let bound = reference::error_bound(&config, &weights, &inputs).unwrap();
+    let c = compare_bounded(&first, &cpu, &bound).unwrap();
+    assert!(c.passed(), "{c}");
+    let after_first = counters();
+    assert!(after_first.iter().all(|&n| n > 0), "{after_first:?}");
+    for _ in 0..2 {
+        assert_eq!(plan.run(&inputs).unwrap(), first);
+        assert_eq!(
+            counters(),
+            after_first,
+            "a repeated f16 call created wgpu objects"
+        );
+    }
+}
