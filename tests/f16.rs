@@ -10,7 +10,7 @@ use common::{Rng, ctx, op_ctx};
 use wgpu_attention::{
     AttentionConfig, AttentionInputs, AttentionOp, AttentionPlan, AttentionWeights, BiasShape,
     Error, GpuContext, KernelChoice, OperatorConfig, OperatorInputs, Precision, QkvLayout, Tensor,
-    compare_bounded, reference,
+    Tolerance, compare, compare_bounded, reference,
 };
 
 /// Whether f16 runs here; panics if the adapter has shader-f16 and the context did not get it
@@ -67,6 +67,8 @@ fn operator_in_f16_is_within_the_f16_bound_on_generated_cases() {
     let mut rng = Rng::new(11);
     let pick = |rng: &mut Rng, xs: &[usize]| xs[(rng.next_u64() % xs.len() as u64) as usize];
     let (mut worst, mut worst_abs, mut checked) = (0f64, 0f64, 0usize);
+    // The fixed f16 rule too, for the record (it is meant for order-1 inputs; not asserted).
+    let mut worst_fixed = 0f64;
     for case in 0..8 {
         let (heads, kv_heads) = [(1, 1), (4, 2), (8, 1), (3, 3)][case % 4];
         let batch = pick(&mut rng, &[1, 2]);
@@ -121,13 +123,14 @@ fn operator_in_f16_is_within_the_f16_bound_on_generated_cases() {
             let c = compare_bounded(&gpu, &cpu, &bound).unwrap();
             assert!(c.passed(), "case {case} {config:?} q {nq} kv {nk}:\n{c}");
             worst = worst.max(c.worst_ratio);
+            worst_fixed = worst_fixed.max(compare(&gpu, &cpu, Tolerance::F16).unwrap().worst_ratio);
             worst_abs = worst_abs.max(c.max_abs);
             checked += gpu.len();
         }
     }
     eprintln!(
         "f16 operator, {checked} outputs of 16 calls: max abs error {worst_abs:.3e}, \
-         at most {worst:.3} of the f16 bound"
+         at most {worst:.3} of the f16 bound, {worst_fixed:.3} of Tolerance::F16"
     );
 }
 
