@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
-use crate::kernels::KernelCache;
+use crate::kernels::{Autotune, KernelCache};
 
 /// Which device limits to ask the adapter for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -194,6 +194,57 @@ impl GpuContext {
     /// The device's limits.
     pub fn limits(&self) -> wgpu::Limits {
         self.device.limits()
+    }
+
+    /// Sets how plans and operators built on this context from now on choose the fused
+    /// kernel's tiles ([`Autotune::Full`] by default): shared by every clone of the context.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Autotune, GpuContext};
+    /// let ctx = GpuContext::from_env()?;
+    /// // Winners of earlier runs on this adapter and driver; new ones are added to the file.
+    /// ctx.autotune_file("attention-tuning.txt")?;
+    /// ctx.set_autotune(Autotune::Full);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn set_autotune(&self, mode: Autotune) {
+        self.kernels.tune().mode = mode;
+    }
+
+    /// The autotuner's mode on this context.
+    pub fn autotune(&self) -> Autotune {
+        self.kernels.tune().mode
+    }
+
+    /// Reads the autotuner's winners for this adapter and driver from `path` (a file that does
+    /// not exist yet counts as empty) and appends every later winner to it, so a later process
+    /// never tunes the same class again. Lines of other adapters or drivers are left alone; a
+    /// line that does not parse, or tiles that do not fit this device, are
+    /// [`Error::InvalidConfig`] naming the line.
+    pub fn autotune_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let adapter = crate::kernels::tune::adapter_key(&self.info);
+        self.kernels
+            .tune()
+            .load(path.as_ref(), adapter, &self.device.limits())
+    }
+
+    /// Pins the fused kernel's tiles for a shape class, in the autotune file's text: what tests
+    /// do to run each candidate. Takes effect under [`Autotune::Cached`] and `Full`.
+    #[doc(hidden)]
+    pub fn pin_tiles(&self, class: &str, tiles: &str) -> Result<()> {
+        self.kernels.tune().pin(class, tiles, &self.device.limits())
+    }
+
+    /// How many shape classes the autotuner has timed on this device.
+    #[doc(hidden)]
+    pub fn autotune_trials(&self) -> u64 {
+        self.kernels.tune().trials
+    }
+
+    /// Every fused-kernel tile choice the autotuner knows on this device, as (shape class,
+    /// override constants) text: what `bench` prints.
+    pub fn tuned(&self) -> Vec<(String, String)> {
+        self.kernels.tune().winners()
     }
 
     /// Whether kernels can be timed with timestamp queries.

@@ -195,6 +195,15 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// A file the library was asked to read or write (the autotuner's) could not be.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// A buffer handed in by the caller is too small or lacks a usage flag.
     #[error("buffer `{name}`: {problem}")]
     BadBuffer {

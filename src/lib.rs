@@ -93,6 +93,7 @@ pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};
 #[cfg(feature = "cpu")]
 pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
+pub use kernels::Autotune;
 pub use operator::{
     AttentionOp, BiasShape, Lengths, OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo,
     QkvLayout,

@@ -29,7 +29,7 @@ pub const F16_UNIT_ROUNDOFF: f64 = 1.0 / 2048.0;
 /// `2 · 2^-11`, because WGSL leaves the rounding mode of a conversion to the implementation
 /// (either neighbour of an inexact value is a valid result, as WebGPU's conformance tests
 /// accept); below f16's normal range, one subnormal step `2^-24` absolute. The f16 error bounds
-/// ([`crate::reference::error_bound`], [`crate::reference::operator_bounded`]) add one such
+/// ([`crate::reference::error_bound`], [`crate::reference::operator_error_bound`]) add one such
 /// error wherever a kernel stores a computed value and carry it through every later reduction.
 pub const F16_STORE_ERROR: f64 = 2.0 * F16_UNIT_ROUNDOFF;
 

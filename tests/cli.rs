@@ -73,6 +73,11 @@ fn bench_writes_json_csv_and_svg_for_a_tiny_sweep() {
             "--warmup",
             "1",
             "--causal",
+            // The operator's rows at lengths a software rasteriser runs at once.
+            "--op-len",
+            "16,32",
+            "--op-cross-kv-len",
+            "40",
         ])
         .arg("--json")
         .arg(&json)
@@ -107,6 +112,41 @@ fn bench_writes_json_csv_and_svg_for_a_tiny_sweep() {
         assert!(row["memory_bytes"].as_u64().unwrap() > 0);
         assert!(!row["stages"].as_array().unwrap().is_empty());
     }
+    let operator = report["operator"].as_array().unwrap();
+    let shapes: Vec<(&str, u64, u64, u64, u64)> = operator
+        .iter()
+        .map(|r| {
+            let s = &r["shape"];
+            (
+                s["name"].as_str().unwrap(),
+                s["heads"].as_u64().unwrap(),
+                s["kv_heads"].as_u64().unwrap(),
+                s["q_len"].as_u64().unwrap(),
+                s["kv_len"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shapes,
+        [
+            ("gqa", 32, 8, 16, 16),
+            ("gqa", 32, 8, 32, 32),
+            ("cross", 8, 8, 64, 40)
+        ]
+    );
+    for row in operator {
+        for key in ["gpu", "end_to_end"] {
+            assert!(row[key]["median"].as_f64().unwrap() > 0.0, "{key}: {row}");
+        }
+        assert!(row["gflops"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["error"]["passed"], true, "{row}");
+        let used = row["error"]["tolerance_used"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&used), "{row}");
+    }
+    assert_eq!(
+        operator[0]["checked_heads"], 8,
+        "two groups of 4 query heads"
+    );
     let cpu = report["cpu"].as_array().unwrap();
     assert_eq!(cpu.len(), 2);
     for r in cpu {

@@ -2,6 +2,10 @@
 //! safetensors files out. Runs that reach the GPU need an adapter and fail without one.
 #![cfg(feature = "cli")]
 
+// Files holding an operator's q, k, v rather than a layer.
+#[path = "cli_run/operator.rs"]
+mod operator;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

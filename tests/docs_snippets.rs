@@ -141,4 +141,6 @@ fn the_numpy_snippets_run_as_written() {
     let dir = tempfile::tempdir().unwrap();
     run_in_order("numpy", dir.path());
     assert!(dir.path().join("out.safetensors").is_file());
+    // The operator's snippets wrote their own output, which the last one checked.
+    assert!(dir.path().join("qkv-out.safetensors").is_file());
 }

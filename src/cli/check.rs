@@ -120,7 +120,7 @@ impl RowPlan {
 }
 
 /// `count` indices spread evenly over `0..len`, first and last included.
-fn spread(len: usize, count: usize) -> Vec<usize> {
+pub fn spread(len: usize, count: usize) -> Vec<usize> {
     let count = count.clamp(1, len);
     if count == 1 {
         return vec![0];

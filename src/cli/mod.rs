@@ -7,6 +7,7 @@ mod check;
 mod error;
 mod files;
 mod layer;
+mod operator;
 mod report;
 mod run;
 mod signals;
@@ -37,7 +38,8 @@ pub enum Command {
     Adapters,
     /// The worked example's eight steps, GPU beside CPU.
     Walkthrough(walkthrough::WalkthroughArgs),
-    /// Run a layer on tensors from a safetensors file and write the output to another.
+    /// Run a layer, or the attention operator on q, k, v, on tensors from a safetensors file
+    /// and write the output to another.
     Run(run::RunArgs),
     /// Sweep shapes and time the GPU against the CPU.
     Bench(bench::BenchArgs),

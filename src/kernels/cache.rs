@@ -37,6 +37,8 @@ pub(crate) struct KernelCache {
     /// Taken around everything a plan does with the device, where the backend has one context
     /// per adapter (OpenGL): see [`KernelCache::exclusive`].
     serial: Option<Mutex<()>>,
+    /// The autotuner's mode and winners on this device.
+    tune: Mutex<super::tune::TuneState>,
 }
 
 /// How long one submission of a plan's or operator's `run` should take at most, at the
@@ -81,6 +83,7 @@ impl KernelCache {
             chunks: OnceLock::new(),
             rate: AtomicU64::new(ASSUMED_RATE.to_bits()),
             serial: (device.adapter_info().backend == wgpu::Backend::Gl).then(Mutex::default),
+            tune: Mutex::default(),
         }
     }
 
@@ -95,6 +98,11 @@ impl KernelCache {
         self.serial
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The autotuner's state on this device.
+    pub fn tune(&self) -> std::sync::MutexGuard<'_, super::tune::TuneState> {
+        self.tune.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// FLOPs one submission should hold: [`SUBMISSION_SECONDS`] at the measured rate.

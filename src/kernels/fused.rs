@@ -428,6 +428,61 @@ impl FusedTiles {
         })
     }
 
+    /// Whether these tiles fit a device's workgroup limits and cover value heads `dvp` wide.
+    pub fn fits(&self, dvp: u32, limits: &wgpu::Limits) -> bool {
+        self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
+            && self.tx * self.ty <= limits.max_compute_invocations_per_workgroup
+            && self.tx <= limits.max_compute_workgroup_size_x
+            && self.ty <= limits.max_compute_workgroup_size_y
+            && (1..=16).contains(&self.tx)
+            && (1..=8).contains(&self.ty)
+            && self.tx.is_power_of_two()
+            && self.ty.is_power_of_two()
+            && (1..=4).contains(&self.nv)
+            && 4 * self.tx * self.nv >= dvp
+            && [4, 8, 16].contains(&self.dk)
+            && [4, 8, 16].contains(&self.vk)
+            && (8 * self.tx).is_multiple_of(self.vk)
+    }
+
+    /// The tiles the autotuner times for the same problem, [`FusedTiles::choose`]'s first:
+    /// half its rows per workgroup, twice its key columns (half the vec4 columns of O per
+    /// invocation), twice its rows, and shallower Q/K staging, each kept where it fits. At most six, so
+    /// that tuning stays within its budget on a slow device.
+    pub fn candidates(rows: u32, keys: u32, dp: u32, dvp: u32, limits: &wgpu::Limits) -> Vec<Self> {
+        let Ok(base) = Self::choose(rows, keys, dp, dvp, limits) else {
+            return Vec::new();
+        };
+        let mut out = vec![base];
+        let wider = |tx: u32| FusedTiles {
+            tx,
+            nv: dvp.div_ceil(4 * tx).max(1),
+            ..base
+        };
+        // In the order they are worth timing when the budget runs out first.
+        for t in [
+            FusedTiles {
+                ty: base.ty / 2,
+                ..base
+            },
+            wider(base.tx * 2),
+            FusedTiles {
+                ty: base.ty * 2,
+                ..base
+            },
+            FusedTiles { dk: 8, ..base },
+            FusedTiles {
+                ty: base.ty / 2,
+                ..wider(base.tx * 2)
+            },
+        ] {
+            if t.ty >= 1 && t.fits(dvp, limits) && !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
     /// Query rows per workgroup.
     pub fn rows(&self) -> u32 {
         8 * self.ty
@@ -444,7 +499,8 @@ impl FusedTiles {
     }
 }
 
-/// Every override set [`FusedTiles::choose`] can emit under `limits`: any numbers of rows and
+/// Every override set [`FusedTiles::choose`] and the autotuner's candidates
+/// ([`FusedTiles::candidates`]) can emit under `limits`: any numbers of rows and
 /// keys (which count only through `rows_per_eight`, so 8, 16, 32 and 64 stand for all), any
 /// padded query/key head width and any padded value head width up to [`MAX_HEAD_DIM_V`];
 /// shapes the kernel refuses emit nothing.
@@ -454,7 +510,7 @@ pub(crate) fn override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
         for keys in [8, 16, 32, 64] {
             for dp in sizes(4) {
                 for dvp in sizes(4).take_while(|&dvp| dvp <= MAX_HEAD_DIM_V) {
-                    if let Ok(t) = FusedTiles::choose(rows, keys, dp, dvp, limits) {
+                    for t in FusedTiles::candidates(rows, keys, dp, dvp, limits) {
                         tiles.add(t);
                     }
                 }

@@ -9,13 +9,14 @@ mod cache;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
-pub(crate) mod scores;
-pub(crate) mod softmax;
+pub(crate) mod staged;
+mod submit;
+pub(crate) mod tune;
 mod variants;
-pub(crate) mod weighted_sum;
 
 #[doc(hidden)]
 pub use fused::FusedIo;
+pub use tune::Autotune;
 #[doc(hidden)]
 pub use variants::{Variant, variants};
 
@@ -23,17 +24,18 @@ use crate::error::{Error, Result};
 use crate::precision::Precision;
 pub(crate) use cache::{ChunkTable, KernelCache, MAX_CHUNKS, Pipeline};
 pub(crate) use layout::{Layout, check_sizes};
+pub(crate) use submit::{Piece, Work, submissions};
 
 /// The WGSL kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// `gemm.wgsl`: projection GEMM with bias, its storage in f32 or f16 (f32 arithmetic).
     Gemm(Precision),
-    /// `scores.wgsl`: scaled, masked `Q K^T`.
+    /// `scores.wgsl`: the staged path's unscaled `Q K^T`.
     Scores,
-    /// `softmax.wgsl`: stable row softmax in place.
+    /// `softmax.wgsl`: the staged path's scaled, biased, masked, stable row softmax in place.
     Softmax,
-    /// `weighted_sum.wgsl`: `P V`, heads concatenated.
+    /// `weighted_sum.wgsl`: the staged path's `P V`, written through the output's strides.
     WeightedSum,
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
@@ -213,10 +215,12 @@ impl Kernel {
     /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
     /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, the head-row store of `shaders/heads_out.wgsl` ahead of the weighted sum, and
-    /// the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its variant. Storage
-    /// variants take their bindings and element access from `*_f16.wgsl` includes, and f16
-    /// modules open with `shaders/f16.wgsl` (`enable f16;` must precede every declaration).
+    /// scores, the staged kernels' shared geometry of `shaders/staged_io.wgsl` ahead of each of
+    /// them, and the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its
+    /// variant.
+    /// Storage variants take their bindings and element access from `*_f16.wgsl` includes,
+    /// and f16 modules open with `shaders/f16.wgsl` (`enable f16;` must precede every
+    /// declaration).
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -262,9 +266,9 @@ impl Kernel {
         match self {
             Kernel::Gemm(Precision::F32) => files.extend(["tiles.wgsl", "gemm_io_f32.wgsl"]),
             Kernel::Gemm(Precision::F16) => files.extend(["tiles.wgsl", "gemm_io_f16.wgsl"]),
-            Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl"]),
-            Kernel::Softmax => {}
-            Kernel::WeightedSum => files.extend(["tiles.wgsl", "heads_out.wgsl"]),
+            Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl", "staged_io.wgsl"]),
+            Kernel::Softmax => files.extend(["staged_io.wgsl"]),
+            Kernel::WeightedSum => files.extend(["tiles.wgsl", "staged_io.wgsl"]),
             Kernel::Fused(io) => {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
@@ -279,9 +283,7 @@ impl Kernel {
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
             Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
-            Kernel::Scores => &scores::ScoreParams::LAYOUT,
-            Kernel::Softmax => &softmax::SoftmaxParams::LAYOUT,
-            Kernel::WeightedSum => &weighted_sum::WeightedSumParams::LAYOUT,
+            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
             Kernel::Fused(_) => &fused::FusedParams::LAYOUT,
         }
     }
@@ -317,8 +319,11 @@ impl Kernel {
         use Access::*;
         let storage: Vec<(u32, Access)> = match self {
             Kernel::Gemm(_) => numbered(&[Read, Read, Read, ReadWrite]),
+            // q, k, scores.
             Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
-            Kernel::Softmax => numbered(&[Read, ReadWrite]),
+            // key_mask, bias, scores in and probabilities out.
+            Kernel::Softmax => numbered(&[Read, Read, ReadWrite]),
+            // probabilities, v, out.
             Kernel::WeightedSum => numbered(&[Read, Read, ReadWrite]),
             Kernel::Fused(io) => io
                 .storage()
@@ -337,9 +342,14 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        if let Kernel::Fused(_) = self {
-            // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
-            bindings.extend((7..9).map(|binding| Binding {
+        // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
+        let lengths = match self {
+            Kernel::Gemm(_) => None,
+            Kernel::Fused(_) => Some(7..9),
+            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => Some(4..6),
+        };
+        if let Some(lengths) = lengths {
+            bindings.extend(lengths.map(|binding| Binding {
                 binding,
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
@@ -384,7 +394,7 @@ fn shader_file(name: &str) -> &'static str {
         "dispatch.wgsl",
         "tiles.wgsl",
         "score_tile.wgsl",
-        "heads_out.wgsl",
+        "staged_io.wgsl",
         "gemm_io_f32.wgsl",
         "gemm_io_f16.wgsl",
         "gemm.wgsl",

@@ -35,9 +35,9 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
         .flat_map(|kernel| {
             let sets = match kernel {
                 Kernel::Gemm(_) => super::gemm::override_sets(limits),
-                Kernel::Scores => super::scores::override_sets(limits),
-                Kernel::Softmax => super::softmax::override_sets(limits),
-                Kernel::WeightedSum => super::weighted_sum::override_sets(limits),
+                Kernel::Scores => super::staged::score_override_sets(limits),
+                Kernel::Softmax => super::staged::softmax_override_sets(limits),
+                Kernel::WeightedSum => super::staged::sum_override_sets(limits),
                 Kernel::Fused(_) => super::fused::override_sets(limits),
             };
             sets.into_iter().map(move |overrides| Variant {
@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn variants_reach_the_choices_of_shapes_between_the_sizes_tried() {
-        use super::super::{fused, gemm, scores, softmax, weighted_sum};
+        use super::super::{fused, gemm, staged};
         use crate::precision::Precision;
         // Shapes that `sizes` does not list (not in the dense range, not near a power of two).
         let odd = [3, 77, 300, 1000, 5000, 70_000];
@@ -133,7 +133,12 @@ mod tests {
                 );
             };
             for seq in odd {
-                has(Kernel::Scores, scores::tiles(seq, &limits).overrides("DK"));
+                for keys in odd {
+                    has(
+                        Kernel::Scores,
+                        staged::score_tiles(seq, keys, &limits).overrides("DK"),
+                    );
+                }
                 for n in odd4 {
                     has(
                         Kernel::Gemm(Precision::F32),
@@ -145,11 +150,11 @@ mod tests {
                     );
                     has(
                         Kernel::Softmax,
-                        vec![("WG", softmax::workgroup_size(n, &limits) as f64)],
+                        vec![("WG", staged::softmax_size(n, &limits) as f64)],
                     );
                     has(
                         Kernel::WeightedSum,
-                        weighted_sum::tiles(seq, n.min(256), &limits).overrides("TK"),
+                        staged::sum_tiles(seq, n, &limits).overrides("TK"),
                     );
                     for dvp in [4, 36, 100, 132, 256] {
                         if let Ok(t) = fused::FusedTiles::choose(seq, seq, n, dvp, &limits) {

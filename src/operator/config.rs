@@ -1,6 +1,7 @@
 //! What an operator computes: its configuration and maximum lengths, the layouts and bias
 //! shapes it reads, one call's lengths, and host inputs with their checks.
 
+use crate::config::KernelChoice;
 use crate::error::{Error, Result, Shape};
 use crate::kernels::fused::{FusedGeometry, Strides};
 use crate::precision::Precision;
@@ -67,6 +68,14 @@ pub struct OperatorConfig {
     /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
     /// `kv_len`. At least `max_kv_len`.
     pub kv_capacity: Option<usize>,
+    /// Which kernels run: the fused kernel, the staged ones (scores, softmax, weighted sum,
+    /// through a score matrix of the maximum lengths), or `Auto` (see
+    /// [`OperatorConfig::with_kernel`]).
+    pub kernel: KernelChoice,
+    /// Keep each call's probabilities readable
+    /// ([`AttentionOp::read_probabilities`](super::AttentionOp::read_probabilities)); only the
+    /// staged kernels have them.
+    pub keep_intermediates: bool,
     /// How Q, K, V (the KV cache) and the output are stored in the caller's buffers: f32, or
     /// f16 with f32 arithmetic (see [`crate::precision`]).
     pub precision: Precision,
@@ -97,6 +106,8 @@ impl OperatorConfig {
             scale: None,
             layout: QkvLayout::HeadMajor,
             kv_capacity: None,
+            kernel: KernelChoice::Auto,
+            keep_intermediates: false,
             precision: Precision::F32,
         }
     }
@@ -114,6 +125,22 @@ impl OperatorConfig {
             "q" | "k" | "v" | "out" => self.precision.bytes(),
             _ => 4,
         }
+    }
+
+    /// Runs these kernels. `Auto` (the default) takes the fused kernel unless it cannot run:
+    /// intermediates are kept, the device allows fewer storage buffers per shader stage than
+    /// it binds (downlevel devices: 4), a value head is wider than it holds, or its smallest
+    /// tiles pass the device's workgroup memory; the staged kernels then run.
+    pub fn with_kernel(mut self, kernel: KernelChoice) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Keeps each call's probabilities readable; runs the staged kernels (an explicit
+    /// `KernelChoice::Fused` is refused).
+    pub fn with_intermediates(mut self) -> Self {
+        self.keep_intermediates = true;
+        self
     }
 
     /// Value heads of another width.
@@ -197,6 +224,13 @@ impl OperatorConfig {
                 "kv_capacity {capacity} is below max_kv_len {}",
                 self.max_kv_len
             )));
+        }
+        if self.keep_intermediates && self.kernel == KernelChoice::Fused {
+            return Err(Error::InvalidConfig(
+                "the fused kernel stores no probabilities to keep: use KernelChoice::Staged \
+                 (or Auto) to read them back"
+                    .into(),
+            ));
         }
         if !self.scale_value().is_finite() {
             return Err(Error::InvalidConfig(format!(

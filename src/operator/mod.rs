@@ -6,6 +6,16 @@
 //! The layer ([`crate::AttentionPlan`]) runs the same core: its projection writes Q, K and V,
 //! the core attends, its output projection reads the heads.
 //!
+//! # Kernels
+//!
+//! The core is the fused kernel (one pass, an online softmax, memory linear in the lengths) or
+//! the staged kernels (scores, softmax, weighted sum through a score matrix
+//! `[batch, heads, q_len, kv_len]` sized for the maxima, which can be read back with
+//! [`OperatorConfig::with_intermediates`] and [`AttentionOp::read_probabilities`]; three
+//! storage buffers per kernel, so they run on downlevel devices). [`OperatorConfig::with_kernel`]
+//! picks; `Auto` takes the fused kernel unless it cannot run on the device or intermediates are
+//! kept. Both compute the same function, checked against [`crate::reference::operator`].
+//!
 //! # Layouts
 //!
 //! With [`QkvLayout::HeadMajor`] (the default):
@@ -34,17 +44,22 @@
 
 mod config;
 mod core;
+mod lengths;
+mod tune;
 
 pub use config::{BiasShape, Lengths, OperatorConfig, OperatorInputs, QkvLayout};
 
-pub(crate) use core::Core;
+use self::core::LengthTable;
+pub(crate) use core::{Core, StagedCore};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::config::KernelChoice;
 use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
-use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
-use crate::kernels::{ChunkTable, MAX_CHUNKS, fold_grid};
+use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, read_f32, scoped, scoped_async};
+use crate::kernels::fused::MAX_HEAD_DIM_V;
+use crate::kernels::{ChunkTable, Kernel, Piece, Pipeline, Work, fold_grid, pad4, submissions};
 use crate::precision::Precision;
 use crate::tensor::{Tensor, unravel};
 
@@ -72,8 +87,20 @@ pub struct OperatorIo<'a> {
 #[derive(Debug)]
 pub struct OperatorBindings {
     op: u64,
-    group: wgpu::BindGroup,
+    /// One per kernel, in dispatch order.
+    groups: Vec<wgpu::BindGroup>,
 }
+
+/// The kernels an operator runs.
+#[derive(Debug)]
+enum Path {
+    Fused(Core),
+    Staged(StagedCore),
+}
+
+/// One step of a call: a kernel's dispatch (its index in the path and its work), or `None` for
+/// the copy of the scores aside before the softmax (intermediates kept).
+type CallStep = Option<(usize, Work)>;
 
 /// The operator's own buffers, for [`AttentionOp::run`].
 #[derive(Debug)]
@@ -109,8 +136,10 @@ pub struct AttentionOp {
     ctx: GpuContext,
     config: OperatorConfig,
     id: u64,
-    core: Core,
+    path: Path,
     chunks: ChunkTable,
+    /// The lengths of the last [`AttentionOp::run`], for reading its probabilities back.
+    last: Option<Lengths>,
     max_per_dim: u32,
     own: OwnIo,
     own_bindings: OperatorBindings,
@@ -130,11 +159,6 @@ impl AttentionOp {
         config.validate()?;
         config.precision.check_device(ctx)?;
         let limits = ctx.limits();
-        crate::kernels::Kernel::Fused(config.geometry().io()).check_storage_buffers(
-            &limits,
-            "; without a key mask or bias the operator binds four (the operator has only the \
-             fused kernel so far)",
-        )?;
         for (name, elements) in config.max_elements() {
             let bytes = elements * config.element_bytes(name);
             let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");
@@ -163,7 +187,25 @@ impl AttentionOp {
             }
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
-        let core = Core::new(ctx, config.geometry(), 0, max_q, max_kv).await?;
+        let geometry = config.geometry();
+        let chosen = choose_kernel(config, &limits)?;
+        if config.precision == Precision::F16 && chosen == KernelChoice::Staged {
+            return Err(Error::StagedF16 {
+                why: if config.kernel == KernelChoice::Staged {
+                    "the operator's staged kernels were chosen".into()
+                } else {
+                    "this operator needs its staged kernels (intermediates kept, value heads \
+                     wider than the fused kernel takes, or a device it does not fit)"
+                        .into()
+                },
+            });
+        }
+        let path = match chosen {
+            KernelChoice::Fused => Path::Fused(Core::new(ctx, geometry, 0, max_q, max_kv).await?),
+            _ => Path::Staged(
+                StagedCore::new(ctx, geometry, 0, max_q, max_kv, config.keep_intermediates).await?,
+            ),
+        };
         let device = ctx.device();
         let own = scoped_async(device, "creating the operator's buffers", || {
             let [q, k, v, out, mask, bias] = config.max_elements().map(|(name, n)| {
@@ -192,10 +234,10 @@ impl AttentionOp {
         })
         .await?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let own_bindings = make_group(
+        let own_bindings = make_groups(
             device,
             id,
-            &core,
+            &path,
             OperatorIo {
                 q: &own.q,
                 k: &own.k,
@@ -210,8 +252,9 @@ impl AttentionOp {
             ctx: ctx.clone(),
             config: config.clone(),
             id,
-            core,
+            path,
             chunks: ctx.kernels().chunks().await?,
+            last: None,
             max_per_dim: limits.max_compute_workgroups_per_dimension,
             own,
             own_bindings,
@@ -221,6 +264,39 @@ impl AttentionOp {
     /// The configuration this operator runs.
     pub fn config(&self) -> &OperatorConfig {
         &self.config
+    }
+
+    /// The fused kernel's tiles this operator runs, as the autotune file writes them; `None`
+    /// on the staged path.
+    pub fn tiles(&self) -> Option<String> {
+        match &self.path {
+            Path::Fused(core) => Some(crate::kernels::tune::tiles_text(&core.tiles)),
+            Path::Staged(_) => None,
+        }
+    }
+
+    /// The shape class `config` tunes as, and the tiles the autotuner would time for it on
+    /// `ctx` (the rule's first), in the autotune file's text: for tests that run each.
+    #[doc(hidden)]
+    pub fn tile_candidates(ctx: &GpuContext, config: &OperatorConfig) -> (String, Vec<String>) {
+        let g = config.geometry();
+        let (q, kv) = (config.max_q_len as u32, config.max_kv_len as u32);
+        (
+            tune::class(&g, q, kv).to_string(),
+            tune::candidates(&g, q, kv, &ctx.limits())
+                .iter()
+                .map(crate::kernels::tune::tiles_text)
+                .collect(),
+        )
+    }
+
+    /// The kernels this operator runs: [`KernelChoice::Fused`] or [`KernelChoice::Staged`]
+    /// (an `Auto` configuration resolved for this device).
+    pub fn kernel(&self) -> KernelChoice {
+        match self.path {
+            Path::Fused(_) => KernelChoice::Fused,
+            Path::Staged(_) => KernelChoice::Staged,
+        }
     }
 
     /// Makes the bind group that ties this operator to an application's buffers, checking
@@ -269,7 +345,7 @@ impl AttentionOp {
                 (false, None) => {}
             }
         }
-        make_group(self.ctx.device(), self.id, &self.core, io).await
+        make_groups(self.ctx.device(), self.id, &self.path, io).await
     }
 
     /// Records one call into `encoder`: `lengths.q_len` queries over `lengths.kv_len` keys,
@@ -300,43 +376,190 @@ impl AttentionOp {
         bindings: &OperatorBindings,
         lengths: Lengths,
     ) -> Result<()> {
+        self.encode_with(encoder, bindings, lengths, None)
+    }
+
+    /// [`AttentionOp::encode`], with the one compute pass it records writing `timestamps`
+    /// (the application's query set and indices), so that an application's own profiler times
+    /// the operator: what `wgpu_profiler`'s `GpuProfilerQuery::compute_pass_timestamp_writes`
+    /// gives can be handed over as it is. Needs a device created with
+    /// `Features::TIMESTAMP_QUERY`; without it, giving timestamps is an error.
+    ///
+    /// ```no_run
+    /// # use wgpu_attention::*;
+    /// # fn demo(device: wgpu::Device, op: AttentionOp, bindings: OperatorBindings,
+    /// #         queries: wgpu::QuerySet, resolve_buffer: wgpu::Buffer) -> Result<(), Error> {
+    /// // `queries`: the application's timestamp query set; `resolve_buffer`: QUERY_RESOLVE.
+    /// let mut encoder = device.create_command_encoder(&Default::default());
+    /// let timestamps = wgpu::ComputePassTimestampWrites {
+    ///     query_set: &queries,
+    ///     beginning_of_pass_write_index: Some(0),
+    ///     end_of_pass_write_index: Some(1),
+    /// };
+    /// let lengths = Lengths { q_len: 1, kv_len: 1337 };
+    /// op.encode_with(&mut encoder, &bindings, lengths, Some(timestamps))?;
+    /// encoder.resolve_query_set(&queries, 0..2, &resolve_buffer, 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn encode_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bindings: &OperatorBindings,
+        lengths: Lengths,
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> Result<()> {
         if bindings.op != self.id {
             return Err(Error::ForeignBindings);
         }
         self.config.check_lengths(lengths)?;
-        let grid = fold_grid(
-            self.core.workgroups(lengths.q_len as u32),
-            self.max_per_dim,
-            "the attention operator",
-        )?;
-        self.record(encoder, &bindings.group, lengths, grid, 0..1);
+        // Checked here: wgpu would report it only as a validation error when the encoder is
+        // finished, far from its cause.
+        if timestamps.is_some() && !self.ctx.has_timestamps() {
+            return Err(Error::InvalidConfig(
+                "timestamp writes need a device created with Features::TIMESTAMP_QUERY, which \
+                 this one was not (GpuContext::has_timestamps is false)"
+                    .into(),
+            ));
+        }
+        let steps = self.call_steps(lengths);
+        let pieces = steps
+            .iter()
+            .enumerate()
+            .map(|(step, s)| {
+                Ok(Piece {
+                    step,
+                    grid: match s {
+                        Some((_, w)) => {
+                            fold_grid(w.workgroups, self.max_per_dim, "the attention operator")?
+                        }
+                        None => [0; 3],
+                    },
+                    chunks: 0..s.is_some() as u32,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.record(
+            encoder,
+            &bindings.groups,
+            lengths,
+            &steps,
+            &pieces,
+            timestamps,
+        );
         Ok(())
     }
 
-    /// Records chunks `chunks` of a call cut into chunks of `grid` workgroups each (see
-    /// `shaders/dispatch.wgsl`), in one compute pass.
+    /// The steps of a call of `lengths`.
+    fn call_steps(&self, lengths: Lengths) -> Vec<CallStep> {
+        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
+        match &self.path {
+            Path::Fused(core) => vec![Some((
+                0,
+                Work {
+                    workgroups: core.workgroups(q_len),
+                    flops: core.geometry.flops(q_len, kv_len),
+                },
+            ))],
+            Path::Staged(core) => {
+                let workgroups = core.workgroups(q_len, kv_len);
+                let flops = core.flops(q_len, kv_len);
+                let mut steps: Vec<CallStep> = (0..3)
+                    .map(|k| {
+                        Some((
+                            k,
+                            Work {
+                                workgroups: workgroups[k],
+                                flops: flops[k],
+                            },
+                        ))
+                    })
+                    .collect();
+                if core.keeps_scores() {
+                    steps.insert(1, None);
+                }
+                steps
+            }
+        }
+    }
+
+    /// Records `pieces` of a call's `steps` (see `shaders/dispatch.wgsl` for chunks): runs of
+    /// dispatches in one compute pass, split where the scores are copied aside.
     fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        group: &wgpu::BindGroup,
+        groups: &[wgpu::BindGroup],
         lengths: Lengths,
-        grid: [u32; 3],
-        chunks: std::ops::Range<u32>,
+        steps: &[CallStep],
+        pieces: &[Piece],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
     ) {
         let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("attention operator"),
-            timestamp_writes: None,
-        });
-        pass.push_debug_group("attention operator");
-        pass.set_pipeline(&self.core.pipeline.pipeline);
-        pass.set_bind_group(0, group, &self.core.offsets(q_len, kv_len));
-        let [x, y, z] = grid;
-        for c in chunks {
-            pass.set_bind_group(1, &self.chunks.group, &[c * self.chunks.stride]);
-            pass.dispatch_workgroups(x, y, z);
+        let (pipelines, offsets) = match &self.path {
+            Path::Fused(core) => (
+                std::slice::from_ref(&core.pipeline),
+                core.offsets(q_len, kv_len),
+            ),
+            Path::Staged(core) => (&core.pipelines[..], core.offsets(q_len, kv_len)),
+        };
+        // The application's timestamps go at the beginning of the first pass and the end of
+        // the last (the staged path with intermediates has two, around the copy of scores).
+        let is_copy = |p: &Piece| steps[p.step].is_none();
+        let last_copy = pieces.iter().rposition(is_copy);
+        let last_dispatch = pieces.iter().rposition(|p| !is_copy(p));
+        let mut first = true;
+        let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        for (i, piece) in pieces.iter().enumerate() {
+            let Some((k, _)) = steps[piece.step] else {
+                drop(pass.take());
+                if let Path::Staged(core) = &self.path {
+                    encoder.copy_buffer_to_buffer(
+                        &core.scores,
+                        0,
+                        &core.probs,
+                        0,
+                        core.call_bytes(q_len, kv_len),
+                    );
+                }
+                continue;
+            };
+            let pass = pass.get_or_insert_with(|| {
+                let last = last_copy.is_none_or(|c| c < i || Some(c) > last_dispatch);
+                let timestamp_writes =
+                    timestamps
+                        .as_ref()
+                        .map(|t| wgpu::ComputePassTimestampWrites {
+                            query_set: t.query_set,
+                            beginning_of_pass_write_index: t
+                                .beginning_of_pass_write_index
+                                .filter(|_| first),
+                            end_of_pass_write_index: t.end_of_pass_write_index.filter(|_| last),
+                        });
+                first = false;
+                encoder
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("attention operator"),
+                        timestamp_writes,
+                    })
+                    .forget_lifetime()
+            });
+            pass.push_debug_group(STAGES[self.kernel_index(k)]);
+            pass.set_pipeline(&pipelines[k].pipeline);
+            pass.set_bind_group(0, &groups[k], &offsets);
+            let [x, y, z] = piece.grid;
+            for c in piece.chunks.clone() {
+                pass.set_bind_group(1, &self.chunks.group, &[c * self.chunks.stride]);
+                pass.dispatch_workgroups(x, y, z);
+            }
+            pass.pop_debug_group();
         }
-        pass.pop_debug_group();
+    }
+
+    /// Kernel `k` of the path as an index into [`STAGES`].
+    fn kernel_index(&self, k: usize) -> usize {
+        match self.path {
+            Path::Fused(_) => 0,
+            Path::Staged(_) => 1 + k,
+        }
     }
 
     /// Uploads `inputs` (in the configuration's layout, lengths read from their shapes), runs
@@ -371,33 +594,28 @@ impl AttentionOp {
             .product::<usize>();
         // Copies move whole 4-byte words: an odd number of f16 outputs takes one more.
         let out_bytes = (out_elements as u64 * p.bytes()).next_multiple_of(4);
-        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
-        let flops = self.core.geometry.flops(q_len, kv_len);
-        let workgroups = self.core.workgroups(q_len);
-        let wanted = (flops / budget).ceil().clamp(1.0, MAX_CHUNKS as f64) as u32;
-        let grid = fold_grid(
-            workgroups.div_ceil(wanted),
-            self.max_per_dim,
-            "a chunk of the attention operator",
-        )?;
-        let per_chunk = grid.iter().product::<u32>();
-        let chunks = workgroups.div_ceil(per_chunk).max(1);
+        let steps = self.call_steps(lengths);
+        let work: Vec<Option<Work>> = steps.iter().map(|s| s.map(|(_, w)| w)).collect();
+        let flops: f64 = work.iter().flatten().map(|w| w.flops).sum();
+        let subs = submissions(&work, 0..work.len(), budget, self.max_per_dim)?;
         let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
-        for c in 0..chunks {
-            let last = c + 1 == chunks;
+        let last_sub = subs.len() - 1;
+        for (n, pieces) in subs.iter().enumerate() {
+            let last = n == last_sub;
             scoped(&device, "running the attention operator", || {
                 let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("attention operator"),
                 });
-                if c == 0 {
+                if n == 0 {
                     self.upload(&mut encoder, inputs);
                 }
                 self.record(
                     &mut encoder,
-                    &self.own_bindings.group,
+                    &self.own_bindings.groups,
                     lengths,
-                    grid,
-                    c..c + 1,
+                    &steps,
+                    pieces,
+                    None,
                 );
                 if last {
                     encoder.copy_buffer_to_buffer(
@@ -409,7 +627,7 @@ impl AttentionOp {
                     );
                 }
                 queue.submit([encoder.finish()]);
-                if c == 0 {
+                if n == 0 {
                     self.own.belt.recall();
                 }
             })?;
@@ -417,6 +635,7 @@ impl AttentionOp {
                 device.poll(wgpu::PollType::wait_indefinitely())?;
             }
         }
+        self.last = Some(lengths);
         let mut data = map_and_read(&device, &self.own.staging, |bytes| {
             p.decode(&bytes[..out_bytes as usize])
         })?;
@@ -447,6 +666,45 @@ impl AttentionOp {
 }
 
 impl AttentionOp {
+    /// The probabilities of the last [`AttentionOp::run`], `[batch, heads, q_len, kv_len]`:
+    /// each query's softmax over the keys, 0 where a key is masked and a row of zeros where
+    /// none is left (as [`crate::reference::operator_probs`]). Needs
+    /// [`OperatorConfig::with_intermediates`], which runs the staged kernels. Allocates a
+    /// read-back buffer: for tests and teaching, not hot loops.
+    pub fn read_probabilities(&self) -> Result<Tensor> {
+        let Path::Staged(core) = &self.path else {
+            return Err(Error::InvalidConfig(
+                "the fused kernel stores no probabilities: build the operator with \
+                 OperatorConfig::with_intermediates()"
+                    .into(),
+            ));
+        };
+        if !self.config.keep_intermediates {
+            return Err(Error::InvalidConfig(
+                "probabilities were not kept: build the operator with \
+                 OperatorConfig::with_intermediates()"
+                    .into(),
+            ));
+        }
+        let Some(lengths) = self.last else {
+            return Err(Error::InvalidConfig(
+                "no call has run yet: read the probabilities after AttentionOp::run".into(),
+            ));
+        };
+        let _device = self.ctx.kernels().exclusive();
+        let all = read_f32(self.ctx.device(), self.ctx.queue(), &core.probs)?;
+        let (q_len, kv_len) = (lengths.q_len, lengths.kv_len);
+        let kvp = pad4(kv_len as u32) as usize;
+        let rows = self.config.batch * self.config.heads * q_len;
+        let data = all
+            .chunks_exact(kvp)
+            .take(rows)
+            .flat_map(|row| &row[..kv_len])
+            .copied()
+            .collect();
+        Tensor::new([self.config.batch, self.config.heads, q_len, kv_len], data)
+    }
+
     /// Records the upload of `inputs` (checked) into the operator's own buffers through its
     /// staging belt; the caller recalls the belt after submitting.
     fn upload(&mut self, encoder: &mut wgpu::CommandEncoder, inputs: &OperatorInputs) {
@@ -536,35 +794,110 @@ impl AttentionOp {
     }
 }
 
-async fn make_group(
+/// The debug group of each kernel, as GPU captures show it.
+const STAGES: [&str; 4] = [
+    "fused attention",
+    "attention scores",
+    "attention softmax",
+    "attention weighted sum",
+];
+
+/// Picks the kernels for `config` on a device with `limits`: as asked, or for `Auto` the fused
+/// kernel unless intermediates are kept or it cannot run here. An explicit fused choice that
+/// cannot run is refused by name.
+fn choose_kernel(config: &OperatorConfig, limits: &wgpu::Limits) -> Result<KernelChoice> {
+    let geometry = config.geometry();
+    let fused_runs = || -> Result<()> {
+        Kernel::Fused(geometry.io()).check_storage_buffers(
+            limits,
+            "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
+        )?;
+        geometry.tiles(config.max_q_len as u32, config.max_kv_len as u32, limits)?;
+        Ok(())
+    };
+    Ok(match config.kernel {
+        KernelChoice::Fused => {
+            fused_runs()?;
+            KernelChoice::Fused
+        }
+        KernelChoice::Staged => KernelChoice::Staged,
+        KernelChoice::Auto
+            if config.keep_intermediates
+                || pad4(geometry.head_dim_v) > MAX_HEAD_DIM_V
+                || fused_runs().is_err() =>
+        {
+            KernelChoice::Staged
+        }
+        KernelChoice::Auto => KernelChoice::Fused,
+    })
+}
+
+/// A bind group per kernel of `path` on `io`.
+async fn make_groups(
     device: &wgpu::Device,
     op: u64,
-    core: &Core,
+    path: &Path,
     io: OperatorIo<'_>,
 ) -> Result<OperatorBindings> {
-    let group = scoped_async(device, "binding the operator's buffers", || {
-        // In binding order; the variant binds a mask and a bias only when the operator has
-        // them (`bind` checked that the buffers match the configuration).
-        let buffers = [&core.params, io.q, io.k, io.v]
-            .into_iter()
-            .chain(io.key_mask)
-            .chain(io.bias)
-            .chain([io.out]);
-        let lengths = [core.lengths.binding(), core.lengths.binding()];
-        let entries: Vec<wgpu::BindGroupEntry> = core
-            .pipeline
-            .kernel
-            .group0()
-            .into_iter()
-            .zip(buffers.map(|b| b.as_entire_binding()).chain(lengths))
-            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-            .collect();
-        device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("attention operator"),
-            layout: &core.pipeline.layout,
-            entries: &entries,
-        })
+    let groups = scoped_async(device, "binding the operator's buffers", || {
+        // Each buffer at its binding in the pipeline's group 0, then the two lengths.
+        let group = |pipeline: &Pipeline, buffers: &[&wgpu::Buffer], lengths: &LengthTable| {
+            let resources = buffers
+                .iter()
+                .map(|b| b.as_entire_binding())
+                .chain([lengths.binding(), lengths.binding()]);
+            let entries: Vec<wgpu::BindGroupEntry> = pipeline
+                .kernel
+                .group0()
+                .into_iter()
+                .zip(resources)
+                .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
+                .collect();
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("attention operator"),
+                layout: &pipeline.layout,
+                entries: &entries,
+            })
+        };
+        match path {
+            Path::Fused(core) => {
+                // The variant binds a mask and a bias only when the operator has them (`bind`
+                // checked that the buffers match the configuration).
+                let buffers: Vec<&wgpu::Buffer> = [&core.params, io.q, io.k, io.v]
+                    .into_iter()
+                    .chain(io.key_mask)
+                    .chain(io.bias)
+                    .chain([io.out])
+                    .collect();
+                vec![group(&core.pipeline, &buffers, &core.lengths)]
+            }
+            Path::Staged(core) => {
+                let [scores, softmax, sum] = &core.pipelines;
+                vec![
+                    group(
+                        scores,
+                        &[&core.params, io.q, io.k, &core.scores],
+                        &core.lengths,
+                    ),
+                    group(
+                        softmax,
+                        &[
+                            &core.params,
+                            io.key_mask.unwrap_or(&core.absent),
+                            io.bias.unwrap_or(&core.absent),
+                            &core.probs,
+                        ],
+                        &core.lengths,
+                    ),
+                    group(
+                        sum,
+                        &[&core.params, &core.probs, io.v, io.out],
+                        &core.lengths,
+                    ),
+                ]
+            }
+        }
     })
     .await?;
-    Ok(OperatorBindings { op, group })
+    Ok(OperatorBindings { op, groups })
 }

@@ -1,9 +1,9 @@
 //! Every buffer a plan owns, by name: the packed weights and the intermediates the kernels pass
-//! between them, and the input, mask, output and read-back buffers that [`super::AttentionPlan::run`]
+//! between them (but the attention core's own: its score matrix, parameters and lengths), and the input, mask, output and read-back buffers that [`super::AttentionPlan::run`]
 //! uses in place of an application's.
 
 use super::pack::{pack_out, pack_qkv};
-use crate::config::{AttentionConfig, KernelChoice};
+use crate::config::AttentionConfig;
 use crate::gpu::{STORAGE, buffer, init_bytes};
 use crate::kernels::Layout;
 use crate::precision::Precision;
@@ -20,9 +20,6 @@ pub(super) struct PlanBuffers {
     pub w_o: Option<(wgpu::Buffer, wgpu::Buffer)>,
     /// Q, K and V, head-major, one after the other.
     pub qkv: wgpu::Buffer,
-    /// The staged path's score matrix and its probabilities: two buffers when intermediates
-    /// are kept, else the same buffer twice (the softmax runs in place). `None` when fused.
-    pub scores: Option<(wgpu::Buffer, wgpu::Buffer)>,
     /// The concatenated heads, when an output projection follows them.
     pub attention: Option<wgpu::Buffer>,
 }
@@ -46,15 +43,6 @@ impl PlanBuffers {
             let (w, b) = pack_out(l, w_o, weights.b_o.as_ref());
             (store("w_o", &w), store("b_o", &b))
         });
-        let scores = (l.kernel == KernelChoice::Staged).then(|| {
-            let scores = buffer(device, "scores", l.scores_len * 4, STORAGE);
-            let probs = if config.keep_intermediates {
-                buffer(device, "probs", l.scores_len * 4, STORAGE)
-            } else {
-                scores.clone()
-            };
-            (scores, probs)
-        });
         let attention = config.output_projection.map(|_| {
             let len = l.tokens() * (l.heads * l.head_dim_v) as u64;
             buffer(device, "attention", len * p.bytes(), STORAGE)
@@ -64,7 +52,6 @@ impl PlanBuffers {
             b_qkv: store("b_qkv", &b),
             w_o,
             qkv: buffer(device, "qkv", l.qkv_len * p.bytes(), STORAGE),
-            scores,
             attention,
         }
     }
@@ -74,12 +61,6 @@ impl PlanBuffers {
         let mut all = vec![&self.w_qkv, &self.b_qkv, &self.qkv];
         if let Some((w, b)) = &self.w_o {
             all.extend([w, b]);
-        }
-        if let Some((scores, probs)) = &self.scores {
-            all.push(scores);
-            if probs != scores {
-                all.push(probs);
-            }
         }
         all.extend(&self.attention);
         all

@@ -95,6 +95,9 @@ pub struct AttentionPlan {
     layout: Layout,
     id: u64,
     bufs: PlanBuffers,
+    /// The staged path's score matrix and its probabilities: two buffers when intermediates
+    /// are kept, else the same buffer twice (the softmax runs in place). `None` when fused.
+    scores: Option<(wgpu::Buffer, wgpu::Buffer)>,
     steps: Vec<Step>,
     /// Every step whole, as [`AttentionPlan::encode`] records them (made once, so that
     /// encoding allocates nothing).
@@ -180,7 +183,7 @@ impl AttentionPlan {
             )
         })
         .await?;
-        let steps = steps::build(ctx, config, &layout, &bufs).await?;
+        let (steps, scores) = steps::build(ctx, config, &layout, &bufs).await?;
         let chunks = ctx.kernels().chunks().await?;
         let own_bindings = make_bindings(
             device,
@@ -193,10 +196,18 @@ impl AttentionPlan {
         let memory_bytes = {
             let mut all: Vec<&wgpu::Buffer> = bufs.all();
             all.extend(own.all());
+            if let Some((s, p)) = &scores {
+                all.push(s);
+                all.push(p);
+            }
             all.extend(steps.iter().filter_map(|s| match s {
                 Step::Dispatch(d) => Some(&d.params),
                 Step::Copy { .. } => None,
             }));
+            // The staged kernels share one parameter buffer; in place, scores and
+            // probabilities are one buffer.
+            all.sort();
+            all.dedup();
             all.iter().map(|b| b.size()).sum()
         };
         Ok(AttentionPlan {
@@ -205,6 +216,7 @@ impl AttentionPlan {
             layout,
             id: own_bindings.plan,
             bufs,
+            scores,
             whole: steps::whole(&steps),
             steps,
             chunks,
@@ -448,21 +460,13 @@ impl AttentionPlan {
             return Err(Error::NonFiniteOutput {
                 index: Shape(unravel(&shape, at)),
                 value: data[at],
-                hint: match self.layout.kernel {
-                    _ if self.config.precision == Precision::F16 => {
-                        "with f16 storage, Q, K, V and the outputs must stay within f16's \
-                         range (65504); the arithmetic is f32. Scale the inputs or weights \
-                         down, or use f32 precision"
-                    }
-                    KernelChoice::Staged => {
-                        "the staged path stores scale · Q Kᵀ in f32, so a scale or inputs this \
-                         large overflow it; the fused kernel (KernelChoice::Fused) applies the \
-                         scale only after subtracting each row's maximum"
-                    }
-                    _ => {
-                        "a product of the inputs and weights passed f32's range (3.4e38): scale \
-                         the inputs or weights down"
-                    }
+                hint: if self.config.precision == Precision::F16 {
+                    "with f16 storage, Q, K, V and the outputs must stay within f16's range \
+                     (65504); the arithmetic is f32. Scale the inputs or weights down, or use \
+                     f32 precision"
+                } else {
+                    "a product of the inputs and weights passed f32's range (3.4e38): scale the \
+                     inputs or weights down"
                 }
                 .into(),
             });
@@ -594,10 +598,22 @@ impl AttentionPlan {
         let k = pack::unpad_rows(&qkv[rows * dp..2 * rows * dp], dp, dk);
         let v = pack::unpad_rows(&qkv[2 * rows * dp..], dvp, dv);
         // keep_intermediates always resolves to the staged path, which has score buffers.
-        let (scores, probs) = self.bufs.scores.as_ref().ok_or_else(|| {
+        let (scores, probs) = self.scores.as_ref().ok_or_else(|| {
             Error::InvalidConfig("the fused kernel stores no scores or probabilities".into())
         })?;
-        let scores = pack::unpad_rows(&read(scores)?, l.seq_pad as usize, n);
+        // The score kernel stores Q Kᵀ unscaled (the softmax scales after subtracting each
+        // row's maximum, so no scale overflows); shown here as the reference defines them:
+        // scaled, and -inf where a key is masked.
+        let mut scores = pack::unpad_rows(&read(scores)?, l.seq_pad as usize, n);
+        for (at, s) in scores.iter_mut().enumerate() {
+            let (j, i, bi) = (at % n, at / n % n, at / (n * n * h));
+            let padded = l.has_mask && self.own.mask_words[bi * n + j] == 0;
+            *s = if (l.causal && j > i) || padded {
+                f32::NEG_INFINITY
+            } else {
+                l.scale * *s
+            };
+        }
         let probs = pack::unpad_rows(&read(probs)?, l.seq_pad as usize, n);
         let output = read(&self.own.output)?;
         let attention = match &self.bufs.attention {

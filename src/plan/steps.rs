@@ -1,18 +1,15 @@
 //! The plan's step graph (which dispatches and copies run, on which buffers) and how it is
 //! recorded: whole into an application's encoder, or cut into submissions of bounded work.
 
-use std::ops::Range;
-
 use super::buffers::PlanBuffers;
-use crate::config::AttentionConfig;
+use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::gpu::{init_uniform, scoped_async};
 use crate::kernels::fused::FusedGeometry;
-use crate::kernels::{
-    self, ChunkTable, DispatchSpec, Layout, MAX_CHUNKS, Pipeline, fold_grid, gemm,
-};
-use crate::operator::Core;
+use crate::kernels::{ChunkTable, DispatchSpec, Layout, Pipeline, fold_grid, gemm};
+pub(super) use crate::kernels::{Piece, Work, submissions};
+use crate::operator::{Core, StagedCore};
 use crate::stage::Stage;
 
 /// A buffer a dispatch binds, resolved when bind groups are made: the caller's input, mask or
@@ -66,21 +63,6 @@ impl Step {
     }
 }
 
-/// A dispatch's size, for cutting it into submissions.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(super) struct Work {
-    pub workgroups: u32,
-    pub flops: f64,
-}
-
-/// Part of a step: a copy, or chunks `chunks` of a dispatch recorded with grid `grid`.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct Piece {
-    pub step: usize,
-    pub grid: [u32; 3],
-    pub chunks: Range<u32>,
-}
-
 /// Where to write timestamps: at the beginning of the first compute pass recorded and at the
 /// end of the last, so that what is timed is the whole stream as it runs.
 #[derive(Debug, Clone, Copy)]
@@ -91,13 +73,13 @@ pub(super) struct Stamps<'a> {
 }
 
 /// Every dispatch of the plan, in order: the projection, the attention (staged or fused), the
-/// output projection.
+/// output projection; and the staged path's (scores, probabilities) buffers.
 pub(super) async fn build(
     ctx: &GpuContext,
     config: &AttentionConfig,
     l: &Layout,
     bufs: &PlanBuffers,
-) -> Result<Vec<Step>> {
+) -> Result<(Vec<Step>, Option<(wgpu::Buffer, wgpu::Buffer)>)> {
     let limits = ctx.limits();
     let own = |b: &wgpu::Buffer| Res::Own(b.clone());
     let dispatch = async |stage: Stage, spec: DispatchSpec, resources: Vec<Res>| -> Result<Step> {
@@ -149,73 +131,81 @@ pub(super) async fn build(
         )
         .await?,
     ];
-    match &bufs.scores {
-        None => {
-            // The operator's core, on the qkv buffer the projection wrote: one attention
-            // kernel for the layer and the operator.
-            let core = Core::new(
-                ctx,
-                FusedGeometry::for_layer(l, config.precision),
-                l.seq,
-                l.seq,
-                l.seq,
-            )
-            .await?;
-            let workgroups = core.workgroups(l.seq);
-            let lengths = || Res::Lengths(core.lengths.buffer.clone());
-            steps.push(Step::Dispatch(Dispatch {
-                stage: Stage::FusedAttention,
-                pipeline: core.pipeline.clone(),
-                params: core.params.clone(),
+    let geometry = FusedGeometry::for_layer(l, config.precision);
+    let mut scores = None;
+    if l.kernel == KernelChoice::Fused {
+        // The operator's core, on the qkv buffer the projection wrote: one attention
+        // kernel for the layer and the operator.
+        let core = Core::new(ctx, geometry, l.seq, l.seq, l.seq).await?;
+        let workgroups = core.workgroups(l.seq);
+        let lengths = || Res::Lengths(core.lengths.buffer.clone());
+        steps.push(Step::Dispatch(Dispatch {
+            stage: Stage::FusedAttention,
+            pipeline: core.pipeline.clone(),
+            params: core.params.clone(),
+            workgroups,
+            grid: fold_grid(
                 workgroups,
-                grid: fold_grid(
-                    workgroups,
-                    limits.max_compute_workgroups_per_dimension,
-                    Stage::FusedAttention.label(),
-                )?,
-                flops: core.geometry.flops(l.seq, l.seq),
-                // The packed variant: Q, K and V in one binding, a mask only if there is one.
-                resources: [own(&bufs.qkv)]
-                    .into_iter()
-                    .chain(l.has_mask.then_some(Res::KeyMask))
-                    .chain([heads_out(), lengths(), lengths()])
-                    .collect(),
-                offsets: core.offsets(l.seq, l.seq).to_vec(),
-            }));
-        }
-        Some((scores, probs)) => {
-            steps.push(
-                dispatch(
-                    Stage::Scores,
-                    kernels::scores::spec(l, &limits),
-                    vec![own(&bufs.qkv), Res::KeyMask, own(scores)],
-                )
-                .await?,
-            );
-            if config.keep_intermediates {
+                limits.max_compute_workgroups_per_dimension,
+                Stage::FusedAttention.label(),
+            )?,
+            flops: core.geometry.flops(l.seq, l.seq),
+            // The packed variant: Q, K and V in one binding, a mask only if there is one.
+            resources: [own(&bufs.qkv)]
+                .into_iter()
+                .chain(l.has_mask.then_some(Res::KeyMask))
+                .chain([heads_out(), lengths(), lengths()])
+                .collect(),
+            offsets: core.offsets(l.seq, l.seq).to_vec(),
+        }));
+    } else {
+        // The operator's staged core, on the same qkv buffer: its three kernels, with the
+        // scores copied aside before the softmax overwrites them when they are to be read.
+        let core = StagedCore::new(
+            ctx,
+            geometry,
+            l.seq,
+            l.seq,
+            l.seq,
+            config.keep_intermediates,
+        )
+        .await?;
+        let workgroups = core.workgroups(l.seq, l.seq);
+        let flops = core.flops(l.seq, l.seq);
+        let offsets = core.offsets(l.seq, l.seq).to_vec();
+        let lengths = || Res::Lengths(core.lengths.buffer.clone());
+        let stages = [Stage::Scores, Stage::Softmax, Stage::WeightedSum];
+        let resources = [
+            [own(&bufs.qkv), own(&bufs.qkv), own(&core.scores)],
+            [Res::KeyMask, own(&core.absent), own(&core.probs)],
+            [own(&core.probs), own(&bufs.qkv), heads_out()],
+        ];
+        for (k, resources) in resources.into_iter().enumerate() {
+            if k == 1 && core.keeps_scores() {
                 steps.push(Step::Copy {
-                    from: scores.clone(),
-                    to: probs.clone(),
-                    bytes: scores.size(),
+                    from: core.scores.clone(),
+                    to: core.probs.clone(),
+                    bytes: core.call_bytes(l.seq, l.seq),
                 });
             }
-            steps.push(
-                dispatch(
-                    Stage::Softmax,
-                    kernels::softmax::spec(l, &limits),
-                    vec![Res::KeyMask, own(probs)],
-                )
-                .await?,
-            );
-            steps.push(
-                dispatch(
-                    Stage::WeightedSum,
-                    kernels::weighted_sum::spec(l, &limits),
-                    vec![own(probs), own(&bufs.qkv), heads_out()],
-                )
-                .await?,
-            );
+            let mut resources = resources.to_vec();
+            resources.extend([lengths(), lengths()]);
+            steps.push(Step::Dispatch(Dispatch {
+                stage: stages[k],
+                pipeline: core.pipelines[k].clone(),
+                params: core.params.clone(),
+                workgroups: workgroups[k],
+                grid: fold_grid(
+                    workgroups[k],
+                    limits.max_compute_workgroups_per_dimension,
+                    stages[k].label(),
+                )?,
+                flops: flops[k],
+                resources,
+                offsets: offsets.clone(),
+            }));
         }
+        scores = Some((core.scores.clone(), core.probs.clone()));
     }
     if let (Some(a), Some((w_o, b_o))) = (&bufs.attention, &bufs.w_o) {
         steps.push(
@@ -237,7 +227,7 @@ pub(super) async fn build(
             .await?,
         );
     }
-    Ok(steps)
+    Ok((steps, scores))
 }
 
 /// Each step whole: what [`super::AttentionPlan::encode`] records.
@@ -258,60 +248,6 @@ pub(super) fn whole(steps: &[Step]) -> Vec<Piece> {
             },
         })
         .collect()
-}
-
-/// The steps `range` cut into submissions of at most about `budget` FLOPs each: a dispatch
-/// with more work than that is split into chunks of the same grid (see
-/// `shaders/dispatch.wgsl`), and consecutive pieces share a submission while they fit.
-///
-/// Why: a submission is one uninterrupted call for some backends. OpenGL's context is locked
-/// for a whole submission, so a second thread using the same device gives up after a few
-/// seconds, and OS and browser watchdogs reset a GPU whose submission runs for seconds.
-pub(super) fn submissions(
-    steps: &[Option<Work>],
-    range: Range<usize>,
-    budget: f64,
-    max_per_dim: u32,
-) -> Result<Vec<Vec<Piece>>> {
-    let mut subs: Vec<Vec<Piece>> = vec![Vec::new()];
-    let mut used = 0.0;
-    for (i, step) in steps.iter().enumerate().take(range.end).skip(range.start) {
-        let Some(d) = step else {
-            subs.last_mut().expect("one submission").push(Piece {
-                step: i,
-                grid: [0; 3],
-                chunks: 0..0,
-            });
-            continue;
-        };
-        let wanted = (d.flops / budget).ceil().clamp(1.0, MAX_CHUNKS as f64) as u32;
-        let grid = fold_grid(
-            d.workgroups.div_ceil(wanted),
-            max_per_dim,
-            "a dispatch chunk",
-        )?;
-        let per_chunk = grid.iter().map(|&g| g as u64).product::<u64>();
-        let chunks = (d.workgroups as u64).div_ceil(per_chunk).max(1) as u32;
-        let flops = d.flops / chunks as f64;
-        for c in 0..chunks {
-            if used > 0.0 && used + flops > budget {
-                subs.push(Vec::new());
-                used = 0.0;
-            }
-            used += flops;
-            let sub = subs.last_mut().expect("one submission");
-            match sub.last_mut() {
-                Some(p) if p.step == i && p.chunks.end == c => p.chunks.end = c + 1,
-                _ => sub.push(Piece {
-                    step: i,
-                    grid,
-                    chunks: c..c + 1,
-                }),
-            }
-        }
-    }
-    subs.retain(|s| !s.is_empty());
-    Ok(subs)
 }
 
 /// Records `pieces` into `encoder`: runs of dispatches share one compute pass (wgpu orders
@@ -367,97 +303,4 @@ pub(super) fn record(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn dispatch(workgroups: u32, flops: f64) -> Option<Work> {
-        Some(Work { workgroups, flops })
-    }
-
-    /// Every workgroup of every step is dispatched exactly once, in step order, and no
-    /// submission holds more than the budget unless it is a single chunk.
-    fn check(steps: &[Option<Work>], budget: f64, max: u32) -> Vec<Vec<Piece>> {
-        let subs = submissions(steps, 0..steps.len(), budget, max).unwrap();
-        let pieces: Vec<&Piece> = subs.iter().flatten().collect();
-        for (i, step) in steps.iter().enumerate() {
-            let mine: Vec<&&Piece> = pieces.iter().filter(|p| p.step == i).collect();
-            let Some(w) = step else {
-                assert_eq!(mine.len(), 1, "copy {i} once");
-                continue;
-            };
-            let mut next = 0;
-            for p in &mine {
-                assert_eq!(p.chunks.start, next, "chunks of step {i} in order");
-                next = p.chunks.end;
-            }
-            let per = mine[0].grid.iter().map(|&g| g as u64).product::<u64>();
-            assert!(mine.iter().all(|p| p.grid == mine[0].grid));
-            let covered = next as u64 * per;
-            assert!(covered >= w.workgroups as u64, "step {i} not covered");
-            assert!(
-                covered - per < w.workgroups as u64,
-                "step {i}: an empty chunk"
-            );
-        }
-        let order: Vec<usize> = pieces.iter().map(|p| p.step).collect();
-        assert!(order.is_sorted(), "{order:?}");
-        for sub in &subs {
-            let flops: f64 = sub
-                .iter()
-                .map(|p| match steps[p.step] {
-                    Some(w) => {
-                        let n = pieces
-                            .iter()
-                            .filter(|q| q.step == p.step)
-                            .map(|q| q.chunks.len())
-                            .sum::<usize>();
-                        w.flops * p.chunks.len() as f64 / n as f64
-                    }
-                    None => 0.0,
-                })
-                .sum();
-            let single = sub.iter().map(|p| p.chunks.len()).sum::<usize>() <= 1;
-            assert!(flops <= budget * 1.000001 || single, "{flops} > {budget}");
-        }
-        subs
-    }
-
-    #[test]
-    fn small_work_is_one_submission_of_whole_dispatches() {
-        let steps = [
-            dispatch(10, 1e6),
-            None,
-            dispatch(300, 2e6),
-            dispatch(7, 1e3),
-        ];
-        let subs = check(&steps, 1e9, 65535);
-        assert_eq!(subs.len(), 1);
-        assert!(subs[0].iter().all(|p| p.chunks.len() <= 1));
-    }
-
-    #[test]
-    fn large_dispatches_split_into_chunks_within_the_budget() {
-        let steps = [dispatch(64, 1e8), dispatch(4096, 8.6e9), dispatch(64, 1e8)];
-        let subs = check(&steps, 1e9, 65535);
-        assert!(subs.len() >= 9, "{}", subs.len());
-        let chunks: usize = subs
-            .iter()
-            .flatten()
-            .filter(|p| p.step == 1)
-            .map(|p| p.chunks.len())
-            .sum();
-        assert_eq!(chunks, 9);
-    }
-
-    #[test]
-    fn chunking_respects_folded_grids_and_the_chunk_limit() {
-        check(&[dispatch(70000, 1e12)], 1e9, 100);
-        let subs = check(&[dispatch(5_000_000, 1e15)], 1e6, 65535);
-        let chunks: usize = subs.iter().flatten().map(|p| p.chunks.len()).sum();
-        assert!(chunks <= MAX_CHUNKS as usize);
-        check(&[dispatch(3, 1e12), None], 1.0, 65535);
-    }
 }

@@ -4,7 +4,7 @@
 use super::*;
 
 /// f32's unit roundoff: the largest relative error of one rounding to nearest, `2^-24`.
-pub(super) const UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
+const UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
 
 /// How many "standard deviations" of rounding error the bound allows; see [`gamma`].
 const LAMBDA: f64 = 6.0;
@@ -17,7 +17,7 @@ const LAMBDA: f64 = 6.0;
 /// Analysis*, SIAM J. Sci. Comput. 41(5), 2019). The worst case is useless as a check: for a
 /// BERT-sized layer it allows errors of 8 on outputs of 70, so that a 1% error in the scale
 /// passes.
-pub(super) fn gamma(n: usize) -> f64 {
+fn gamma(n: usize) -> f64 {
     LAMBDA * (n as f64).sqrt() * UNIT_ROUNDOFF
 }
 
@@ -129,84 +129,11 @@ impl Layer<'_> {
             own[j] = scale * (by_key.sqrt() + g_dot * terms);
             from_query[j] = scale * by_query.sqrt();
         }
-        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        if max == f64::NEG_INFINITY {
-            // Nothing to attend: the kernels write exact zeros.
-            return Bounded {
-                value: vec![0.0; dv],
-                error: vec![0.0; dv],
-                shared: vec![0.0; dv],
-            };
-        }
-        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-        let sum: f64 = weights.iter().sum();
-        let probs: Vec<f64> = weights.iter().map(|w| w / sum).collect();
-        let rescales = n.div_ceil(8);
-        let g_normalise = gamma(n + 2 * rescales + 4);
-        // Per weight, in the worst case: the subtraction of the max and exp, whose ULP is 2u
-        // and whose exp2 domain stretches the distance to the max by log2 e < 1.5.
-        let rounding = |j: usize| UNIT_ROUNDOFF * (16.0 + 10.0 * (max - scores[j]));
-        let attended: Vec<usize> = (0..n).filter(|&j| probs[j] != 0.0).collect();
-        let mut value = vec![0.0; dv];
-        let mut carried = vec![0.0; dv];
-        let mut terms = vec![0.0; dv];
-        for &j in &attended {
-            let (p, v) = (probs[j], &values[j]);
-            for d in 0..dv {
-                value[d] += p * v.value[d];
-                carried[d] += (p * v.error[d]).powi(2);
-                terms[d] += p * (v.value[d].abs() + v.error[d]);
-            }
-        }
-        let largest = attended
-            .iter()
-            .map(|&j| own[j] + from_query[j] + rounding(j))
-            .fold(0.0, f64::max);
-        let mut shared = vec![0.0; dv];
-        if largest <= 0.1 {
-            let mut independent = vec![0.0; dv];
-            for &j in &attended {
-                let (p, v) = (probs[j], &values[j]);
-                let (own, linear) = (own[j].exp_m1(), (from_query[j] + rounding(j)).exp_m1());
-                for d in 0..dv {
-                    let spread = (v.value[d] - value[d]).abs() + v.error[d];
-                    independent[d] += (p * own * spread).powi(2);
-                    shared[d] += p * linear * spread;
-                }
-            }
-            for d in 0..dv {
-                shared[d] += independent[d].sqrt() + g_normalise * terms[d];
-            }
-        } else {
-            // Far from first order: |Δ ln p_j| <= e_j + max_l e_l, every term counted.
-            for &j in &attended {
-                let moved =
-                    (own[j] + from_query[j] + rounding(j) + largest + 2.0 * g_normalise).exp_m1();
-                let v = &values[j];
-                for ((s, value), error) in shared.iter_mut().zip(&v.value).zip(&v.error) {
-                    *s += probs[j] * moved * (value.abs() + error);
-                }
-            }
-        }
-        // Exact and computed outputs both average the attended values: they can differ by no
-        // more than the values' spread, however far the weights move.
-        for (d, s) in shared.iter_mut().enumerate() {
-            let (lo, hi) = attended.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &j| {
-                let (v, e) = (values[j].value[d], values[j].error[d]);
-                (lo.min(v - e), hi.max(v + e))
-            });
-            *s = s.min(hi - lo);
-        }
-        let g_sum = gamma(n + rescales + 1);
-        let error = (0..dv)
-            .map(|d| carried[d].sqrt() + g_sum * terms[d])
-            .collect();
+        let o = attend_scores_bounded(&scores, &own, &from_query, values, dv);
         // The kernel stores its output row: rounded once more in f16 storage.
-        let error = self.stored(&value, error);
         Bounded {
-            value,
-            error,
-            shared,
+            error: self.stored(&o.value, o.error),
+            ..o
         }
     }
 
@@ -244,6 +171,97 @@ impl Layer<'_> {
                 (value[c], independent + shared + g * (terms + bias) + stored)
             })
             .collect()
+    }
+}
+
+/// The softmax of one query's `scores` (`-inf`: masked) and its weighted sum of `values`,
+/// with a bound on the error of an f32 computation of it, given each score's error from its
+/// own key and rounding (`own`, independent between keys) and from the query (`from_query`,
+/// shared by every key); see [`Layer::attend_bounded`] for the analysis.
+fn attend_scores_bounded(
+    scores: &[f64],
+    own: &[f64],
+    from_query: &[f64],
+    values: &[Bounded],
+    dv: usize,
+) -> Bounded {
+    let n = scores.len();
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        // Nothing to attend: the kernels write exact zeros.
+        return Bounded {
+            value: vec![0.0; dv],
+            error: vec![0.0; dv],
+            shared: vec![0.0; dv],
+        };
+    }
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let sum: f64 = weights.iter().sum();
+    let probs: Vec<f64> = weights.iter().map(|w| w / sum).collect();
+    let rescales = n.div_ceil(8);
+    let g_normalise = gamma(n + 2 * rescales + 4);
+    // Per weight, in the worst case: the subtraction of the max and exp, whose ULP is 2u
+    // and whose exp2 domain stretches the distance to the max by log2 e < 1.5.
+    let rounding = |j: usize| UNIT_ROUNDOFF * (16.0 + 10.0 * (max - scores[j]));
+    let attended: Vec<usize> = (0..n).filter(|&j| probs[j] != 0.0).collect();
+    let mut value = vec![0.0; dv];
+    let mut carried = vec![0.0; dv];
+    let mut terms = vec![0.0; dv];
+    for &j in &attended {
+        let (p, v) = (probs[j], &values[j]);
+        for d in 0..dv {
+            value[d] += p * v.value[d];
+            carried[d] += (p * v.error[d]).powi(2);
+            terms[d] += p * (v.value[d].abs() + v.error[d]);
+        }
+    }
+    let largest = attended
+        .iter()
+        .map(|&j| own[j] + from_query[j] + rounding(j))
+        .fold(0.0, f64::max);
+    let mut shared = vec![0.0; dv];
+    if largest <= 0.1 {
+        let mut independent = vec![0.0; dv];
+        for &j in &attended {
+            let (p, v) = (probs[j], &values[j]);
+            let (own, linear) = (own[j].exp_m1(), (from_query[j] + rounding(j)).exp_m1());
+            for d in 0..dv {
+                let spread = (v.value[d] - value[d]).abs() + v.error[d];
+                independent[d] += (p * own * spread).powi(2);
+                shared[d] += p * linear * spread;
+            }
+        }
+        for d in 0..dv {
+            shared[d] += independent[d].sqrt() + g_normalise * terms[d];
+        }
+    } else {
+        // Far from first order: |Δ ln p_j| <= e_j + max_l e_l, every term counted.
+        for &j in &attended {
+            let moved =
+                (own[j] + from_query[j] + rounding(j) + largest + 2.0 * g_normalise).exp_m1();
+            let v = &values[j];
+            for ((s, value), error) in shared.iter_mut().zip(&v.value).zip(&v.error) {
+                *s += probs[j] * moved * (value.abs() + error);
+            }
+        }
+    }
+    // Exact and computed outputs both average the attended values: they can differ by no
+    // more than the values' spread, however far the weights move.
+    for (d, s) in shared.iter_mut().enumerate() {
+        let (lo, hi) = attended.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &j| {
+            let (v, e) = (values[j].value[d], values[j].error[d]);
+            (lo.min(v - e), hi.max(v + e))
+        });
+        *s = s.min(hi - lo);
+    }
+    let g_sum = gamma(n + rescales + 1);
+    let error = (0..dv)
+        .map(|d| carried[d].sqrt() + g_sum * terms[d])
+        .collect();
+    Bounded {
+        value,
+        error,
+        shared,
     }
 }
 
@@ -358,4 +376,118 @@ pub fn error_bound(
         .flatten()
         .collect();
     Tensor::new(config.output_shape().to_vec(), data)
+}
+
+/// The bound of [`error_bound`] for the attention operator ([`crate::AttentionOp`]), shaped
+/// like its output: per element, how far a correct f32 computation from these (exact) f32
+/// inputs can be from [`super::operator`]'s f32-rounded output. The same analysis as the
+/// layer's, with no projection before or after: each score's error is its dot product's
+/// rounding (`γ(head_dim + 2)` of its absolute terms) and that of the scale and bias
+/// (`γ(2)` of their sizes), carried through the softmax and the weighted sum. With
+/// [`crate::Precision::F16`] storage the inputs are Q, K and V rounded to f16 (as
+/// [`super::operator`] takes them) and the output's store adds one f16 ulp, `2^-10` of its
+/// magnitude ([`crate::precision::F16_STORE_ERROR`]), or `2^-24` below f16's normal range.
+///
+/// ```
+/// use wgpu_attention::{compare_bounded, reference, OperatorConfig, OperatorInputs, Tensor};
+/// // One head of width 1: a query over keys 1 and 2 with values 5 and 20.
+/// let config = OperatorConfig::new(1, 1, 1, 1, 1, 2).with_scale(1.0);
+/// let t = |len: usize, v: Vec<f32>| Tensor::new([1, 1, len, 1], v).unwrap();
+/// let inputs = OperatorInputs::new(t(1, vec![0.25]), t(2, vec![1.0, 2.0]), t(2, vec![5.0, 20.0]));
+/// let exact = reference::operator(&config, &inputs).unwrap();
+/// let bound = reference::operator_error_bound(&config, &inputs).unwrap();
+/// assert!(compare_bounded(&exact, &exact, &bound).unwrap().passed());
+/// assert!(bound.data()[0] > 1e-7 && bound.data()[0] < 1e-4, "{:?}", bound.data());
+/// let wrong = Tensor::new([1, 1, 1, 1], vec![exact.data()[0] + 2.0 * bound.data()[0]]).unwrap();
+/// assert!(!compare_bounded(&wrong, &exact, &bound).unwrap().passed());
+/// ```
+pub fn operator_error_bound(
+    config: &crate::operator::OperatorConfig,
+    inputs: &crate::operator::OperatorInputs,
+) -> Result<Tensor> {
+    use crate::operator::QkvLayout;
+    let lengths = inputs.validate(config)?;
+    let (nq, nk) = (lengths.q_len, lengths.kv_len);
+    let (batch, heads, kv_heads) = (config.batch, config.heads, config.kv_heads);
+    let (d, dv) = (config.head_dim, config.head_dim_v);
+    let group = heads / kv_heads;
+    let scale = config.scale_value() as f64;
+    let (g_dot, g_logit) = (gamma(d + 2), gamma(2));
+    let at = |hs: usize, len: usize, w: usize, b: usize, h: usize, t: usize, c: usize| match config
+        .layout
+    {
+        QkvLayout::HeadMajor => ((b * hs + h) * len + t) * w + c,
+        QkvLayout::TokenMajor => (b * len + t) * hs * w + h * w + c,
+    };
+    let (q, k, v) = super::operator::stored_qkv(config, inputs)?;
+    let (q, k, v) = (&q[..], &k[..], &v[..]);
+    // Flushed subnormals cost at most the smallest normal per operation.
+    let floor = (d + nk + dv + 16) as f64 * f32::MIN_POSITIVE as f64;
+    // The output's store in f16: one f16 ulp (WGSL may round either way), or one subnormal
+    // step below f16's normal range.
+    let (store_u, store_floor) = match config.precision {
+        crate::Precision::F32 => (0.0, 0.0),
+        crate::Precision::F16 => (crate::precision::F16_STORE_ERROR, 2f64.powi(-24)),
+    };
+    let mut out = vec![0f32; batch * heads * nq * dv];
+    for b in 0..batch {
+        for kh in 0..kv_heads {
+            let values: Vec<Bounded> = (0..nk)
+                .map(|j| Bounded {
+                    value: (0..dv)
+                        .map(|c| v[at(kv_heads, nk, dv, b, kh, j, c)] as f64)
+                        .collect(),
+                    error: vec![0.0; dv],
+                    shared: vec![0.0; dv],
+                })
+                .collect();
+            for h in kh * group..(kh + 1) * group {
+                for i in 0..nq {
+                    let mut scores = vec![f64::NEG_INFINITY; nk];
+                    let mut own = vec![0.0; nk];
+                    for j in 0..nk {
+                        let causal_ok = !config.causal || j + nq <= i + nk;
+                        let mask_ok = inputs
+                            .key_mask
+                            .as_ref()
+                            .is_none_or(|m| m.data()[b * nk + j] != 0.0);
+                        if !(causal_ok && mask_ok) {
+                            continue;
+                        }
+                        let (mut dot, mut terms) = (0.0, 0.0);
+                        for c in 0..d {
+                            let x = q[at(heads, nq, d, b, h, i, c)] as f64
+                                * k[at(kv_heads, nk, d, b, kh, j, c)] as f64;
+                            dot += x;
+                            terms += x.abs();
+                        }
+                        let bias = match (&inputs.bias, config.bias) {
+                            (Some(t), Some(s)) => {
+                                let [bb, hb] = s.dims(batch, heads);
+                                let (bi, hi) = (b.min(bb - 1), h.min(hb - 1));
+                                t.data()[((bi * hb + hi) * nq + i) * nk + j] as f64
+                            }
+                            _ => 0.0,
+                        };
+                        if bias == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        scores[j] = scale * dot + bias;
+                        own[j] = scale.abs() * g_dot * terms
+                            + g_logit * ((scale * dot).abs() + bias.abs());
+                    }
+                    let o = attend_scores_bounded(&scores, &own, &vec![0.0; nk], &values, dv);
+                    for c in 0..dv {
+                        let bound = o.error[c]
+                            + o.shared[c]
+                            + (UNIT_ROUNDOFF + store_u) * o.value[c].abs()
+                            + store_floor;
+                        // Rounded up, so the f32 bound never falls below the f64 one.
+                        out[at(heads, nq, dv, b, h, i, c)] = ((bound + floor) as f32).next_up();
+                    }
+                }
+            }
+        }
+    }
+    Tensor::new(config.output_shape(nq), out)
 }

@@ -375,8 +375,8 @@ pub fn output_rows(
 mod bound;
 mod operator;
 
-pub use bound::{error_bound, output_row_bounds};
-pub use operator::{operator, operator_bounded};
+pub use bound::{error_bound, operator_error_bound, output_row_bounds};
+pub use operator::{operator, operator_probs};
 
 /// Refuses a requested (batch row, token) outside the layer, naming it.
 fn check_rows(config: &AttentionConfig, rows: &[(usize, usize)]) -> Result<()> {

@@ -68,8 +68,12 @@ pub fn adapter_ctx() -> &'static GpuContext {
             limits: DeviceLimits::Adapter,
             ..AdapterOptions::from_env()
         };
-        GpuContext::from_options(&options)
-            .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+        let ctx = GpuContext::from_options(&options)
+            .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+        // Tests pin the rule's tiles: results are then the same on every run (tests/autotune.rs
+        // runs every candidate).
+        ctx.set_autotune(wgpu_attention::Autotune::Off);
+        ctx
     })
 }
 
@@ -110,7 +114,9 @@ fn exact_limits(limits: wgpu::Limits) -> GpuContext {
         ..Default::default()
     }))
     .unwrap_or_else(|e| panic!("the adapter refuses the test limits profile: {e}"));
-    GpuContext::from_device(device, queue)
+    let ctx = GpuContext::from_device(device, queue);
+    ctx.set_autotune(wgpu_attention::Autotune::Off);
+    ctx
 }
 
 /// The adapter the library chose for [`adapter_ctx`], as the very object the library holds:

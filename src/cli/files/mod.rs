@@ -6,14 +6,20 @@
 //! turn into a confusing "missing tensor" error, or worse, an optional tensor silently dropped.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use safetensors::{Dtype, SafeTensors};
 use wgpu_attention::{Shape, Tensor, unravel};
 
 use super::CliError;
+
+mod header;
+mod output;
+
+pub use output::{Output, check_destination};
+
+use header::{ReadError, describe_parse_error, read_checked};
 
 /// How a tensor's stored dtype is turned into f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +37,13 @@ pub enum Kind {
     /// An additive mask, F32 or F64: 0 = keep, -inf (or the dtype's lowest value, as Hugging
     /// Face writes it) = drop. Read as the keep flags 1.0 and 0.0.
     Additive,
+    /// The operator's `key_mask`: nonzero = attend, as PyTorch's boolean `attn_mask` means
+    /// True. BOOL, U8, I32, I64, F32 or F64, read as 0.0 and 1.0; a negative or non-finite
+    /// value is refused, as it marks an additive mask, which would be read inverted.
+    Attend,
+    /// The operator's additive `attn_bias`: F32, where `-inf` masks a key and NaN or `+inf`
+    /// are refused.
+    Bias,
 }
 
 /// The dtypes a [`Kind::Mask`] tensor may have, in the order messages list them.
@@ -92,16 +105,18 @@ impl TensorFile {
     }
 }
 
-/// Safetensors' own limit on the header, checked before the header is read.
-const MAX_HEADER: u64 = 100_000_000;
-
-/// Reads `path`, accepting exactly the tensors of `known` with their dtypes.
+/// Reads `path`, accepting exactly the tensors `choose` gives, with their dtypes, for the
+/// names the file holds (sorted); `choose` may refuse the names with a message (a file that
+/// mixes two formats).
 ///
 /// Only a regular file is read, and only after its header has been checked against its size,
 /// so `/dev/zero` or a lying header cannot make the program read or allocate without end.
 /// Every float tensor must be finite; checking here, before any transposition, lets the
 /// message give the index as it is in the file.
-pub fn read(path: &Path, known: &[(&str, Kind)]) -> Result<TensorFile, CliError> {
+pub fn read<'k>(
+    path: &Path,
+    choose: impl FnOnce(&[String]) -> Result<&'k [(&'k str, Kind)], String>,
+) -> Result<TensorFile, CliError> {
     let io_error = |source| CliError::Io {
         path: path.to_path_buf(),
         source,
@@ -126,6 +141,7 @@ pub fn read(path: &Path, known: &[(&str, Kind)]) -> Result<TensorFile, CliError>
         .map_err(|e| file_error(describe_parse_error(&bytes, &e)))?;
     let mut names: Vec<String> = parsed.names().into_iter().map(String::from).collect();
     names.sort();
+    let known = choose(&names).map_err(file_error)?;
     check_names(&names, known).map_err(file_error)?;
     let mut tensors = BTreeMap::new();
     for (name, view) in parsed.iter() {
@@ -141,62 +157,6 @@ pub fn read(path: &Path, known: &[(&str, Kind)]) -> Result<TensorFile, CliError>
         tensors,
         names,
     })
-}
-
-enum ReadError {
-    Io(std::io::Error),
-    Format(String),
-}
-
-impl From<std::io::Error> for ReadError {
-    fn from(e: std::io::Error) -> Self {
-        ReadError::Io(e)
-    }
-}
-
-/// The whole file, read only once its header has been checked against `len`, its size.
-fn read_checked(file: &mut std::fs::File, len: u64) -> Result<Vec<u8>, ReadError> {
-    use std::io::Read;
-    let format = |message: String| {
-        ReadError::Format(format!("truncated or not a safetensors file: {message}"))
-    };
-    if len < 8 {
-        return Err(format(format!(
-            "the file is only {len} bytes, shorter than the 8-byte header length"
-        )));
-    }
-    let mut prefix = [0u8; 8];
-    file.read_exact(&mut prefix)?;
-    let header_len = u64::from_le_bytes(prefix);
-    if header_len > len - 8 {
-        return Err(format(format!(
-            "the first 8 bytes give a header of {header_len} bytes, but the file is only {len} \
-             bytes"
-        )));
-    }
-    if header_len > MAX_HEADER {
-        return Err(format(format!(
-            "the first 8 bytes give a header of {header_len} bytes, over safetensors' limit of \
-             {MAX_HEADER}"
-        )));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    bytes.extend_from_slice(&prefix);
-    Read::by_ref(file)
-        .take(header_len)
-        .read_to_end(&mut bytes)?;
-    let data_len = len - 8 - header_len;
-    check_header(&bytes[8..], data_len).map_err(format)?;
-    // The size was checked above, but a file can grow while it is read: read no more than it
-    // had, and notice if it shrank.
-    file.take(data_len).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 != len {
-        return Err(format(format!(
-            "the file changed size while it was read ({len} bytes, then {})",
-            bytes.len()
-        )));
-    }
-    Ok(bytes)
 }
 
 fn describe_file_type(t: &std::fs::FileType) -> &'static str {
@@ -221,116 +181,6 @@ fn describe_file_type(t: &std::fs::FileType) -> &'static str {
     } else {
         "not a plain file"
     }
-}
-
-/// A header's entries in the order written, duplicates kept, which `serde_json::Value` and the
-/// safetensors parser would silently merge (the last one winning).
-struct Entries(Vec<(String, serde_json::Value)>);
-
-impl<'de> serde::Deserialize<'de> for Entries {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Entries;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object of tensor entries")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<Entries, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(entry) = map.next_entry()? {
-                    entries.push(entry);
-                }
-                Ok(Entries(entries))
-            }
-        }
-        d.deserialize_map(Visitor)
-    }
-}
-
-/// One tensor's entry in the header.
-#[derive(serde::Deserialize)]
-struct Entry {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data_offsets: [u64; 2],
-}
-
-/// Checks the header's entries against each other and against the `data_len` bytes that follow
-/// it, naming the tensor at fault: duplicates, sizes that do not match shapes, gaps, overlaps.
-fn check_header(header: &[u8], data_len: u64) -> Result<(), String> {
-    let Entries(entries) = serde_json::from_slice(header)
-        .map_err(|e| format!("the header is not safetensors JSON ({e})"))?;
-    let mut seen = std::collections::BTreeSet::new();
-    let mut spans = Vec::new();
-    for (name, value) in entries {
-        if !seen.insert(name.clone()) {
-            return Err(format!(
-                "the header names `{name}` twice; a tensor name must be unique, or which one is \
-                 meant cannot be known"
-            ));
-        }
-        if name == "__metadata__" {
-            continue;
-        }
-        let entry: Entry = serde_json::from_value(value)
-            .map_err(|e| format!("the header's entry for tensor `{name}` is not valid: {e}"))?;
-        let [start, end] = entry.data_offsets;
-        let needed = entry
-            .shape
-            .iter()
-            .try_fold(entry.dtype.bitsize() as u64, |n, &d| {
-                n.checked_mul(d as u64)
-            })
-            .map(|bits| bits.div_ceil(8));
-        let shape = Shape(entry.shape.clone());
-        match needed {
-            None => {
-                return Err(format!(
-                    "tensor `{name}` has shape {shape}, too large to exist"
-                ));
-            }
-            Some(_) if end < start => {
-                return Err(format!(
-                    "tensor `{name}` has data_offsets [{start}, {end}], which end before they \
-                     start"
-                ));
-            }
-            Some(needed) if end - start != needed => {
-                return Err(format!(
-                    "tensor `{name}` has shape {shape} of {} ({needed} bytes), but its \
-                     data_offsets [{start}, {end}] span {} bytes",
-                    entry.dtype,
-                    end - start
-                ));
-            }
-            Some(_) => spans.push((start, end, name)),
-        }
-    }
-    spans.sort();
-    let mut at = (0u64, None::<&str>);
-    for (start, end, name) in &spans {
-        if *start != at.0 {
-            let after =
-                at.1.map_or("the start of the data".to_string(), |p| format!("`{p}`"));
-            let what = if *start > at.0 { "a gap" } else { "an overlap" };
-            return Err(format!(
-                "tensor `{name}` has data_offsets [{start}, {end}], but {after} ends at byte {}: \
-                 {what} in the data",
-                at.0
-            ));
-        }
-        at = (*end, Some(name));
-    }
-    if at.0 != data_len {
-        return Err(format!(
-            "the header describes {} bytes of tensor data, but {data_len} bytes follow it",
-            at.0
-        ));
-    }
-    Ok(())
 }
 
 /// Refuses an output that is the input itself (same path, a link to it, or the same file by
@@ -422,6 +272,8 @@ fn convert(name: &str, view: &TensorView<'_>, kind: Kind) -> Result<Tensor, Stri
         Kind::Mask => mask_values(name, view)?,
         Kind::PaddingMask => padding_mask_values(name, view)?,
         Kind::Additive => additive_values(name, view)?,
+        Kind::Attend => attend_values(name, view)?,
+        Kind::Bias => bias_values(name, view)?,
     };
     Tensor::named(name, view.shape().to_vec(), data).map_err(|e| e.to_string())
 }
@@ -542,158 +394,64 @@ fn additive_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String
         .collect())
 }
 
+fn attend_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String> {
+    let Some(values) = mask_as_f64(view) else {
+        let accepted: Vec<String> = MASK_DTYPES.iter().map(Dtype::to_string).collect();
+        return Err(format!(
+            "tensor `{name}` has dtype {}, expected one of {} (nonzero = attend, 0 = padding)",
+            view.dtype(),
+            accepted.join(", ")
+        ));
+    };
+    if let Some(i) = values.iter().position(|&v| !(v.is_finite() && v >= 0.0)) {
+        return Err(format!(
+            "tensor `{name}` holds {} at index {}: a key mask is nonzero to attend and 0 for \
+             padding; an additive mask (0 = keep, -inf = drop) goes in `attn_bias` \
+             [batch or 1, heads or 1, q_len, kv_len] instead",
+            values[i],
+            Shape(unravel(view.shape(), i))
+        ));
+    }
+    Ok(values
+        .into_iter()
+        .map(|v| if v != 0.0 { 1.0 } else { 0.0 })
+        .collect())
+}
+
+fn bias_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String> {
+    if view.dtype() != Dtype::F32 {
+        let hint = if matches!(view.dtype(), Dtype::BOOL | Dtype::U8) {
+            "; a boolean mask over keys goes in `key_mask` [batch, kv_len], and any other as \
+             its additive form, torch.zeros(m.shape).masked_fill(~m, float(\"-inf\"))"
+        } else {
+            "; save it with tensor.float()"
+        };
+        return Err(format!(
+            "tensor `{name}` has dtype {}, expected F32 (added to the scores){hint}",
+            view.dtype()
+        ));
+    }
+    let values = decode(view.data(), f32::from_le_bytes);
+    // -inf masks a key; NaN and +inf have no meaning as a bias.
+    if let Some(i) = values
+        .iter()
+        .position(|&v| v.is_nan() || v == f32::INFINITY)
+    {
+        return Err(format!(
+            "tensor `{name}` holds {} at index {}: a bias must be finite, or -inf to mask a key",
+            values[i],
+            Shape(unravel(view.shape(), i))
+        ));
+    }
+    Ok(values)
+}
+
 /// Little-endian elements of `N` bytes; safetensors data need not be aligned for a cast.
 fn decode<const N: usize, T>(bytes: &[u8], from_le: impl Fn([u8; N]) -> T) -> Vec<T> {
     bytes
         .chunks_exact(N)
         .map(|c| from_le(c.try_into().expect("chunks_exact yields N bytes")))
         .collect()
-}
-
-/// What is wrong with a file the safetensors parser refused, in plain words.
-fn describe_parse_error(bytes: &[u8], error: &SafeTensorError) -> String {
-    let len = bytes.len();
-    let header_len = bytes
-        .first_chunk::<8>()
-        .map(|b| u64::from_le_bytes(*b))
-        .unwrap_or(0);
-    let detail = match error {
-        SafeTensorError::HeaderTooSmall => {
-            format!("the file is only {len} bytes, shorter than the 8-byte header length")
-        }
-        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength
-            if header_len > len as u64 =>
-        {
-            format!(
-                "the first 8 bytes give a header of {header_len} bytes, but the file is only \
-                 {len} bytes"
-            )
-        }
-        SafeTensorError::InvalidHeader(_) | SafeTensorError::InvalidHeaderDeserialization(_) => {
-            format!("the header is not safetensors JSON ({error})")
-        }
-        SafeTensorError::MetadataIncompleteBuffer => match declared_data_len(bytes) {
-            Some(declared) => format!(
-                "the header describes {declared} bytes of tensor data, but {} bytes follow it",
-                len - 8 - header_len as usize
-            ),
-            None => error.to_string(),
-        },
-        other => other.to_string(),
-    };
-    format!("truncated or not a safetensors file: {detail}")
-}
-
-/// The data length the header declares: the largest end offset of any tensor.
-fn declared_data_len(bytes: &[u8]) -> Option<u64> {
-    let header_len = usize::try_from(u64::from_le_bytes(*bytes.first_chunk::<8>()?)).ok()?;
-    let header = bytes.get(8..8usize.checked_add(header_len)?)?;
-    let json: serde_json::Value = serde_json::from_slice(header).ok()?;
-    json.as_object()?
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
-        .filter_map(|(_, info)| info.get("data_offsets")?.get(1)?.as_u64())
-        .max()
-        .or(Some(0))
-}
-
-/// An output file being prepared: a temporary file beside the final path, renamed over it only
-/// when every tensor is written, so a failure never leaves a partial file behind, and an older
-/// file at the path stays as it was.
-#[derive(Debug)]
-pub struct Output {
-    path: PathBuf,
-    temp: tempfile::NamedTempFile,
-}
-
-/// Checks, before any work, that an output can be written at `path`: its directory exists and
-/// takes a new file. The trial file is removed at once; the real one is made only when the
-/// result is ready (see [`Output::write`]).
-pub fn check_destination(path: &Path) -> Result<(), CliError> {
-    // The rename at the end would fail on a directory, after all the work.
-    if path.is_dir() {
-        return Err(CliError::File {
-            path: path.to_path_buf(),
-            message: "is a directory; give a file name for the output".into(),
-        });
-    }
-    let _writing = super::signals::writing();
-    drop(Output::create(path)?);
-    Ok(())
-}
-
-impl Output {
-    /// Writes `tensors` to `path` atomically, holding off Ctrl-C and SIGTERM meanwhile so that
-    /// an interruption never leaves the temporary file behind.
-    pub fn write(path: &Path, tensors: &[(&str, Tensor)]) -> Result<(), CliError> {
-        let _writing = super::signals::writing();
-        Output::create(path)?.commit(tensors)
-    }
-
-    /// Creates the temporary file beside `path`.
-    fn create(path: &Path) -> Result<Self, CliError> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        // Checked here because tempfile's own error would name its random file, not the output.
-        if !dir.is_dir() {
-            return Err(CliError::File {
-                path: path.to_path_buf(),
-                message: format!("cannot write there: `{}` is not a directory", dir.display()),
-            });
-        }
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(".wgpu-attention-").suffix(".tmp");
-        // A temporary file is private by default; the result should get the permissions any
-        // new file gets (umask applies).
-        #[cfg(unix)]
-        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-        let temp = builder.tempfile_in(dir).map_err(|source| CliError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Output {
-            path: path.to_path_buf(),
-            temp,
-        })
-    }
-
-    /// Writes `tensors` as F32 and moves the file to its final path.
-    fn commit(mut self, tensors: &[(&str, Tensor)]) -> Result<(), CliError> {
-        let bytes = serialize(tensors).map_err(|e| CliError::File {
-            path: self.path.clone(),
-            message: format!("cannot encode the results: {e}"),
-        })?;
-        let io_error = |source| CliError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        self.temp.write_all(&bytes).map_err(io_error)?;
-        self.temp.as_file().sync_all().map_err(io_error)?;
-        self.temp
-            .persist(&self.path)
-            .map_err(|e| io_error(e.error))?;
-        Ok(())
-    }
-}
-
-fn serialize(tensors: &[(&str, Tensor)]) -> Result<Vec<u8>, SafeTensorError> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, t)| t.data().iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
-    let views = tensors
-        .iter()
-        .zip(&bytes)
-        .map(|((name, t), data)| {
-            Ok((
-                *name,
-                TensorView::new(Dtype::F32, t.shape().to_vec(), data)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, SafeTensorError>>()?;
-    safetensors::serialize(views, None)
 }
 
 #[cfg(test)]
@@ -775,40 +533,5 @@ mod tests {
         let view = TensorView::new(Dtype::F64, vec![2], &bytes).unwrap();
         let message = mask_values("key_mask", &view).unwrap_err();
         assert!(message.contains("at index [1]"), "{message}");
-    }
-
-    #[test]
-    fn written_tensors_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.safetensors");
-        let t = Tensor::new([2, 2], vec![1.0, f32::NEG_INFINITY, 0.5, -2.0]).unwrap();
-        Output::create(&path)
-            .unwrap()
-            .commit(&[("out", t.clone())])
-            .unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        let parsed = SafeTensors::deserialize(&bytes).unwrap();
-        let view = parsed.tensor("out").unwrap();
-        assert_eq!(view.dtype(), Dtype::F32);
-        assert_eq!(view.shape(), &[2, 2]);
-        assert_eq!(decode(view.data(), f32::from_le_bytes), t.data());
-        // Nothing but the output is left in the directory.
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn a_directory_is_no_destination() {
-        let dir = tempfile::tempdir().unwrap();
-        let message = check_destination(dir.path()).unwrap_err().to_string();
-        assert!(message.ends_with("is a directory; give a file name for the output"));
-        check_destination(&dir.path().join("out.safetensors")).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn an_output_never_committed_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        drop(Output::create(&dir.path().join("out.safetensors")).unwrap());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

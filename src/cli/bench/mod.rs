@@ -2,21 +2,43 @@
 //! end to end and the fast CPU path, with each result's error against the f64 reference.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use wgpu_attention::cpu;
 use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionShape, AttentionWeights,
-    CpuAttention, DeviceLimits, Error, GpuContext, KernelChoice, Random, Stage, Tensor,
-    TimingSource, Tolerance, compare, reference,
+    AttentionConfig, Autotune, DeviceLimits, Error, KernelChoice, Random, reference,
 };
 
 use super::bench_precision::PrecisionArg;
 use super::report;
 use super::{AdapterArgs, CliError};
+
+mod layer;
+mod operator;
+mod table;
+
+use layer::{checked_rows, measure_cpu, measure_gpu};
+pub use operator::OperatorRow;
+use table::print_table;
+
+/// `--autotune`: [`Autotune`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AutotuneArg {
+    Off,
+    Cached,
+    Full,
+}
+
+impl From<AutotuneArg> for Autotune {
+    fn from(a: AutotuneArg) -> Self {
+        match a {
+            AutotuneArg::Off => Autotune::Off,
+            AutotuneArg::Cached => Autotune::Cached,
+            AutotuneArg::Full => Autotune::Full,
+        }
+    }
+}
 
 /// Arguments of `wgpu-attention bench`.
 #[derive(Debug, Clone, Args)]
@@ -65,6 +87,26 @@ pub struct BenchArgs {
     /// Skip the CPU side.
     #[arg(long)]
     pub no_cpu: bool,
+    /// Lengths of the attention operator's GQA rows: 32 query heads over 8 key/value heads of
+    /// 128, causal, as many queries as keys [default: 256 on a software (CPU) adapter, 256,
+    /// 1024, 4096 on a GPU]. Each call's pass is timed as one submission.
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_parser = positive)]
+    pub op_len: Vec<usize>,
+    /// Keys of the operator's cross-attention row: 64 queries over them, 8 heads of 64, as
+    /// Whisper's decoder attends its encoder's 1500 positions.
+    #[arg(long, default_value_t = 1500, value_parser = positive)]
+    pub op_cross_kv_len: usize,
+    /// Skip the attention operator's rows.
+    #[arg(long)]
+    pub no_op: bool,
+    /// How plans choose the fused kernel's tiles: timed on this adapter once per shape class
+    /// (`full`), only from what `--autotune-file` holds (`cached`), or by the limits rule
+    /// alone (`off`).
+    #[arg(long, value_enum, default_value_t = AutotuneArg::Full)]
+    pub autotune: AutotuneArg,
+    /// Read the autotuner's winners for this adapter from this file, and append new ones.
+    #[arg(long)]
+    pub autotune_file: Option<PathBuf>,
     /// Write every figure as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -98,6 +140,11 @@ impl BenchArgs {
             warmup: 1,
             repeats: 3,
             no_cpu: false,
+            op_len: Vec::new(),
+            op_cross_kv_len: 1500,
+            no_op: false,
+            autotune: AutotuneArg::Full,
+            autotune_file: None,
             json: None,
             csv: None,
             plot: None,
@@ -251,7 +298,14 @@ pub struct Report {
     pub checked_rows: usize,
     pub gpu: Vec<GpuRow>,
     pub cpu: Vec<CpuRow>,
+    pub flops_operator: &'static str,
+    /// The attention operator's rows (GQA, cross-attention).
+    pub operator: Vec<OperatorRow>,
     pub skipped: Vec<Skipped>,
+    /// How the fused kernel's tiles were chosen (`--autotune`).
+    pub autotune: String,
+    /// The fused kernel's tiles chosen per shape class, as (class, override constants).
+    pub tuned: Vec<(String, String)>,
 }
 
 const FLOPS_ATTENTION: &str = "4*B*H*N*N*D (2*B*H*N*N*(D+Dv); causal counted dense)";
@@ -275,6 +329,10 @@ pub fn main(
     }
     // The sweep reaches past wgpu's portable defaults where the adapter allows.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
+    ctx.set_autotune(args.autotune.into());
+    if let Some(path) = &args.autotune_file {
+        ctx.autotune_file(path)?;
+    }
     let info = ctx.adapter_info().clone();
     let lengths = args.sequence_lengths(&info);
     if lengths.is_empty() {
@@ -285,8 +343,9 @@ pub fn main(
     }
     args.check_sizes(&lengths, &ctx.limits())?;
     let kernels = args.kernels();
+    let op_shapes = operator::shapes(args, info.device_type == wgpu::DeviceType::Cpu);
     let bar = progress.add(ProgressBar::new(
-        (lengths.len() * (kernels.len() + usize::from(!args.no_cpu))) as u64,
+        (lengths.len() * (kernels.len() + usize::from(!args.no_cpu)) + op_shapes.len()) as u64,
     ));
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg:24} [{bar:30}] {pos}/{len} {elapsed}")
@@ -313,7 +372,11 @@ pub fn main(
         checked_rows: 0,
         gpu: Vec::new(),
         cpu: Vec::new(),
+        flops_operator: operator::FLOPS_OPERATOR,
+        operator: Vec::new(),
         skipped: Vec::new(),
+        autotune: format!("{:?}", args.autotune).to_lowercase(),
+        tuned: Vec::new(),
     };
     for &seq in &lengths {
         let config = args.config(seq);
@@ -350,7 +413,24 @@ pub fn main(
             bar.inc(1);
         }
     }
+    for shape in &op_shapes {
+        bar.set_message(format!("operator {} {}", shape.name, shape.kv_len));
+        match operator::measure(&ctx, shape, args) {
+            Ok(row) => report.operator.push(row),
+            Err(CliError::Attention(e @ Error::LimitExceeded { .. })) => {
+                log::warn!("operator {} kv_len {}: {e}", shape.name, shape.kv_len);
+                report.skipped.push(Skipped {
+                    seq: shape.kv_len,
+                    kernel: shape.name,
+                    reason: e.to_string(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        bar.inc(1);
+    }
     bar.finish_and_clear();
+    report.tuned = ctx.tuned();
     print_table(&report);
     report::write(&report, args)?;
     check_errors(&report)
@@ -371,6 +451,13 @@ fn check_errors(report: &Report) -> Result<(), CliError> {
                 .filter(|r| !r.error.passed)
                 .map(|r| format!("seq {} cpu", r.seq)),
         )
+        .chain(
+            report
+                .operator
+                .iter()
+                .filter(|r| !r.error.passed)
+                .map(|r| format!("operator {} kv_len {}", r.shape.name, r.shape.kv_len)),
+        )
         .collect();
     if failed.is_empty() {
         Ok(())
@@ -388,279 +475,6 @@ pub fn kernel_name(kernel: KernelChoice) -> &'static str {
         KernelChoice::Fused => "fused",
         KernelChoice::Auto => "auto",
     }
-}
-
-/// Every output row for small shapes, else an even spread including the first and last.
-fn checked_rows(config: &AttentionConfig) -> Vec<(usize, usize)> {
-    let total = config.batch * config.seq_len;
-    let picks: Vec<usize> = if total <= CHECKED_ROWS {
-        (0..total).collect()
-    } else {
-        (0..CHECKED_ROWS)
-            .map(|k| k * (total - 1) / (CHECKED_ROWS - 1))
-            .collect()
-    };
-    picks
-        .into_iter()
-        .map(|r| (r / config.seq_len, r % config.seq_len))
-        .collect()
-}
-
-/// The error of `output` over `rows` against the reference's rows.
-fn row_error(
-    config: &AttentionConfig,
-    output: &[f32],
-    rows: &[(usize, usize)],
-    expected: &[Vec<f32>],
-) -> Result<ErrorFigures, CliError> {
-    let d = config.d_out();
-    let got: Vec<f32> = rows
-        .iter()
-        .flat_map(|&(b, t)| {
-            let start = (b * config.seq_len + t) * d;
-            output[start..start + d].iter().copied()
-        })
-        .collect();
-    let want: Vec<f32> = expected.iter().flatten().copied().collect();
-    let shape = [rows.len(), d];
-    let c = compare(
-        &Tensor::new(shape, got)?,
-        &Tensor::new(shape, want)?,
-        Tolerance::F32,
-    )?;
-    Ok(ErrorFigures {
-        max_abs: c.max_abs,
-        tolerance_used: c.worst_ratio,
-        passed: c.passed(),
-    })
-}
-
-fn measure_gpu(
-    ctx: &GpuContext,
-    config: &AttentionConfig,
-    weights: &AttentionWeights,
-    inputs: &AttentionInputs,
-    args: &BenchArgs,
-    rows: &[(usize, usize)],
-    expected: &[Vec<f32>],
-) -> Result<GpuRow, CliError> {
-    let mut plan = AttentionPlan::new(ctx, config, weights)?;
-    for _ in 0..args.warmup {
-        plan.run(inputs)?;
-    }
-    let mut per_stage: Vec<(&'static str, Vec<f64>)> = plan
-        .stages()
-        .into_iter()
-        .map(|s| (s.label(), Vec::new()))
-        .collect();
-    let (mut gpu, mut attention, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
-    let mut source = TimingSource::Timestamps;
-    for _ in 0..args.repeats {
-        let times = plan.time_stages(inputs)?;
-        source = times.source;
-        for ((_, samples), t) in per_stage.iter_mut().zip(&times.stages) {
-            samples.push(t.seconds);
-        }
-        gpu.push(times.total());
-        attention.push(times.attention());
-    }
-    let mut output = None;
-    for _ in 0..args.repeats {
-        let start = Instant::now();
-        let out = plan.run(inputs)?;
-        end_to_end.push(start.elapsed().as_secs_f64());
-        output = Some(out);
-    }
-    log::debug!("seq {} timed with {source:?}", config.seq_len);
-    let output = output.ok_or_else(|| CliError::Usage("--repeats must be at least 1".into()))?;
-    let attention = Stat::of(&attention);
-    let gpu = Stat::of(&gpu);
-    Ok(GpuRow {
-        seq: config.seq_len,
-        kernel: kernel_name(plan.kernel()),
-        memory_bytes: plan.gpu_memory_bytes(),
-        stages: per_stage
-            .into_iter()
-            .map(|(s, samples)| (s, Stat::of(&samples)))
-            .collect(),
-        gpu,
-        attention,
-        end_to_end: Stat::of(&end_to_end),
-        attention_gflops: config.attention_flops() / attention.median / 1e9,
-        layer_gflops: config.flops() / gpu.median / 1e9,
-        error: row_error(config, output.data(), rows, expected)?,
-    })
-}
-
-fn measure_cpu(
-    config: &AttentionConfig,
-    weights: &AttentionWeights,
-    inputs: &AttentionInputs,
-    args: &BenchArgs,
-    rows: &[(usize, usize)],
-    expected: &[Vec<f32>],
-) -> Result<CpuRow, CliError> {
-    let layer = CpuAttention::new(config, weights)?;
-    let repeats = (args.repeats as usize).clamp(1, CPU_MAX_REPEATS);
-    // At least one untimed run: the first pays for rayon's thread pool and cold caches.
-    let warmup = args.warmup.max(1);
-    let mut output = layer.run(inputs)?;
-    for _ in 1..warmup {
-        output = layer.run(inputs)?;
-    }
-    let mut layer_times = Vec::new();
-    for _ in 0..repeats {
-        let start = Instant::now();
-        output = layer.run(inputs)?;
-        layer_times.push(start.elapsed().as_secs_f64());
-    }
-    // The attention alone on already-projected inputs, as attention libraries are compared.
-    let shape = AttentionShape::of(config);
-    let qk_len = config.batch * config.heads * config.seq_len * config.head_dim;
-    let q: Vec<f32> = inputs
-        .x
-        .data()
-        .iter()
-        .cycle()
-        .take(qk_len)
-        .copied()
-        .collect();
-    for _ in 0..warmup {
-        std::hint::black_box(cpu::attention(&shape, &q, &q, &q, None)?);
-    }
-    let mut attention_times = Vec::new();
-    for _ in 0..repeats {
-        let start = Instant::now();
-        std::hint::black_box(cpu::attention(&shape, &q, &q, &q, None)?);
-        attention_times.push(start.elapsed().as_secs_f64());
-    }
-    let layer_stat = Stat::of(&layer_times);
-    let attention = Stat::of(&attention_times);
-    Ok(CpuRow {
-        seq: config.seq_len,
-        threads: rayon::current_num_threads(),
-        warmup,
-        samples: repeats,
-        layer: layer_stat,
-        attention,
-        layer_gflops: config.flops() / layer_stat.median / 1e9,
-        attention_gflops: config.attention_flops() / attention.median / 1e9,
-        error: row_error(config, output.data(), rows, expected)?,
-    })
-}
-
-fn print_table(r: &Report) {
-    println!(
-        "adapter {} ({}, {}); GPU stage times from {}; median of {} runs after {} warm-up",
-        r.adapter, r.backend, r.device_type, r.timing, r.repeats, r.warmup
-    );
-    println!(
-        "layer: batch {}, heads {}, head_dim {}, d_model {}, output projection to {}, causal {}",
-        r.batch, r.heads, r.head_dim, r.d_model, r.d_model, r.causal
-    );
-    println!("GFLOP/s: attention {}", r.flops_attention);
-    println!("         layer     {}", r.flops_layer);
-    if let Some(c) = r.cpu.first() {
-        println!(
-            "cpu: {} threads, median of {} runs after {} warm-up (the CPU takes at most {CPU_MAX_REPEATS} runs)",
-            c.threads, c.samples, c.warmup
-        );
-    }
-    println!(
-        "errors: max over {} output rows per shape against the f64 reference; tol used: the \
-         largest share of the allowance {:e} + {:e}*|ref| (1 = at the limit)",
-        r.checked_rows,
-        Tolerance::F32.atol,
-        Tolerance::F32.rtol
-    );
-    println!();
-    println!(
-        "{:>6} {:<7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "seq",
-        "path",
-        "proj ms",
-        "attn ms",
-        "out ms",
-        "gpu ms",
-        "e2e ms",
-        "attn GF",
-        "layer GF",
-        "fus/stg",
-        "max abs",
-        "tol used",
-        "MiB",
-        "vs cpu"
-    );
-    let ms = |s: f64| s * 1e3;
-    for row in &r.gpu {
-        let stage = |name: &str| {
-            row.stages
-                .iter()
-                .find(|(s, _)| *s == name)
-                .map_or(0.0, |(_, t)| t.median)
-        };
-        let staged = r
-            .gpu
-            .iter()
-            .find(|o| o.seq == row.seq && o.kernel == "staged");
-        let ratio = match (row.kernel, staged) {
-            ("fused", Some(s)) => format!("{:.2}", row.attention.median / s.attention.median),
-            _ => String::new(),
-        };
-        let vs_cpu = r
-            .cpu
-            .iter()
-            .find(|c| c.seq == row.seq)
-            .map_or(String::new(), |c| {
-                format!("{:.2}x", c.layer.median / row.end_to_end.median)
-            });
-        println!(
-            "{:>6} {:<7} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2} {:>8} {:>9.2e} {:>9.3} {:>9.1} {:>9}",
-            row.seq,
-            row.kernel,
-            ms(stage(Stage::Projection.label())),
-            ms(row.attention.median),
-            ms(stage(Stage::OutputProjection.label())),
-            ms(row.gpu.median),
-            ms(row.end_to_end.median),
-            row.attention_gflops,
-            row.layer_gflops,
-            ratio,
-            row.error.max_abs,
-            row.error.tolerance_used,
-            row.memory_bytes as f64 / (1 << 20) as f64,
-            vs_cpu
-        );
-    }
-    for row in &r.cpu {
-        println!(
-            "{:>6} {:<7} {:>9} {:>9.3} {:>9} {:>9} {:>9.3} {:>8.2} {:>8.2} {:>8} {:>9.2e} {:>9.3} {:>9} {:>9}",
-            row.seq,
-            "cpu",
-            "",
-            ms(row.attention.median),
-            "",
-            "",
-            ms(row.layer.median),
-            row.attention_gflops,
-            row.layer_gflops,
-            "",
-            row.error.max_abs,
-            row.error.tolerance_used,
-            "",
-            format!("n={}", row.samples)
-        );
-    }
-    for s in &r.skipped {
-        println!("{:>6} {:<7} skipped: {}", s.seq, s.kernel, s.reason);
-    }
-    println!();
-    println!(
-        "proj/attn/out: GPU time of the q|k|v projection, of softmax(QK^T)V, of the output projection; \
-         gpu: their sum; e2e: run() with upload and read-back (for cpu: the whole layer); \
-         fus/stg: fused attention time over staged; vs cpu: CPU layer time over the GPU's e2e time; \
-         cpu attn: on already-projected inputs; n: timed CPU runs"
-    );
 }
 
 /// A count that must be at least 1; refused here so the message names the flag.
@@ -713,6 +527,8 @@ mod tests {
                 layer_gflops: 1.0,
                 error: error(gpu_ok),
             }],
+            flops_operator: operator::FLOPS_OPERATOR,
+            operator: Vec::new(),
             cpu: vec![CpuRow {
                 seq: 8,
                 threads: 1,
@@ -725,6 +541,8 @@ mod tests {
                 error: error(cpu_ok),
             }],
             skipped: Vec::new(),
+            autotune: "off".into(),
+            tuned: Vec::new(),
         }
     }
 

@@ -1,5 +1,6 @@
-//! `wgpu-attention run`: a layer on tensors from a safetensors file, run on the GPU, checked
-//! against the CPU reference, and written to another safetensors file only if they agree.
+//! `wgpu-attention run`: a layer (or an operator call, see `op`) on tensors from a safetensors
+//! file, run on the GPU, checked against the CPU reference, and written to another safetensors
+//! file only if they agree.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,31 +15,40 @@ use wgpu_attention::{
 use super::check::{self, CHECK_BUDGET, RowPlan};
 use super::files::{self, Output};
 use super::layer::{self, Layer, LayerOptions, WeightLayout};
+use super::operator;
 use super::{AdapterArgs, CliError};
+
+mod op;
 
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Safetensors file with `x` [batch, seq, d_model] or [seq, d_model], `w_q`, `w_k`, `w_v`,
-    /// and optionally `b_q`, `b_k`, `b_v`, `w_o`, `b_o` and a key mask [batch, seq]; PyTorch's
-    /// names (`in_proj_weight`, `query.weight`, `key_padding_mask`, ...) are read too, in
-    /// PyTorch's conventions. Floats are F32, F16 or BF16 (read exactly). See
-    /// docs/safetensors.md.
+    /// Safetensors file with a layer: `x` [batch, seq, d_model] or [seq, d_model], `w_q`,
+    /// `w_k`, `w_v`, and optionally `b_q`, `b_k`, `b_v`, `w_o`, `b_o` and a key mask
+    /// [batch, seq]; PyTorch's names (`in_proj_weight`, `query.weight`, `key_padding_mask`,
+    /// ...) are read too, in PyTorch's conventions. Or one call of the attention operator:
+    /// `q` [batch, heads, q_len, head_dim], `k` [batch, kv_heads, kv_len, head_dim], `v`
+    /// [batch, kv_heads, kv_len, head_dim_v], optionally `key_mask` [batch, kv_len] (nonzero =
+    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Floats are F32, F16 or
+    /// BF16 (read exactly). See docs/safetensors.md.
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
-    /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`).
+    /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`;
+    /// [batch, heads, q_len, head_dim_v] for an operator call).
     /// Written only if the GPU agrees with the CPU reference; an existing file is replaced
     /// atomically. Never the input file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
     /// Number of heads; the widths of `w_q` and `w_v` must divide by it. Required unless only
-    /// one count divides both.
+    /// one count divides both. An operator call reads its head counts from `q` and `k`, and
+    /// refuses a --heads that disagrees.
     #[arg(long, value_name = "H", value_parser = clap::value_parser!(u32).range(1..))]
     pub heads: Option<u32>,
     /// Score scale [default: 1/sqrt(head_dim)].
     #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = parse_scale)]
     pub scale: Option<f32>,
-    /// Query i attends only keys j <= i.
+    /// Query i attends only keys j <= i; for an operator call, keys j <= i + kv_len - q_len
+    /// (aligned to the end of the keys, as a KV cache needs).
     #[arg(long)]
     pub causal: bool,
     /// How `w_q`, `w_k`, `w_v`, `w_o` are stored: `torch` for nn.Linear weights
@@ -181,7 +191,12 @@ pub fn main(
                 .into(),
         ));
     }
-    let mut file = files::read(&args.input, &layer::TENSORS)?;
+    let mut file = files::read(&args.input, |names| {
+        operator::choose_tensors(names, &layer::TENSORS)
+    })?;
+    if operator::OWN.iter().any(|name| file.holds(name)) {
+        return op::main(adapter, args, file, rule, progress);
+    }
     let mut layer = layer::build(&mut file, &args.layer_options())?;
     layer.config.precision = args.precision;
     if args.intermediates {
@@ -206,19 +221,7 @@ pub fn main(
     if estimate.worth_telling() {
         println!("estimate   {estimate}; Ctrl-C stops cleanly");
     }
-    // The GPU call gives no progress of its own: a spinner shows it is alive.
-    let spinner = if estimate.gpu_seconds > 2.0 {
-        let spinner = progress.add(
-            ProgressBar::new_spinner().with_style(
-                ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
-                    .expect("the template is valid"),
-            ),
-        );
-        spinner.enable_steady_tick(Duration::from_millis(200));
-        spinner
-    } else {
-        ProgressBar::hidden()
-    };
+    let spinner = gpu_spinner(progress, estimate.gpu_seconds);
     let gpu = run_gpu(&ctx, &layer, args);
     spinner.finish_and_clear();
     progress.remove(&spinner);
@@ -248,7 +251,7 @@ pub fn main(
             check_all(&layer, gpu, cpu, rule)?
         }
     };
-    print_results(&layer, &checked);
+    print_results(&checked, layer.unbatched);
     if let Some(message) = failures(&checked) {
         return Err(CliError::Mismatch(message));
     }
@@ -299,6 +302,21 @@ fn refuse_huge_intermediates(layer: &Layer) -> Result<(), CliError> {
     }
 }
 
+/// The GPU call gives no progress of its own: past two seconds, a spinner shows it is alive.
+fn gpu_spinner(progress: &MultiProgress, gpu_seconds: f64) -> ProgressBar {
+    if gpu_seconds <= 2.0 {
+        return ProgressBar::hidden();
+    }
+    let spinner = progress.add(
+        ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} running on the GPU, {elapsed} so far")
+                .expect("the template is valid"),
+        ),
+    );
+    spinner.enable_steady_tick(Duration::from_millis(200));
+    spinner
+}
+
 /// A rough forecast of how long the run takes, so a long one says so before it starts.
 struct Estimate {
     gpu_seconds: f64,
@@ -315,16 +333,21 @@ impl Estimate {
         let width = (c.head_dim + c.head_dim_v) as f64;
         let flops = 2.0 * b * h * n * n * width
             + 2.0 * b * n * c.d_model as f64 * h * (2 * c.head_dim + c.head_dim_v) as f64;
-        // Software adapters (lavapipe, llvmpipe) reach a few GFLOP/s; anything else far more.
-        let rate = if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
-            2e9
-        } else {
-            1e12
-        };
+        let rate = Self::rate(ctx);
         let check_work = rows.map_or(b * h * n * n * width, |r| r.work);
         Estimate {
             gpu_seconds: flops / rate,
             check_seconds: check_work / REFERENCE_RATE,
+        }
+    }
+
+    /// FLOP/s to expect: software adapters (lavapipe, llvmpipe) reach a few GFLOP/s; anything
+    /// else far more.
+    fn rate(ctx: &GpuContext) -> f64 {
+        if ctx.adapter_info().device_type == wgpu::DeviceType::Cpu {
+            2e9
+        } else {
+            1e12
         }
     }
 
@@ -487,6 +510,11 @@ fn print_layer(ctx: &GpuContext, layer: &Layer, rule: CheckRule) {
             if c.causal { " up to itself" } else { "" }
         ),
     }
+    print_rule(rule);
+}
+
+/// The check's rule, as the report's `tolerance` line.
+fn print_rule(rule: CheckRule) {
     match rule {
         CheckRule::Bound => println!(
             "tolerance  each output element within its f32 forward error bound, computed beside \
@@ -499,13 +527,13 @@ fn print_layer(ctx: &GpuContext, layer: &Layer, rule: CheckRule) {
     }
 }
 
-fn print_results(layer: &Layer, checked: &[Checked]) {
+fn print_results(checked: &[Checked], unbatched: bool) {
     println!(
         "{:<10} {:<16} {:>12} {:>12} {:>9}  result",
         "tensor", "shape", "max abs err", "max rel err", "used"
     );
     for checked in checked {
-        let shape = unbatched_shape(checked.gpu.shape(), layer.unbatched);
+        let shape = unbatched_shape(checked.gpu.shape(), unbatched);
         println!(
             "{:<10} {:<16} {:>12.3e} {:>12.3e} {:>8.1}%  {}",
             checked.name,
