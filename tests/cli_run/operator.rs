@@ -413,3 +413,33 @@ fn a_call_past_the_checks_budget_is_checked_on_a_spread_of_head_groups() {
         "nothing was written",
     );
 }
+
+/// The PyTorch fixture in f16 storage (`--precision f16`): Q, K, V rounded to f16 on upload,
+/// f32 arithmetic, the output stored in f16 and checked by the program under its f16 bound;
+/// here also against PyTorch's f32 output under the fixed f16 rule. Without shader-f16 the
+/// program refuses by name.
+#[test]
+fn gqa_in_f16_matches_pytorch_sdpa_within_the_f16_rule() {
+    let flags = ["--causal", "--scale", "0.3", "--precision", "f16"];
+    if !wgpu_attention::GpuContext::from_env().unwrap().has_f16() {
+        let dir = tempfile::tempdir().unwrap();
+        Command::cargo_bin("wgpu-attention")
+            .unwrap()
+            .arg("run")
+            .arg("--input")
+            .arg(format!("{FIXTURES}/sdpa_gqa.safetensors"))
+            .arg("--output")
+            .arg(dir.path().join("out.safetensors"))
+            .args(flags)
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains("lacks shader-f16"));
+        return;
+    }
+    let (ours, torch) = run_fixture("sdpa_gqa", &flags);
+    assert_eq!(ours.shape(), &[2, 8, 5, 8]);
+    let c = compare(&ours, &torch, Tolerance::F16).unwrap();
+    assert!(c.passed(), "{c}");
+    // And the f16 storage shows: not within the f32 rule.
+    assert!(!compare(&ours, &torch, Tolerance::F32).unwrap().passed());
+}
