@@ -170,14 +170,14 @@ pub enum Error {
         adapter: String,
     },
 
-    /// f16 storage was asked for where the staged kernels would run: they store in f32 only,
-    /// and f16 runs on the fused kernel.
+    /// f16 storage was asked for where other kernels than the fused one would run (the staged
+    /// kernels, split-K decode): they store in f32 only, and f16 runs on the fused kernel.
     #[error(
         "f16 precision runs on the fused kernel only, but {why}: use f32 precision, or the \
          fused kernel (no intermediates, value heads at most 256 wide, a device with 6 storage \
          buffers per stage)"
     )]
-    StagedF16 {
+    F16NeedsFused {
         /// Why the staged kernels would run.
         why: String,
     },
@@ -270,6 +270,23 @@ pub enum Error {
         len: usize,
         /// The maximum.
         max: usize,
+    },
+
+    /// An append would pass a KV cache's capacity (the cache never wraps around).
+    #[error(
+        "appending {adding} tokens to batch row {row} of the KV cache, which holds {len}, would \
+         pass its capacity of {capacity} tokens: build the cache with a larger capacity, or set \
+         shorter lengths first"
+    )]
+    KvCacheFull {
+        /// The batch row.
+        row: usize,
+        /// Tokens the row holds.
+        len: usize,
+        /// Tokens being appended.
+        adding: usize,
+        /// The cache's capacity per row.
+        capacity: usize,
     },
 
     /// A tensor has the wrong number of dimensions for the layout.

@@ -68,6 +68,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ceiling;
 pub mod compare;
 pub mod config;
 pub mod context;
@@ -95,8 +96,8 @@ pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use kernels::Autotune;
 pub use operator::{
-    AttentionOp, BiasShape, Lengths, OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo,
-    QkvLayout,
+    AttentionOp, BiasShape, CombineBindings, CombinePartials, DECODE_MAX_Q_LEN, KvCache, Lengths,
+    OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 pub use precision::Precision;

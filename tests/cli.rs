@@ -252,6 +252,56 @@ fn bench_refuses_a_length_too_large_before_allocating() {
         ));
 }
 
+#[test]
+fn bench_decode_writes_its_rows_and_ceilings_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("d.json");
+    program()
+        .args([
+            "bench",
+            "--decode",
+            "--kv-len",
+            "64,200",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("split ms/tok"))
+        .stdout(predicate::str::contains(
+            "chunked prefill: 512 queries over 4096 keys",
+        ));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (report["heads"].clone(), report["kv_heads"].clone()),
+        (4.into(), 2.into())
+    );
+    for key in ["copy_bytes_per_s", "stream_bytes_per_s"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    let rows = report["decode"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, kv) in rows.iter().zip([64, 200]) {
+        assert_eq!(row["kv_len"], kv);
+        for key in ["ms_per_token", "kv_bytes_per_s", "single_pass_ms_per_token"] {
+            assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
+        }
+        assert_eq!(row["passed"], true);
+    }
+    assert_eq!(report["chunked_prefill"]["q_len"], 512);
+    assert!(report["chunked_prefill"]["ms"].as_f64().unwrap() > 0.0);
+}
+
 /// Whether this machine's adapter runs f16 storage; without shader-f16 the f16 commands must
 /// fail with the named error instead.
 fn has_f16() -> bool {

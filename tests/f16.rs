@@ -294,11 +294,19 @@ fn f16_refusals_are_named() {
         config.clone().with_intermediates(),
     ] {
         match AttentionPlan::new(ctx, &staged, &fine) {
-            Err(e @ Error::StagedF16 { .. }) => {
+            Err(e @ Error::F16NeedsFused { .. }) => {
                 assert!(e.to_string().contains("fused kernel only"), "{e}")
             }
-            other => panic!("expected StagedF16, got {other:?}"),
+            other => panic!("expected F16NeedsFused, got {other:?}"),
         }
+    }
+    // Split-K decode stores f32: asked for by name in f16, it is refused by name.
+    let split = OperatorConfig::new(1, 2, 1, 8, 1, 64)
+        .with_precision(Precision::F16)
+        .with_path(wgpu_attention::OperatorPath::SplitK);
+    match AttentionOp::new(ctx, &split) {
+        Err(e @ Error::F16NeedsFused { .. }) => assert!(e.to_string().contains("split-K"), "{e}"),
+        other => panic!("expected F16NeedsFused, got {other:?}"),
     }
     let op_config = OperatorConfig::new(1, 1, 1, 4, 2, 2).with_precision(Precision::F16);
     let mut op = AttentionOp::new(ctx, &op_config).unwrap();

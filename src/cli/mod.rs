@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_decode;
 mod bench_precision;
 mod check;
 mod error;
@@ -42,7 +43,7 @@ pub enum Command {
     /// and write the output to another.
     Run(run::RunArgs),
     /// Sweep shapes and time the GPU against the CPU.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// Which adapter to use. The WGPU_BACKEND, WGPU_ADAPTER_NAME and WGPU_POWER_PREF variables

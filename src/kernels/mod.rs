@@ -6,6 +6,7 @@
 //! [`crate::GpuContext`] and shared by all plans on it.
 
 mod cache;
+pub(crate) mod decode;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
@@ -40,6 +41,16 @@ pub enum Kernel {
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
     Fused(fused::FusedIo),
+    /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range; with a
+    /// key-padding mask bound, or without (then 4 storage buffers).
+    DecodeSplit {
+        /// A key-padding mask is bound.
+        mask: bool,
+    },
+    /// `decode_combine.wgsl`: merges split-K partials into the output.
+    DecodeCombine,
+    /// `stream_read.wgsl`: sums a buffer with vec4 loads (the benchmark's read ceiling).
+    StreamRead,
 }
 
 /// How a kernel sees one binding.
@@ -152,6 +163,12 @@ impl Kernel {
             Kernel::WeightedSum,
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
+        all.extend([
+            Kernel::DecodeSplit { mask: true },
+            Kernel::DecodeSplit { mask: false },
+            Kernel::DecodeCombine,
+            Kernel::StreamRead,
+        ]);
         all
     }
 
@@ -163,6 +180,9 @@ impl Kernel {
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
             Kernel::Fused(_) => "fused_attention.wgsl",
+            Kernel::DecodeSplit { .. } => "decode_split.wgsl",
+            Kernel::DecodeCombine => "decode_combine.wgsl",
+            Kernel::StreamRead => "stream_read.wgsl",
         }
     }
 
@@ -180,6 +200,11 @@ impl Kernel {
                 },
                 if io.mask { "mask" } else { "no mask" },
                 if io.bias { "bias" } else { "no bias" },
+            ),
+            Kernel::DecodeSplit { mask } => format!(
+                "{} ({})",
+                self.file_name(),
+                if mask { "mask" } else { "no mask" }
             ),
             _ => self.file_name().into(),
         };
@@ -273,6 +298,12 @@ impl Kernel {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
             }
+            Kernel::DecodeSplit { mask } => files.push(if mask {
+                "decode_keys_mask.wgsl"
+            } else {
+                "decode_keys_all.wgsl"
+            }),
+            Kernel::DecodeCombine | Kernel::StreamRead => {}
         }
         files.push(self.file_name());
         files
@@ -285,6 +316,9 @@ impl Kernel {
             Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
             Kernel::Fused(_) => &fused::FusedParams::LAYOUT,
+            Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
+            Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
+            Kernel::StreamRead => &decode::StreamParams::LAYOUT,
         }
     }
 
@@ -330,6 +364,16 @@ impl Kernel {
                 .into_iter()
                 .map(|(b, rw)| (b, if rw { ReadWrite } else { Read }))
                 .collect(),
+            // q, k, v, key_mask, partials.
+            Kernel::DecodeSplit { mask: true } => numbered(&[Read, Read, Read, Read, ReadWrite]),
+            // q, k, v, partials.
+            Kernel::DecodeSplit { mask: false } => {
+                vec![(1, Read), (2, Read), (3, Read), (5, ReadWrite)]
+            }
+            // partials, out.
+            Kernel::DecodeCombine => numbered(&[Read, ReadWrite]),
+            // src, out.
+            Kernel::StreamRead => numbered(&[Read, ReadWrite]),
         };
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
@@ -342,18 +386,24 @@ impl Kernel {
             min_binding_size: None,
             uniform: None,
         }));
-        // The call's q_len and kv_len, each at a dynamic offset into a table of lengths.
+        // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
-            Kernel::Gemm(_) => None,
-            Kernel::Fused(_) => Some(7..9),
-            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => Some(4..6),
+            Kernel::Fused(_) => 7..9,
+            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
+            Kernel::DecodeSplit { .. } => 6..8,
+            Kernel::DecodeCombine => 3..4,
+            Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
         };
-        if let Some(lengths) = lengths {
+        {
             bindings.extend(lengths.map(|binding| Binding {
                 binding,
                 has_dynamic_offset: true,
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
             }));
+        }
+        if let Kernel::DecodeSplit { .. } = self {
+            // Each batch row's key count.
+            bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT));
         }
         bindings.push(CHUNK_BINDING);
         bindings
@@ -412,6 +462,11 @@ fn shader_file(name: &str) -> &'static str {
         "fused_io_out.wgsl",
         "fused_io_out_f16.wgsl",
         "fused_attention.wgsl",
+        "decode_keys_mask.wgsl",
+        "decode_keys_all.wgsl",
+        "decode_split.wgsl",
+        "decode_combine.wgsl",
+        "stream_read.wgsl",
     )
 }
 

@@ -39,6 +39,9 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
                 Kernel::WeightedSum => super::staged::sum_override_sets(limits),
                 Kernel::Fused(_) => super::fused::override_sets(limits),
+                Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
+                Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
+                Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
                 kernel,
@@ -164,7 +167,11 @@ mod tests {
                     }
                 }
             }
-            for kernel in Kernel::all() {
+            // The combine and the read ceiling have one workgroup size.
+            for kernel in Kernel::all()
+                .into_iter()
+                .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
+            {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 assert!(n >= 2, "{kernel:?}: only {n} override sets");
             }

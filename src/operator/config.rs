@@ -3,6 +3,7 @@
 
 use crate::config::KernelChoice;
 use crate::error::{Error, Result, Shape};
+use crate::kernels::decode::DecodeGeometry;
 use crate::kernels::fused::{FusedGeometry, Strides};
 use crate::precision::Precision;
 use crate::tensor::{Tensor, unravel};
@@ -15,6 +16,26 @@ pub enum QkvLayout {
     HeadMajor,
     /// `[batch, len, heads * dim]`.
     TokenMajor,
+}
+
+/// The most queries a call may have for the split-K decode kernel
+/// (`shaders/decode_split.wgsl`); [`OperatorPath::Auto`] runs it for calls up to this long.
+pub const DECODE_MAX_Q_LEN: usize = 16;
+
+/// Whether an [`AttentionOp`](super::AttentionOp) call runs split-K decode or the prefill
+/// kernels (fused or staged, as [`OperatorConfig::with_kernel`] picks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OperatorPath {
+    /// By shape: split-K decode for calls of at most [`DECODE_MAX_Q_LEN`] queries (when there
+    /// is no bias and no intermediates are kept), the prefill kernels otherwise.
+    #[default]
+    Auto,
+    /// Always the prefill kernels (for the fused one, a workgroup per block of query rows: a
+    /// "single pass" over the keys).
+    Prefill,
+    /// Always split-K decode: the keys cut across workgroups, the partial results merged by a
+    /// second pass. Needs `max_q_len <= DECODE_MAX_Q_LEN` and no bias.
+    SplitK,
 }
 
 /// Which dimensions of the bias `[batch or 1, heads or 1, q_len, kv_len]` are full; a
@@ -76,6 +97,19 @@ pub struct OperatorConfig {
     /// ([`AttentionOp::read_probabilities`](super::AttentionOp::read_probabilities)); only the
     /// staged kernels have them.
     pub keep_intermediates: bool,
+    /// Whether short calls run split-K decode ([`OperatorPath`]); `kernel` picks the kernels
+    /// of the others.
+    pub path: OperatorPath,
+    /// Key ranges split-K decode cuts the keys into; `None`: chosen from the shape and the
+    /// adapter (enough workgroups to fill it when `batch x kv_heads` does not, each split at
+    /// least 64 keys of `max_kv_len`).
+    pub splits: Option<usize>,
+    /// Each batch row has its own key count (`<=` the call's `kv_len`), read from a uniform
+    /// table (a [`KvCache`](super::KvCache)'s, bound with
+    /// [`AttentionOp::bind_cache`](super::AttentionOp::bind_cache)); causal masking is aligned
+    /// to each row's own end. Split-K decode only: needs `max_q_len <= DECODE_MAX_Q_LEN`, no
+    /// key mask and no bias.
+    pub row_lengths: bool,
     /// How Q, K, V (the KV cache) and the output are stored in the caller's buffers: f32, or
     /// f16 with f32 arithmetic (see [`crate::precision`]).
     pub precision: Precision,
@@ -108,6 +142,9 @@ impl OperatorConfig {
             kv_capacity: None,
             kernel: KernelChoice::Auto,
             keep_intermediates: false,
+            path: OperatorPath::Auto,
+            splits: None,
+            row_lengths: false,
             precision: Precision::F32,
         }
     }
@@ -141,6 +178,29 @@ impl OperatorConfig {
     pub fn with_intermediates(mut self) -> Self {
         self.keep_intermediates = true;
         self
+    }
+
+    /// Calls run this kernel.
+    pub fn with_path(mut self, path: OperatorPath) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// Split-K decode cuts the keys into `splits` ranges.
+    pub fn with_splits(mut self, splits: usize) -> Self {
+        self.splits = Some(splits);
+        self
+    }
+
+    /// Each batch row has its own key count (see [`OperatorConfig::row_lengths`]).
+    pub fn with_row_lengths(mut self) -> Self {
+        self.row_lengths = true;
+        self
+    }
+
+    /// Whether the operator builds the split-K decode kernel.
+    pub(super) fn has_decode(&self) -> bool {
+        self.path != OperatorPath::Prefill && self.bias.is_none() && !self.keep_intermediates
     }
 
     /// Value heads of another width.
@@ -225,6 +285,49 @@ impl OperatorConfig {
                 self.max_kv_len
             )));
         }
+        if self.splits == Some(0) {
+            return Err(Error::ZeroSize { name: "splits" });
+        }
+        let split_k_only = |what: &str| -> Result<()> {
+            if self.max_q_len > DECODE_MAX_Q_LEN {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} runs only split-K decode, which takes at most {DECODE_MAX_Q_LEN} \
+                     queries, but max_q_len is {}",
+                    self.max_q_len
+                )));
+            }
+            if self.bias.is_some() {
+                return Err(Error::InvalidConfig(format!(
+                    "{what} runs only split-K decode, which takes no bias"
+                )));
+            }
+            Ok(())
+        };
+        if self.path == OperatorPath::SplitK {
+            split_k_only("OperatorPath::SplitK")?;
+        }
+        if self.row_lengths {
+            split_k_only("with_row_lengths")?;
+            if self.path == OperatorPath::Prefill {
+                return Err(Error::InvalidConfig(
+                    "with_row_lengths needs split-K decode, but the path is Fused".into(),
+                ));
+            }
+            if self.batch > crate::kernels::decode::MAX_ROW_LENGTHS {
+                return Err(Error::InvalidConfig(format!(
+                    "with_row_lengths takes at most {} batch rows, not {}",
+                    crate::kernels::decode::MAX_ROW_LENGTHS,
+                    self.batch
+                )));
+            }
+            if self.key_padding_mask {
+                return Err(Error::InvalidConfig(
+                    "with_row_lengths and a key-padding mask: the decode kernel takes one of \
+                     the two (a row's key count is a mask of its first keys)"
+                        .into(),
+                ));
+            }
+        }
         if self.keep_intermediates && self.kernel == KernelChoice::Fused {
             return Err(Error::InvalidConfig(
                 "the fused kernel stores no probabilities to keep: use KernelChoice::Staged \
@@ -252,6 +355,26 @@ impl OperatorConfig {
     /// The output's shape for a call of `q_len` queries.
     pub fn output_shape(&self, q_len: usize) -> Vec<usize> {
         self.shape(self.heads, q_len, self.head_dim_v)
+    }
+
+    pub(super) fn decode_geometry(&self, splits: u32) -> DecodeGeometry {
+        let g = self.geometry();
+        DecodeGeometry {
+            batch: g.batch,
+            heads: g.heads,
+            kv_heads: g.kv_heads,
+            head_dim: g.head_dim,
+            head_dim_v: g.head_dim_v,
+            causal: g.causal,
+            mask: self.key_padding_mask,
+            row_lengths: self.row_lengths,
+            scale: g.scale,
+            splits,
+            q: g.q,
+            k: g.k,
+            v: g.v,
+            out: g.out,
+        }
     }
 
     fn strides(&self, heads: usize, width: usize) -> Strides {

@@ -42,12 +42,19 @@
 //! dtype=torch.bool).tril(kv_len - q_len), enable_gqa=True)`.
 //! A query with no key to attend (all masked) gets zeros.
 
+mod combine;
 mod config;
 mod core;
+mod decode;
+mod kv_cache;
 mod lengths;
 mod tune;
 
-pub use config::{BiasShape, Lengths, OperatorConfig, OperatorInputs, QkvLayout};
+pub use combine::{CombineBindings, CombinePartials};
+pub use config::{
+    BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorInputs, OperatorPath, QkvLayout,
+};
+pub use kv_cache::KvCache;
 
 use self::core::LengthTable;
 pub(crate) use core::{Core, StagedCore};
@@ -87,8 +94,10 @@ pub struct OperatorIo<'a> {
 #[derive(Debug)]
 pub struct OperatorBindings {
     op: u64,
-    /// One per kernel, in dispatch order.
+    /// One per kernel of the prefill path, in dispatch order.
     groups: Vec<wgpu::BindGroup>,
+    /// The split-K decode pass's and its combine's, where the operator has that path.
+    decode: Option<[wgpu::BindGroup; 2]>,
 }
 
 /// The kernels an operator runs.
@@ -96,6 +105,16 @@ pub struct OperatorBindings {
 enum Path {
     Fused(Core),
     Staged(StagedCore),
+}
+
+impl Path {
+    /// The table of lengths the path's kernels, and split-K decode beside them, read.
+    fn lengths(&self) -> &LengthTable {
+        match self {
+            Path::Fused(core) => &core.lengths,
+            Path::Staged(core) => &core.lengths,
+        }
+    }
 }
 
 /// One step of a call: a kernel's dispatch (its index in the path and its work), or `None` for
@@ -137,6 +156,7 @@ pub struct AttentionOp {
     config: OperatorConfig,
     id: u64,
     path: Path,
+    decode: Option<decode::DecodeCore>,
     chunks: ChunkTable,
     /// The lengths of the last [`AttentionOp::run`], for reading its probabilities back.
     last: Option<Lengths>,
@@ -190,7 +210,7 @@ impl AttentionOp {
         let geometry = config.geometry();
         let chosen = choose_kernel(config, &limits)?;
         if config.precision == Precision::F16 && chosen == KernelChoice::Staged {
-            return Err(Error::StagedF16 {
+            return Err(Error::F16NeedsFused {
                 why: if config.kernel == KernelChoice::Staged {
                     "the operator's staged kernels were chosen".into()
                 } else {
@@ -205,6 +225,33 @@ impl AttentionOp {
             _ => Path::Staged(
                 StagedCore::new(ctx, geometry, 0, max_q, max_kv, config.keep_intermediates).await?,
             ),
+        };
+        // Auto takes split-K only where the device allows its storage buffers (4, 5 with a
+        // mask); asked for by name (SplitK, row lengths), it is refused by name there.
+        let decode_fits = crate::kernels::Kernel::DecodeSplit {
+            mask: config.key_padding_mask,
+        }
+        .storage_buffers()
+            <= limits.max_storage_buffers_per_shader_stage;
+        // Split-K decode stores f32 only: f16 calls of any length run the fused kernel, and
+        // asking for split-K in f16 is refused by name.
+        if config.precision == Precision::F16
+            && (config.path == OperatorPath::SplitK || config.row_lengths)
+        {
+            return Err(Error::F16NeedsFused {
+                why: "split-K decode was asked for (OperatorPath::SplitK or per-row lengths), \
+                      and its kernels store f32"
+                    .into(),
+            });
+        }
+        let decode = if config.has_decode()
+            && config.precision == Precision::F32
+            && (decode_fits || config.path == OperatorPath::SplitK || config.row_lengths)
+        {
+            let max_q = max_q.min(DECODE_MAX_Q_LEN as u32);
+            Some(decode::DecodeCore::new(ctx, config, max_q, max_kv).await?)
+        } else {
+            None
         };
         let device = ctx.device();
         let own = scoped_async(device, "creating the operator's buffers", || {
@@ -238,6 +285,8 @@ impl AttentionOp {
             device,
             id,
             &path,
+            decode.as_ref(),
+            None,
             OperatorIo {
                 q: &own.q,
                 k: &own.k,
@@ -253,6 +302,7 @@ impl AttentionOp {
             config: config.clone(),
             id,
             path,
+            decode,
             chunks: ctx.kernels().chunks().await?,
             last: None,
             max_per_dim: limits.max_compute_workgroups_per_dimension,
@@ -308,6 +358,85 @@ impl AttentionOp {
 
     /// The async form of [`AttentionOp::bind`].
     pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        if self.config.row_lengths {
+            return Err(Error::BadBuffer {
+                name: "row_lengths",
+                problem: "the configuration has per-row lengths: bind a KvCache with \
+                          AttentionOp::bind_cache"
+                    .into(),
+            });
+        }
+        self.check_io(io)?;
+        make_groups(
+            self.ctx.device(),
+            self.id,
+            &self.path,
+            self.decode.as_ref(),
+            None,
+            io,
+        )
+        .await
+    }
+
+    /// Makes the bind group that ties this operator to a [`KvCache`] (its K, V and, with
+    /// [`OperatorConfig::with_row_lengths`], its per-row lengths) and the application's query
+    /// and output buffers. The cache must match the configuration: batch, kv heads, head
+    /// widths, head-major, and a capacity equal to the configuration's `kv_capacity`.
+    pub fn bind_cache(
+        &self,
+        q: &wgpu::Buffer,
+        cache: &KvCache,
+        out: &wgpu::Buffer,
+    ) -> Result<OperatorBindings> {
+        let _device = self.ctx.kernels().exclusive();
+        let c = &self.config;
+        let wanted = [
+            ("batch", c.batch, cache.batch()),
+            ("kv_heads", c.kv_heads, cache.kv_heads()),
+            ("head_dim", c.head_dim, cache.head_dim()),
+            ("head_dim_v", c.head_dim_v, cache.head_dim_v()),
+            ("kv_capacity", c.kv_capacity.unwrap_or(0), cache.capacity()),
+        ];
+        for (what, config, given) in wanted {
+            if config != given {
+                return Err(Error::InvalidConfig(format!(
+                    "the KV cache has {what} {given}, the operator {config} (build the operator \
+                     with the cache's shape: KvCache::operator_config)"
+                )));
+            }
+        }
+        if c.layout != QkvLayout::HeadMajor {
+            return Err(Error::InvalidConfig(
+                "a KvCache is head-major; the operator is token-major".into(),
+            ));
+        }
+        let io = OperatorIo {
+            q,
+            k: cache.k(),
+            v: cache.v(),
+            key_mask: None,
+            bias: None,
+            out,
+        };
+        if c.key_padding_mask || c.bias.is_some() {
+            return Err(Error::InvalidConfig(
+                "bind_cache binds no key mask or bias; use bind with the cache's buffers".into(),
+            ));
+        }
+        self.check_io(io)?;
+        let row_lengths = c.row_lengths.then(|| cache.row_lengths());
+        pollster::block_on(make_groups(
+            self.ctx.device(),
+            self.id,
+            &self.path,
+            self.decode.as_ref(),
+            row_lengths,
+            io,
+        ))
+    }
+
+    /// Checks each of an application's buffers (usage, size for the maximum lengths).
+    fn check_io(&self, io: OperatorIo<'_>) -> Result<()> {
         let [q, k, v, out, mask, bias] = self.config.max_elements();
         // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
         let e = self.config.precision.bytes();
@@ -345,7 +474,32 @@ impl AttentionOp {
                 (false, None) => {}
             }
         }
-        make_groups(self.ctx.device(), self.id, &self.path, io).await
+        Ok(())
+    }
+
+    /// The tables split-K decode's record reads.
+    fn tables(&self) -> decode::Tables<'_> {
+        decode::Tables {
+            lengths: self.path.lengths(),
+            chunks: &self.chunks,
+            max_per_dim: self.max_per_dim,
+        }
+    }
+
+    /// Whether a call of `q_len` queries runs split-K decode.
+    fn uses_decode(&self, q_len: usize) -> bool {
+        self.decode.is_some()
+            && match self.config.path {
+                OperatorPath::Auto => q_len <= DECODE_MAX_Q_LEN,
+                OperatorPath::SplitK => true,
+                OperatorPath::Prefill => false,
+            }
+    }
+
+    /// The number of key ranges split-K decode cuts the keys into (`None` where the operator
+    /// has no decode path: a bias, kept intermediates, or [`OperatorPath::Prefill`]).
+    pub fn splits(&self) -> Option<usize> {
+        self.decode.as_ref().map(|d| d.geometry.splits as usize)
     }
 
     /// Records one call into `encoder`: `lengths.q_len` queries over `lengths.kv_len` keys,
@@ -420,6 +574,17 @@ impl AttentionOp {
                  this one was not (GpuContext::has_timestamps is false)"
                     .into(),
             ));
+        }
+        if self.uses_decode(lengths.q_len)
+            && let (Some(decode), Some(groups)) = (&self.decode, &bindings.decode)
+        {
+            return decode.record(
+                encoder,
+                groups,
+                self.tables(),
+                (lengths.q_len as u32, lengths.kv_len as u32),
+                timestamps,
+            );
         }
         let steps = self.call_steps(lengths);
         let pieces = steps
@@ -580,6 +745,12 @@ impl AttentionOp {
         let ctx = self.ctx.clone();
         let _device = ctx.kernels().exclusive();
         let start = std::time::Instant::now();
+        if self.config.row_lengths {
+            return Err(Error::InvalidConfig(
+                "`run` has no per-row lengths: bind a KvCache with bind_cache and record encode"
+                    .into(),
+            ));
+        }
         let lengths = inputs.validate(&self.config)?;
         let p = self.config.precision;
         if p == Precision::F16 {
@@ -599,8 +770,11 @@ impl AttentionOp {
         let flops: f64 = work.iter().flatten().map(|w| w.flops).sum();
         let subs = submissions(&work, 0..work.len(), budget, self.max_per_dim)?;
         let (device, queue) = (self.ctx.device().clone(), self.ctx.queue().clone());
-        let last_sub = subs.len() - 1;
-        for (n, pieces) in subs.iter().enumerate() {
+        // Split-K decode reads K and V once and is short: one submission.
+        let decode = self.uses_decode(lengths.q_len);
+        let (q_len, kv_len) = (lengths.q_len as u32, lengths.kv_len as u32);
+        let last_sub = if decode { 0 } else { subs.len() - 1 };
+        for (n, pieces) in subs.iter().enumerate().take(last_sub + 1) {
             let last = n == last_sub;
             scoped(&device, "running the attention operator", || {
                 let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -609,14 +783,19 @@ impl AttentionOp {
                 if n == 0 {
                     self.upload(&mut encoder, inputs);
                 }
-                self.record(
-                    &mut encoder,
-                    &self.own_bindings.groups,
-                    lengths,
-                    &steps,
-                    pieces,
-                    None,
-                );
+                if decode && let (Some(d), Some(groups)) = (&self.decode, &self.own_bindings.decode)
+                {
+                    d.record(&mut encoder, groups, self.tables(), (q_len, kv_len), None)?;
+                } else {
+                    self.record(
+                        &mut encoder,
+                        &self.own_bindings.groups,
+                        lengths,
+                        &steps,
+                        pieces,
+                        None,
+                    );
+                }
                 if last {
                     encoder.copy_buffer_to_buffer(
                         &self.own.out,
@@ -630,7 +809,8 @@ impl AttentionOp {
                 if n == 0 {
                     self.own.belt.recall();
                 }
-            })?;
+                Ok::<(), Error>(())
+            })??;
             if !last {
                 device.poll(wgpu::PollType::wait_indefinitely())?;
             }
@@ -837,9 +1017,20 @@ async fn make_groups(
     device: &wgpu::Device,
     op: u64,
     path: &Path,
+    decode: Option<&decode::DecodeCore>,
+    row_lengths: Option<&wgpu::Buffer>,
     io: OperatorIo<'_>,
 ) -> Result<OperatorBindings> {
-    let groups = scoped_async(device, "binding the operator's buffers", || {
+    let (groups, decode) = scoped_async(device, "binding the operator's buffers", || {
+        let decode = decode.map(|d| {
+            d.groups(
+                device,
+                path.lengths(),
+                [io.q, io.k, io.v, io.out],
+                io.key_mask,
+                row_lengths,
+            )
+        });
         // Each buffer at its binding in the pipeline's group 0, then the two lengths.
         let group = |pipeline: &Pipeline, buffers: &[&wgpu::Buffer], lengths: &LengthTable| {
             let resources = buffers
@@ -859,7 +1050,7 @@ async fn make_groups(
                 entries: &entries,
             })
         };
-        match path {
+        let groups = match path {
             Path::Fused(core) => {
                 // The variant binds a mask and a bias only when the operator has them (`bind`
                 // checked that the buffers match the configuration).
@@ -896,8 +1087,9 @@ async fn make_groups(
                     ),
                 ]
             }
-        }
+        };
+        (groups, decode)
     })
     .await?;
-    Ok(OperatorBindings { op, groups })
+    Ok(OperatorBindings { op, groups, decode })
 }

@@ -157,7 +157,7 @@ impl AttentionPlan {
             layout.kernel = KernelChoice::Staged;
         }
         if config.precision == Precision::F16 && layout.kernel == KernelChoice::Staged {
-            return Err(Error::StagedF16 {
+            return Err(Error::F16NeedsFused {
                 why: if config.kernel == KernelChoice::Staged {
                     "the staged kernels were chosen".into()
                 } else {

@@ -376,7 +376,7 @@ mod bound;
 mod operator;
 
 pub use bound::{error_bound, operator_error_bound, output_row_bounds};
-pub use operator::{operator, operator_probs};
+pub use operator::{cache_step, operator, operator_probs};
 
 /// Refuses a requested (batch row, token) outside the layer, naming it.
 fn check_rows(config: &AttentionConfig, rows: &[(usize, usize)]) -> Result<()> {

@@ -125,3 +125,72 @@ pub(super) fn stored_qkv(
         round("v", &inputs.v)?,
     ))
 }
+
+/// The f64 reference of one step of attention over a KV cache ([`crate::KvCache`]) whose batch
+/// rows hold different numbers of tokens: for each row `b`, its `q_len` queries `q[b]` are the
+/// LAST `q_len` of its `lens[b]` tokens and attend its first `lens[b]` keys and values (causal
+/// masking, if `config.causal`, aligned to the row's own end), exactly as
+/// [`operator`] on that row alone. `q` is `[batch, heads, q_len, head_dim]`; `k` and `v` are
+/// the cache's contents `[batch, kv_heads, capacity, head_dim(_v)]` (tokens past a row's
+/// length are ignored). `config` gives the heads, widths, scale and masking; its lengths,
+/// capacity and path are not used.
+pub fn cache_step(
+    config: &crate::operator::OperatorConfig,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens: &[usize],
+) -> Result<Tensor> {
+    use crate::error::Error;
+    use crate::operator::{OperatorConfig, OperatorInputs};
+    let (batch, heads, kv_heads) = (config.batch, config.heads, config.kv_heads);
+    let (d, dv) = (config.head_dim, config.head_dim_v);
+    let q_len = q.shape().get(2).copied().unwrap_or(0);
+    let capacity = k.shape().get(2).copied().unwrap_or(0);
+    for (name, t, expected) in [
+        ("q", q, [batch, heads, q_len, d]),
+        ("k", k, [batch, kv_heads, capacity, d]),
+        ("v", v, [batch, kv_heads, capacity, dv]),
+    ] {
+        if t.shape() != expected {
+            return Err(Error::shape(name, &expected, t.shape()));
+        }
+    }
+    if lens.len() != batch {
+        return Err(Error::shape("lens", &[batch], &[lens.len()]));
+    }
+    let mut out = Vec::with_capacity(batch * heads * q_len * dv);
+    for (b, &len) in lens.iter().enumerate() {
+        if len > capacity {
+            return Err(Error::LengthPastMaximum {
+                name: "lens",
+                len,
+                max: capacity,
+            });
+        }
+        let rows = |t: &Tensor, hs: usize, w: usize| -> Result<Tensor> {
+            let mut data = Vec::with_capacity(hs * len * w);
+            for h in 0..hs {
+                let at = (b * hs + h) * capacity * w;
+                data.extend_from_slice(&t.data()[at..at + len * w]);
+            }
+            Tensor::new([1, hs, len, w], data)
+        };
+        let qb = &q.data()[b * heads * q_len * d..(b + 1) * heads * q_len * d];
+        let row_config = OperatorConfig {
+            batch: 1,
+            max_q_len: q_len.max(1),
+            max_kv_len: len.max(1),
+            kv_capacity: None,
+            row_lengths: false,
+            ..config.clone()
+        };
+        let inputs = OperatorInputs::new(
+            Tensor::new([1, heads, q_len, d], qb.to_vec())?,
+            rows(k, kv_heads, d)?,
+            rows(v, kv_heads, dv)?,
+        );
+        out.extend_from_slice(operator(&row_config, &inputs)?.data());
+    }
+    Tensor::new([batch, heads, q_len, dv], out)
+}

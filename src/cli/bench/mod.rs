@@ -46,12 +46,12 @@ pub struct BenchArgs {
     /// Batch rows.
     #[arg(long, default_value_t = 1, value_parser = positive)]
     pub batch: usize,
-    /// Attention heads.
-    #[arg(long, default_value_t = 8, value_parser = positive)]
-    pub heads: usize,
-    /// Width of each head (queries, keys and values).
-    #[arg(long, default_value_t = 64, value_parser = positive)]
-    pub head_dim: usize,
+    /// Attention heads [default: 8; 32 with --decode].
+    #[arg(long, value_parser = positive)]
+    pub heads: Option<usize>,
+    /// Width of each head (queries, keys and values) [default: 64; 128 with --decode].
+    #[arg(long, value_parser = positive)]
+    pub head_dim: Option<usize>,
     /// Width of the tokens and of the output projection [default: heads * head_dim].
     #[arg(long, value_parser = positive)]
     pub d_model: Option<usize>,
@@ -122,6 +122,9 @@ pub struct BenchArgs {
     /// --causal, --warmup and --repeats.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     pub precision: PrecisionArg,
+    /// The decode sweep (`--decode`) in place of the layer's.
+    #[command(flatten)]
+    pub decode: super::bench_decode::DecodeArgs,
 }
 
 impl BenchArgs {
@@ -129,8 +132,8 @@ impl BenchArgs {
     pub fn quick_default() -> Self {
         BenchArgs {
             batch: 1,
-            heads: 8,
-            head_dim: 64,
+            heads: None,
+            head_dim: None,
             d_model: None,
             seq_start: 64,
             seq_max: Some(512),
@@ -149,13 +152,26 @@ impl BenchArgs {
             csv: None,
             plot: None,
             precision: PrecisionArg::F32,
+            decode: Default::default(),
         }
+    }
+
+    /// Attention heads: as given, else 8 (32 for the decode sweep).
+    pub fn heads(&self) -> usize {
+        self.heads
+            .unwrap_or(if self.decode.decode { 32 } else { 8 })
+    }
+
+    /// Head width: as given, else 64 (128 for the decode sweep).
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(if self.decode.decode { 128 } else { 64 })
     }
 
     /// Refuses, before any data is made, a length whose input alone exceeds the adapter's
     /// largest buffer: `--seq 4294967297` used to abort allocating 68 GB on the CPU.
     fn check_sizes(&self, lengths: &[usize], limits: &wgpu::Limits) -> Result<(), CliError> {
-        let d_model = self.d_model.unwrap_or(self.heads * self.head_dim);
+        let d_model = self.d_model.unwrap_or(self.heads() * self.head_dim());
         let largest = limits
             .max_buffer_size
             .min(limits.max_storage_buffer_binding_size);
@@ -187,9 +203,10 @@ impl BenchArgs {
     }
 
     pub(super) fn config(&self, seq: usize) -> AttentionConfig {
-        let d_model = self.d_model.unwrap_or(self.heads * self.head_dim);
-        let mut config = AttentionConfig::new(self.batch, seq, d_model, self.heads, self.head_dim)
-            .with_output_projection(d_model);
+        let d_model = self.d_model.unwrap_or(self.heads() * self.head_dim());
+        let mut config =
+            AttentionConfig::new(self.batch, seq, d_model, self.heads(), self.head_dim())
+                .with_output_projection(d_model);
         config.causal = self.causal;
         config
     }
@@ -325,7 +342,18 @@ pub fn main(
     progress: &MultiProgress,
 ) -> Result<(), CliError> {
     if args.precision != PrecisionArg::F32 {
+        if args.decode.decode {
+            return Err(CliError::Usage(
+                "--decode runs split-K decode, whose kernels store f32 only so far: f16 \
+                 decoding runs on the fused kernel (bench --precision both times it per \
+                 length); drop --precision or --decode"
+                    .into(),
+            ));
+        }
         return super::bench_precision::main(adapter, args, args.precision, progress);
+    }
+    if args.decode.decode {
+        return super::bench_decode::main(adapter, args);
     }
     // The sweep reaches past wgpu's portable defaults where the adapter allows.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
@@ -361,9 +389,9 @@ pub fn main(
             "wall clock per stage"
         },
         batch: args.batch,
-        heads: args.heads,
-        head_dim: args.head_dim,
-        d_model: args.d_model.unwrap_or(args.heads * args.head_dim),
+        heads: args.heads(),
+        head_dim: args.head_dim(),
+        d_model: args.d_model.unwrap_or(args.heads() * args.head_dim()),
         causal: args.causal,
         warmup: args.warmup,
         repeats: args.repeats,

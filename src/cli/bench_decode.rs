@@ -1,0 +1,355 @@
+//! `wgpu-attention bench --decode`: one new token over a sweep of cached key counts, split-K
+//! against the single-pass fused kernel, judged against the adapter's copy bandwidth and
+//! streaming-read rate measured in the same run; and one chunked-prefill row.
+
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+use wgpu::util::DeviceExt;
+use wgpu_attention::{
+    AttentionOp, DeviceLimits, GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo,
+    OperatorPath, Random, Tensor, Tolerance, ceiling, compare, reference,
+};
+
+use super::bench::BenchArgs;
+use super::{AdapterArgs, CliError};
+
+/// The decode sweep's own arguments (with `--heads`, `--head-dim`, `--batch`, `--warmup`,
+/// `--repeats` and `--json` of `bench`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct DecodeArgs {
+    /// Time decoding instead of the layer: one new token (q_len 1) over a KV cache of each
+    /// `--kv-len`, split-K against the single-pass fused kernel, beside the adapter's copy
+    /// bandwidth and streaming-read rate; plus a chunked prefill (512 queries over 4096 keys).
+    #[arg(long)]
+    pub decode: bool,
+    /// Cached keys per row for `--decode` [default: 1024,4096].
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_parser = positive)]
+    pub kv_len: Vec<usize>,
+    /// Key/value heads for `--decode` [default: heads / 4].
+    #[arg(long, value_parser = positive)]
+    pub kv_heads: Option<usize>,
+    /// Skip the chunked-prefill row of `--decode`.
+    #[arg(long)]
+    pub no_prefill: bool,
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// One `kv_len` of the decode sweep.
+#[derive(Debug, Serialize)]
+pub struct DecodeRow {
+    /// Cached keys per row.
+    pub kv_len: usize,
+    /// Split-K: median milliseconds per token (one step: split and combine passes).
+    pub ms_per_token: f64,
+    /// Split-K: K and V bytes read per second.
+    pub kv_bytes_per_s: f64,
+    /// Key ranges split-K used.
+    pub splits: usize,
+    /// The single-pass fused kernel: median milliseconds per token.
+    pub single_pass_ms_per_token: f64,
+    /// The single-pass fused kernel: K and V bytes read per second.
+    pub single_pass_kv_bytes_per_s: f64,
+    /// Split-K's largest absolute error against the f64 reference.
+    pub max_abs_error: f64,
+    /// Whether split-K passed the f32 tolerance against the reference.
+    pub passed: bool,
+}
+
+/// The chunked-prefill row: `q_len` new tokens over `kv_len` keys, causal, as `Auto` runs it.
+#[derive(Debug, Serialize)]
+pub struct PrefillRow {
+    /// New tokens.
+    pub q_len: usize,
+    /// Keys (cached and new).
+    pub kv_len: usize,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    /// Milliseconds per new token.
+    pub ms_per_token: f64,
+}
+
+/// Everything `--decode` measured.
+#[derive(Debug, Serialize)]
+pub struct DecodeReport {
+    /// The adapter's name.
+    pub adapter: String,
+    /// Its backend.
+    pub backend: String,
+    /// Its type (a CPU driver, a discrete GPU, ...).
+    pub device_type: String,
+    /// Batch rows.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Head width.
+    pub head_dim: usize,
+    /// Timed steps per row (the median is reported).
+    pub repeats: u32,
+    /// `copy_buffer_to_buffer` bandwidth, bytes per second.
+    pub copy_bytes_per_s: f64,
+    /// A vec4 streaming-read kernel's rate, bytes per second.
+    pub stream_bytes_per_s: f64,
+    /// Bytes the two ceilings moved (the largest row's K and V).
+    pub ceiling_bytes: u64,
+    /// One row per `kv_len`.
+    pub decode: Vec<DecodeRow>,
+    /// The chunked-prefill row, unless skipped.
+    pub chunked_prefill: Option<PrefillRow>,
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+/// The application's buffers of one shape, filled from host tensors.
+struct Buffers {
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    out: wgpu::Buffer,
+}
+
+impl Buffers {
+    fn new(device: &wgpu::Device, inputs: &OperatorInputs, out_elements: usize) -> Self {
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        let init = |t: &Tensor| {
+            let mut data = t.data().to_vec();
+            data.resize(data.len().next_multiple_of(4), 0.0);
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: None,
+                contents: bytemuck::cast_slice(&data),
+                usage,
+            })
+        };
+        Buffers {
+            q: init(&inputs.q),
+            k: init(&inputs.k),
+            v: init(&inputs.v),
+            out: device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: (out_elements * 4).next_multiple_of(16) as u64,
+                usage,
+                mapped_at_creation: false,
+            }),
+        }
+    }
+
+    fn io(&self) -> OperatorIo<'_> {
+        OperatorIo {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            key_mask: None,
+            bias: None,
+            out: &self.out,
+        }
+    }
+}
+
+/// Median seconds of one call of `op` at `lengths` on `buffers`, each submission waited for.
+fn time_op(
+    ctx: &GpuContext,
+    op: &AttentionOp,
+    buffers: &Buffers,
+    lengths: Lengths,
+    warmup: usize,
+    repeats: u32,
+) -> Result<f64, CliError> {
+    let bindings = op.bind(buffers.io())?;
+    let (device, queue) = (ctx.device(), ctx.queue());
+    let mut samples = Vec::new();
+    for r in 0..warmup + repeats as usize {
+        let start = Instant::now();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        op.encode(&mut encoder, &bindings, lengths)?;
+        queue.submit([encoder.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(wgpu_attention::Error::from)?;
+        if r >= warmup {
+            samples.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(samples))
+}
+
+pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
+    let ctx = adapter.context(DeviceLimits::Adapter)?;
+    let info = ctx.adapter_info().clone();
+    let (batch, heads, d) = (args.batch, args.heads(), args.head_dim());
+    let kv_heads = args.decode.kv_heads.unwrap_or((heads / 4).max(1));
+    let kv_lens = if args.decode.kv_len.is_empty() {
+        vec![1024, 4096]
+    } else {
+        args.decode.kv_len.clone()
+    };
+    let kv_bytes = |kv: usize| (batch * kv_heads * kv * 2 * d * 4) as u64;
+    let largest = kv_lens.iter().copied().max().unwrap_or(1);
+    let ceiling_bytes = kv_bytes(largest);
+    let repeats = args.repeats as usize;
+    eprintln!("measuring the copy and streaming-read ceilings on {ceiling_bytes} bytes...");
+    let copy = ceiling::copy_bytes_per_s(&ctx, ceiling_bytes, repeats)?;
+    let stream = ceiling::stream_bytes_per_s(&ctx, ceiling_bytes, repeats)?;
+    let mut rng = Random::new(1);
+    let mut rows = Vec::new();
+    for &kv in &kv_lens {
+        eprintln!("kv_len {kv}...");
+        let inputs = OperatorInputs::new(
+            rng.tensor([batch, heads, 1, d], 1.0)?,
+            rng.tensor([batch, kv_heads, kv, d], 1.0)?,
+            rng.tensor([batch, kv_heads, kv, d], 1.0)?,
+        );
+        let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * d);
+        let base = OperatorConfig::new(batch, heads, kv_heads, d, 1, kv).causal();
+        let split = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
+        let single = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::Prefill))?;
+        let lengths = Lengths {
+            q_len: 1,
+            kv_len: kv,
+        };
+        let t_split = time_op(&ctx, &split, &buffers, lengths, args.warmup, args.repeats)?;
+        let t_single = time_op(&ctx, &single, &buffers, lengths, args.warmup, args.repeats)?;
+        // The figures count only if the answer is right: split-K's output against the f64
+        // reference (the op's own run, on its own copies of the same inputs).
+        let mut check = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
+        let gpu = check.run(&inputs)?;
+        let cpu = reference::operator(&base, &inputs)?;
+        let cmp = compare(&gpu, &cpu, Tolerance::F32)?;
+        rows.push(DecodeRow {
+            kv_len: kv,
+            ms_per_token: t_split * 1e3,
+            kv_bytes_per_s: kv_bytes(kv) as f64 / t_split,
+            splits: split.splits().unwrap_or(1),
+            single_pass_ms_per_token: t_single * 1e3,
+            single_pass_kv_bytes_per_s: kv_bytes(kv) as f64 / t_single,
+            max_abs_error: cmp.max_abs,
+            passed: cmp.passed(),
+        });
+    }
+    let chunked_prefill = if args.decode.no_prefill {
+        None
+    } else {
+        let (q_len, kv) = (512, 4096);
+        eprintln!("chunked prefill: {q_len} queries over {kv} keys...");
+        let inputs = OperatorInputs::new(
+            rng.tensor([batch, heads, q_len, d], 1.0)?,
+            rng.tensor([batch, kv_heads, kv, d], 1.0)?,
+            rng.tensor([batch, kv_heads, kv, d], 1.0)?,
+        );
+        let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * q_len * d);
+        let config = OperatorConfig::new(batch, heads, kv_heads, d, q_len, kv).causal();
+        let op = AttentionOp::new(&ctx, &config)?;
+        let t = time_op(
+            &ctx,
+            &op,
+            &buffers,
+            Lengths { q_len, kv_len: kv },
+            1,
+            args.repeats.min(3),
+        )?;
+        Some(PrefillRow {
+            q_len,
+            kv_len: kv,
+            ms: t * 1e3,
+            ms_per_token: t * 1e3 / q_len as f64,
+        })
+    };
+    let report = DecodeReport {
+        adapter: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        batch,
+        heads,
+        kv_heads,
+        head_dim: d,
+        repeats: args.repeats,
+        copy_bytes_per_s: copy,
+        stream_bytes_per_s: stream,
+        ceiling_bytes,
+        decode: rows,
+        chunked_prefill,
+    };
+    print_table(&report);
+    if let Some(path) = &args.json {
+        let file = std::fs::File::create(path).map_err(|e| CliError::File {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &report).map_err(|e| {
+            CliError::File {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    }
+    if let Some(bad) = report.decode.iter().find(|r| !r.passed) {
+        return Err(CliError::Mismatch(format!(
+            "split-K decode at kv_len {} is off the f64 reference by {:e}: the timings above \
+             are of a wrong answer",
+            bad.kv_len, bad.max_abs_error
+        )));
+    }
+    Ok(())
+}
+
+fn print_table(r: &DecodeReport) {
+    let gb = |x: f64| x / 1e9;
+    println!(
+        "decode on {} ({}, {}): batch {}, {} query heads over {} kv heads of {}, q_len 1, \
+         median of {}",
+        r.adapter, r.backend, r.device_type, r.batch, r.heads, r.kv_heads, r.head_dim, r.repeats
+    );
+    println!(
+        "ceilings ({} MB): copy_buffer_to_buffer {:.2} GB/s, streaming read (vec4) {:.2} GB/s",
+        r.ceiling_bytes / 1_000_000,
+        gb(r.copy_bytes_per_s),
+        gb(r.stream_bytes_per_s)
+    );
+    println!(
+        "{:>8} {:>7} {:>12} {:>9} {:>8} {:>8} {:>14} {:>9} {:>8} {:>10}",
+        "kv_len",
+        "splits",
+        "split ms/tok",
+        "K/V GB/s",
+        "/stream",
+        "/copy",
+        "single ms/tok",
+        "K/V GB/s",
+        "speedup",
+        "max err"
+    );
+    for row in &r.decode {
+        println!(
+            "{:>8} {:>7} {:>12.3} {:>9.2} {:>8.2} {:>8.2} {:>14.3} {:>9.2} {:>8.2} {:>10.2e}",
+            row.kv_len,
+            row.splits,
+            row.ms_per_token,
+            gb(row.kv_bytes_per_s),
+            row.kv_bytes_per_s / r.stream_bytes_per_s,
+            row.kv_bytes_per_s / r.copy_bytes_per_s,
+            row.single_pass_ms_per_token,
+            gb(row.single_pass_kv_bytes_per_s),
+            row.single_pass_ms_per_token / row.ms_per_token,
+            row.max_abs_error
+        );
+    }
+    if let Some(p) = &r.chunked_prefill {
+        println!(
+            "chunked prefill: {} queries over {} keys (causal, Auto = fused): {:.1} ms, {:.3} \
+             ms per token",
+            p.q_len, p.kv_len, p.ms, p.ms_per_token
+        );
+    }
+}
