@@ -44,6 +44,9 @@
 //                                    or fused_io_out_f16.wgsl for f16 storage)
 //   7  lq        uniform, dynamic    Len: q_len
 //   8  lkv       uniform, dynamic    Len: kv_len
+//   9  lse       storage, read_write f32 [batch, heads, q_len]: each row's logsumexp, for the
+//                                    backward (fused_io_lse.wgsl, when gradients are wanted;
+//                                    absent with fused_io_no_lse.wgsl)
 // With packed Q/K/V and no bias the layer binds three storage buffers: within the four per
 // shader stage that downlevel devices allow.
 //
@@ -510,5 +513,22 @@ fn main(
         // A query with nothing to attend has l = 0 and o = 0: its output is zero.
         let o_r = scale_row(row_of(o, r), select(0.0, 1.0 / l, l > 0.0));
         store_row(mat, i0 + r, tx, o_r);
+    }
+    // The row logsumexp for the backward (fused_io_lse.wgsl; a call that compiles to nothing
+    // with fused_io_no_lse.wgsl), in the units of the logits x = scale s + bias: the running
+    // maximum m is over unscaled scores times the scale's sign without a bias, so
+    // lse = |scale| m + ln l; over the logits with one, so lse = m + ln l. A row with no key
+    // (l = 0) gets LOWEST.
+    if (tx == 0u) {
+        let unit = select(abs(p.scale), 1.0, HAS_BIAS);
+        for (var r = 0u; r < 8u; r++) {
+            if (i0 + r < rows) {
+                let m = select(m_hi[r % 4u], m_lo[r % 4u], r < 4u);
+                let l = select(l_hi[r % 4u], l_lo[r % 4u], r < 4u);
+                let at = row_at(mat, i0 + r);
+                let row = (at.b * p.kv_heads * p.group + at.h) * lq.n + at.i;
+                store_lse(row, select(LOWEST, unit * m + log(l), l > 0.0));
+            }
+        }
     }
 }

@@ -96,8 +96,9 @@ pub use cpu::{AttentionShape, CpuAttention};
 pub use error::{Error, Result, Shape};
 pub use kernels::Autotune;
 pub use operator::{
-    AttentionOp, BiasShape, CombineBindings, CombinePartials, DECODE_MAX_Q_LEN, KvCache, Lengths,
-    OperatorBindings, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
+    AttentionOp, BackwardBindings, BackwardIo, BiasShape, CombineBindings, CombinePartials,
+    DECODE_MAX_Q_LEN, KvCache, Lengths, OperatorBindings, OperatorConfig, OperatorGrads,
+    OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
 pub use precision::Precision;

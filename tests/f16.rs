@@ -308,6 +308,13 @@ fn f16_refusals_are_named() {
         Err(e @ Error::F16NeedsFused { .. }) => assert!(e.to_string().contains("split-K"), "{e}"),
         other => panic!("expected F16NeedsFused, got {other:?}"),
     }
+    // So is the backward.
+    let mut grads = OperatorConfig::new(1, 1, 1, 4, 2, 2).with_precision(Precision::F16);
+    grads.gradients = true;
+    match AttentionOp::new(ctx, &grads) {
+        Err(e @ Error::F16NeedsFused { .. }) => assert!(e.to_string().contains("backward"), "{e}"),
+        other => panic!("expected F16NeedsFused, got {other:?}"),
+    }
     let op_config = OperatorConfig::new(1, 1, 1, 4, 2, 2).with_precision(Precision::F16);
     let mut op = AttentionOp::new(ctx, &op_config).unwrap();
     let mut k = vec![0.0f32; 8];

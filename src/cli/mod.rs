@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_backward;
 mod bench_decode;
 mod bench_precision;
 mod check;

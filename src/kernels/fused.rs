@@ -136,39 +136,50 @@ pub struct FusedIo {
     pub mask: bool,
     /// An additive bias is bound.
     pub bias: bool,
+    /// The row logsumexp is saved for the backward (binding 9): only where gradients are
+    /// wanted, so a forward without them binds and computes nothing more.
+    pub lse: bool,
     /// How Q, K, V and the output are stored (f32 arithmetic either way).
     pub precision: Precision,
 }
 
 impl FusedIo {
-    /// Every variant, the one binding the most first.
-    pub const ALL: [FusedIo; 16] = {
+    /// Every variant, the one binding the most first, then those saving the logsumexp (only
+    /// with Q, K and V apart: the operator; the layer has no backward yet), all in f32 storage;
+    /// then the f16 storage variants, which save no logsumexp (the backward is f32 only).
+    pub const ALL: [FusedIo; 20] = {
         let mut all = [FusedIo {
             packed_qkv: false,
             mask: true,
             bias: true,
+            lse: true,
             precision: Precision::F32,
-        }; 16];
+        }; 20];
         let mut i = 0;
-        while i < 16 {
+        while i < 20 {
+            // 0-7: without the logsumexp; 8-11: with it, Q, K and V apart; 12-19: f16.
+            let (lse, j, precision) = if i < 8 {
+                (false, i, Precision::F32)
+            } else if i < 12 {
+                (true, i - 8, Precision::F32)
+            } else {
+                (false, i - 12, Precision::F16)
+            };
             all[i] = FusedIo {
-                packed_qkv: i & 4 != 0,
-                mask: i & 2 == 0,
-                bias: i & 1 == 0,
-                precision: if i & 8 == 0 {
-                    Precision::F32
-                } else {
-                    Precision::F16
-                },
+                packed_qkv: j & 4 != 0,
+                mask: j & 2 == 0,
+                bias: j & 1 == 0,
+                lse,
+                precision,
             };
             i += 1;
         }
         all
     };
 
-    /// The include files, in order: Q/K/V, mask, bias, output (Q/K/V and the output in the
-    /// storage precision).
-    pub(crate) fn files(self) -> [&'static str; 4] {
+    /// The include files, in order: Q/K/V, mask, bias, logsumexp, output (Q/K/V and the
+    /// output in the storage precision).
+    pub(crate) fn files(self) -> [&'static str; 5] {
         let f16 = self.precision == Precision::F16;
         [
             match (self.packed_qkv, f16) {
@@ -186,6 +197,11 @@ impl FusedIo {
                 "fused_io_bias.wgsl"
             } else {
                 "fused_io_no_bias.wgsl"
+            },
+            if self.lse {
+                "fused_io_lse.wgsl"
+            } else {
+                "fused_io_no_lse.wgsl"
             },
             if f16 {
                 "fused_io_out_f16.wgsl"
@@ -209,6 +225,9 @@ impl FusedIo {
             b.push((5, false));
         }
         b.push((6, true));
+        if self.lse {
+            b.push((9, true));
+        }
         b
     }
 }
@@ -225,6 +244,8 @@ pub(crate) struct FusedGeometry {
     pub has_mask: bool,
     /// Q, K and V lie in one buffer (the layer's), bound once.
     pub packed_qkv: bool,
+    /// The row logsumexp is saved for the backward.
+    pub lse: bool,
     /// The bias's broadcast, as (varies over batch, varies over heads), if there is one.
     pub bias: Option<(bool, bool)>,
     pub scale: f32,
@@ -251,6 +272,7 @@ impl FusedGeometry {
             causal: l.causal,
             has_mask: l.has_mask,
             packed_qkv: true,
+            lse: false,
             bias: None,
             scale: l.scale,
             q: Strides::head_major(l.heads, l.dp, l.q_offset),
@@ -266,6 +288,7 @@ impl FusedGeometry {
             packed_qkv: self.packed_qkv,
             mask: self.has_mask,
             bias: self.bias.is_some(),
+            lse: self.lse,
             precision: self.precision,
         }
     }

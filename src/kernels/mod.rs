@@ -5,6 +5,7 @@
 //! constants, so one source gives every specialisation; each specialisation is compiled once per
 //! [`crate::GpuContext`] and shared by all plans on it.
 
+pub(crate) mod backward;
 mod cache;
 pub(crate) mod decode;
 pub(crate) mod fused;
@@ -41,6 +42,13 @@ pub enum Kernel {
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
     Fused(fused::FusedIo),
+    /// `attention_bwd_prep.wgsl`: the backward's `D = rowsum(dO ∘ O)` beside the saved
+    /// logsumexp.
+    BackwardPrep,
+    /// `attention_bwd_kv.wgsl`: the backward's dK and dV, a workgroup per key block.
+    BackwardKv,
+    /// `attention_bwd_q.wgsl`: the backward's dQ, a workgroup per query block.
+    BackwardQ,
     /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range; with a
     /// key-padding mask bound, or without (then 4 storage buffers).
     DecodeSplit {
@@ -163,6 +171,7 @@ impl Kernel {
             Kernel::WeightedSum,
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
+        all.extend([Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ]);
         all.extend([
             Kernel::DecodeSplit { mask: true },
             Kernel::DecodeSplit { mask: false },
@@ -180,6 +189,9 @@ impl Kernel {
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
             Kernel::Fused(_) => "fused_attention.wgsl",
+            Kernel::BackwardPrep => "attention_bwd_prep.wgsl",
+            Kernel::BackwardKv => "attention_bwd_kv.wgsl",
+            Kernel::BackwardQ => "attention_bwd_q.wgsl",
             Kernel::DecodeSplit { .. } => "decode_split.wgsl",
             Kernel::DecodeCombine => "decode_combine.wgsl",
             Kernel::StreamRead => "stream_read.wgsl",
@@ -191,7 +203,7 @@ impl Kernel {
     pub fn name(self) -> String {
         let name = match self {
             Kernel::Fused(io) => format!(
-                "{} ({}, {}, {})",
+                "{} ({}, {}, {}{})",
                 self.file_name(),
                 if io.packed_qkv {
                     "packed qkv"
@@ -200,6 +212,7 @@ impl Kernel {
                 },
                 if io.mask { "mask" } else { "no mask" },
                 if io.bias { "bias" } else { "no bias" },
+                if io.lse { ", saving lse" } else { "" },
             ),
             Kernel::DecodeSplit { mask } => format!(
                 "{} ({})",
@@ -294,6 +307,8 @@ impl Kernel {
             Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl", "staged_io.wgsl"]),
             Kernel::Softmax => files.extend(["staged_io.wgsl"]),
             Kernel::WeightedSum => files.extend(["tiles.wgsl", "staged_io.wgsl"]),
+            Kernel::BackwardPrep => {}
+            Kernel::BackwardKv | Kernel::BackwardQ => files.push("attention_bwd.wgsl"),
             Kernel::Fused(io) => {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
@@ -315,7 +330,10 @@ impl Kernel {
         match self {
             Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
-            Kernel::Fused(_) => &fused::FusedParams::LAYOUT,
+            // The backward reads the forward's parameters (the same buffer).
+            Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
+                &fused::FusedParams::LAYOUT
+            }
             Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
             Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
             Kernel::StreamRead => &decode::StreamParams::LAYOUT,
@@ -364,6 +382,14 @@ impl Kernel {
                 .into_iter()
                 .map(|(b, rw)| (b, if rw { ReadWrite } else { Read }))
                 .collect(),
+            // o, d_o, lse, aux.
+            Kernel::BackwardPrep => numbered(&[Read, Read, Read, ReadWrite]),
+            // q, k, v, d_o, aux, bias, dk, dv.
+            Kernel::BackwardKv => {
+                numbered(&[Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite])
+            }
+            // q, k, v, d_o, aux, bias, dq.
+            Kernel::BackwardQ => numbered(&[Read, Read, Read, Read, Read, Read, ReadWrite]),
             // q, k, v, key_mask, partials.
             Kernel::DecodeSplit { mask: true } => numbered(&[Read, Read, Read, Read, ReadWrite]),
             // q, k, v, partials.
@@ -375,6 +401,8 @@ impl Kernel {
             // src, out.
             Kernel::StreamRead => numbered(&[Read, ReadWrite]),
         };
+        // The backward's lengths follow its storage buffers.
+        let after_storage = storage.len() as u32 + 1;
         let params = self.params_layout();
         let mut bindings = vec![Binding::uniform(0, params)];
         bindings.extend(storage.into_iter().map(|(binding, access)| Binding {
@@ -393,6 +421,9 @@ impl Kernel {
             Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine => 3..4,
             Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
+            Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
+                after_storage..after_storage + 2
+            }
         };
         {
             bindings.extend(lengths.map(|binding| Binding {
@@ -461,7 +492,13 @@ fn shader_file(name: &str) -> &'static str {
         "fused_io_qkv_packed_f16.wgsl",
         "fused_io_out.wgsl",
         "fused_io_out_f16.wgsl",
+        "fused_io_lse.wgsl",
+        "fused_io_no_lse.wgsl",
         "fused_attention.wgsl",
+        "attention_bwd.wgsl",
+        "attention_bwd_prep.wgsl",
+        "attention_bwd_kv.wgsl",
+        "attention_bwd_q.wgsl",
         "decode_keys_mask.wgsl",
         "decode_keys_all.wgsl",
         "decode_split.wgsl",

@@ -39,6 +39,8 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
                 Kernel::WeightedSum => super::staged::sum_override_sets(limits),
                 Kernel::Fused(_) => super::fused::override_sets(limits),
+                Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
+                Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
                 Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
                 Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
                 Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
@@ -173,7 +175,9 @@ mod tests {
                 .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
             {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
-                assert!(n >= 2, "{kernel:?}: only {n} override sets");
+                // The D pass has one workgroup shape.
+                let least = if kernel == Kernel::BackwardPrep { 1 } else { 2 };
+                assert!(n >= least, "{kernel:?}: only {n} override sets");
             }
         }
     }

@@ -89,6 +89,11 @@ pub struct OperatorConfig {
     /// head stride is `kv_capacity * head_dim` head-major); `None`: packed at each call's
     /// `kv_len`. At least `max_kv_len`.
     pub kv_capacity: Option<usize>,
+    /// Whether the operator also runs the backward (dQ, dK, dV): it then runs the fused
+    /// kernel, whose forward saves each row's logsumexp, and compiles the backward's kernels
+    /// and allocates their scratch when built (see
+    /// [`AttentionOp::encode_backward`](super::AttentionOp::encode_backward)).
+    pub gradients: bool,
     /// Which kernels run: the fused kernel, the staged ones (scores, softmax, weighted sum,
     /// through a score matrix of the maximum lengths), or `Auto` (see
     /// [`OperatorConfig::with_kernel`]).
@@ -140,6 +145,7 @@ impl OperatorConfig {
             scale: None,
             layout: QkvLayout::HeadMajor,
             kv_capacity: None,
+            gradients: false,
             kernel: KernelChoice::Auto,
             keep_intermediates: false,
             path: OperatorPath::Auto,
@@ -200,7 +206,11 @@ impl OperatorConfig {
 
     /// Whether the operator builds the split-K decode kernel.
     pub(super) fn has_decode(&self) -> bool {
-        self.path != OperatorPath::Prefill && self.bias.is_none() && !self.keep_intermediates
+        // Split-K decode saves no logsumexp: an operator with gradients runs the fused kernel.
+        self.path != OperatorPath::Prefill
+            && self.bias.is_none()
+            && !self.keep_intermediates
+            && !self.gradients
     }
 
     /// Value heads of another width.
@@ -242,6 +252,12 @@ impl OperatorConfig {
     /// K and V buffers laid out for `capacity` keys (a KV cache), the call's keys first.
     pub fn with_kv_capacity(mut self, capacity: usize) -> Self {
         self.kv_capacity = Some(capacity);
+        self
+    }
+
+    /// Gradients wanted: the operator also runs the backward.
+    pub fn with_gradients(mut self) -> Self {
+        self.gradients = true;
         self
     }
 
@@ -404,6 +420,7 @@ impl OperatorConfig {
             causal: self.causal,
             has_mask: self.key_padding_mask,
             packed_qkv: false,
+            lse: self.gradients,
             bias: self.bias.map(|b| (b.per_batch, b.per_head)),
             scale: self.scale_value(),
             q: self.strides(self.heads, self.head_dim),

@@ -42,6 +42,7 @@
 //! dtype=torch.bool).tril(kv_len - q_len), enable_gqa=True)`.
 //! A query with no key to attend (all masked) gets zeros.
 
+mod backward;
 mod combine;
 mod config;
 mod core;
@@ -50,6 +51,7 @@ mod kv_cache;
 mod lengths;
 mod tune;
 
+pub use backward::{BackwardBindings, BackwardIo, OperatorGrads};
 pub use combine::{CombineBindings, CombinePartials};
 pub use config::{
     BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorInputs, OperatorPath, QkvLayout,
@@ -163,6 +165,8 @@ pub struct AttentionOp {
     max_per_dim: u32,
     own: OwnIo,
     own_bindings: OperatorBindings,
+    /// The backward's kernels and scratch, when built with gradients.
+    backward: Option<backward::Backward>,
 }
 
 impl AttentionOp {
@@ -233,6 +237,12 @@ impl AttentionOp {
         }
         .storage_buffers()
             <= limits.max_storage_buffers_per_shader_stage;
+        // The backward kernels are f32 only.
+        if config.precision == Precision::F16 && config.gradients {
+            return Err(Error::F16NeedsFused {
+                why: "gradients were asked for, and the backward kernels store f32".into(),
+            });
+        }
         // Split-K decode stores f32 only: f16 calls of any length run the fused kernel, and
         // asking for split-K in f16 is refused by name.
         if config.precision == Precision::F16
@@ -250,6 +260,13 @@ impl AttentionOp {
         {
             let max_q = max_q.min(DECODE_MAX_Q_LEN as u32);
             Some(decode::DecodeCore::new(ctx, config, max_q, max_kv).await?)
+        } else {
+            None
+        };
+        // An operator with gradients runs the fused kernel for every call (see choose_kernel
+        // and OperatorConfig::has_decode): its forward saves the logsumexp.
+        let backward = if config.gradients {
+            Some(backward::Backward::new(ctx, config).await?)
         } else {
             None
         };
@@ -295,6 +312,7 @@ impl AttentionOp {
                 bias: config.bias.is_some().then_some(&own.bias),
                 out: &own.out,
             },
+            backward.as_ref().map(|b| b.own_lse()),
         )
         .await?;
         Ok(AttentionOp {
@@ -308,6 +326,7 @@ impl AttentionOp {
             max_per_dim: limits.max_compute_workgroups_per_dimension,
             own,
             own_bindings,
+            backward,
         })
     }
 
@@ -358,6 +377,57 @@ impl AttentionOp {
 
     /// The async form of [`AttentionOp::bind`].
     pub async fn bind_async(&self, io: OperatorIo<'_>) -> Result<OperatorBindings> {
+        self.bind_checked(io, None).await
+    }
+
+    /// [`AttentionOp::bind`] for an operator built with gradients
+    /// ([`OperatorConfig::with_gradients`]), whose forward also writes each query row's
+    /// logsumexp to `lse` (f32 `[batch, heads, q_len]`, `STORAGE` usage; see
+    /// [`AttentionOp::encode_backward`] for its units), which the backward reads.
+    pub fn bind_with_lse(
+        &self,
+        io: OperatorIo<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<OperatorBindings> {
+        let _device = self.ctx.kernels().exclusive();
+        pollster::block_on(self.bind_checked(io, Some(lse)))
+    }
+
+    /// The async form of [`AttentionOp::bind_with_lse`].
+    pub async fn bind_with_lse_async(
+        &self,
+        io: OperatorIo<'_>,
+        lse: &wgpu::Buffer,
+    ) -> Result<OperatorBindings> {
+        self.bind_checked(io, Some(lse)).await
+    }
+
+    async fn bind_checked(
+        &self,
+        io: OperatorIo<'_>,
+        lse: Option<&wgpu::Buffer>,
+    ) -> Result<OperatorBindings> {
+        let rows = (self.config.batch * self.config.heads * self.config.max_q_len) as u64;
+        match (self.config.gradients, lse) {
+            (true, Some(b)) => check_storage("lse", b, rows * 4, " (the maximum lengths)")?,
+            (true, None) => {
+                return Err(Error::BadBuffer {
+                    name: "lse",
+                    problem: "the operator was built with gradients, so its forward saves each \
+                              row's logsumexp: bind with bind_with_lse"
+                        .into(),
+                });
+            }
+            (false, Some(_)) => {
+                return Err(Error::BadBuffer {
+                    name: "lse",
+                    problem: "given, but the operator was built without gradients \
+                              (OperatorConfig::with_gradients)"
+                        .into(),
+                });
+            }
+            (false, None) => {}
+        }
         if self.config.row_lengths {
             return Err(Error::BadBuffer {
                 name: "row_lengths",
@@ -374,6 +444,7 @@ impl AttentionOp {
             self.decode.as_ref(),
             None,
             io,
+            lse,
         )
         .await
     }
@@ -432,6 +503,7 @@ impl AttentionOp {
             self.decode.as_ref(),
             row_lengths,
             io,
+            None,
         ))
     }
 
@@ -995,6 +1067,18 @@ fn choose_kernel(config: &OperatorConfig, limits: &wgpu::Limits) -> Result<Kerne
         geometry.tiles(config.max_q_len as u32, config.max_kv_len as u32, limits)?;
         Ok(())
     };
+    if config.gradients {
+        // The backward reads the logsumexp only the fused kernel's forward saves.
+        if config.kernel == KernelChoice::Staged || config.keep_intermediates {
+            return Err(Error::InvalidConfig(
+                "gradients need the fused kernel, whose forward saves each row's logsumexp; \
+                 the staged kernels (and kept intermediates) do not"
+                    .into(),
+            ));
+        }
+        fused_runs()?;
+        return Ok(KernelChoice::Fused);
+    }
     Ok(match config.kernel {
         KernelChoice::Fused => {
             fused_runs()?;
@@ -1020,6 +1104,7 @@ async fn make_groups(
     decode: Option<&decode::DecodeCore>,
     row_lengths: Option<&wgpu::Buffer>,
     io: OperatorIo<'_>,
+    lse: Option<&wgpu::Buffer>,
 ) -> Result<OperatorBindings> {
     let (groups, decode) = scoped_async(device, "binding the operator's buffers", || {
         let decode = decode.map(|d| {
@@ -1059,6 +1144,7 @@ async fn make_groups(
                     .chain(io.key_mask)
                     .chain(io.bias)
                     .chain([io.out])
+                    .chain(lse)
                     .collect();
                 vec![group(&core.pipeline, &buffers, &core.lengths)]
             }

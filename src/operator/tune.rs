@@ -183,13 +183,14 @@ async fn fastest(
 }
 
 /// The trial problem for `g`: its heads and widths, causal or not, head-major in buffers of
-/// its own with no mask or bias, and its lengths halved (the longer first) and then its batch
+/// its own with no mask, bias or saved logsumexp, and its lengths halved (the longer first) and then its batch
 /// and heads cut until a call is at most `flops`.
 fn trial(g: &FusedGeometry, max_q: u32, max_kv: u32, flops: f64) -> (FusedGeometry, u32, u32) {
     let mut t = FusedGeometry {
         packed_qkv: false,
         has_mask: false,
         bias: None,
+        lse: false,
         ..g.clone()
     };
     let (mut q, mut kv) = (max_q.max(1), max_kv.max(1));
@@ -219,6 +220,7 @@ fn trial(g: &FusedGeometry, max_q: u32, max_kv: u32, flops: f64) -> (FusedGeomet
             mask: false,
             bias: false,
             precision: t.precision,
+            lse: false,
         }
     );
     (t, q, kv)
@@ -239,6 +241,7 @@ mod tests {
             causal: true,
             has_mask: true,
             packed_qkv: true,
+            lse: true,
             bias: Some((true, true)),
             scale: 0.1,
             q: Strides::head_major(32, 128, 0),

@@ -372,10 +372,14 @@ pub fn output_rows(
     Ok(out)
 }
 
+mod backward;
 mod bound;
+mod layer_backward;
 mod operator;
 
+pub use backward::{EMPTY_ROW_LSE, OperatorGrads, operator_backward, operator_lse};
 pub use bound::{error_bound, operator_error_bound, output_row_bounds};
+pub use layer_backward::{LayerGrads, layer_backward};
 pub use operator::{cache_step, operator, operator_probs};
 
 /// Refuses a requested (batch row, token) outside the layer, naming it.

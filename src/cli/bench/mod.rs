@@ -122,6 +122,11 @@ pub struct BenchArgs {
     /// --causal, --warmup and --repeats.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     pub precision: PrecisionArg,
+    /// Time the attention operator's backward beside its forward instead (see
+    /// `bench_backward.rs`); reads --batch, --heads, --head-dim, the lengths, --causal,
+    /// --warmup, --repeats and --json.
+    #[arg(long)]
+    pub backward: bool,
     /// The decode sweep (`--decode`) in place of the layer's.
     #[command(flatten)]
     pub decode: super::bench_decode::DecodeArgs,
@@ -152,6 +157,7 @@ impl BenchArgs {
             csv: None,
             plot: None,
             precision: PrecisionArg::F32,
+            backward: false,
             decode: Default::default(),
         }
     }
@@ -370,6 +376,9 @@ pub fn main(
         )));
     }
     args.check_sizes(&lengths, &ctx.limits())?;
+    if args.backward {
+        return super::bench_backward::main(adapter, args, &lengths);
+    }
     let kernels = args.kernels();
     let op_shapes = operator::shapes(args, info.device_type == wgpu::DeviceType::Cpu);
     let bar = progress.add(ProgressBar::new(
