@@ -11,7 +11,13 @@
 // cache needs): j <= i + kv_len - q_len; padding: key_mask[b, j] == 0; a bias of -inf also
 // masks. A query with no key to attend gets zeros.
 //
-// Tensors are f32 arrays addressed by element offsets and strides, so head-major
+// Storage precision: Q, K, V and the output are f32, or f16 in the f16 variants (the
+// *_f16.wgsl includes, after f16.wgsl's `enable f16;`), which widen every value to f32 as it is
+// loaded and round only the finished output to f16 as it is stored: every dot product, the
+// running maximum and sum, exp and the output accumulator are f32 in both, so no score is
+// limited to f16's 65504. The mask is u32 and the bias f32 in both.
+//
+// Tensors are arrays addressed by element offsets and strides, so head-major
 // [B, H, N, D] and token-major [B, N, H·D] both work without copies. A stride depends on the
 // call's length n (the length of the tensor's sequence axis): batch stride = sb·n + sbc, head
 // stride = sh·n + shc, row stride = si (a KV cache's K and V have constant strides: sb = sh = 0). The lengths come from two dynamic-offset uniforms (`lq`, `lkv`)
@@ -34,7 +40,8 @@
 //                                    absent with fused_io_no_mask.wgsl)
 //   5  bias      storage, read       f32 [batch or 1, heads or 1, q_len, kv_len]
 //                                    (fused_io_bias.wgsl; absent with fused_io_no_bias.wgsl)
-//   6  out       storage, read_write f32 out [b, h, i, d], strides as for Q
+//   6  out       storage, read_write out [b, h, i, d], strides as for Q (fused_io_out.wgsl,
+//                                    or fused_io_out_f16.wgsl for f16 storage)
 //   7  lq        uniform, dynamic    Len: q_len
 //   8  lkv       uniform, dynamic    Len: kv_len
 //   9  lse       storage, read_write f32 [batch, heads, q_len]: each row's logsumexp, for the
@@ -129,7 +136,6 @@ struct Len {
 }
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<uniform> lq: Len;
 @group(0) @binding(8) var<uniform> lkv: Len;
 
@@ -349,7 +355,7 @@ fn store_row(mat: u32, r: u32, tx: u32, x: Row) {
         let d0 = 4u * (tx + TX * c);
         for (var e = 0u; e < 4u; e++) {
             if (d0 + e < p.head_dim_v) {
-                out[base + d0 + e] = x4[e];
+                store_out(base + d0 + e, x4[e]);
             }
         }
     }

@@ -5,13 +5,14 @@
 // once for the fused Q|K|V projection (the three weights side by side) and once for the output
 // projection.
 //
-// Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
+// Bindings (group 0; group 1 is dispatch.wgsl's chunk index), elements f32 or f16 (the storage
+// precision, see below), offsets and sizes in elements:
 //   0  params  uniform             GemmParams, below
-//   1  a       storage, read       f32 [M, K] row-major (x, or the concatenated heads); any K
-//   2  b       storage, read       vec4<f32> [K, N/4] row-major; N is a multiple of 4, the padding
+//   1  a       storage, read       [M, K] row-major (x, or the concatenated heads); any K
+//   2  b       storage, read       vec4 [K, N/4] row-major; N is a multiple of 4, the padding
 //                                  columns hold zeros
-//   3  bias    storage, read       vec4<f32> [N/4] (zeros where the layer has no bias)
-//   4  c       storage, read_write f32, laid out as HEAD_SPLIT says:
+//   3  bias    storage, read       vec4 [N/4] (zeros where the layer has no bias)
+//   4  c       storage, read_write laid out as HEAD_SPLIT says:
 //        false  row-major [M, ldc]; only columns n < n_store are written
 //        true   the head-major qkv buffer: column n belongs to Q (n < H*Wqk), K (next H*Wqk) or
 //               V (last H*Wv); within its section, head h = col / W and d = col % W, and row
@@ -51,10 +52,9 @@ struct GemmParams {
 }
 
 @group(0) @binding(0) var<uniform> p: GemmParams;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> bias: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> c: array<f32>;
+// Bindings 1 to 4 and their element access (load_a, load_b4, load_bias4, store_c) come from
+// gemm_io_f32.wgsl or gemm_io_f16.wgsl, ahead of this file: the storage precision. The
+// arithmetic below is f32 either way.
 
 // a_tile[row * (TK/4 + 1) + k4]: A[row0 + row, k0 + 4 k4 .. + 3].
 var<workgroup> a_tile: array<vec4<f32>, 8u * TY * (TK / 4u + 1u)>;
@@ -63,7 +63,7 @@ var<workgroup> b_tile: array<vec4<f32>, TK * TX * NV>;
 
 fn a_at(m: u32, k: u32) -> f32 {
     if (m < p.m && k < p.k) {
-        return a[m * p.k + k];
+        return load_a(m * p.k + k);
     }
     return 0.0;
 }
@@ -101,16 +101,16 @@ fn store4(m: u32, n4: u32, v: vec4<f32>) {
         let bt = m / p.seq;
         let t = m % p.seq;
         let idx = offset + ((bt * p.heads + h) * p.seq + t) * width + d;
-        c[idx] = v.x;
-        c[idx + 1u] = v.y;
-        c[idx + 2u] = v.z;
-        c[idx + 3u] = v.w;
+        store_c(idx, v.x);
+        store_c(idx + 1u, v.y);
+        store_c(idx + 2u, v.z);
+        store_c(idx + 3u, v.w);
     } else {
         let idx = m * p.ldc + n;
-        if (n < p.n_store) { c[idx] = v.x; }
-        if (n + 1u < p.n_store) { c[idx + 1u] = v.y; }
-        if (n + 2u < p.n_store) { c[idx + 2u] = v.z; }
-        if (n + 3u < p.n_store) { c[idx + 3u] = v.w; }
+        if (n < p.n_store) { store_c(idx, v.x); }
+        if (n + 1u < p.n_store) { store_c(idx + 1u, v.y); }
+        if (n + 2u < p.n_store) { store_c(idx + 2u, v.z); }
+        if (n + 3u < p.n_store) { store_c(idx + 3u, v.w); }
     }
 }
 
@@ -120,7 +120,7 @@ fn store_row(m: u32, g0: u32, tx: u32, r: Row) {
     for (var cg = 0u; cg < NV; cg++) {
         let n4 = g0 + tx + TX * cg;
         if (n4 < n4_total) {
-            store4(m, n4, col_of(r, cg) + bias[n4]);
+            store4(m, n4, col_of(r, cg) + load_bias4(n4));
         }
     }
 }
@@ -163,7 +163,7 @@ fn main(
             let n4 = g0 + e % groups;
             var v = vec4<f32>(0.0);
             if (k < p.k && n4 < n4_total) {
-                v = b[k * n4_total + n4];
+                v = load_b4(k * n4_total + n4);
             }
             b_tile[e] = v;
         }

@@ -1,6 +1,7 @@
 //! What an attention layer is: its sizes, scale, masks and which kernels run it.
 
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 
 /// The widest value head (`head_dim_v`) the fused kernel takes: it keeps each row of output in
 /// registers. Wider heads need the staged kernels.
@@ -87,6 +88,9 @@ pub struct AttentionConfig {
     /// Keep Q, K, V, scores and probabilities in separate buffers so they can be read back
     /// (the staged path only; costs one more `[seq, seq]` buffer per head).
     pub keep_intermediates: bool,
+    /// How x, the weights, Q/K/V and the output are stored on the GPU (arithmetic is f32
+    /// either way); see [`crate::precision`].
+    pub precision: Precision,
 }
 
 impl AttentionConfig {
@@ -112,6 +116,7 @@ impl AttentionConfig {
             output_projection: None,
             kernel: KernelChoice::Auto,
             keep_intermediates: false,
+            precision: Precision::F32,
         }
     }
 
@@ -148,6 +153,12 @@ impl AttentionConfig {
     /// Picks the kernels.
     pub fn with_kernel(mut self, kernel: KernelChoice) -> Self {
         self.kernel = kernel;
+        self
+    }
+
+    /// Stores tensors in `precision` (see [`crate::precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 

@@ -136,9 +136,11 @@ impl GpuContext {
             }
             DeviceLimits::Adapter => adapter_limits,
         };
-        // Timestamps let the benchmark time each kernel; subgroups speed up reductions. Both
-        // are optional: the kernels have paths without them.
-        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+        // Timestamps let the benchmark time each kernel; subgroups speed up reductions; f16
+        // storage (`Precision::F16`) needs SHADER_F16. All are optional: the kernels have paths
+        // without the first two, and f16 plans are refused by name without the third.
+        let wanted =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
         let required_features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -250,6 +252,12 @@ impl GpuContext {
         self.device
             .features()
             .contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Whether the device can run f16 storage ([`crate::Precision::F16`]): it has the
+    /// `SHADER_F16` feature (requested whenever the adapter offers it).
+    pub fn has_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
     }
 
     pub(crate) fn kernels(&self) -> &KernelCache {

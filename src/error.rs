@@ -144,6 +144,44 @@ pub enum Error {
         hint: String,
     },
 
+    /// A finite input is past f16's range (its magnitude rounds above 65504), so storing it in
+    /// f16 would make it an infinity. Scale the tensor down or run in f32.
+    #[error(
+        "tensor `{name}` holds {value} at index {index}, past f16's largest value 65504: scale \
+         it down or run with f32 precision"
+    )]
+    OutsideF16Range {
+        /// The tensor's name.
+        name: String,
+        /// The multi-dimensional index of the first such value.
+        index: Shape,
+        /// The value found.
+        value: f32,
+    },
+
+    /// f16 precision was asked for on a device without the `SHADER_F16` feature.
+    #[error(
+        "the adapter `{adapter}` lacks shader-f16 (wgpu's SHADER_F16 feature), so f16 storage \
+         cannot run on it: use f32 precision, or an adapter that has it (Vulkan, Metal and DX12 \
+         drivers usually do; OpenGL never does)"
+    )]
+    NoShaderF16 {
+        /// The adapter's name.
+        adapter: String,
+    },
+
+    /// f16 storage was asked for where other kernels than the fused one would run (the staged
+    /// kernels, split-K decode): they store in f32 only, and f16 runs on the fused kernel.
+    #[error(
+        "f16 precision runs on the fused kernel only, but {why}: use f32 precision, or the \
+         fused kernel (no intermediates, value heads at most 256 wide, a device with 6 storage \
+         buffers per stage)"
+    )]
+    F16NeedsFused {
+        /// Why the staged kernels would run.
+        why: String,
+    },
+
     /// A key-padding mask holds something other than 0 or 1.
     #[error("key_mask holds {value} at index {index}: use 1 for a real token and 0 for padding")]
     InvalidMask {

@@ -87,11 +87,11 @@ pub(crate) fn buffer(
     })
 }
 
-/// A storage buffer holding `data`.
-pub(crate) fn init_buffer(device: &wgpu::Device, label: &str, data: &[f32]) -> wgpu::Buffer {
+/// A storage buffer holding `bytes` (f32 or f16 elements), padded to a multiple of 4 bytes.
+pub(crate) fn init_bytes(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
-        contents: bytemuck::cast_slice(data),
+        contents: bytes,
         usage: STORAGE,
     })
 }

@@ -79,6 +79,7 @@ mod gpu;
 pub mod kernels;
 pub mod operator;
 pub mod plan;
+pub mod precision;
 #[cfg(feature = "random")]
 pub mod random;
 pub mod reference;
@@ -100,6 +101,7 @@ pub use operator::{
     OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
 };
 pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
+pub use precision::Precision;
 #[cfg(feature = "random")]
 pub use random::Random;
 pub use reference::Intermediates;

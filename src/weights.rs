@@ -3,6 +3,7 @@
 
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result, Shape};
+use crate::precision::Precision;
 use crate::tensor::Tensor;
 
 /// The learned tensors of one layer, in the `x @ W` layout.
@@ -118,6 +119,26 @@ impl AttentionWeights {
             t.check_finite(name)?;
         }
         Ok(())
+    }
+
+    /// Every tensor as `precision` stores it on the GPU (rounded to f16 and widened back for
+    /// [`Precision::F16`]; a value past f16's range is [`Error::OutsideF16Range`] naming the
+    /// tensor): what a reference must be computed from to judge the GPU's arithmetic alone.
+    pub fn rounded_to(&self, precision: Precision) -> Result<AttentionWeights> {
+        let round = |name: &str, t: &Tensor| -> Result<Tensor> {
+            Tensor::named(name, t.shape(), precision.round(name, t.shape(), t.data())?)
+        };
+        let opt = |name: &str, t: &Option<Tensor>| t.as_ref().map(|t| round(name, t)).transpose();
+        Ok(AttentionWeights {
+            w_q: round("w_q", &self.w_q)?,
+            w_k: round("w_k", &self.w_k)?,
+            w_v: round("w_v", &self.w_v)?,
+            b_q: opt("b_q", &self.b_q)?,
+            b_k: opt("b_k", &self.b_k)?,
+            b_v: opt("b_v", &self.b_v)?,
+            w_o: opt("w_o", &self.w_o)?,
+            b_o: opt("b_o", &self.b_o)?,
+        })
     }
 
     /// Every tensor present, with its name.

@@ -219,6 +219,7 @@ fn only_a_forward_with_gradients_binds_the_logsumexp() {
         mask: false,
         bias: false,
         lse,
+        precision: wgpu_attention::Precision::F32,
     };
     assert_eq!(Kernel::Fused(io(false)).storage_buffers(), 4);
     assert_eq!(Kernel::Fused(io(true)).storage_buffers(), 5);

@@ -301,3 +301,73 @@ fn bench_decode_writes_its_rows_and_ceilings_as_json() {
     assert_eq!(report["chunked_prefill"]["q_len"], 512);
     assert!(report["chunked_prefill"]["ms"].as_f64().unwrap() > 0.0);
 }
+
+/// Whether this machine's adapter runs f16 storage; without shader-f16 the f16 commands must
+/// fail with the named error instead.
+fn has_f16() -> bool {
+    wgpu_attention::GpuContext::from_env()
+        .expect("an adapter")
+        .has_f16()
+}
+
+#[test]
+fn walkthrough_in_f16_shows_the_f16_outputs_within_their_bound() {
+    let run = program()
+        .args(["walkthrough", "--precision", "f16"])
+        .assert();
+    if !has_f16() {
+        run.failure()
+            .stderr(predicate::str::contains("lacks shader-f16"));
+        return;
+    }
+    let out = run.success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(
+        stdout.contains("f16 storage: all outputs again"),
+        "{stdout}"
+    );
+    // Output 1 to f16's 11 significant bits: 1.936523 is the f16 nearest 1.936621.
+    assert!(stdout.contains("[  1.936523  6.68"), "{stdout}");
+    assert!(stdout.contains("of the f16 error bound"), "{stdout}");
+}
+
+#[test]
+fn bench_in_both_precisions_prints_the_f16_to_f32_ratio() {
+    let run = program()
+        .args([
+            "bench",
+            "--precision",
+            "both",
+            "--seq",
+            "8,16",
+            "--heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .assert();
+    if !has_f16() {
+        run.failure()
+            .stderr(predicate::str::contains("lacks shader-f16"));
+        return;
+    }
+    let out = run.success();
+    let stdout = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(stdout.contains("f16/f32 time ratio"), "{stdout}");
+    for seq in [8, 16] {
+        for prec in ["f32", "f16"] {
+            let row = stdout
+                .lines()
+                .find(|l| {
+                    let cells: Vec<&str> = l.split_whitespace().collect();
+                    cells.first() == Some(&seq.to_string().as_str()) && cells.get(1) == Some(&prec)
+                })
+                .unwrap_or_else(|| panic!("no row for seq {seq} {prec}:\n{stdout}"));
+            assert!(row.ends_with("pass"), "{row}");
+        }
+    }
+}

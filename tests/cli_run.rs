@@ -385,17 +385,73 @@ fn missing_tensor() {
     );
 }
 
+/// `data` stored as F16 or BF16 (each value rounded to the dtype).
+fn halves(dtype: Dtype, shape: &[usize], data: &[f32]) -> Stored {
+    let bytes = data
+        .iter()
+        .flat_map(|&v| match dtype {
+            Dtype::F16 => half::f16::from_f32(v).to_le_bytes(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes(),
+            other => panic!("{other:?} is not a half type"),
+        })
+        .collect();
+    Stored {
+        dtype,
+        shape: shape.to_vec(),
+        bytes,
+    }
+}
+
 #[test]
-fn f16_weights_are_refused() {
-    let f16 = Stored {
-        dtype: Dtype::F16,
-        shape: vec![4, 3],
-        bytes: vec![0; 24],
-    };
-    Case::new(with("w_q", f16)).fails(
-        &[],
-        "tensor `w_q` has dtype F16, expected F32; save it with tensor.float()",
-    );
+fn f16_and_bf16_tensors_are_read_as_their_exact_values() {
+    // The worked example's values are small integers, exact in both formats, so the layer
+    // must give exactly the f32 file's answer.
+    let case = Case::new(vec![
+        ("x", halves(Dtype::BF16, &[3, 4], &X)),
+        ("w_q", halves(Dtype::F16, &[4, 3], &W_Q)),
+        ("w_k", halves(Dtype::BF16, &[4, 3], &W_K)),
+        ("w_v", halves(Dtype::F16, &[4, 3], &W_V)),
+    ]);
+    let out = case.ok(&["--heads", "1", "--scale", "1"]);
+    assert_close(&out["out"], &[3, 3], &OUT_SCALE_1, 1e-6);
+}
+
+/// `--precision f16`: F16 and BF16 tensors taken as they are, F32 ones rounded; the output is
+/// stored in f16 and checked against its f16 bound. On an adapter without shader-f16 (llvmpipe's
+/// OpenGL) the run fails with the named error instead.
+#[test]
+fn precision_f16_runs_and_checks_in_f16_or_names_the_missing_feature() {
+    let w_v: Vec<f32> = W_V.iter().map(|v| v + 0.1).collect();
+    let case = Case::new(vec![
+        ("x", f32s(&[3, 4], &X)),
+        ("w_q", halves(Dtype::F16, &[4, 3], &W_Q)),
+        ("w_k", halves(Dtype::BF16, &[4, 3], &W_K)),
+        ("w_v", halves(Dtype::BF16, &[4, 3], &w_v)),
+    ]);
+    let flags = ["--heads", "1", "--scale", "1", "--precision", "f16"];
+    let has_f16 = wgpu_attention::GpuContext::from_env().unwrap().has_f16();
+    if !has_f16 {
+        return case.fails(&flags, "lacks shader-f16");
+    }
+    case.run(&flags).success().stdout(predicate::str::contains(
+        "precision f16 storage, f32 arithmetic",
+    ));
+    let out = load(&case.output);
+    // The reference for these inputs: w_v as stored in BF16, then in f16.
+    let round = |v: f32| half::f16::from_f32(half::bf16::from_f32(v).to_f32()).to_f32();
+    let w_v16: Vec<f32> = w_v.iter().map(|&v| round(v)).collect();
+    let config = AttentionConfig::new(1, 3, 4, 1, 3).with_scale(1.0);
+    let t = |shape: [usize; 2], d: &[f32]| Tensor::new(shape, d.to_vec()).unwrap();
+    let weights = AttentionWeights::new(t([4, 3], &W_Q), t([4, 3], &W_K), t([4, 3], &w_v16));
+    let inputs = AttentionInputs::new(Tensor::new([1, 3, 4], X.to_vec()).unwrap());
+    let exact = reference::run(&config, &weights, &inputs).unwrap().output;
+    for (i, (&a, &e)) in out["out"].data().iter().zip(exact.data()).enumerate() {
+        assert_eq!(half::f16::from_f32(a).to_f32(), a, "out[{i}] is not an f16");
+        assert!(
+            (a - e).abs() <= 4e-3 * e.abs().max(1.0),
+            "out[{i}]: {a} vs {e}"
+        );
+    }
 }
 
 #[test]
@@ -405,7 +461,8 @@ fn integer_weights_are_refused() {
         shape: vec![4, 3],
         bytes: W_Q.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(),
     };
-    Case::new(with("w_q", i32s)).fails(&[], "tensor `w_q` has dtype I32, expected F32");
+    Case::new(with("w_q", i32s))
+        .fails(&[], "tensor `w_q` has dtype I32, expected F32, F16 or BF16");
 }
 
 #[test]

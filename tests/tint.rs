@@ -52,6 +52,7 @@ fn compute_limits(l: &wgpu::Limits) -> Value {
 fn modules() -> Value {
     let mut modules = Map::new();
     for kernel in Kernel::all() {
+        let name = kernel.name();
         let mut first_line = 1;
         let mut files = Vec::new();
         for (file, text) in kernel.parts() {
@@ -63,13 +64,9 @@ fn modules() -> Value {
         assert_eq!(
             first_line - 1,
             kernel.source().matches('\n').count(),
-            "{}: parts do not add up to the source",
-            kernel.name()
+            "{name}: parts do not add up to the source",
         );
-        modules.insert(
-            kernel.name(),
-            json!({ "source": kernel.source(), "files": files }),
-        );
+        modules.insert(name, json!({ "source": kernel.source(), "files": files }));
     }
     Value::Object(modules)
 }
@@ -95,9 +92,18 @@ fn checked(limits: &wgpu::Limits) -> Vec<Variant> {
         .collect()
 }
 
-fn profile(name: &str, backend: &str, feature_level: &str, limits: &wgpu::Limits) -> Value {
+/// The variants of one profile: those whose features (`SHADER_F16` for f16 storage) the
+/// profile's device has, requested from Dawn as WebGPU features.
+fn profile(
+    name: &str,
+    backend: &str,
+    feature_level: &str,
+    limits: &wgpu::Limits,
+    features: wgpu::Features,
+) -> Value {
     let variants: Vec<Value> = checked(limits)
         .iter()
+        .filter(|v| features.contains(v.features))
         .map(|v| {
             let overrides: Map<String, Value> = v
                 .overrides
@@ -134,6 +140,11 @@ fn profile(name: &str, backend: &str, feature_level: &str, limits: &wgpu::Limits
         "backend": backend,
         "feature_level": feature_level,
         "limits": compute_limits(limits),
+        "features": if features.contains(wgpu::Features::SHADER_F16) {
+            json!(["shader-f16"])
+        } else {
+            json!([])
+        },
         "variants": variants,
     })
 }
@@ -161,21 +172,48 @@ fn tint_compiles_every_kernel_specialisation_for_three_limit_sets() {
     .unwrap_or_else(|e| panic!("the adapter's limit set needs an adapter: {e}"));
     let info = adapter.adapter_info();
     let adapter_name = format!("adapter ({}, {:?})", info.name, info.backend);
+    let f16 = wgpu::Features::SHADER_F16;
     let dump = json!({
         "modules": modules(),
         "profiles": [
-            profile("webgpu-defaults", "null", "core", &wgpu::Limits::default()),
-            profile("compatibility-defaults", "null", "compatibility", &compatibility_defaults()),
-            profile(&adapter_name, "opengles", "compatibility", &adapter.limits()),
+            // Dawn's null backend offers shader-f16 (core and compatibility), so the f16
+            // variants are compiled there; its OpenGL ES backend does not, as wgpu's GL does not.
+            profile("webgpu-defaults", "null", "core", &wgpu::Limits::default(), f16),
+            profile(
+                "compatibility-defaults",
+                "null",
+                "compatibility",
+                &compatibility_defaults(),
+                f16,
+            ),
+            profile(
+                &adapter_name,
+                "opengles",
+                "compatibility",
+                &adapter.limits(),
+                wgpu::Features::empty(),
+            ),
         ],
     });
-    let profiles: Vec<(String, usize)> = dump["profiles"]
+    let profiles: Vec<(String, usize, usize)> = dump["profiles"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| {
             let name = p["name"].as_str().unwrap().to_string();
-            (name, p["variants"].as_array().unwrap().len())
+            let variants = p["variants"].as_array().unwrap();
+            let modules: std::collections::BTreeSet<&str> = variants
+                .iter()
+                .map(|v| v["kernel"].as_str().unwrap())
+                .collect();
+            let has_f16 = !p["features"].as_array().unwrap().is_empty();
+            let kernels = Kernel::all()
+                .iter()
+                .filter(|k| has_f16 || k.features().is_empty())
+                .count();
+            // Every kernel the profile's device can run has specialisations in it.
+            assert_eq!(modules.len(), kernels, "{name}: kernels missing");
+            (name, modules.len(), variants.len())
         })
         .collect();
     let file = tempfile::NamedTempFile::new().expect("a temporary file");
@@ -202,8 +240,7 @@ fn tint_compiles_every_kernel_specialisation_for_three_limit_sets() {
         "Tint rejected kernel specialisations the host emits (see above)"
     );
     // Each profile reports every kernel and every specialisation built.
-    for (profile, variants) in profiles {
-        let n = Kernel::all().len();
+    for (profile, n, variants) in profiles {
         let expected =
             format!("{profile}: {n} of {n} modules and {variants} of {variants} pipelines built");
         assert!(

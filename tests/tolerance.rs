@@ -7,8 +7,8 @@ mod common;
 
 use common::Rng;
 use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, KernelChoice, Tensor,
-    compare_bounded, reference,
+    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, KernelChoice, Precision,
+    Tensor, compare_bounded, reference,
 };
 
 /// A BERT-base-sized layer (d_model 768, 12 heads of 64, output projection) whose hidden states
@@ -51,12 +51,29 @@ enum Bug {
 }
 
 /// The layer in plain f32 loops, sequential sums: an f32 computation independent of the crate.
+/// With f16 `storage`, every value the GPU stores (Q, K, V, the heads, the output) is rounded
+/// to f16 where the kernels would store it, the arithmetic staying f32; the caller passes inputs
+/// already rounded to f16.
 fn f32_layer(
     config: &AttentionConfig,
     weights: &AttentionWeights,
     inputs: &AttentionInputs,
     bug: Bug,
 ) -> Tensor {
+    f32_layer_stored(config, weights, inputs, bug, Precision::F32)
+}
+
+fn f32_layer_stored(
+    config: &AttentionConfig,
+    weights: &AttentionWeights,
+    inputs: &AttentionInputs,
+    bug: Bug,
+    storage: Precision,
+) -> Tensor {
+    let st = |x: f32| match storage {
+        Precision::F32 => x,
+        Precision::F16 => half::f16::from_f32(x).to_f32(),
+    };
     let (n, dm, h, dk) = (
         config.seq_len,
         config.d_model,
@@ -73,7 +90,7 @@ fn f32_layer(
                 for k in 0..dm {
                     acc += x[t * dm + k] * w.data()[k * cols + c];
                 }
-                acc + b.as_ref().map_or(0.0, |b| b.data()[c])
+                st(acc + b.as_ref().map_or(0.0, |b| b.data()[c]))
             })
             .collect()
     };
@@ -123,13 +140,14 @@ fn f32_layer(
                 }
             }
         }
+        heads.iter_mut().for_each(|x| *x = st(*x));
         let w_o = weights.w_o.as_ref().unwrap();
         for c in 0..d_out {
             let mut acc = 0.0f32;
             for (e, a) in heads.iter().enumerate() {
                 acc += a * w_o.data()[e * d_out + c];
             }
-            out.push(acc + weights.b_o.as_ref().map_or(0.0, |b| b.data()[c]));
+            out.push(st(acc + weights.b_o.as_ref().map_or(0.0, |b| b.data()[c])));
         }
     }
     Tensor::new(config.output_shape().to_vec(), out).unwrap()
@@ -159,6 +177,41 @@ fn a_correct_f32_bert_sized_result_passes_and_bugs_fail() {
         let c = compare_bounded(&wrong, &exact, &bound).unwrap();
         eprintln!("{bug:?}: {c}");
         assert!(!c.passed(), "{bug:?} passed the bound: {c}");
+    }
+}
+
+/// f16 storage: the same layer computed in f32 with every stored value rounded to f16 (from
+/// inputs rounded to f16) is within the f16 bound, which is wider than the f32 one by what the
+/// roundings carry; and the bugs still fail it.
+#[test]
+fn a_correct_f16_stored_result_passes_the_f16_bound_and_bugs_fail() {
+    let (config, weights, inputs) = bert_sized(24);
+    let config = config.with_precision(Precision::F16);
+    let exact = reference::run(&config, &weights, &inputs).unwrap().output;
+    let bound = reference::error_bound(&config, &weights, &inputs).unwrap();
+    let f32_bound = reference::error_bound(
+        &config.clone().with_precision(Precision::F32),
+        &weights,
+        &inputs,
+    )
+    .unwrap();
+    let w16 = weights.rounded_to(Precision::F16).unwrap();
+    let x16 = Precision::F16
+        .round("x", inputs.x.shape(), inputs.x.data())
+        .unwrap();
+    let i16 = AttentionInputs::new(Tensor::new(inputs.x.shape(), x16).unwrap());
+    let correct = f32_layer_stored(&config, &w16, &i16, Bug::None, Precision::F16);
+    let c = compare_bounded(&correct, &exact, &bound).unwrap();
+    eprintln!("correct f16-stored: {c}");
+    assert!(c.passed(), "{c}");
+    // The f16 roundings are far past the f32 bound: the f16 allowance is not slack.
+    let c32 = compare_bounded(&correct, &exact, &f32_bound).unwrap();
+    assert!(!c32.passed(), "f16 storage passed the f32 bound: {c32}");
+    for bug in [Bug::DropLastKey, Bug::ScaleOff, Bug::ExtraSumTerm] {
+        let wrong = f32_layer_stored(&config, &w16, &i16, bug, Precision::F16);
+        let c = compare_bounded(&wrong, &exact, &bound).unwrap();
+        eprintln!("{bug:?} in f16: {c}");
+        assert!(!c.passed(), "{bug:?} passed the f16 bound: {c}");
     }
 }
 

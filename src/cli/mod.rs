@@ -4,6 +4,7 @@ mod adapters;
 mod bench;
 mod bench_backward;
 mod bench_decode;
+mod bench_precision;
 mod check;
 mod error;
 mod files;

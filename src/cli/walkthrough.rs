@@ -3,8 +3,8 @@
 
 use clap::Args;
 use wgpu_attention::{
-    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, DeviceLimits, Tensor,
-    Tolerance, compare, reference,
+    AttentionConfig, AttentionInputs, AttentionPlan, AttentionWeights, DeviceLimits, Precision,
+    Tensor, Tolerance, compare, compare_bounded, reference,
 };
 
 use super::{AdapterArgs, CliError};
@@ -20,11 +20,20 @@ pub struct WalkthroughArgs {
         allow_negative_numbers = true
     )]
     pub scale: f32,
+    /// Storage precision. With f16, steps 1 to 8 still show the staged kernels in f32 (f16
+    /// runs on the fused kernel, which keeps no intermediates), and a last step runs the whole
+    /// layer with x, the weights, Q/K/V and the output stored in f16 (f32 arithmetic) and
+    /// checks it against the reference under the f16 error bound.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 impl Default for WalkthroughArgs {
     fn default() -> Self {
-        WalkthroughArgs { scale: 1.0 }
+        WalkthroughArgs {
+            scale: 1.0,
+            precision: Precision::F32,
+        }
     }
 }
 
@@ -111,7 +120,48 @@ pub fn main(adapter: &AdapterArgs, args: &WalkthroughArgs) -> Result<(), CliErro
     println!("        (GPU: weighted_sum.wgsl does every input at once)");
     steps.compare("outputs", &gpu.output, &cpu.output)?;
 
-    steps.finish()
+    let f16 = match args.precision {
+        Precision::F32 => None,
+        Precision::F16 => Some(f16_outputs(&ctx, &config, &weights, &inputs)?),
+    };
+    steps.finish()?;
+    match f16 {
+        Some(c) if !c.passed() => Err(CliError::Mismatch(format!("f16 outputs: {c}"))),
+        _ => Ok(()),
+    }
+}
+
+/// The layer again with every tensor stored in f16 (the fused kernel; f32 arithmetic), printed
+/// beside the reference on the f16-rounded inputs (the worked example's are exact in f16), with
+/// how much of the f16 error bound the largest difference uses.
+fn f16_outputs(
+    ctx: &wgpu_attention::GpuContext,
+    config: &AttentionConfig,
+    weights: &AttentionWeights,
+    inputs: &AttentionInputs,
+) -> Result<wgpu_attention::Comparison, CliError> {
+    let config = AttentionConfig {
+        keep_intermediates: false,
+        ..config.clone()
+    }
+    .with_precision(Precision::F16);
+    println!("\nf16 storage: all outputs again, with x, the weights, Q, K, V and the outputs");
+    println!("        stored in f16 and every sum, max and exp in f32 (GPU: gemm.wgsl and");
+    println!("        fused_attention.wgsl in their f16 variants)");
+    let gpu = AttentionPlan::new(ctx, &config, weights)?.run(inputs)?;
+    let cpu = reference::run(&config, weights, inputs)?.output;
+    let bound = reference::error_bound(&config, weights, inputs)?;
+    let c = compare_bounded(&gpu, &cpu, &bound)?;
+    print_side_by_side(&[
+        ("outputs, f16 (GPU)", rows(gpu.data(), 3)),
+        ("outputs (CPU)", rows(cpu.data(), 3)),
+    ]);
+    println!(
+        "    max |GPU - CPU| = {:.2e}, {:.3} of the f16 error bound (one f16 ulp, 2^-10 \
+         relative, per stored tensor, carried through)",
+        c.max_abs, c.worst_ratio
+    );
+    Ok(c)
 }
 
 /// The running verdict over the steps.

@@ -4,6 +4,7 @@
 use super::variants::{Distinct, sizes};
 use super::{Layout, Overrides, pad4, rows_per_eight, uniform_params};
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 
 uniform_params! {
     /// Uniform parameters; the layout of `FusedParams` in `fused_attention.wgsl`.
@@ -138,40 +139,54 @@ pub struct FusedIo {
     /// The row logsumexp is saved for the backward (binding 9): only where gradients are
     /// wanted, so a forward without them binds and computes nothing more.
     pub lse: bool,
+    /// How Q, K, V and the output are stored (f32 arithmetic either way).
+    pub precision: Precision,
 }
 
 impl FusedIo {
     /// Every variant, the one binding the most first, then those saving the logsumexp (only
-    /// with Q, K and V apart: the operator; the layer has no backward yet).
-    pub const ALL: [FusedIo; 12] = {
+    /// with Q, K and V apart: the operator; the layer has no backward yet), all in f32 storage;
+    /// then the f16 storage variants, which save no logsumexp (the backward is f32 only).
+    pub const ALL: [FusedIo; 20] = {
         let mut all = [FusedIo {
             packed_qkv: false,
             mask: true,
             bias: true,
             lse: true,
-        }; 12];
+            precision: Precision::F32,
+        }; 20];
         let mut i = 0;
-        while i < 12 {
-            // 0-7: without the logsumexp; 8-11: with it, Q, K and V apart.
-            let (lse, j) = if i < 8 { (false, i) } else { (true, i - 8) };
+        while i < 20 {
+            // 0-7: without the logsumexp; 8-11: with it, Q, K and V apart; 12-19: f16.
+            let (lse, j, precision) = if i < 8 {
+                (false, i, Precision::F32)
+            } else if i < 12 {
+                (true, i - 8, Precision::F32)
+            } else {
+                (false, i - 12, Precision::F16)
+            };
             all[i] = FusedIo {
                 packed_qkv: j & 4 != 0,
                 mask: j & 2 == 0,
                 bias: j & 1 == 0,
                 lse,
+                precision,
             };
             i += 1;
         }
         all
     };
 
-    /// The include files, in order: Q/K/V, mask, bias, logsumexp.
-    pub(crate) fn files(self) -> [&'static str; 4] {
+    /// The include files, in order: Q/K/V, mask, bias, logsumexp, output (Q/K/V and the
+    /// output in the storage precision).
+    pub(crate) fn files(self) -> [&'static str; 5] {
+        let f16 = self.precision == Precision::F16;
         [
-            if self.packed_qkv {
-                "fused_io_qkv_packed.wgsl"
-            } else {
-                "fused_io_qkv.wgsl"
+            match (self.packed_qkv, f16) {
+                (true, false) => "fused_io_qkv_packed.wgsl",
+                (true, true) => "fused_io_qkv_packed_f16.wgsl",
+                (false, false) => "fused_io_qkv.wgsl",
+                (false, true) => "fused_io_qkv_f16.wgsl",
             },
             if self.mask {
                 "fused_io_mask.wgsl"
@@ -187,6 +202,11 @@ impl FusedIo {
                 "fused_io_lse.wgsl"
             } else {
                 "fused_io_no_lse.wgsl"
+            },
+            if f16 {
+                "fused_io_out_f16.wgsl"
+            } else {
+                "fused_io_out.wgsl"
             },
         ]
     }
@@ -233,14 +253,17 @@ pub(crate) struct FusedGeometry {
     pub k: Strides,
     pub v: Strides,
     pub out: Strides,
+    /// How Q, K, V and the output are stored: which storage variant of the kernel runs.
+    pub precision: Precision,
 }
 
 impl FusedGeometry {
     /// The layer's attention: Q, K and V head-major in the plan's qkv buffer (head widths
     /// padded to multiples of 4), the heads written token-major, concatenated, as the output
     /// projection (or the caller) reads them.
-    pub fn for_layer(l: &Layout) -> Self {
+    pub fn for_layer(l: &Layout, precision: Precision) -> Self {
         FusedGeometry {
+            precision,
             batch: l.batch,
             heads: l.heads,
             kv_heads: l.heads,
@@ -266,6 +289,7 @@ impl FusedGeometry {
             mask: self.has_mask,
             bias: self.bias.is_some(),
             lse: self.lse,
+            precision: self.precision,
         }
     }
 

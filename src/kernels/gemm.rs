@@ -2,6 +2,7 @@
 
 use super::variants::{Distinct, sizes};
 use super::{Columns, DispatchSpec, Kernel, MatmulTiles, Overrides, uniform_params};
+use crate::precision::Precision;
 
 uniform_params! {
     /// Uniform parameters; the layout of `GemmParams` in `gemm.wgsl`.
@@ -30,7 +31,7 @@ uniform_params! {
 pub(crate) enum Store {
     /// Row-major `[m, ldc]`, columns `< n_store` only.
     RowMajor { ldc: u32, n_store: u32 },
-    /// Split by head into the qkv buffer's Q, K and V sections (offsets in f32 elements).
+    /// Split by head into the qkv buffer's Q, K and V sections (offsets in elements).
     HeadSplit {
         seq: u32,
         heads: u32,
@@ -42,7 +43,14 @@ pub(crate) enum Store {
 }
 
 /// `C[m, n] = A[m, k] · B[k, n] + bias[n]` with `n` a multiple of 4.
-pub(crate) fn spec(m: u32, n: u32, k: u32, store: Store, limits: &wgpu::Limits) -> DispatchSpec {
+pub(crate) fn spec(
+    m: u32,
+    n: u32,
+    k: u32,
+    store: Store,
+    precision: Precision,
+    limits: &wgpu::Limits,
+) -> DispatchSpec {
     debug_assert!(n.is_multiple_of(4), "gemm needs padded columns");
     let tiles = tiles(m, n, limits);
     let tiles_n = (n / 4).div_ceil(tiles.groups());
@@ -80,7 +88,7 @@ pub(crate) fn spec(m: u32, n: u32, k: u32, store: Store, limits: &wgpu::Limits) 
         }
     };
     DispatchSpec {
-        kernel: Kernel::Gemm,
+        kernel: Kernel::Gemm(precision),
         overrides: overrides(tiles, head_split),
         params: bytemuck::bytes_of(&params).to_vec(),
         workgroups: total_tiles,

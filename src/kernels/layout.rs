@@ -136,7 +136,13 @@ pub(crate) fn check_sizes(
         ));
     }
     for (what, elements, detail) in tensors {
-        let bytes = elements * 4;
+        // Scores and probabilities are f32 whatever the storage precision (staged path only).
+        let element_bytes = if what == "the score matrix" {
+            4
+        } else {
+            config.precision.bytes()
+        };
+        let bytes = elements * element_bytes;
         let hint = if what == "the score matrix" {
             "; the staged path stores a [seq, seq] score matrix per head: use the fused kernel \
              (KernelChoice::Fused, or Auto), whose memory grows linearly with seq"
@@ -173,4 +179,33 @@ pub(crate) fn check_sizes(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::precision::Precision;
+
+    #[test]
+    fn f16_storage_halves_the_bytes_checked_against_the_limits() {
+        // x is 1 x 100 x 16 = 1600 elements: 6400 bytes in f32, 3200 in f16, against 4000
+        // (and Q|K|V 100 x 12 padded: 2400 bytes in f16).
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: 4000,
+            ..wgpu::Limits::default()
+        };
+        let config = AttentionConfig::new(1, 100, 16, 1, 1);
+        let layout = Layout::new(&config).unwrap();
+        match check_sizes(&config, &layout, &limits) {
+            Err(Error::LimitExceeded {
+                requested, what, ..
+            }) => {
+                assert_eq!(requested, 6400);
+                assert!(what.starts_with("the input x"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let f16 = config.with_precision(Precision::F16);
+        check_sizes(&f16, &Layout::new(&f16).unwrap(), &limits).unwrap();
+    }
 }

@@ -23,6 +23,7 @@ pub use tune::Autotune;
 pub use variants::{Variant, variants};
 
 use crate::error::{Error, Result};
+use crate::precision::Precision;
 pub(crate) use cache::{ChunkTable, KernelCache, MAX_CHUNKS, Pipeline};
 pub(crate) use layout::{Layout, check_sizes};
 pub(crate) use submit::{Piece, Work, submissions};
@@ -30,8 +31,8 @@ pub(crate) use submit::{Piece, Work, submissions};
 /// The WGSL kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// `gemm.wgsl`: projection GEMM with bias.
-    Gemm,
+    /// `gemm.wgsl`: projection GEMM with bias, its storage in f32 or f16 (f32 arithmetic).
+    Gemm(Precision),
     /// `scores.wgsl`: the staged path's unscaled `Q K^T`.
     Scores,
     /// `softmax.wgsl`: the staged path's scaled, biased, masked, stable row softmax in place.
@@ -163,7 +164,8 @@ impl Kernel {
     /// Every kernel in every variant, for validation and listing.
     pub fn all() -> Vec<Kernel> {
         let mut all = vec![
-            Kernel::Gemm,
+            Kernel::Gemm(Precision::F32),
+            Kernel::Gemm(Precision::F16),
             Kernel::Scores,
             Kernel::Softmax,
             Kernel::WeightedSum,
@@ -182,7 +184,7 @@ impl Kernel {
     /// The file name under `shaders/`.
     pub fn file_name(self) -> &'static str {
         match self {
-            Kernel::Gemm => "gemm.wgsl",
+            Kernel::Gemm(_) => "gemm.wgsl",
             Kernel::Scores => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
@@ -196,9 +198,10 @@ impl Kernel {
         }
     }
 
-    /// The kernel's name in messages and labels: its file, and for a variant what it binds.
+    /// The kernel's name in messages and labels: its file, and for a variant what it binds
+    /// and, for f16 storage, `f16`.
     pub fn name(self) -> String {
-        match self {
+        let name = match self {
             Kernel::Fused(io) => format!(
                 "{} ({}, {}, {}{})",
                 self.file_name(),
@@ -217,6 +220,28 @@ impl Kernel {
                 if mask { "mask" } else { "no mask" }
             ),
             _ => self.file_name().into(),
+        };
+        match self.precision() {
+            Precision::F32 => name,
+            Precision::F16 => format!("{name} f16"),
+        }
+    }
+
+    /// The storage precision of the variant: the element type of the storage buffers it reads
+    /// and writes (f32 arithmetic either way). The staged kernels store f32 only.
+    pub fn precision(self) -> Precision {
+        match self {
+            Kernel::Gemm(precision) => precision,
+            Kernel::Fused(io) => io.precision,
+            _ => Precision::F32,
+        }
+    }
+
+    /// The device features the variant needs: `SHADER_F16` for f16 storage.
+    pub fn features(self) -> wgpu::Features {
+        match self.precision() {
+            Precision::F32 => wgpu::Features::empty(),
+            Precision::F16 => wgpu::Features::SHADER_F16,
         }
     }
 
@@ -231,6 +256,9 @@ impl Kernel {
     /// scores, the staged kernels' shared geometry of `shaders/staged_io.wgsl` ahead of each of
     /// them, and the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its
     /// variant.
+    /// Storage variants take their bindings and element access from `*_f16.wgsl` includes,
+    /// and f16 modules open with `shaders/f16.wgsl` (`enable f16;` must precede every
+    /// declaration).
     pub fn source(self) -> &'static str {
         self.composition().0
     }
@@ -269,9 +297,13 @@ impl Kernel {
 
     /// The files a kernel is composed of, its own last.
     fn files(self) -> Vec<&'static str> {
-        let mut files = vec!["dispatch.wgsl"];
+        let mut files = match self.precision() {
+            Precision::F32 => vec!["dispatch.wgsl"],
+            Precision::F16 => vec!["f16.wgsl", "dispatch.wgsl"],
+        };
         match self {
-            Kernel::Gemm => files.extend(["tiles.wgsl"]),
+            Kernel::Gemm(Precision::F32) => files.extend(["tiles.wgsl", "gemm_io_f32.wgsl"]),
+            Kernel::Gemm(Precision::F16) => files.extend(["tiles.wgsl", "gemm_io_f16.wgsl"]),
             Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl", "staged_io.wgsl"]),
             Kernel::Softmax => files.extend(["staged_io.wgsl"]),
             Kernel::WeightedSum => files.extend(["tiles.wgsl", "staged_io.wgsl"]),
@@ -296,7 +328,7 @@ impl Kernel {
     #[doc(hidden)]
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
-            Kernel::Gemm => &gemm::GemmParams::LAYOUT,
+            Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
             // The backward reads the forward's parameters (the same buffer).
             Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
@@ -338,7 +370,7 @@ impl Kernel {
     pub fn bindings(self) -> Vec<Binding> {
         use Access::*;
         let storage: Vec<(u32, Access)> = match self {
-            Kernel::Gemm => numbered(&[Read, Read, Read, ReadWrite]),
+            Kernel::Gemm(_) => numbered(&[Read, Read, Read, ReadWrite]),
             // q, k, scores.
             Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
             // key_mask, bias, scores in and probabilities out.
@@ -388,7 +420,7 @@ impl Kernel {
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine => 3..4,
-            Kernel::Gemm | Kernel::StreamRead => 0..0,
+            Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
             Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 after_storage..after_storage + 2
             }
@@ -439,10 +471,13 @@ fn shader_file(name: &str) -> &'static str {
         };
     }
     files!(
+        "f16.wgsl",
         "dispatch.wgsl",
         "tiles.wgsl",
         "score_tile.wgsl",
         "staged_io.wgsl",
+        "gemm_io_f32.wgsl",
+        "gemm_io_f16.wgsl",
         "gemm.wgsl",
         "scores.wgsl",
         "softmax.wgsl",
@@ -453,6 +488,10 @@ fn shader_file(name: &str) -> &'static str {
         "fused_io_no_mask.wgsl",
         "fused_io_bias.wgsl",
         "fused_io_no_bias.wgsl",
+        "fused_io_qkv_f16.wgsl",
+        "fused_io_qkv_packed_f16.wgsl",
+        "fused_io_out.wgsl",
+        "fused_io_out_f16.wgsl",
         "fused_io_lse.wgsl",
         "fused_io_no_lse.wgsl",
         "fused_attention.wgsl",

@@ -20,17 +20,21 @@ pub struct Variant {
     pub overrides: Vec<(&'static str, f64)>,
     /// The explicit pipeline layout ([`Kernel::bindings`]).
     pub bindings: Vec<Binding>,
+    /// The device features it needs ([`Kernel::features`]): a check compiles it only on a
+    /// device that has them (f16 variants need `SHADER_F16`).
+    pub features: wgpu::Features,
 }
 
 /// Every kernel specialisation the host can emit on a device with `limits`: each kernel's
-/// distinct override sets, in the order first reached.
+/// distinct override sets, in the order first reached. Storage variants (f32, f16) each get
+/// the same override sets; f16 ones say in [`Variant::features`] that they need `SHADER_F16`.
 #[doc(hidden)]
 pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
     Kernel::all()
         .into_iter()
         .flat_map(|kernel| {
             let sets = match kernel {
-                Kernel::Gemm => super::gemm::override_sets(limits),
+                Kernel::Gemm(_) => super::gemm::override_sets(limits),
                 Kernel::Scores => super::staged::score_override_sets(limits),
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
                 Kernel::WeightedSum => super::staged::sum_override_sets(limits),
@@ -46,6 +50,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 source: kernel.source(),
                 overrides,
                 bindings: kernel.bindings(),
+                features: kernel.features(),
             })
         })
         .collect()
@@ -111,6 +116,7 @@ mod tests {
     #[test]
     fn variants_reach_the_choices_of_shapes_between_the_sizes_tried() {
         use super::super::{fused, gemm, staged};
+        use crate::precision::Precision;
         // Shapes that `sizes` does not list (not in the dense range, not near a power of two).
         let odd = [3, 77, 300, 1000, 5000, 70_000];
         let odd4 = [4, 12, 68, 300, 1000, 5004];
@@ -140,11 +146,11 @@ mod tests {
                 }
                 for n in odd4 {
                     has(
-                        Kernel::Gemm,
+                        Kernel::Gemm(Precision::F32),
                         gemm::overrides(gemm::tiles(seq, n, &limits), true),
                     );
                     has(
-                        Kernel::Gemm,
+                        Kernel::Gemm(Precision::F16),
                         gemm::overrides(gemm::tiles(seq, n, &limits), false),
                     );
                     has(
@@ -158,6 +164,7 @@ mod tests {
                     for dvp in [4, 36, 100, 132, 256] {
                         if let Ok(t) = fused::FusedTiles::choose(seq, seq, n, dvp, &limits) {
                             has(Kernel::Fused(fused::FusedIo::ALL[0]), t.overrides());
+                            has(Kernel::Fused(fused::FusedIo::ALL[8]), t.overrides());
                         }
                     }
                 }

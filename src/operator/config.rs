@@ -5,6 +5,7 @@ use crate::config::KernelChoice;
 use crate::error::{Error, Result, Shape};
 use crate::kernels::decode::DecodeGeometry;
 use crate::kernels::fused::{FusedGeometry, Strides};
+use crate::precision::Precision;
 use crate::tensor::{Tensor, unravel};
 
 /// How Q, K, V and the output are laid out in memory (see the module documentation).
@@ -114,6 +115,9 @@ pub struct OperatorConfig {
     /// to each row's own end. Split-K decode only: needs `max_q_len <= DECODE_MAX_Q_LEN`, no
     /// key mask and no bias.
     pub row_lengths: bool,
+    /// How Q, K, V (the KV cache) and the output are stored in the caller's buffers: f32, or
+    /// f16 with f32 arithmetic (see [`crate::precision`]).
+    pub precision: Precision,
 }
 
 impl OperatorConfig {
@@ -147,6 +151,22 @@ impl OperatorConfig {
             path: OperatorPath::Auto,
             splits: None,
             row_lengths: false,
+            precision: Precision::F32,
+        }
+    }
+
+    /// Q, K, V and the output stored in `precision` (see [`crate::precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// Bytes of one element of the tensor `name` (of [`OperatorConfig::max_elements`]): Q, K,
+    /// V and the output in the storage precision; the mask (u32) and the bias (f32) in 4.
+    pub(crate) fn element_bytes(&self, name: &str) -> u64 {
+        match name {
+            "q" | "k" | "v" | "out" => self.precision.bytes(),
+            _ => 4,
         }
     }
 
@@ -391,6 +411,7 @@ impl OperatorConfig {
 
     pub(super) fn geometry(&self) -> FusedGeometry {
         FusedGeometry {
+            precision: self.precision,
             batch: self.batch as u32,
             heads: self.heads as u32,
             kv_heads: self.kv_heads as u32,

@@ -69,6 +69,7 @@ use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, read_f32, scoped, scoped_async};
 use crate::kernels::fused::MAX_HEAD_DIM_V;
 use crate::kernels::{ChunkTable, Kernel, Piece, Pipeline, Work, fold_grid, pad4, submissions};
+use crate::precision::Precision;
 use crate::tensor::{Tensor, unravel};
 
 /// The application's buffers for an [`AttentionOp`]; each needs `STORAGE` usage and room for
@@ -180,9 +181,10 @@ impl AttentionOp {
     pub async fn new_async(ctx: &GpuContext, config: &OperatorConfig) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         config.validate()?;
+        config.precision.check_device(ctx)?;
         let limits = ctx.limits();
         for (name, elements) in config.max_elements() {
-            let bytes = elements * 4;
+            let bytes = elements * config.element_bytes(name);
             let what = format!("tensor `{name}` at the maximum lengths ({bytes} bytes)");
             for (limit, max) in [
                 (
@@ -210,7 +212,19 @@ impl AttentionOp {
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
         let geometry = config.geometry();
-        let path = match choose_kernel(config, &limits)? {
+        let chosen = choose_kernel(config, &limits)?;
+        if config.precision == Precision::F16 && chosen == KernelChoice::Staged {
+            return Err(Error::F16NeedsFused {
+                why: if config.kernel == KernelChoice::Staged {
+                    "the operator's staged kernels were chosen".into()
+                } else {
+                    "this operator needs its staged kernels (intermediates kept, value heads \
+                     wider than the fused kernel takes, or a device it does not fit)"
+                        .into()
+                },
+            });
+        }
+        let path = match chosen {
             KernelChoice::Fused => Path::Fused(Core::new(ctx, geometry, 0, max_q, max_kv).await?),
             _ => Path::Staged(
                 StagedCore::new(ctx, geometry, 0, max_q, max_kv, config.keep_intermediates).await?,
@@ -223,7 +237,25 @@ impl AttentionOp {
         }
         .storage_buffers()
             <= limits.max_storage_buffers_per_shader_stage;
+        // The backward kernels are f32 only.
+        if config.precision == Precision::F16 && config.gradients {
+            return Err(Error::F16NeedsFused {
+                why: "gradients were asked for, and the backward kernels store f32".into(),
+            });
+        }
+        // Split-K decode stores f32 only: f16 calls of any length run the fused kernel, and
+        // asking for split-K in f16 is refused by name.
+        if config.precision == Precision::F16
+            && (config.path == OperatorPath::SplitK || config.row_lengths)
+        {
+            return Err(Error::F16NeedsFused {
+                why: "split-K decode was asked for (OperatorPath::SplitK or per-row lengths), \
+                      and its kernels store f32"
+                    .into(),
+            });
+        }
         let decode = if config.has_decode()
+            && config.precision == Precision::F32
             && (decode_fits || config.path == OperatorPath::SplitK || config.row_lengths)
         {
             let max_q = max_q.min(DECODE_MAX_Q_LEN as u32);
@@ -240,9 +272,10 @@ impl AttentionOp {
         };
         let device = ctx.device();
         let own = scoped_async(device, "creating the operator's buffers", || {
-            let [q, k, v, out, mask, bias] = config
-                .max_elements()
-                .map(|(name, n)| buffer(device, name, (n * 4).next_multiple_of(16), STORAGE));
+            let [q, k, v, out, mask, bias] = config.max_elements().map(|(name, n)| {
+                let bytes = (n * config.element_bytes(name)).next_multiple_of(16);
+                buffer(device, name, bytes, STORAGE)
+            });
             let upload = [&q, &k, &v, &mask, &bias]
                 .iter()
                 .map(|b| b.size())
@@ -478,15 +511,20 @@ impl AttentionOp {
     fn check_io(&self, io: OperatorIo<'_>) -> Result<()> {
         let [q, k, v, out, mask, bias] = self.config.max_elements();
         // Q, K and V are read as vec4: their last elements need a whole vec4 to lie in.
+        let e = self.config.precision.bytes();
+        let sized_for = match self.config.precision {
+            Precision::F32 => " (the maximum lengths)",
+            Precision::F16 => " (the maximum lengths, f16 elements)",
+        };
         for ((name, elements), buffer) in [(q, io.q), (k, io.k), (v, io.v)] {
             check_storage(
                 name,
                 buffer,
-                (elements * 4).next_multiple_of(16),
-                " (the maximum lengths)",
+                (elements * e).next_multiple_of(4 * e),
+                sized_for,
             )?;
         }
-        check_storage(out.0, io.out, out.1 * 4, " (the maximum lengths)")?;
+        check_storage(out.0, io.out, (out.1 * e).next_multiple_of(4), sized_for)?;
         for ((name, elements), wanted, given) in [
             (mask, self.config.key_padding_mask, io.key_mask),
             (bias, self.config.bias.is_some(), io.bias),
@@ -786,12 +824,19 @@ impl AttentionOp {
             ));
         }
         let lengths = inputs.validate(&self.config)?;
-        let out_bytes = (self
+        let p = self.config.precision;
+        if p == Precision::F16 {
+            for (name, t) in [("q", &inputs.q), ("k", &inputs.k), ("v", &inputs.v)] {
+                crate::precision::check_f16_range(name, t.shape(), t.data())?;
+            }
+        }
+        let out_elements = self
             .config
             .output_shape(lengths.q_len)
             .iter()
-            .product::<usize>()
-            * 4) as u64;
+            .product::<usize>();
+        // Copies move whole 4-byte words: an odd number of f16 outputs takes one more.
+        let out_bytes = (out_elements as u64 * p.bytes()).next_multiple_of(4);
         let steps = self.call_steps(lengths);
         let work: Vec<Option<Work>> = steps.iter().map(|s| s.map(|(_, w)| w)).collect();
         let flops: f64 = work.iter().flatten().map(|w| w.flops).sum();
@@ -843,9 +888,10 @@ impl AttentionOp {
             }
         }
         self.last = Some(lengths);
-        let data = map_and_read(&device, &self.own.staging, |bytes| {
-            bytemuck::cast_slice::<u8, f32>(&bytes[..out_bytes as usize]).to_vec()
+        let mut data = map_and_read(&device, &self.own.staging, |bytes| {
+            p.decode(&bytes[..out_bytes as usize])
         })?;
+        data.truncate(out_elements);
         self.ctx
             .kernels()
             .measured(flops, start.elapsed().as_secs_f64());
@@ -854,9 +900,17 @@ impl AttentionOp {
             return Err(Error::NonFiniteOutput {
                 index: Shape(unravel(&shape, at)),
                 value: data[at],
-                hint: "a score, bias or product passed f32's range (3.4e38): scale the inputs \
-                       down"
-                    .into(),
+                hint: match p {
+                    Precision::F32 => {
+                        "a score, bias or product passed f32's range (3.4e38): scale the \
+                         inputs down"
+                    }
+                    Precision::F16 => {
+                        "the output passed f16's range (65504; scores and sums are f32): \
+                         scale V down, or use f32 precision"
+                    }
+                }
+                .into(),
             });
         }
         Tensor::new(shape, data)
@@ -910,27 +964,7 @@ impl AttentionOp {
             .key_mask
             .as_ref()
             .map(|m| m.data().iter().map(|&x| (x != 0.0) as u32).collect());
-        let own = &mut self.own;
-        let uploads: [(&wgpu::Buffer, Option<&[u8]>); 3] = [
-            (&own.q, Some(bytemuck::cast_slice(inputs.q.data()))),
-            (
-                &own.key_mask,
-                mask_words.as_deref().map(bytemuck::cast_slice),
-            ),
-            (
-                &own.bias,
-                inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
-            ),
-        ];
-        for (target, bytes) in uploads {
-            if let Some(bytes) = bytes
-                && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
-            {
-                own.belt
-                    .write_buffer(encoder, target, 0, size)
-                    .copy_from_slice(bytes);
-            }
-        }
+        let p = self.config.precision;
         // K and V in blocks of kv_len token rows (a head, head-major; a batch row,
         // token-major), packed, or with a capacity each at its place in the cache.
         let kv = inputs.k.shape()[if self.config.layout == QkvLayout::HeadMajor {
@@ -939,16 +973,73 @@ impl AttentionOp {
             1
         }];
         let rows = self.config.kv_capacity.unwrap_or(kv);
-        for (target, t) in [(&own.k, &inputs.k), (&own.v, &inputs.v)] {
+        // Q, K and V as stored: f32 as they are; f16 as whole images of the buffers (an f16
+        // block need not fill whole 4-byte words, the unit of a copy), K and V at their places.
+        let image = |t: &Tensor, placed: bool| -> Vec<u8> {
             let width = t.shape().last().copied().unwrap_or(0);
-            let block = kv * width;
-            for (n, src) in t.data().chunks_exact(block.max(1)).enumerate() {
-                let src: &[u8] = bytemuck::cast_slice(src);
-                if let Some(size) = wgpu::BufferSize::new(src.len() as u64) {
-                    own.belt
-                        .write_buffer(encoder, target, (n * rows * width * 4) as u64, size)
-                        .copy_from_slice(src);
+            let (block, stride) = if placed {
+                ((kv * width).max(1), rows * width)
+            } else {
+                (t.data().len().max(1), t.data().len().max(1))
+            };
+            let blocks = t.data().len().div_ceil(block);
+            let mut out = vec![0u8; (blocks * stride * 2).next_multiple_of(4)];
+            for (n, src) in t.data().chunks(block).enumerate() {
+                for (i, &x) in src.iter().enumerate() {
+                    let at = 2 * (n * stride + i);
+                    out[at..at + 2].copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
                 }
+            }
+            out
+        };
+        let halves = (p == Precision::F16).then(|| {
+            [
+                image(&inputs.q, false),
+                image(&inputs.k, true),
+                image(&inputs.v, true),
+            ]
+        });
+        let own = &mut self.own;
+        let q: &[u8] = match &halves {
+            Some([q, _, _]) => q,
+            None => bytemuck::cast_slice(inputs.q.data()),
+        };
+        let mut uploads: Vec<(&wgpu::Buffer, u64, Option<&[u8]>)> = vec![
+            (&own.q, 0, Some(q)),
+            (
+                &own.key_mask,
+                0,
+                mask_words.as_deref().map(bytemuck::cast_slice),
+            ),
+            (
+                &own.bias,
+                0,
+                inputs.bias.as_ref().map(|b| bytemuck::cast_slice(b.data())),
+            ),
+        ];
+        match &halves {
+            Some([_, k, v]) => {
+                uploads.push((&own.k, 0, Some(k)));
+                uploads.push((&own.v, 0, Some(v)));
+            }
+            None => {
+                for (target, t) in [(&own.k, &inputs.k), (&own.v, &inputs.v)] {
+                    let width = t.shape().last().copied().unwrap_or(0);
+                    let block = kv * width;
+                    for (n, src) in t.data().chunks_exact(block.max(1)).enumerate() {
+                        let at = (n * rows * width * 4) as u64;
+                        uploads.push((target, at, Some(bytemuck::cast_slice(src))));
+                    }
+                }
+            }
+        }
+        for (target, at, bytes) in uploads {
+            if let Some(bytes) = bytes
+                && let Some(size) = wgpu::BufferSize::new(bytes.len() as u64)
+            {
+                own.belt
+                    .write_buffer(encoder, target, at, size)
+                    .copy_from_slice(bytes);
             }
         }
         own.belt.finish();

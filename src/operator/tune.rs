@@ -219,6 +219,7 @@ fn trial(g: &FusedGeometry, max_q: u32, max_kv: u32, flops: f64) -> (FusedGeomet
             packed_qkv: false,
             mask: false,
             bias: false,
+            precision: t.precision,
             lse: false,
         }
     );
@@ -247,6 +248,7 @@ mod tests {
             k: Strides::head_major(8, 128, 0),
             v: Strides::head_major(8, 128, 0),
             out: Strides::head_major(32, 128, 0),
+            precision: crate::Precision::F32,
         };
         let budget = 1e10 * TRIAL_SECONDS;
         let (t, q, kv) = trial(&g, 4096, 4096, budget);

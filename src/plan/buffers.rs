@@ -4,8 +4,9 @@
 
 use super::pack::{pack_out, pack_qkv};
 use crate::config::AttentionConfig;
-use crate::gpu::{STORAGE, buffer, init_buffer};
+use crate::gpu::{STORAGE, buffer, init_bytes};
 use crate::kernels::Layout;
+use crate::precision::Precision;
 use crate::weights::AttentionWeights;
 
 /// The weights and intermediates.
@@ -25,29 +26,32 @@ pub(super) struct PlanBuffers {
 
 impl PlanBuffers {
     /// Creates every buffer and uploads the weights (checked by the caller).
+    ///
+    /// With f16 storage the weights must already be rounded to f16
+    /// ([`AttentionWeights::rounded_to`], which names a value past f16's range), so that
+    /// storing them cannot fail here.
     pub fn new(
         device: &wgpu::Device,
         config: &AttentionConfig,
         l: &Layout,
         weights: &AttentionWeights,
     ) -> Self {
+        let p = config.precision;
+        let store = |label: &str, values: &[f32]| init_bytes(device, label, &stored(p, values));
         let (w, b) = pack_qkv(config, l, weights);
         let w_o = weights.w_o.as_ref().map(|w_o| {
             let (w, b) = pack_out(l, w_o, weights.b_o.as_ref());
-            (
-                init_buffer(device, "w_o", &w),
-                init_buffer(device, "b_o", &b),
-            )
+            (store("w_o", &w), store("b_o", &b))
         });
         let attention = config.output_projection.map(|_| {
             let len = l.tokens() * (l.heads * l.head_dim_v) as u64;
-            buffer(device, "attention", len * 4, STORAGE)
+            buffer(device, "attention", len * p.bytes(), STORAGE)
         });
         PlanBuffers {
-            w_qkv: init_buffer(device, "w_qkv", &w),
-            b_qkv: init_buffer(device, "b_qkv", &b),
+            w_qkv: store("w_qkv", &w),
+            b_qkv: store("b_qkv", &b),
             w_o,
-            qkv: buffer(device, "qkv", l.qkv_len * 4, STORAGE),
+            qkv: buffer(device, "qkv", l.qkv_len * p.bytes(), STORAGE),
             attention,
         }
     }
@@ -78,12 +82,20 @@ pub(super) struct OwnIo {
     pub mask_words: Vec<u32>,
 }
 
+/// Values already within `precision`'s range (checked by the caller) as its storage bytes.
+pub(super) fn stored(precision: Precision, values: &[f32]) -> Vec<u8> {
+    precision
+        .encode("weights", &[values.len()], values)
+        .expect("weights are rounded to the storage precision before they are packed")
+}
+
 impl OwnIo {
-    pub fn new(device: &wgpu::Device, l: &Layout) -> Self {
-        let out_bytes = l.tokens() * l.d_out as u64 * 4;
+    pub fn new(device: &wgpu::Device, l: &Layout, precision: Precision) -> Self {
+        let e = precision.bytes();
+        let out_bytes = l.tokens() * l.d_out as u64 * e;
         // Without a mask the kernels still bind one: four bytes they never read.
         let mask_bytes = if l.has_mask { l.tokens() * 4 } else { 4 };
-        let x = buffer(device, "x", l.tokens() * l.d_model as u64 * 4, STORAGE);
+        let x = buffer(device, "x", l.tokens() * l.d_model as u64 * e, STORAGE);
         let upload_bytes = x.size() + if l.has_mask { mask_bytes } else { 0 };
         OwnIo {
             x,

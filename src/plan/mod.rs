@@ -22,6 +22,7 @@ use crate::error::{Error, Result, Shape};
 use crate::gpu::{check_storage, map_and_read, read_f32, read_mapped, scoped, scoped_async};
 use crate::kernels::fused::FusedGeometry;
 use crate::kernels::{ChunkTable, Kernel, Layout, check_sizes};
+use crate::precision::Precision;
 use crate::reference::Intermediates;
 use crate::stage::Stage;
 use crate::tensor::{Tensor, unravel};
@@ -132,13 +133,20 @@ impl AttentionPlan {
     ) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         weights.validate(config)?;
+        config.precision.check_device(ctx)?;
+        // Rounded (and range-checked, by tensor and index) before packing, so that storing
+        // the packed weights in f16 cannot fail or produce an infinity.
+        let weights = &match config.precision {
+            Precision::F32 => std::borrow::Cow::Borrowed(weights),
+            Precision::F16 => std::borrow::Cow::Owned(weights.rounded_to(Precision::F16)?),
+        };
         let limits = ctx.limits();
         let mut layout = Layout::new(config)?;
         // The layer's fused kernel binds at most three storage buffers (packed Q/K/V, mask,
         // output), within every device's limit; the check stays so that a kernel that grows
         // one is refused by name. `Auto` then takes the staged kernels, which bind at most four.
         if layout.kernel == KernelChoice::Fused
-            && let Err(e) = Kernel::Fused(FusedGeometry::for_layer(&layout).io()).check_storage_buffers(
+            && let Err(e) = Kernel::Fused(FusedGeometry::for_layer(&layout, config.precision).io()).check_storage_buffers(
                 &limits,
                 "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
             )
@@ -148,12 +156,30 @@ impl AttentionPlan {
             }
             layout.kernel = KernelChoice::Staged;
         }
+        if config.precision == Precision::F16 && layout.kernel == KernelChoice::Staged {
+            return Err(Error::F16NeedsFused {
+                why: if config.kernel == KernelChoice::Staged {
+                    "the staged kernels were chosen".into()
+                } else {
+                    format!(
+                        "this layer needs them ({})",
+                        if config.keep_intermediates {
+                            "intermediates are kept"
+                        } else if config.head_dim_v > crate::FUSED_MAX_HEAD_DIM_V {
+                            "its value heads are wider than the fused kernel takes"
+                        } else {
+                            "the device allows too few storage buffers for the fused kernel"
+                        }
+                    )
+                },
+            });
+        }
         check_sizes(config, &layout, &limits)?;
         let device = ctx.device();
         let (bufs, own) = scoped_async(device, "creating the plan's buffers", || {
             (
                 PlanBuffers::new(device, config, &layout, weights),
-                OwnIo::new(device, &layout),
+                OwnIo::new(device, &layout, config.precision),
             )
         })
         .await?;
@@ -239,14 +265,16 @@ impl AttentionPlan {
         weights.validate(&self.config)?;
         let queue = self.ctx.queue();
         let _device = self.ctx.kernels().exclusive();
+        let p = self.config.precision;
+        let weights = &weights.rounded_to(p)?;
         let (w, b) = pack::pack_qkv(&self.config, &self.layout, weights);
         scoped(self.ctx.device(), "uploading weights", || {
-            queue.write_buffer(&self.bufs.w_qkv, 0, bytemuck::cast_slice(&w));
-            queue.write_buffer(&self.bufs.b_qkv, 0, bytemuck::cast_slice(&b));
+            queue.write_buffer(&self.bufs.w_qkv, 0, &buffers::stored(p, &w));
+            queue.write_buffer(&self.bufs.b_qkv, 0, &buffers::stored(p, &b));
             if let (Some((wb, bb)), Some(w_o)) = (&self.bufs.w_o, &weights.w_o) {
                 let (w, b) = pack::pack_out(&self.layout, w_o, weights.b_o.as_ref());
-                queue.write_buffer(wb, 0, bytemuck::cast_slice(&w));
-                queue.write_buffer(bb, 0, bytemuck::cast_slice(&b));
+                queue.write_buffer(wb, 0, &buffers::stored(p, &w));
+                queue.write_buffer(bb, 0, &buffers::stored(p, &b));
             }
         })
     }
@@ -264,8 +292,17 @@ impl AttentionPlan {
     /// The async form of [`AttentionPlan::bind`], which never blocks (for the web).
     pub async fn bind_async(&self, io: AttentionIo<'_>) -> Result<AttentionBindings> {
         let l = &self.layout;
-        check_storage("x", io.x, l.tokens() * l.d_model as u64 * 4, "")?;
-        check_storage("output", io.output, l.tokens() * l.d_out as u64 * 4, "")?;
+        let (e, sized_for) = match self.config.precision {
+            Precision::F32 => (4, ""),
+            Precision::F16 => (2, " (f16 elements)"),
+        };
+        check_storage("x", io.x, l.tokens() * l.d_model as u64 * e, sized_for)?;
+        check_storage(
+            "output",
+            io.output,
+            l.tokens() * l.d_out as u64 * e,
+            sized_for,
+        )?;
         let mask = match (l.has_mask, io.key_mask) {
             (true, Some(m)) => {
                 check_storage("key_mask", m, l.tokens() * 4, "")?;
@@ -383,8 +420,9 @@ impl AttentionPlan {
         let _device = ctx.kernels().exclusive();
         let start = Instant::now();
         self.submit(inputs)?;
+        let p = self.config.precision;
         let data = map_and_read(self.ctx.device(), &self.own.staging, |bytes| {
-            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
+            p.decode(bytes)
         })?;
         self.ctx
             .kernels()
@@ -409,21 +447,28 @@ impl AttentionPlan {
             });
         let mapped = rx.await.map_err(|_| wgpu::BufferAsyncError)?;
         mapped?;
-        let data = read_mapped(&self.own.staging, |bytes| {
-            bytemuck::cast_slice::<u8, f32>(bytes).to_vec()
-        })?;
+        let p = self.config.precision;
+        let data = read_mapped(&self.own.staging, |bytes| p.decode(bytes))?;
         self.output_tensor(data)
     }
 
-    fn output_tensor(&self, data: Vec<f32>) -> Result<Tensor> {
+    fn output_tensor(&self, mut data: Vec<f32>) -> Result<Tensor> {
         let shape = self.config.output_shape();
+        // f16 read-back rounds up to whole 4-byte words: one element past the end at most.
+        data.truncate(shape.iter().product());
         if let Some(at) = data.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFiniteOutput {
                 index: Shape(unravel(&shape, at)),
                 value: data[at],
-                hint: "a product of the inputs and weights passed f32's range (3.4e38): scale the \
-                       inputs or weights down"
-                    .into(),
+                hint: if self.config.precision == Precision::F16 {
+                    "with f16 storage, Q, K, V and the outputs must stay within f16's range \
+                     (65504); the arithmetic is f32. Scale the inputs or weights down, or use \
+                     f32 precision"
+                } else {
+                    "a product of the inputs and weights passed f32's range (3.4e38): scale the \
+                     inputs or weights down"
+                }
+                .into(),
             });
         }
         Tensor::new(shape.to_vec(), data)
@@ -433,11 +478,27 @@ impl AttentionPlan {
     /// through the staging belt; call [`wgpu::util::StagingBelt::recall`] after submitting.
     fn upload(&mut self, encoder: &mut wgpu::CommandEncoder, inputs: &AttentionInputs) {
         let own = &mut self.own;
-        let x: &[u8] = bytemuck::cast_slice(inputs.x.data());
-        if let Some(size) = wgpu::BufferSize::new(x.len() as u64) {
-            own.belt
-                .write_buffer(encoder, &own.x, 0, size)
-                .copy_from_slice(x);
+        let values = inputs.x.data();
+        match self.config.precision {
+            Precision::F32 => {
+                let x: &[u8] = bytemuck::cast_slice(values);
+                if let Some(size) = wgpu::BufferSize::new(x.len() as u64) {
+                    own.belt
+                        .write_buffer(encoder, &own.x, 0, size)
+                        .copy_from_slice(x);
+                }
+            }
+            Precision::F16 => {
+                // Converted straight into the mapped staging memory (no buffer per call),
+                // after `submit` checked every value fits f16; padded to whole 4-byte words.
+                let bytes = (values.len() as u64 * 2).next_multiple_of(4);
+                if let Some(size) = wgpu::BufferSize::new(bytes) {
+                    let mut view = own.belt.write_buffer(encoder, &own.x, 0, size);
+                    crate::precision::write_f16(values, |at, bytes| {
+                        view.slice(at..at + bytes.len()).copy_from_slice(bytes)
+                    });
+                }
+            }
         }
         if let Some(mask) = &inputs.key_mask {
             for (w, &m) in own.mask_words.iter_mut().zip(mask.data()) {
@@ -457,6 +518,9 @@ impl AttentionPlan {
     /// the last one ending with the copy of the output to the read-back buffer.
     fn submit(&mut self, inputs: &AttentionInputs) -> Result<()> {
         inputs.validate(&self.config)?;
+        if self.config.precision == Precision::F16 {
+            crate::precision::check_f16_range("x", inputs.x.shape(), inputs.x.data())?;
+        }
         let subs = self.submissions(0..self.steps.len())?;
         self.submit_pieces(&subs, Some(inputs), true, None)
     }

@@ -124,13 +124,14 @@ pub(super) async fn build(
                     k_offset: l.k_offset,
                     v_offset: l.v_offset,
                 },
+                config.precision,
                 &limits,
             ),
             vec![Res::X, own(&bufs.w_qkv), own(&bufs.b_qkv), own(&bufs.qkv)],
         )
         .await?,
     ];
-    let geometry = FusedGeometry::for_layer(l);
+    let geometry = FusedGeometry::for_layer(l, config.precision);
     let mut scores = None;
     if l.kernel == KernelChoice::Fused {
         // The operator's core, on the qkv buffer the projection wrote: one attention
@@ -218,6 +219,7 @@ pub(super) async fn build(
                         ldc: l.d_out,
                         n_store: l.d_out,
                     },
+                    config.precision,
                     &limits,
                 ),
                 vec![own(a), own(w_o), own(b_o), Res::Output],

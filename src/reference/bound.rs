@@ -51,11 +51,23 @@ impl Layer<'_> {
                 g * (terms + bias.as_ref().map_or(0.0, |b| (b.data()[c] as f64).abs()))
             })
             .collect();
+        let value = self.project(w, bias, b, t);
         Bounded {
-            value: self.project(w, bias, b, t),
-            error,
+            error: self.stored(&value, error),
+            value,
             shared: vec![0.0; cols],
         }
+    }
+
+    /// `error` plus one rounding of each of `value` to the storage format, where a kernel
+    /// stores a value it computed (nothing for f32 storage; see [`Layer::store_u`]).
+    fn stored(&self, value: &[f64], mut error: Vec<f64>) -> Vec<f64> {
+        if self.store_u > 0.0 {
+            for (e, v) in error.iter_mut().zip(value) {
+                *e += self.store_u * v.abs() + self.store_floor;
+            }
+        }
+        error
     }
 
     /// One head's slice of a bounded projection.
@@ -117,7 +129,12 @@ impl Layer<'_> {
             own[j] = scale * (by_key.sqrt() + g_dot * terms);
             from_query[j] = scale * by_query.sqrt();
         }
-        attend_scores_bounded(&scores, &own, &from_query, values, dv)
+        let o = attend_scores_bounded(&scores, &own, &from_query, values, dv);
+        // The kernel stores its output row: rounded once more in f16 storage.
+        Bounded {
+            error: self.stored(&o.value, o.error),
+            ..o
+        }
     }
 
     /// [`Layer::output_row`] with the heads' errors carried through the output projection
@@ -150,7 +167,8 @@ impl Layer<'_> {
                     .b_o
                     .as_ref()
                     .map_or(0.0, |b| (b.data()[c] as f64).abs());
-                (value[c], independent + shared + g * (terms + bias))
+                let stored = self.store_u * value[c].abs() + self.store_floor;
+                (value[c], independent + shared + g * (terms + bias) + stored)
             })
             .collect()
     }
@@ -258,6 +276,15 @@ fn attend_scores_bounded(
 /// `2n·e^-18`), and independent errors combine as the root of their sum of squares. A correct
 /// f32 result of a BERT-sized layer with activations of 20 uses about 1% of it (tests/
 /// tolerance.rs); a dropped key, a scale 1% off and values held to f16's precision exceed it.
+///
+/// For [`crate::Precision::F16`] storage the values are those of the f16-rounded inputs, and
+/// every value a kernel stores (Q, K and V after the projection, each head's output, the
+/// output projection's result) adds one f16 store error, one ulp: `2^-10` of its magnitude
+/// ([`crate::precision::F16_STORE_ERROR`], from f16's unit roundoff `2^-11`, doubled because
+/// WGSL may round a conversion either way) or `2^-24` absolute in the subnormal range, as an
+/// independent error carried through everything that reads it: a score's error then grows as
+/// `√head_dim · 2^-10` of its absolute terms, an output's through the softmax and the output
+/// projection's `heads · head_dim_v` terms. The f32 arithmetic terms stay as they are.
 pub fn output_row_bounds(
     config: &AttentionConfig,
     weights: &AttentionWeights,
@@ -285,10 +312,10 @@ pub fn output_row_bounds(
                 .map(|head| all.iter().map(|t| Layer::head_of(t, head, width)).collect())
                 .collect()
         };
-        let keys = by_head(&tokens(&weights.w_k, &weights.b_k), dk);
-        let values = by_head(&tokens(&weights.w_v, &weights.b_v), dv);
+        let keys = by_head(&tokens(&layer.weights.w_k, &layer.weights.b_k), dk);
+        let values = by_head(&tokens(&layer.weights.w_v, &layer.weights.b_v), dv);
         for (slot, &(_, i)) in out.iter_mut().zip(rows).filter(|(_, r)| r.0 == b) {
-            let query = layer.project_bounded(&weights.w_q, &weights.b_q, b, i);
+            let query = layer.project_bounded(&layer.weights.w_q, &layer.weights.b_q, b, i);
             let mut heads = Bounded {
                 value: Vec::with_capacity(h * dv),
                 error: Vec::with_capacity(h * dv),
@@ -356,7 +383,10 @@ pub fn error_bound(
 /// inputs can be from [`super::operator`]'s f32-rounded output. The same analysis as the
 /// layer's, with no projection before or after: each score's error is its dot product's
 /// rounding (`γ(head_dim + 2)` of its absolute terms) and that of the scale and bias
-/// (`γ(2)` of their sizes), carried through the softmax and the weighted sum.
+/// (`γ(2)` of their sizes), carried through the softmax and the weighted sum. With
+/// [`crate::Precision::F16`] storage the inputs are Q, K and V rounded to f16 (as
+/// [`super::operator`] takes them) and the output's store adds one f16 ulp, `2^-10` of its
+/// magnitude ([`crate::precision::F16_STORE_ERROR`]), or `2^-24` below f16's normal range.
 ///
 /// ```
 /// use wgpu_attention::{compare_bounded, reference, OperatorConfig, OperatorInputs, Tensor};
@@ -389,9 +419,16 @@ pub fn operator_error_bound(
         QkvLayout::HeadMajor => ((b * hs + h) * len + t) * w + c,
         QkvLayout::TokenMajor => (b * len + t) * hs * w + h * w + c,
     };
-    let (q, k, v) = (inputs.q.data(), inputs.k.data(), inputs.v.data());
+    let (q, k, v) = super::operator::stored_qkv(config, inputs)?;
+    let (q, k, v) = (&q[..], &k[..], &v[..]);
     // Flushed subnormals cost at most the smallest normal per operation.
     let floor = (d + nk + dv + 16) as f64 * f32::MIN_POSITIVE as f64;
+    // The output's store in f16: one f16 ulp (WGSL may round either way), or one subnormal
+    // step below f16's normal range.
+    let (store_u, store_floor) = match config.precision {
+        crate::Precision::F32 => (0.0, 0.0),
+        crate::Precision::F16 => (crate::precision::F16_STORE_ERROR, 2f64.powi(-24)),
+    };
     let mut out = vec![0f32; batch * heads * nq * dv];
     for b in 0..batch {
         for kh in 0..kv_heads {
@@ -441,7 +478,10 @@ pub fn operator_error_bound(
                     }
                     let o = attend_scores_bounded(&scores, &own, &vec![0.0; nk], &values, dv);
                     for c in 0..dv {
-                        let bound = o.error[c] + o.shared[c] + UNIT_ROUNDOFF * o.value[c].abs();
+                        let bound = o.error[c]
+                            + o.shared[c]
+                            + (UNIT_ROUNDOFF + store_u) * o.value[c].abs()
+                            + store_floor;
                         // Rounded up, so the f32 bound never falls below the f64 one.
                         out[at(heads, nq, dv, b, h, i, c)] = ((bound + floor) as f32).next_up();
                     }

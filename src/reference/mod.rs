@@ -5,10 +5,12 @@
 //! computes chosen output rows the same way without storing any `[seq, seq]` matrix, to judge
 //! sequences too long for [`run`].
 
+use std::borrow::Cow;
 use std::ops::ControlFlow;
 
 use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
+use crate::precision::{F16_STORE_ERROR, Precision};
 use crate::tensor::Tensor;
 use crate::weights::{AttentionInputs, AttentionWeights};
 
@@ -38,10 +40,19 @@ type ByHead = Vec<Vec<Vec<f64>>>;
 /// The layer's tensors and sizes, checked, as the loops below read them.
 struct Layer<'a> {
     config: &'a AttentionConfig,
-    weights: &'a AttentionWeights,
-    x: &'a [f32],
+    /// The weights as the GPU stores them (rounded to f16 for f16 precision).
+    weights: Cow<'a, AttentionWeights>,
+    /// x as the GPU stores it.
+    x: Cow<'a, [f32]>,
     mask: Option<&'a [f32]>,
     scale: f64,
+    /// The largest relative error of one store of a computed value (Q, K, V, a head's output,
+    /// the layer's output): 0 for f32 storage, where values are computed in f32 already;
+    /// [`F16_STORE_ERROR`] for f16.
+    store_u: f64,
+    /// The largest absolute error of one store of a value in the storage format's subnormal
+    /// range: f16's smallest subnormal, 2^-24 (f32's is within the f32 floor).
+    store_floor: f64,
 }
 
 impl<'a> Layer<'a> {
@@ -52,12 +63,30 @@ impl<'a> Layer<'a> {
     ) -> Result<Self> {
         weights.validate(config)?;
         inputs.validate(config)?;
+        // The reference judges the kernels' arithmetic: it starts from the values the GPU
+        // holds, so f16's rounding of the inputs is not counted as a kernel error.
+        let (weights, x, store_u, store_floor) = match config.precision {
+            Precision::F32 => (
+                Cow::Borrowed(weights),
+                Cow::Borrowed(inputs.x.data()),
+                0.0,
+                0.0,
+            ),
+            Precision::F16 => (
+                Cow::Owned(weights.rounded_to(Precision::F16)?),
+                Cow::Owned(Precision::F16.round("x", inputs.x.shape(), inputs.x.data())?),
+                F16_STORE_ERROR,
+                2f64.powi(-24),
+            ),
+        };
         Ok(Layer {
             config,
             weights,
-            x: inputs.x.data(),
+            x,
             mask: inputs.key_mask.as_ref().map(|m| m.data()),
             scale: config.scale_value() as f64,
+            store_u,
+            store_floor,
         })
     }
 
@@ -96,7 +125,7 @@ impl<'a> Layer<'a> {
                 })
                 .collect()
         };
-        let w = self.weights;
+        let w = &*self.weights;
         let k = (0..n).map(|t| self.project(&w.w_k, &w.b_k, b, t)).collect();
         let v = (0..n).map(|t| self.project(&w.w_v, &w.b_v, b, t)).collect();
         (
@@ -201,7 +230,7 @@ pub fn run(
     let mut output = Vec::with_capacity(bsz * n * config.d_out());
     for b in 0..bsz {
         let queries: Vec<Vec<f64>> = (0..n)
-            .map(|t| layer.project(&weights.w_q, &weights.b_q, b, t))
+            .map(|t| layer.project(&layer.weights.w_q, &layer.weights.b_q, b, t))
             .collect();
         let (keys, values) = layer.keys_values(b);
         for head in 0..h {
@@ -277,7 +306,7 @@ pub fn for_each_output_row<B>(
             current = Some((b, keys, values));
         }
         let (_, keys, values) = current.as_ref().expect("set just above");
-        let query = layer.project(&weights.w_q, &weights.b_q, b, i);
+        let query = layer.project(&layer.weights.w_q, &layer.weights.b_q, b, i);
         let heads: Vec<f64> = (0..h)
             .flat_map(|head| {
                 let qh = &query[head * dk..(head + 1) * dk];
@@ -326,7 +355,7 @@ pub fn output_rows(
         }
         let (keys, values) = layer.keys_values(b);
         for (slot, &(_, i)) in out.iter_mut().zip(rows).filter(|(_, r)| r.0 == b) {
-            let query = layer.project(&weights.w_q, &weights.b_q, b, i);
+            let query = layer.project(&layer.weights.w_q, &layer.weights.b_q, b, i);
             let heads: Vec<f64> = (0..h)
                 .flat_map(|head| {
                     let qh = &query[head * dk..(head + 1) * dk];

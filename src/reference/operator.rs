@@ -8,6 +8,9 @@ use crate::tensor::Tensor;
 /// keys it may see of `scale · q·k + bias`, times V. Causal masking is aligned to the end of
 /// the keys (`j <= i + kv_len - q_len`); a bias of `-inf` masks a key; a query with no key to
 /// attend gets zeros. Inputs and output are in the configuration's layout.
+///
+/// With [`crate::Precision::F16`] the reference starts from Q, K and V rounded to f16, as the
+/// kernel reads them (the mask and bias are not rounded: they are stored as u32 and f32).
 pub fn operator(
     config: &crate::operator::OperatorConfig,
     inputs: &crate::operator::OperatorInputs,
@@ -44,7 +47,9 @@ fn attend(
         QkvLayout::HeadMajor => ((b * hs + h) * len + t) * w + c,
         QkvLayout::TokenMajor => (b * len + t) * hs * w + h * w + c,
     };
-    let (q, k, v) = (inputs.q.data(), inputs.k.data(), inputs.v.data());
+    // With f16 storage the kernel reads Q, K and V rounded to f16: so does the reference.
+    let (q, k, v) = stored_qkv(config, inputs)?;
+    let (q, k, v) = (&q[..], &k[..], &v[..]);
     let mut out = vec![0f32; batch * heads * nq * dv];
     let mut probs = vec![0f32; batch * heads * nq * nk];
     for b in 0..batch {
@@ -103,6 +108,21 @@ fn attend(
     Ok((
         Tensor::new(config.output_shape(nq), out)?,
         Tensor::new([batch, heads, nq, nk], probs)?,
+    ))
+}
+
+/// Q, K and V as the operator's kernels read them: rounded to f16 for f16 storage (a value past
+/// f16's range is [`crate::Error::OutsideF16Range`], as the operator refuses it).
+pub(super) fn stored_qkv(
+    config: &crate::operator::OperatorConfig,
+    inputs: &crate::operator::OperatorInputs,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let p = config.precision;
+    let round = |name: &str, t: &Tensor| p.round(name, t.shape(), t.data());
+    Ok((
+        round("q", &inputs.q)?,
+        round("k", &inputs.k)?,
+        round("v", &inputs.v)?,
     ))
 }
 

@@ -255,14 +255,15 @@ fn bias_shapes_outside_the_broadcasts_are_refused() {
 
 #[test]
 fn wrong_dtypes_are_named() {
-    let f16 = Stored {
-        dtype: Dtype::F16,
+    // (F16 and BF16 Q, K and V are read: see precision_f16 in tests/cli_run.rs.)
+    let i32s = Stored {
+        dtype: Dtype::I32,
         shape: vec![2, 4, 3, 4],
-        bytes: vec![0; 192],
+        bytes: vec![0; 384],
     };
-    Case::new(small_with("q", f16)).fails(
+    Case::new(small_with("q", i32s)).fails(
         &[],
-        "tensor `q` has dtype F16, expected F32; save it with tensor.float()",
+        "tensor `q` has dtype I32, expected F32, F16 or BF16; save it with tensor.float()",
     );
     let bool_bias = Stored {
         dtype: Dtype::BOOL,
@@ -411,4 +412,34 @@ fn a_call_past_the_checks_budget_is_checked_on_a_spread_of_head_groups() {
         &["--causal", "--tolerance-atol", "0", "--tolerance-rtol", "0"],
         "nothing was written",
     );
+}
+
+/// The PyTorch fixture in f16 storage (`--precision f16`): Q, K, V rounded to f16 on upload,
+/// f32 arithmetic, the output stored in f16 and checked by the program under its f16 bound;
+/// here also against PyTorch's f32 output under the fixed f16 rule. Without shader-f16 the
+/// program refuses by name.
+#[test]
+fn gqa_in_f16_matches_pytorch_sdpa_within_the_f16_rule() {
+    let flags = ["--causal", "--scale", "0.3", "--precision", "f16"];
+    if !wgpu_attention::GpuContext::from_env().unwrap().has_f16() {
+        let dir = tempfile::tempdir().unwrap();
+        Command::cargo_bin("wgpu-attention")
+            .unwrap()
+            .arg("run")
+            .arg("--input")
+            .arg(format!("{FIXTURES}/sdpa_gqa.safetensors"))
+            .arg("--output")
+            .arg(dir.path().join("out.safetensors"))
+            .args(flags)
+            .assert()
+            .failure()
+            .stderr(predicate::str::contains("lacks shader-f16"));
+        return;
+    }
+    let (ours, torch) = run_fixture("sdpa_gqa", &flags);
+    assert_eq!(ours.shape(), &[2, 8, 5, 8]);
+    let c = compare(&ours, &torch, Tolerance::F16).unwrap();
+    assert!(c.passed(), "{c}");
+    // And the f16 storage shows: not within the f32 rule.
+    assert!(!compare(&ours, &torch, Tolerance::F32).unwrap().passed());
 }

@@ -86,7 +86,12 @@ pub fn op_ctx(config: &wgpu_attention::OperatorConfig) -> &'static GpuContext {
         Err(wgpu_attention::Error::LimitExceeded {
             limit: "max_storage_buffers_per_shader_stage",
             ..
-        }) => WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default())),
+        })
+        // An f16 operator the downlevel profile would send to the staged kernels, which are
+        // f32 only (tests/f16.rs checks that refusal by name).
+        | Err(wgpu_attention::Error::F16NeedsFused { .. }) => {
+            WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default()))
+        }
         _ => ctx(),
     }
 }
@@ -105,7 +110,8 @@ pub fn contexts() -> Vec<(&'static str, &'static GpuContext)> {
 /// library itself asks for, so the kernels take the same paths.
 fn exact_limits(limits: wgpu::Limits) -> GpuContext {
     let adapter = env_adapter();
-    let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP;
+    let wanted =
+        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("wgpu-attention tests"),
         required_features: adapter.features() & wanted,

@@ -66,7 +66,15 @@ async function device(profile) {
       );
     }
   }
-  const dev = await adapter.requestDevice({ requiredLimits: profile.limits });
+  for (const feature of profile.features) {
+    if (!adapter.features.has(feature)) {
+      throw new Error(`Dawn's ${profile.backend} adapter lacks ${feature}, which the profile's variants need`);
+    }
+  }
+  const dev = await adapter.requestDevice({
+    requiredLimits: profile.limits,
+    requiredFeatures: profile.features,
+  });
   for (const [name, value] of Object.entries(profile.limits)) {
     // A roomier device would let a tile choice that overflows the profile's limit pass.
     if (dev.limits[name] !== value) {

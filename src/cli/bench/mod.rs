@@ -10,6 +10,7 @@ use wgpu_attention::{
     AttentionConfig, Autotune, DeviceLimits, Error, KernelChoice, Random, reference,
 };
 
+use super::bench_precision::PrecisionArg;
 use super::report;
 use super::{AdapterArgs, CliError};
 
@@ -115,6 +116,12 @@ pub struct BenchArgs {
     /// Draw time and GFLOP/s against sequence length as SVG.
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
+    /// Storage precision: f32 (this sweep), f16 (f16 storage, f32 arithmetic, on the fused
+    /// kernel) or both side by side with the f16/f32 time ratio per length; the f16 and both
+    /// sweeps print their own table and take --seq*, --batch, --heads, --head-dim, --d-model,
+    /// --causal, --warmup and --repeats.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
     /// Time the attention operator's backward beside its forward instead (see
     /// `bench_backward.rs`); reads --batch, --heads, --head-dim, the lengths, --causal,
     /// --warmup, --repeats and --json.
@@ -149,6 +156,7 @@ impl BenchArgs {
             json: None,
             csv: None,
             plot: None,
+            precision: PrecisionArg::F32,
             backward: false,
             decode: Default::default(),
         }
@@ -189,7 +197,7 @@ impl BenchArgs {
         Ok(())
     }
 
-    fn sequence_lengths(&self, info: &wgpu::AdapterInfo) -> Vec<usize> {
+    pub(super) fn sequence_lengths(&self, info: &wgpu::AdapterInfo) -> Vec<usize> {
         if !self.seq.is_empty() {
             return self.seq.clone();
         }
@@ -200,7 +208,7 @@ impl BenchArgs {
             .collect()
     }
 
-    fn config(&self, seq: usize) -> AttentionConfig {
+    pub(super) fn config(&self, seq: usize) -> AttentionConfig {
         let d_model = self.d_model.unwrap_or(self.heads() * self.head_dim());
         let mut config =
             AttentionConfig::new(self.batch, seq, d_model, self.heads(), self.head_dim())
@@ -339,6 +347,17 @@ pub fn main(
     args: &BenchArgs,
     progress: &MultiProgress,
 ) -> Result<(), CliError> {
+    if args.precision != PrecisionArg::F32 {
+        if args.decode.decode {
+            return Err(CliError::Usage(
+                "--decode runs split-K decode, whose kernels store f32 only so far: f16 \
+                 decoding runs on the fused kernel (bench --precision both times it per \
+                 length); drop --precision or --decode"
+                    .into(),
+            ));
+        }
+        return super::bench_precision::main(adapter, args, args.precision, progress);
+    }
     if args.decode.decode {
         return super::bench_decode::main(adapter, args);
     }

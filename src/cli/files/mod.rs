@@ -24,7 +24,8 @@ use header::{ReadError, describe_parse_error, read_checked};
 /// How a tensor's stored dtype is turned into f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// Only F32 is accepted: any conversion would change the values the check relies on.
+    /// F32, F16 or BF16, each widened to f32 exactly: no conversion changes the values the check
+    /// relies on.
     Float,
     /// 0/1 flags, 1 = attend (this program's `key_mask`, Hugging Face's `attention_mask`),
     /// stored as BOOL, U8, I32, I64, F32 or F64, read as 0.0 and 1.0.
@@ -278,13 +279,19 @@ fn convert(name: &str, view: &TensorView<'_>, kind: Kind) -> Result<Tensor, Stri
 }
 
 fn float_values(name: &str, view: &TensorView<'_>) -> Result<Vec<f32>, String> {
-    if view.dtype() != Dtype::F32 {
-        return Err(format!(
-            "tensor `{name}` has dtype {}, expected F32; save it with tensor.float()",
-            view.dtype()
-        ));
-    }
-    let values = decode(view.data(), f32::from_le_bytes);
+    // F16 and BF16 widen to f32 exactly, so the reference sees the stored values themselves;
+    // with f16 precision they are rounded (F16: unchanged) once more on upload.
+    let values = match view.dtype() {
+        Dtype::F32 => decode(view.data(), f32::from_le_bytes),
+        Dtype::F16 => decode(view.data(), |b| half::f16::from_le_bytes(b).to_f32()),
+        Dtype::BF16 => decode(view.data(), |b| half::bf16::from_le_bytes(b).to_f32()),
+        other => {
+            return Err(format!(
+                "tensor `{name}` has dtype {other}, expected F32, F16 or BF16; save it with \
+                 tensor.float()"
+            ));
+        }
+    };
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(format!(
             "tensor `{name}` holds {} at index {}: inputs must be finite",

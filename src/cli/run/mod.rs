@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use wgpu_attention::{
-    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, KernelChoice, Tensor,
-    Tolerance, compare, compare_bounded, reference,
+    AttentionPlan, Comparison, DeviceLimits, GpuContext, Intermediates, KernelChoice, Precision,
+    Tensor, Tolerance, compare, compare_bounded, reference,
 };
 
 use super::check::{self, CHECK_BUDGET, RowPlan};
@@ -29,8 +29,8 @@ pub struct RunArgs {
     /// ...) are read too, in PyTorch's conventions. Or one call of the attention operator:
     /// `q` [batch, heads, q_len, head_dim], `k` [batch, kv_heads, kv_len, head_dim], `v`
     /// [batch, kv_heads, kv_len, head_dim_v], optionally `key_mask` [batch, kv_len] (nonzero =
-    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Floats must be F32.
-    /// See docs/safetensors.md.
+    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Floats are F32, F16 or
+    /// BF16 (read exactly). See docs/safetensors.md.
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
     /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`;
@@ -82,6 +82,12 @@ pub struct RunArgs {
     /// (fused, except with --intermediates or a value head wider than 256).
     #[arg(long, value_enum, default_value_t = KernelChoice::Auto)]
     pub kernel: KernelChoice,
+    /// Storage on the GPU: f32, or f16 (x, weights, Q/K/V and the output in f16, arithmetic
+    /// in f32; needs an adapter with shader-f16). F16 and BF16 tensors in the file are taken as
+    /// they are, F32 ones rounded to f16; the check's reference starts from the rounded values
+    /// and its bound adds f16's rounding of each stored tensor.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Absolute part of the check |gpu - ref| <= atol + rtol*|ref| [default: 1e-5].
     #[arg(long, value_name = "ATOL", allow_negative_numbers = true)]
     pub tolerance_atol: Option<f64>,
@@ -191,7 +197,8 @@ pub fn main(
     if operator::OWN.iter().any(|name| file.holds(name)) {
         return op::main(adapter, args, file, rule, progress);
     }
-    let layer = layer::build(&mut file, &args.layer_options())?;
+    let mut layer = layer::build(&mut file, &args.layer_options())?;
+    layer.config.precision = args.precision;
     if args.intermediates {
         refuse_huge_intermediates(&layer)?;
     }
@@ -479,10 +486,14 @@ fn print_layer(ctx: &GpuContext, layer: &Layer, rule: CheckRule) {
     );
     println!("weights    {}", layer.layout);
     println!(
-        "options    scale {}, causal {}, output projection {}",
+        "options    scale {}, causal {}, output projection {}, precision {}",
         c.scale_value(),
         yes_no(c.causal),
-        yes_no(c.output_projection.is_some())
+        yes_no(c.output_projection.is_some()),
+        match c.precision {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16 storage, f32 arithmetic",
+        }
     );
     match &layer.mask {
         Some((name, kept)) => {

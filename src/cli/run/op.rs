@@ -31,7 +31,8 @@ pub fn main(
         causal: args.causal,
         allow_masked_rows: args.allow_masked_rows,
     };
-    let call = operator::build(&mut file, &options)?;
+    let mut call = operator::build(&mut file, &options)?;
+    call.config.precision = args.precision;
     files::check_destination(&args.output)?;
     let ctx = adapter.context(DeviceLimits::Adapter)?;
     print_call(&ctx, &call);
