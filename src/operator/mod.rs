@@ -216,6 +216,24 @@ impl AttentionOp {
         }
         let (max_q, max_kv) = (config.max_q_len as u32, config.max_kv_len as u32);
         let geometry = config.geometry();
+        // What f16 cannot run anywhere is refused before what this device cannot.
+        // The backward kernels are f32 only.
+        if config.precision == Precision::F16 && config.gradients {
+            return Err(Error::F16NeedsFused {
+                why: "gradients were asked for, and the backward kernels store f32".into(),
+            });
+        }
+        // Split-K decode stores f32 only: f16 calls of any length run the fused kernel, and
+        // asking for split-K in f16 is refused by name.
+        if config.precision == Precision::F16
+            && (config.path == OperatorPath::SplitK || config.row_lengths)
+        {
+            return Err(Error::F16NeedsFused {
+                why: "split-K decode was asked for (OperatorPath::SplitK or per-row lengths), \
+                      and its kernels store f32"
+                    .into(),
+            });
+        }
         let chosen = choose_kernel(config, &limits)?;
         if config.precision == Precision::F16 && chosen == KernelChoice::Staged {
             return Err(Error::F16NeedsFused {
@@ -241,23 +259,6 @@ impl AttentionOp {
         }
         .storage_buffers()
             <= limits.max_storage_buffers_per_shader_stage;
-        // The backward kernels are f32 only.
-        if config.precision == Precision::F16 && config.gradients {
-            return Err(Error::F16NeedsFused {
-                why: "gradients were asked for, and the backward kernels store f32".into(),
-            });
-        }
-        // Split-K decode stores f32 only: f16 calls of any length run the fused kernel, and
-        // asking for split-K in f16 is refused by name.
-        if config.precision == Precision::F16
-            && (config.path == OperatorPath::SplitK || config.row_lengths)
-        {
-            return Err(Error::F16NeedsFused {
-                why: "split-K decode was asked for (OperatorPath::SplitK or per-row lengths), \
-                      and its kernels store f32"
-                    .into(),
-            });
-        }
         let decode = if config.has_decode()
             && config.precision == Precision::F32
             && (decode_fits || config.path == OperatorPath::SplitK || config.row_lengths)
