@@ -75,6 +75,31 @@ pub(crate) struct Pipeline {
     pub layout: wgpu::BindGroupLayout,
 }
 
+impl Pipeline {
+    /// The bind group of the kernel's group 0: `resources` in binding order, each put at the
+    /// kernel's own binding number ([`Kernel::group0`]: a variant that binds fewer buffers
+    /// leaves gaps, so positions are not binding numbers).
+    pub fn bind_group<'a>(
+        &self,
+        device: &wgpu::Device,
+        label: &str,
+        resources: impl IntoIterator<Item = wgpu::BindingResource<'a>>,
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = self
+            .kernel
+            .group0()
+            .into_iter()
+            .zip(resources)
+            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
+            .collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &self.layout,
+            entries: &entries,
+        })
+    }
+}
+
 impl KernelCache {
     pub fn new(device: &wgpu::Device) -> Self {
         KernelCache {

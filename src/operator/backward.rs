@@ -261,24 +261,11 @@ fn make_groups(
 ) -> Result<BackwardBindings> {
     scoped(device, "binding the backward's buffers", || {
         let group = |label: &str, pipeline: &Pipeline, buffers: &[&wgpu::Buffer]| {
-            let mut entries: Vec<wgpu::BindGroupEntry> = std::iter::once(&core.params)
+            let resources = std::iter::once(&core.params)
                 .chain(buffers.iter().copied())
-                .zip(0..)
-                .map(|(b, binding)| wgpu::BindGroupEntry {
-                    binding,
-                    resource: b.as_entire_binding(),
-                })
-                .collect();
-            let next = entries.len() as u32;
-            entries.extend((next..next + 2).map(|binding| wgpu::BindGroupEntry {
-                binding,
-                resource: core.lengths.binding(),
-            }));
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(label),
-                layout: &pipeline.layout,
-                entries: &entries,
-            })
+                .map(|b| b.as_entire_binding())
+                .chain([core.lengths.binding(), core.lengths.binding()]);
+            pipeline.bind_group(device, label, resources)
         };
         let bias = io.bias.unwrap_or(&bw.absent);
         BackwardBindings {

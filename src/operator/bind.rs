@@ -213,18 +213,7 @@ pub(super) async fn make_groups(
                 .iter()
                 .map(|b| b.as_entire_binding())
                 .chain([lengths.binding(), lengths.binding()]);
-            let entries: Vec<wgpu::BindGroupEntry> = pipeline
-                .kernel
-                .group0()
-                .into_iter()
-                .zip(resources)
-                .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("attention operator"),
-                layout: &pipeline.layout,
-                entries: &entries,
-            })
+            pipeline.bind_group(device, "attention operator", resources)
         };
         let groups = match path {
             Path::Fused(core) => {

@@ -125,28 +125,14 @@ impl CombinePartials {
         check_storage("out", out, out_bytes, " (max_q_len)")?;
         let device = self.ctx.device();
         let group = scoped(device, "binding the partials' merge", || {
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("combine partials"),
-                layout: &self.pipeline.layout,
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: self.params.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: partials.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: out.as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 3,
-                        resource: self.lengths.binding(),
-                    },
-                ],
-            })
+            self.pipeline.bind_group(
+                device,
+                "combine partials",
+                [&self.params, partials, out]
+                    .map(|b| b.as_entire_binding())
+                    .into_iter()
+                    .chain([self.lengths.binding()]),
+            )
         })?;
         Ok(CombineBindings { id: self.id, group })
     }

@@ -121,28 +121,6 @@ impl DecodeCore {
         mask: Option<&wgpu::Buffer>,
         row_lengths: Option<&wgpu::Buffer>,
     ) -> [wgpu::BindGroup; 2] {
-        fn entries<'a>(
-            buffers: &[&'a wgpu::Buffer],
-            lengths: &'a LengthTable,
-            len_entries: u32,
-        ) -> Vec<wgpu::BindGroupEntry<'a>> {
-            let mut e: Vec<wgpu::BindGroupEntry> = buffers
-                .iter()
-                .zip(0..)
-                .map(|(b, binding)| wgpu::BindGroupEntry {
-                    binding,
-                    resource: b.as_entire_binding(),
-                })
-                .collect();
-            let next = e.len() as u32;
-            e.extend(
-                (next..next + len_entries).map(|binding| wgpu::BindGroupEntry {
-                    binding,
-                    resource: lengths.binding(),
-                }),
-            );
-            e
-        }
         // In binding order (Kernel::bindings): 0 params, 1-3 q k v, 4 mask (if any),
         // 5 partials, 6-7 lengths, 8 row lengths.
         let storage: Vec<&wgpu::Buffer> = [&self.params, q, k, v]
@@ -155,24 +133,15 @@ impl DecodeCore {
             .map(|b| b.as_entire_binding())
             .chain([lengths.binding(), lengths.binding()])
             .chain([row_lengths.unwrap_or(&self.no_rows).as_entire_binding()]);
-        let split_entries: Vec<wgpu::BindGroupEntry> = self
-            .split
-            .kernel
-            .group0()
-            .into_iter()
-            .zip(resources)
-            .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-            .collect();
-        let split = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("decode split"),
-            layout: &self.split.layout,
-            entries: &split_entries,
-        });
-        let combine = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("decode combine"),
-            layout: &self.combine.layout,
-            entries: &entries(&[&self.combine_params, &self.partials, out], lengths, 1),
-        });
+        let split = self.split.bind_group(device, "decode split", resources);
+        let combine = self.combine.bind_group(
+            device,
+            "decode combine",
+            [&self.combine_params, &self.partials, out]
+                .map(|b| b.as_entire_binding())
+                .into_iter()
+                .chain([lengths.binding()]),
+        );
         [split, combine]
     }
 

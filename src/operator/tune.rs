@@ -137,18 +137,7 @@ async fn fastest(
             .into_iter()
             .chain([lengths.binding(), lengths.binding()]);
         let group = scoped(&device, "binding the autotuner's trial", || {
-            let entries: Vec<wgpu::BindGroupEntry> = pipeline
-                .kernel
-                .group0()
-                .into_iter()
-                .zip(resources)
-                .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-                .collect();
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("autotune trial"),
-                layout: &pipeline.layout,
-                entries: &entries,
-            })
+            pipeline.bind_group(&device, "autotune trial", resources)
         })?;
         let grid = fold_grid(
             trial.workgroups(&t, q_len),

@@ -705,19 +705,7 @@ async fn make_bindings(
                         }),
                     }),
                 );
-                let entries: Vec<wgpu::BindGroupEntry> = d
-                    .pipeline
-                    .kernel
-                    .group0()
-                    .into_iter()
-                    .zip(resources)
-                    .map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource })
-                    .collect();
-                Some(device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(d.stage.label()),
-                    layout: &d.pipeline.layout,
-                    entries: &entries,
-                }))
+                Some(d.pipeline.bind_group(device, d.stage.label(), resources))
             })
             .collect()
     })
