@@ -9,6 +9,7 @@ pub(crate) mod backward;
 mod cache;
 pub(crate) mod decode;
 pub(crate) mod fused;
+pub(crate) mod fused_tiles;
 pub(crate) mod gemm;
 pub(crate) mod layout;
 pub(crate) mod staged;
@@ -42,6 +43,9 @@ pub enum Kernel {
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
     Fused(fused::FusedIo),
+    /// `fused_rows.wgsl`: the same attention with whole rows per invocation, a candidate the
+    /// autotuner times; the same bindings as [`Kernel::Fused`].
+    FusedRows(fused::FusedIo),
     /// `attention_bwd_prep.wgsl`: the backward's `D = rowsum(dO ∘ O)` beside the saved
     /// logsumexp.
     BackwardPrep,
@@ -171,6 +175,7 @@ impl Kernel {
             Kernel::WeightedSum,
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
+        all.extend(fused::FusedIo::ALL.map(Kernel::FusedRows));
         all.extend([Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ]);
         all.extend([
             Kernel::DecodeSplit { mask: true },
@@ -189,6 +194,7 @@ impl Kernel {
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
             Kernel::Fused(_) => "fused_attention.wgsl",
+            Kernel::FusedRows(_) => "fused_rows.wgsl",
             Kernel::BackwardPrep => "attention_bwd_prep.wgsl",
             Kernel::BackwardKv => "attention_bwd_kv.wgsl",
             Kernel::BackwardQ => "attention_bwd_q.wgsl",
@@ -202,7 +208,7 @@ impl Kernel {
     /// and, for f16 storage, `f16`.
     pub fn name(self) -> String {
         let name = match self {
-            Kernel::Fused(io) => format!(
+            Kernel::Fused(io) | Kernel::FusedRows(io) => format!(
                 "{} ({}, {}, {}{})",
                 self.file_name(),
                 if io.packed_qkv {
@@ -232,7 +238,7 @@ impl Kernel {
     pub fn precision(self) -> Precision {
         match self {
             Kernel::Gemm(precision) => precision,
-            Kernel::Fused(io) => io.precision,
+            Kernel::Fused(io) | Kernel::FusedRows(io) => io.precision,
             _ => Precision::F32,
         }
     }
@@ -312,6 +318,11 @@ impl Kernel {
             Kernel::Fused(io) => {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
+                files.push("fused_common.wgsl");
+            }
+            Kernel::FusedRows(io) => {
+                files.extend(io.files());
+                files.push("fused_common.wgsl");
             }
             Kernel::DecodeSplit { mask } => files.push(if mask {
                 "decode_keys_mask.wgsl"
@@ -331,9 +342,11 @@ impl Kernel {
             Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
             // The backward reads the forward's parameters (the same buffer).
-            Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
-                &fused::FusedParams::LAYOUT
-            }
+            Kernel::Fused(_)
+            | Kernel::FusedRows(_)
+            | Kernel::BackwardPrep
+            | Kernel::BackwardKv
+            | Kernel::BackwardQ => &fused::FusedParams::LAYOUT,
             Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
             Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
             Kernel::StreamRead => &decode::StreamParams::LAYOUT,
@@ -377,7 +390,7 @@ impl Kernel {
             Kernel::Softmax => numbered(&[Read, Read, ReadWrite]),
             // probabilities, v, out.
             Kernel::WeightedSum => numbered(&[Read, Read, ReadWrite]),
-            Kernel::Fused(io) => io
+            Kernel::Fused(io) | Kernel::FusedRows(io) => io
                 .storage()
                 .into_iter()
                 .map(|(b, rw)| (b, if rw { ReadWrite } else { Read }))
@@ -416,7 +429,7 @@ impl Kernel {
         }));
         // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
-            Kernel::Fused(_) => 7..9,
+            Kernel::Fused(_) | Kernel::FusedRows(_) => 7..9,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine => 3..4,
@@ -494,7 +507,9 @@ fn shader_file(name: &str) -> &'static str {
         "fused_io_out_f16.wgsl",
         "fused_io_lse.wgsl",
         "fused_io_no_lse.wgsl",
+        "fused_common.wgsl",
         "fused_attention.wgsl",
+        "fused_rows.wgsl",
         "attention_bwd.wgsl",
         "attention_bwd_prep.wgsl",
         "attention_bwd_kv.wgsl",

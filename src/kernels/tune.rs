@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::fused::FusedTiles;
+use super::fused_tiles::{FusedTiles, RowTiles, SharedTiles};
 use crate::error::{Error, Result};
 
 /// How plans on a [`crate::GpuContext`] choose the fused kernel's tiles.
@@ -70,23 +70,35 @@ impl std::str::FromStr for TuneClass {
     }
 }
 
-/// Tiles as the file writes them: `TX=8 TY=8 NV=2 DK=16 VK=16`.
+/// Tiles as the file writes them ([`FusedTiles::text`]).
 pub(crate) fn tiles_text(t: &FusedTiles) -> String {
-    format!(
-        "TX={} TY={} NV={} DK={} VK={}",
-        t.tx, t.ty, t.nv, t.dk, t.vk
-    )
+    t.text()
 }
 
+/// Tiles from [`FusedTiles::text`]'s form: shared tiles when the text opens with `TX=`,
+/// whole rows otherwise.
 pub(crate) fn parse_tiles(s: &str) -> std::result::Result<FusedTiles, String> {
-    let v = fields(s, &["TX", "TY", "NV", "DK", "VK"])?;
-    Ok(FusedTiles {
-        tx: v[0],
-        ty: v[1],
-        nv: v[2],
-        dk: v[3],
-        vk: v[4],
-    })
+    if s.trim_start().starts_with("TX=") {
+        let v = fields(s, &["TX", "TY", "NV", "DK", "VK"])?;
+        return Ok(FusedTiles::Shared(SharedTiles {
+            tx: v[0],
+            ty: v[1],
+            nv: v[2],
+            dk: v[3],
+            vk: v[4],
+        }));
+    }
+    let v = fields(s, &["WG", "R", "KB", "D4", "DIRECT"])?;
+    if v[4] > 1 {
+        return Err(format!("DIRECT={} is neither 0 nor 1", v[4]));
+    }
+    Ok(FusedTiles::Rows(RowTiles {
+        wg: v[0],
+        r: v[1],
+        kb: v[2],
+        d4: v[3],
+        direct: v[4] == 1,
+    }))
 }
 
 /// The values of `name=value` pairs, separated by spaces, in exactly the order of `names`.
@@ -162,7 +174,7 @@ impl TuneState {
         let bad = |why: String| Error::InvalidConfig(format!("pinned tiles: {why}"));
         let class: TuneClass = class.parse().map_err(bad)?;
         let tiles = parse_tiles(tiles).map_err(bad)?;
-        if !tiles.fits(class.dvp, limits) {
+        if !tiles.fits(class.dp, class.dvp, limits) {
             return Err(bad(format!("{} do not fit", tiles_text(&tiles))));
         }
         self.winners.insert(class, tiles);
@@ -202,7 +214,7 @@ impl TuneState {
             }
             let class: TuneClass = class.parse().map_err(bad)?;
             let tiles = parse_tiles(tiles).map_err(bad)?;
-            if !tiles.fits(class.dvp, limits) {
+            if !tiles.fits(class.dp, class.dvp, limits) {
                 return Err(bad(format!(
                     "tiles {} do not fit this device's limits or heads {} wide",
                     tiles_text(&tiles),
@@ -240,14 +252,25 @@ mod tests {
             keys: 1024,
         };
         assert_eq!(class.to_string().parse::<TuneClass>().unwrap(), class);
-        let t = FusedTiles {
+        let t = FusedTiles::Shared(SharedTiles {
             tx: 8,
             ty: 4,
             nv: 2,
             dk: 16,
             vk: 8,
-        };
+        });
         assert_eq!(parse_tiles(&tiles_text(&t)).unwrap(), t);
+        let rows = FusedTiles::Rows(RowTiles {
+            wg: 32,
+            r: 8,
+            kb: 8,
+            d4: 16,
+            direct: true,
+        });
+        assert_eq!(tiles_text(&rows), "WG=32 R=8 KB=8 D4=16 DIRECT=1");
+        assert_eq!(parse_tiles(&tiles_text(&rows)).unwrap(), rows);
+        assert!(parse_tiles("WG=32 R=8 KB=8 D4=16 DIRECT=2").is_err());
+        assert!(parse_tiles("WG=32 R=8 KB=8 D4=16").is_err());
         assert!(parse_tiles("TX=8 TY=4").is_err());
         assert!(parse_tiles("TX=8 TY=x NV=2 DK=16 VK=8").is_err());
         assert!(parse_tiles("TY=8 TX=4 NV=2 DK=16 VK=8").is_err());

@@ -34,7 +34,7 @@ impl Core {
         let tiles = super::tune::tiles(ctx, &geometry, max_q, max_kv).await?;
         let pipeline = ctx
             .kernels()
-            .pipeline(Kernel::Fused(geometry.io()), &tiles.overrides())
+            .pipeline(tiles.kernel(geometry.io()), &tiles.overrides())
             .await?;
         let device = ctx.device();
         let (params, lengths) = scoped_async(device, "creating the attention parameters", || {

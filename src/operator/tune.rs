@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::gpu::{STORAGE, buffer, init_uniform, scoped, scoped_async};
 use crate::kernels::fused::{FusedGeometry, FusedIo, FusedTiles, Strides};
 use crate::kernels::tune::TuneClass;
-use crate::kernels::{Autotune, Kernel, fold_grid, pad4, rows_per_eight};
+use crate::kernels::{Autotune, fold_grid, pad4, rows_per_eight};
 
 /// About how long one trial call should take at the device's rate.
 const TRIAL_SECONDS: f64 = 0.02;
@@ -93,7 +93,11 @@ async fn fastest(
     max_kv: u32,
     candidates: &[FusedTiles],
 ) -> Result<FusedTiles> {
-    let (trial, q_len, kv_len) = trial(g, max_q, max_kv, ctx.kernels().rate() * TRIAL_SECONDS);
+    // Enough rows for the largest workgroup among the candidates, so that none is timed with
+    // most of its invocations idle.
+    let rows = candidates.iter().map(|t| t.rows()).max().unwrap_or(64);
+    let (trial, q_len, kv_len) =
+        trial(g, max_q, max_kv, ctx.kernels().rate() * TRIAL_SECONDS, rows);
     let io = trial.io();
     let device = ctx.device().clone();
     let queue = ctx.queue().clone();
@@ -128,10 +132,7 @@ async fn fastest(
             log::debug!("autotune: budget spent, {t:?} and later candidates skipped");
             break;
         }
-        let pipeline = ctx
-            .kernels()
-            .pipeline(Kernel::Fused(io), &t.overrides())
-            .await?;
+        let pipeline = ctx.kernels().pipeline(t.kernel(io), &t.overrides()).await?;
         let resources = [&params, &bufs[0], &bufs[1], &bufs[2], &bufs[3]]
             .map(|b| b.as_entire_binding())
             .into_iter()
@@ -173,8 +174,15 @@ async fn fastest(
 
 /// The trial problem for `g`: its heads and widths, causal or not, head-major in buffers of
 /// its own with no mask, bias or saved logsumexp, and its lengths halved (the longer first) and then its batch
-/// and heads cut until a call is at most `flops`.
-fn trial(g: &FusedGeometry, max_q: u32, max_kv: u32, flops: f64) -> (FusedGeometry, u32, u32) {
+/// and heads cut until a call is at most `flops`, keeping at least `rows` packed rows (or all
+/// there are) and 64 keys.
+fn trial(
+    g: &FusedGeometry,
+    max_q: u32,
+    max_kv: u32,
+    flops: f64,
+    rows: u32,
+) -> (FusedGeometry, u32, u32) {
     let mut t = FusedGeometry {
         packed_qkv: false,
         has_mask: false,
@@ -183,8 +191,7 @@ fn trial(g: &FusedGeometry, max_q: u32, max_kv: u32, flops: f64) -> (FusedGeomet
         ..g.clone()
     };
     let (mut q, mut kv) = (max_q.max(1), max_kv.max(1));
-    // Keep enough rows for the largest tiles (64 packed rows) and keys for one block.
-    while t.flops(q, kv) > flops && (kv > 64 || t.group() * q > 64) {
+    while t.flops(q, kv) > flops && (kv > 64 || t.group() * q > rows) {
         if kv > 64 && kv >= t.group() * q {
             kv = kv.div_ceil(2);
         } else {
@@ -240,14 +247,14 @@ mod tests {
             precision: crate::Precision::F32,
         };
         let budget = 1e10 * TRIAL_SECONDS;
-        let (t, q, kv) = trial(&g, 4096, 4096, budget);
+        let (t, q, kv) = trial(&g, 4096, 4096, budget, 64);
         assert!(t.flops(q, kv) <= budget, "{q} {kv} {t:?}");
         assert_eq!(t.group(), 4);
         assert_eq!((t.head_dim, t.head_dim_v, t.causal), (128, 128, true));
         assert_eq!(t.io(), FusedIo::ALL[3]);
         assert!(q * t.group() >= 64 && kv >= 64, "{q} {kv}");
         // A small problem is run as it is.
-        let (t, q, kv) = trial(&g, 3, 10, budget);
+        let (t, q, kv) = trial(&g, 3, 10, budget, 64);
         assert_eq!((t.batch, t.heads, q, kv), (4, 32, 3, 10));
     }
 }
