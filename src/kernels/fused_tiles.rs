@@ -80,65 +80,57 @@ impl FusedTiles {
     }
 
     /// As the autotune file writes them: `TX=8 TY=8 NV=2 DK=16 VK=16` for shared tiles,
-    /// `WG=32 R=8 KB=8 D4=16 DIRECT=1` for whole rows.
+    /// `WG=32 R=8 DIRECT=1` for whole rows.
     pub fn text(&self) -> String {
         match self {
             FusedTiles::Shared(t) => format!(
                 "TX={} TY={} NV={} DK={} VK={}",
                 t.tx, t.ty, t.nv, t.dk, t.vk
             ),
-            FusedTiles::Rows(t) => format!(
-                "WG={} R={} KB={} D4={} DIRECT={}",
-                t.wg, t.r, t.kb, t.d4, t.direct as u32
-            ),
+            FusedTiles::Rows(t) => format!("WG={} R={} DIRECT={}", t.wg, t.r, t.direct as u32),
         }
     }
 }
 
-/// `fused_rows.wgsl`'s override constants (see the shader's opening comment).
+/// `fused_rows.wgsl`'s override constants (see the shader's opening comment); its rows are
+/// 16 named vec4 (heads up to 64 wide), and it stages 16 keys at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct RowTiles {
     /// Invocations per workgroup.
     pub wg: u32,
-    /// Packed rows per invocation.
+    /// Packed rows per invocation, 1 to 8.
     pub r: u32,
-    /// Keys per block.
-    pub kb: u32,
-    /// vec4 columns of every row: a power of two covering both head widths.
-    pub d4: u32,
     /// K and V read from storage by every invocation rather than staged per workgroup.
     pub direct: bool,
 }
 
-/// vec4s of one invocation's Q (and again of its O): `REGS` in `fused_rows.wgsl`.
-const ROW_REGS: u32 = 128;
+/// Keys staged per step and the widest head `fused_rows.wgsl` holds (its constants SK and
+/// 4 D4).
+const ROW_SK: u32 = 16;
+const ROW_MAX_HEAD: u32 = 64;
 
 impl RowTiles {
-    /// Whole-row tiles for heads `dp` and `dvp` wide (padded to multiples of 4): as many rows
-    /// per invocation as the registers hold (8 at heads up to 64 wide, as cubek's unit
-    /// attention), 32 invocations, 8 keys per block, K and V read directly, then staged; then
-    /// half the rows per invocation with twice the invocations, staged. Only those that fit.
+    /// Whole-row tiles for heads `dp` and `dvp` wide (padded to multiples of 4), none past
+    /// 64: 32 invocations of 8 rows each (cubek's unit attention: 8 rows per unit, a plane of
+    /// units per workgroup) staging K and V (the faster on a CPU driver: 224 against 286 ms at
+    /// N=512, H=8, D=64), then reading them directly; then 64 invocations of 2 rows, staged
+    /// (fewer registers each: GPU-shaped). Only those that fit.
     pub fn candidates(dp: u32, dvp: u32, limits: &wgpu::Limits) -> Vec<Self> {
-        let d4 = dp.max(dvp).div_ceil(4).max(1).next_power_of_two();
-        let r = (ROW_REGS / d4).min(8);
-        let base = RowTiles {
-            wg: 32,
-            r,
-            kb: 8,
-            d4,
-            direct: true,
-        };
         [
-            base,
             RowTiles {
+                wg: 32,
+                r: 8,
                 direct: false,
-                ..base
+            },
+            RowTiles {
+                wg: 32,
+                r: 8,
+                direct: true,
             },
             RowTiles {
                 wg: 64,
-                r: r / 2,
+                r: 2,
                 direct: false,
-                ..base
             },
         ]
         .into_iter()
@@ -148,21 +140,18 @@ impl RowTiles {
 
     /// Bytes of workgroup memory: the K and V stages (declared, though unread, when direct).
     pub fn workgroup_bytes(&self) -> u32 {
-        2 * self.kb * self.d4 * 16
+        2 * ROW_SK * (ROW_MAX_HEAD / 4) * 16
     }
 
-    /// Whether these tiles fit a device's workgroup limits and the kernel's registers, and
-    /// cover heads `dp` and `dvp` wide.
+    /// Whether these tiles fit a device's workgroup limits and cover heads `dp` and `dvp`
+    /// wide.
     pub fn fits(&self, dp: u32, dvp: u32, limits: &wgpu::Limits) -> bool {
         self.workgroup_bytes() <= limits.max_compute_workgroup_storage_size
             && self.wg <= limits.max_compute_invocations_per_workgroup
             && self.wg <= limits.max_compute_workgroup_size_x
             && (1..=64).contains(&self.wg)
             && (1..=8).contains(&self.r)
-            && [4, 8, 16].contains(&self.kb)
-            && self.d4.is_power_of_two()
-            && 4 * self.d4 >= dp.max(dvp)
-            && self.r * self.d4 <= ROW_REGS
+            && dp.max(dvp) <= ROW_MAX_HEAD
     }
 
     /// Query rows per workgroup.
@@ -174,8 +163,6 @@ impl RowTiles {
         vec![
             ("WG", self.wg as f64),
             ("R", self.r as f64),
-            ("KB", self.kb as f64),
-            ("D4", self.d4 as f64),
             ("DIRECT", self.direct as u32 as f64),
         ]
     }
@@ -343,10 +330,10 @@ pub(crate) fn shared_override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
 }
 
 /// Every override set of `fused_rows.wgsl` the autotuner's candidates can emit under
-/// `limits`: they depend only on the head widths, through `D4`.
+/// `limits` (they do not depend on the shape, only on whether it fits).
 pub(crate) fn row_override_sets(limits: &wgpu::Limits) -> Vec<Overrides> {
     let mut tiles = Distinct::default();
-    for dp in sizes(4).take_while(|&d| d <= MAX_HEAD_DIM_V) {
+    for dp in [4, ROW_MAX_HEAD] {
         for t in RowTiles::candidates(dp, dp, limits) {
             tiles.add(t);
         }

@@ -88,16 +88,14 @@ pub(crate) fn parse_tiles(s: &str) -> std::result::Result<FusedTiles, String> {
             vk: v[4],
         }));
     }
-    let v = fields(s, &["WG", "R", "KB", "D4", "DIRECT"])?;
-    if v[4] > 1 {
-        return Err(format!("DIRECT={} is neither 0 nor 1", v[4]));
+    let v = fields(s, &["WG", "R", "DIRECT"])?;
+    if v[2] > 1 {
+        return Err(format!("DIRECT={} is neither 0 nor 1", v[2]));
     }
     Ok(FusedTiles::Rows(RowTiles {
         wg: v[0],
         r: v[1],
-        kb: v[2],
-        d4: v[3],
-        direct: v[4] == 1,
+        direct: v[2] == 1,
     }))
 }
 
@@ -263,14 +261,12 @@ mod tests {
         let rows = FusedTiles::Rows(RowTiles {
             wg: 32,
             r: 8,
-            kb: 8,
-            d4: 16,
             direct: true,
         });
-        assert_eq!(tiles_text(&rows), "WG=32 R=8 KB=8 D4=16 DIRECT=1");
+        assert_eq!(tiles_text(&rows), "WG=32 R=8 DIRECT=1");
         assert_eq!(parse_tiles(&tiles_text(&rows)).unwrap(), rows);
-        assert!(parse_tiles("WG=32 R=8 KB=8 D4=16 DIRECT=2").is_err());
-        assert!(parse_tiles("WG=32 R=8 KB=8 D4=16").is_err());
+        assert!(parse_tiles("WG=32 R=8 DIRECT=2").is_err());
+        assert!(parse_tiles("WG=32 R=8").is_err());
         assert!(parse_tiles("TX=8 TY=4").is_err());
         assert!(parse_tiles("TX=8 TY=x NV=2 DK=16 VK=8").is_err());
         assert!(parse_tiles("TY=8 TX=4 NV=2 DK=16 VK=8").is_err());
