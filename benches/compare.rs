@@ -6,8 +6,22 @@
 //! cargo bench --bench compare -- [--burn PATH] [--repeats N] [--warmup N] [--json FILE]
 //! ```
 //!
-//! The peer is `burn_attn` (`../shared/peers/burn_attn`, built as its README says), given by
-//! `--burn` or the `BURN_ATTN` variable. With it, each shape runs Burn and then ours, one after
+//! The peer is `burn_attn`, given by `--burn` or the `BURN_ATTN` variable. Its source is
+//! `benches/peers/burn_attn`, a package of its own (empty `[workspace]`, its own Cargo.lock),
+//! never part of this package's build. Build it once, outside the repository (about 25
+//! minutes on 2 cores; a later edit rebuilds only its own crate when the same target
+//! directory is reused):
+//!
+//! ```text
+//! P=$(cd .. && pwd)/peer-build; mkdir -p "$P"
+//! (cd benches/peers/burn_attn && CARGO_TARGET_DIR="$P/target" cargo build --release)
+//! cargo bench --bench compare -- --burn "$P/target/release/burn_attn"
+//! ```
+//!
+//! It times Burn's attention (`METHODS=attention,fallback`) and, from this version on, its
+//! matmul on our projection shapes (`METHODS=matmul`), which `--gemm` (or the extras) prints
+//! beside our projection GEMM; an older binary without it prints no matmul line, and the
+//! report says Burn's matmul was not measured. With it, each shape runs Burn and then ours, one after
 //! the other, so that both sides see the same minutes of a machine whose speed drifts. Without
 //! it the Burn columns are a table of figures measured once elsewhere, and the report says so
 //! on every line that uses them; verdicts against that table are printed only on the adapter
@@ -21,6 +35,10 @@
 //! GPU-timestamp times (no launch or wait overhead) are shown too, labelled as such.
 //!
 //! Every output is checked against the f64 reference; a mismatch fails the run.
+
+// In a folder of its own, so that cargo does not take it for a bench target.
+#[path = "compare/gemm.rs"]
+mod gemm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +77,9 @@ struct Args {
     /// CPU path and the 4096² GEMM.
     #[arg(long)]
     no_extras: bool,
+    /// Only the projection GEMM beside Burn's matmul (with `--burn`), no attention shapes.
+    #[arg(long)]
+    gemm: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -262,6 +283,8 @@ struct Report {
     /// The fused kernel's rate at N=1024 dense, GPU timestamps.
     fused_gflops_1024: Option<f64>,
     extras: Option<Extras>,
+    /// The projection GEMM beside Burn's matmul (empty with `--no-extras`).
+    gemm: Vec<gemm::GemmRow>,
     failures: Vec<String>,
 }
 
@@ -293,6 +316,11 @@ fn main() -> Result<(), Error> {
     let adapter = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
     let (repeats, warmup) = (args.repeats.max(1), args.warmup);
     let peer = args.burn.as_deref().map(BurnPeer::new).transpose()?;
+    if args.gemm {
+        eprintln!("measuring the projection GEMM beside Burn's matmul");
+        gemm::print(&gemm::side_by_side(&ctx, peer.as_ref(), warmup, repeats)?);
+        return Ok(());
+    }
     let peer_source = match &peer {
         Some(p) => format!("Burn measured live in this run by {}", p.path.display()),
         None => TABLE_SOURCE.to_string(),
@@ -356,10 +384,14 @@ fn main() -> Result<(), Error> {
     let causal_over_dense = fused_of(causal).zip(fused_of(dense)).map(|(c, d)| c / d);
     let fused_gflops_1024 =
         fused_of(dense).map(|ms| dense.config(KernelChoice::Fused).attention_flops() / ms / 1e6);
-    let extras = if args.no_extras {
-        None
+    let (extras, gemm) = if args.no_extras {
+        (None, Vec::new())
     } else {
-        Some(extras(&ctx, &info, repeats, &mut failures)?)
+        eprintln!("measuring the projection GEMM beside Burn's matmul");
+        (
+            Some(extras(&ctx, &info, repeats, &mut failures)?),
+            gemm::side_by_side(&ctx, peer.as_ref(), warmup, repeats)?,
+        )
     };
     let report = Report {
         adapter,
@@ -371,6 +403,7 @@ fn main() -> Result<(), Error> {
         causal_over_dense,
         fused_gflops_1024,
         extras,
+        gemm,
         failures,
     };
     print_report(&report, peer.is_some());
@@ -943,6 +976,9 @@ fn print_report(r: &Report, live: bool) {
     }
     if let Some(e) = &r.extras {
         print_extras(e, r.fused_gflops_1024);
+    }
+    if !r.gemm.is_empty() {
+        gemm::print(&r.gemm);
     }
     if !r.failures.is_empty() {
         println!("OUTSIDE THE TOLERANCE: {}", r.failures.join(", "));
