@@ -77,6 +77,11 @@ struct Args {
     /// CPU path and the 4096² GEMM.
     #[arg(long)]
     no_extras: bool,
+    /// Read the autotuner's winners for this adapter from this file (and append new ones), as
+    /// an application may: with `benches/candidates`' winners pinned there, the run shows
+    /// them whatever the one-second tuning budget reaches on a slow adapter.
+    #[arg(long)]
+    autotune_file: Option<PathBuf>,
     /// Only the projection GEMM beside Burn's matmul (with `--burn`), no attention shapes.
     #[arg(long)]
     gemm: bool,
@@ -312,6 +317,9 @@ fn main() -> Result<(), Error> {
     let mut options = AdapterOptions::from_env();
     options.limits = DeviceLimits::Adapter;
     let ctx = GpuContext::from_options(&options)?;
+    if let Some(path) = &args.autotune_file {
+        ctx.autotune_file(path)?;
+    }
     let info = ctx.adapter_info().clone();
     let adapter = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
     let (repeats, warmup) = (args.repeats.max(1), args.warmup);
@@ -407,6 +415,10 @@ fn main() -> Result<(), Error> {
         failures,
     };
     print_report(&report, peer.is_some());
+    // What the autotuner chose (or the file gave) per shape class: the fused kernel's tiles.
+    for (class, tiles) in ctx.tuned() {
+        println!("  fused tiles: {class}  {tiles}");
+    }
     if let Some(path) = &args.json {
         serde_json::to_writer_pretty(std::fs::File::create(path)?, &report)?;
     }

@@ -386,4 +386,64 @@ mod tests {
             })
         ));
     }
+
+    #[test]
+    fn whole_rows_are_timed_right_after_the_rule_for_heads_up_to_64() {
+        let limits = wgpu::Limits::default();
+        let all = FusedTiles::candidates(1024, 1024, 64, 64, &limits);
+        assert!(
+            matches!(all[0], FusedTiles::Shared(_)),
+            "the rule first: {all:?}"
+        );
+        assert_eq!(
+            all[1],
+            FusedTiles::Rows(RowTiles {
+                wg: 32,
+                r: 8,
+                direct: false
+            })
+        );
+        assert_eq!(all[1].rows(), 256);
+        assert_eq!(
+            all[1].kernel(FusedIo::ALL[0]),
+            Kernel::FusedRows(FusedIo::ALL[0])
+        );
+        assert_eq!(
+            all[0].kernel(FusedIo::ALL[0]),
+            Kernel::Fused(FusedIo::ALL[0])
+        );
+        let rows: Vec<_> = all
+            .iter()
+            .filter(|t| matches!(t, FusedTiles::Rows(_)))
+            .collect();
+        assert_eq!(rows.len(), 3, "{all:?}");
+        assert!(rows.iter().all(|t| t.fits(64, 64, &limits)));
+        // A row of 16 vec4 holds heads up to 64 wide; wider ones get shared tiles only.
+        for (dp, dvp) in [(68, 64), (64, 68), (128, 128)] {
+            assert!(
+                FusedTiles::candidates(1024, 1024, dp, dvp, &limits)
+                    .iter()
+                    .all(|t| matches!(t, FusedTiles::Shared(_))),
+                "{dp} {dvp}"
+            );
+        }
+        // No device limit is passed: 64 invocations need a device that allows them.
+        let small = wgpu::Limits {
+            max_compute_invocations_per_workgroup: 32,
+            ..limits
+        };
+        assert!(
+            FusedTiles::candidates(1024, 1024, 64, 64, &small)
+                .iter()
+                .all(|t| t.fits(64, 64, &small) && t.rows() <= 256)
+        );
+        assert!(
+            !RowTiles {
+                wg: 64,
+                r: 2,
+                direct: false
+            }
+            .fits(64, 64, &small)
+        );
+    }
 }
