@@ -50,13 +50,17 @@ pub enum Kernel {
     /// `attention_bwd_q.wgsl`: the backward's dQ, a workgroup per query block.
     BackwardQ,
     /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range; with a
-    /// key-padding mask bound, or without (then 4 storage buffers).
+    /// key-padding mask bound, or without (then 4 storage buffers); Q, K and V stored in f32
+    /// or f16 (the partials are f32 either way).
     DecodeSplit {
         /// A key-padding mask is bound.
         mask: bool,
+        /// How Q, K and V are stored.
+        precision: Precision,
     },
-    /// `decode_combine.wgsl`: merges split-K partials into the output.
-    DecodeCombine,
+    /// `decode_combine.wgsl`: merges split-K partials (f32) into the output, stored in the
+    /// given precision.
+    DecodeCombine(Precision),
     /// `stream_read.wgsl`: sums a buffer with vec4 loads (the benchmark's read ceiling).
     StreamRead,
 }
@@ -172,12 +176,20 @@ impl Kernel {
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
         all.extend([Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ]);
-        all.extend([
-            Kernel::DecodeSplit { mask: true },
-            Kernel::DecodeSplit { mask: false },
-            Kernel::DecodeCombine,
-            Kernel::StreamRead,
-        ]);
+        for precision in [Precision::F32, Precision::F16] {
+            all.extend([
+                Kernel::DecodeSplit {
+                    mask: true,
+                    precision,
+                },
+                Kernel::DecodeSplit {
+                    mask: false,
+                    precision,
+                },
+                Kernel::DecodeCombine(precision),
+            ]);
+        }
+        all.push(Kernel::StreamRead);
         all
     }
 
@@ -193,7 +205,7 @@ impl Kernel {
             Kernel::BackwardKv => "attention_bwd_kv.wgsl",
             Kernel::BackwardQ => "attention_bwd_q.wgsl",
             Kernel::DecodeSplit { .. } => "decode_split.wgsl",
-            Kernel::DecodeCombine => "decode_combine.wgsl",
+            Kernel::DecodeCombine(_) => "decode_combine.wgsl",
             Kernel::StreamRead => "stream_read.wgsl",
         }
     }
@@ -214,7 +226,7 @@ impl Kernel {
                 if io.bias { "bias" } else { "no bias" },
                 if io.lse { ", saving lse" } else { "" },
             ),
-            Kernel::DecodeSplit { mask } => format!(
+            Kernel::DecodeSplit { mask, .. } => format!(
                 "{} ({})",
                 self.file_name(),
                 if mask { "mask" } else { "no mask" }
@@ -233,6 +245,7 @@ impl Kernel {
         match self {
             Kernel::Gemm(precision) => precision,
             Kernel::Fused(io) => io.precision,
+            Kernel::DecodeSplit { precision, .. } | Kernel::DecodeCombine(precision) => precision,
             _ => Precision::F32,
         }
     }
@@ -255,7 +268,8 @@ impl Kernel {
     /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
     /// scores, the staged kernels' shared geometry of `shaders/staged_io.wgsl` ahead of each of
     /// them, and the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its
-    /// variant.
+    /// variant (split-K decode reads Q, K and V through the same ones, and its combine stores
+    /// through `shaders/decode_io_out*.wgsl`).
     /// Storage variants take their bindings and element access from `*_f16.wgsl` includes,
     /// and f16 modules open with `shaders/f16.wgsl` (`enable f16;` must precede every
     /// declaration).
@@ -313,12 +327,21 @@ impl Kernel {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
             }
-            Kernel::DecodeSplit { mask } => files.push(if mask {
-                "decode_keys_mask.wgsl"
-            } else {
-                "decode_keys_all.wgsl"
-            }),
-            Kernel::DecodeCombine | Kernel::StreamRead => {}
+            // Q, K and V through the fused kernel's loads (the same slots, the same q_at).
+            Kernel::DecodeSplit { mask, precision } => files.extend([
+                match precision {
+                    Precision::F32 => "fused_io_qkv.wgsl",
+                    Precision::F16 => "fused_io_qkv_f16.wgsl",
+                },
+                if mask {
+                    "decode_keys_mask.wgsl"
+                } else {
+                    "decode_keys_all.wgsl"
+                },
+            ]),
+            Kernel::DecodeCombine(Precision::F32) => files.push("decode_io_out.wgsl"),
+            Kernel::DecodeCombine(Precision::F16) => files.push("decode_io_out_f16.wgsl"),
+            Kernel::StreamRead => {}
         }
         files.push(self.file_name());
         files
@@ -335,7 +358,7 @@ impl Kernel {
                 &fused::FusedParams::LAYOUT
             }
             Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
-            Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
+            Kernel::DecodeCombine(_) => &decode::CombineParams::LAYOUT,
             Kernel::StreamRead => &decode::StreamParams::LAYOUT,
         }
     }
@@ -391,13 +414,15 @@ impl Kernel {
             // q, k, v, d_o, aux, bias, dq.
             Kernel::BackwardQ => numbered(&[Read, Read, Read, Read, Read, Read, ReadWrite]),
             // q, k, v, key_mask, partials.
-            Kernel::DecodeSplit { mask: true } => numbered(&[Read, Read, Read, Read, ReadWrite]),
+            Kernel::DecodeSplit { mask: true, .. } => {
+                numbered(&[Read, Read, Read, Read, ReadWrite])
+            }
             // q, k, v, partials.
-            Kernel::DecodeSplit { mask: false } => {
+            Kernel::DecodeSplit { mask: false, .. } => {
                 vec![(1, Read), (2, Read), (3, Read), (5, ReadWrite)]
             }
             // partials, out.
-            Kernel::DecodeCombine => numbered(&[Read, ReadWrite]),
+            Kernel::DecodeCombine(_) => numbered(&[Read, ReadWrite]),
             // src, out.
             Kernel::StreamRead => numbered(&[Read, ReadWrite]),
         };
@@ -419,7 +444,7 @@ impl Kernel {
             Kernel::Fused(_) => 7..9,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
-            Kernel::DecodeCombine => 3..4,
+            Kernel::DecodeCombine(_) => 3..4,
             Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
             Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 after_storage..after_storage + 2
@@ -502,6 +527,8 @@ fn shader_file(name: &str) -> &'static str {
         "decode_keys_mask.wgsl",
         "decode_keys_all.wgsl",
         "decode_split.wgsl",
+        "decode_io_out.wgsl",
+        "decode_io_out_f16.wgsl",
         "decode_combine.wgsl",
         "stream_read.wgsl",
     )

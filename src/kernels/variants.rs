@@ -42,7 +42,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
                 Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
                 Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
-                Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
+                Kernel::DecodeCombine(_) => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
                 Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
@@ -172,7 +172,7 @@ mod tests {
             // The combine and the read ceiling have one workgroup size.
             for kernel in Kernel::all()
                 .into_iter()
-                .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
+                .filter(|&k| !matches!(k, Kernel::DecodeCombine(_) | Kernel::StreamRead))
             {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 // The D pass has one workgroup shape.
