@@ -1,5 +1,6 @@
 //! Split-K decode and the KV cache in f16 storage (`Precision::F16`): every decode step over an
-//! f16 cache (MHA, GQA, MQA; batch rows of different lengths; causal; several splits) against
+//! f16 cache (MHA, GQA, MQA; batch rows of different lengths; causal; several splits; host
+//! appends and copies from f16 buffers) against
 //! the f64 reference under the f16 error bound, split-K against the single-pass fused kernel
 //! (key mask, causal) in f16, scores past f16's range that must not overflow in decode, and the
 //! named refusals. On an adapter without shader-f16 (llvmpipe's OpenGL) each test checks the
@@ -8,6 +9,7 @@
 mod common;
 
 use common::{Rng, ctx, op_ctx};
+use wgpu::util::DeviceExt;
 use wgpu_attention::{
     AttentionOp, Comparison, Error, GpuContext, KvCache, OperatorConfig, OperatorInputs,
     OperatorPath, Precision, Tensor, Tolerance, compare, compare_bounded, reference,
@@ -186,13 +188,29 @@ fn f16_cache_decode(
         let q_bytes = Precision::F16.encode("q", q.shape(), q.data()).unwrap();
         queue.write_buffer(&q_buf, 0, &q_bytes);
         let mut encoder = device.create_command_encoder(&Default::default());
-        cache
-            .append_host(
-                &mut encoder,
-                &tokens(&rows(&ks), &from, chunk),
-                &tokens(&rows(&vs), &from, chunk),
-            )
-            .unwrap();
+        let (k, v) = (
+            tokens(&rows(&ks), &from, chunk),
+            tokens(&rows(&vs), &from, chunk),
+        );
+        // Odd steps copy from the application's f16 buffers, even ones upload host values.
+        let app: Vec<wgpu::Buffer> = [("k", &k), ("v", &v)]
+            .iter()
+            .map(|(name, t)| {
+                let bytes = Precision::F16.encode(name, t.shape(), t.data()).unwrap();
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: &bytes,
+                    usage: wgpu::BufferUsages::COPY_SRC,
+                })
+            })
+            .collect();
+        if step % 2 == 1 {
+            cache
+                .append_buffers(&mut encoder, &app[0], &app[1], chunk)
+                .unwrap();
+        } else {
+            cache.append_host(&mut encoder, &k, &v).unwrap();
+        }
         op.encode(&mut encoder, &bindings, cache.lengths(chunk).unwrap())
             .unwrap();
         queue.submit([encoder.finish()]);
@@ -291,6 +309,13 @@ fn f16_split_k_equals_the_single_pass_and_the_reference() {
             let mut split_op = AttentionOp::new(op_ctx(&split_config), &split_config).unwrap();
             assert_eq!(split_op.splits(), Some(3));
             let split = split_op.run(&inputs).unwrap();
+            // Auto takes split-K for these short calls in f16 as in f32.
+            assert!(
+                AttentionOp::new(op_ctx(&base), &base)
+                    .unwrap()
+                    .splits()
+                    .is_some()
+            );
             let single_config = base.clone().with_path(OperatorPath::Prefill);
             let single = AttentionOp::new(op_ctx(&single_config), &single_config)
                 .unwrap()
