@@ -76,9 +76,10 @@ fn modules() -> Value {
 /// variants differ only in their bindings and loads (shaders/fused_io_*.wgsl), not in anything an
 /// override sizes, so each override set is built once with every binding, and each binding
 /// choice with the smallest and largest tiles; the product (800 pipelines per profile) made the
-/// check take minutes. naga (tests/shaders.rs) still translates the whole product. Split-K
-/// decode's f16 variants likewise differ from its f32 ones only in their loads
-/// (fused_io_qkv_f16.wgsl), so they too are built with their first and last override sets.
+/// check take minutes. naga (tests/shaders.rs) still translates the whole product. The f16
+/// variants of split-K decode and of the staged scores and weighted sum likewise differ from
+/// their f32 ones only in their loads and stores (the `*_f16.wgsl` includes), so they too are
+/// built with their first and last override sets.
 fn checked(limits: &wgpu::Limits) -> Vec<Variant> {
     let all = variants(limits);
     let full = Kernel::Fused(FusedIo::ALL[0]);
@@ -89,7 +90,8 @@ fn checked(limits: &wgpu::Limits) -> Vec<Variant> {
                 Kernel::DecodeSplit {
                     precision: wgpu_attention::Precision::F16,
                     ..
-                }
+                } | Kernel::Scores(wgpu_attention::Precision::F16)
+                    | Kernel::WeightedSum(wgpu_attention::Precision::F16)
             )
     };
     all.iter()

@@ -33,12 +33,14 @@ pub(crate) use submit::{Piece, Work, submissions};
 pub enum Kernel {
     /// `gemm.wgsl`: projection GEMM with bias, its storage in f32 or f16 (f32 arithmetic).
     Gemm(Precision),
-    /// `scores.wgsl`: the staged path's unscaled `Q K^T`.
-    Scores,
+    /// `scores.wgsl`: the staged path's unscaled `Q K^T`, Q and K stored in f32 or f16 (the
+    /// scores are f32 either way).
+    Scores(Precision),
     /// `softmax.wgsl`: the staged path's scaled, biased, masked, stable row softmax in place.
     Softmax,
-    /// `weighted_sum.wgsl`: the staged path's `P V`, written through the output's strides.
-    WeightedSum,
+    /// `weighted_sum.wgsl`: the staged path's `P V`, written through the output's strides; V
+    /// and the output stored in f32 or f16 (the probabilities are f32 either way).
+    WeightedSum(Precision),
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
     Fused(fused::FusedIo),
@@ -170,9 +172,11 @@ impl Kernel {
         let mut all = vec![
             Kernel::Gemm(Precision::F32),
             Kernel::Gemm(Precision::F16),
-            Kernel::Scores,
+            Kernel::Scores(Precision::F32),
+            Kernel::Scores(Precision::F16),
             Kernel::Softmax,
-            Kernel::WeightedSum,
+            Kernel::WeightedSum(Precision::F32),
+            Kernel::WeightedSum(Precision::F16),
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
         all.extend([Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ]);
@@ -197,9 +201,9 @@ impl Kernel {
     pub fn file_name(self) -> &'static str {
         match self {
             Kernel::Gemm(_) => "gemm.wgsl",
-            Kernel::Scores => "scores.wgsl",
+            Kernel::Scores(_) => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
-            Kernel::WeightedSum => "weighted_sum.wgsl",
+            Kernel::WeightedSum(_) => "weighted_sum.wgsl",
             Kernel::Fused(_) => "fused_attention.wgsl",
             Kernel::BackwardPrep => "attention_bwd_prep.wgsl",
             Kernel::BackwardKv => "attention_bwd_kv.wgsl",
@@ -240,10 +244,13 @@ impl Kernel {
     }
 
     /// The storage precision of the variant: the element type of the storage buffers it reads
-    /// and writes (f32 arithmetic either way). The staged kernels store f32 only.
+    /// and writes (f32 arithmetic either way). The softmax, the backward and the benchmark's
+    /// read ceiling store f32 only.
     pub fn precision(self) -> Precision {
         match self {
-            Kernel::Gemm(precision) => precision,
+            Kernel::Gemm(precision)
+            | Kernel::Scores(precision)
+            | Kernel::WeightedSum(precision) => precision,
             Kernel::Fused(io) => io.precision,
             Kernel::DecodeSplit { precision, .. } | Kernel::DecodeCombine(precision) => precision,
             _ => Precision::F32,
@@ -318,9 +325,24 @@ impl Kernel {
         match self {
             Kernel::Gemm(Precision::F32) => files.extend(["tiles.wgsl", "gemm_io_f32.wgsl"]),
             Kernel::Gemm(Precision::F16) => files.extend(["tiles.wgsl", "gemm_io_f16.wgsl"]),
-            Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl", "staged_io.wgsl"]),
+            Kernel::Scores(precision) => files.extend([
+                "tiles.wgsl",
+                "score_tile.wgsl",
+                "staged_io.wgsl",
+                match precision {
+                    Precision::F32 => "staged_io_qk.wgsl",
+                    Precision::F16 => "staged_io_qk_f16.wgsl",
+                },
+            ]),
             Kernel::Softmax => files.extend(["staged_io.wgsl"]),
-            Kernel::WeightedSum => files.extend(["tiles.wgsl", "staged_io.wgsl"]),
+            Kernel::WeightedSum(precision) => files.extend([
+                "tiles.wgsl",
+                "staged_io.wgsl",
+                match precision {
+                    Precision::F32 => "staged_io_v_out.wgsl",
+                    Precision::F16 => "staged_io_v_out_f16.wgsl",
+                },
+            ]),
             Kernel::BackwardPrep => {}
             Kernel::BackwardKv | Kernel::BackwardQ => files.push("attention_bwd.wgsl"),
             Kernel::Fused(io) => {
@@ -352,7 +374,9 @@ impl Kernel {
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
             Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
-            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
+            Kernel::Scores(_) | Kernel::Softmax | Kernel::WeightedSum(_) => {
+                &staged::StagedParams::LAYOUT
+            }
             // The backward reads the forward's parameters (the same buffer).
             Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 &fused::FusedParams::LAYOUT
@@ -395,11 +419,11 @@ impl Kernel {
         let storage: Vec<(u32, Access)> = match self {
             Kernel::Gemm(_) => numbered(&[Read, Read, Read, ReadWrite]),
             // q, k, scores.
-            Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
+            Kernel::Scores(_) => numbered(&[Read, Read, ReadWrite]),
             // key_mask, bias, scores in and probabilities out.
             Kernel::Softmax => numbered(&[Read, Read, ReadWrite]),
             // probabilities, v, out.
-            Kernel::WeightedSum => numbered(&[Read, Read, ReadWrite]),
+            Kernel::WeightedSum(_) => numbered(&[Read, Read, ReadWrite]),
             Kernel::Fused(io) => io
                 .storage()
                 .into_iter()
@@ -442,7 +466,7 @@ impl Kernel {
         // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
             Kernel::Fused(_) => 7..9,
-            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
+            Kernel::Scores(_) | Kernel::Softmax | Kernel::WeightedSum(_) => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine(_) => 3..4,
             Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
@@ -501,6 +525,10 @@ fn shader_file(name: &str) -> &'static str {
         "tiles.wgsl",
         "score_tile.wgsl",
         "staged_io.wgsl",
+        "staged_io_qk.wgsl",
+        "staged_io_qk_f16.wgsl",
+        "staged_io_v_out.wgsl",
+        "staged_io_v_out_f16.wgsl",
         "gemm_io_f32.wgsl",
         "gemm_io_f16.wgsl",
         "gemm.wgsl",

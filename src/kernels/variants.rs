@@ -35,9 +35,9 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
         .flat_map(|kernel| {
             let sets = match kernel {
                 Kernel::Gemm(_) => super::gemm::override_sets(limits),
-                Kernel::Scores => super::staged::score_override_sets(limits),
+                Kernel::Scores(_) => super::staged::score_override_sets(limits),
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
-                Kernel::WeightedSum => super::staged::sum_override_sets(limits),
+                Kernel::WeightedSum(_) => super::staged::sum_override_sets(limits),
                 Kernel::Fused(_) => super::fused::override_sets(limits),
                 Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
                 Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
@@ -140,7 +140,7 @@ mod tests {
             for seq in odd {
                 for keys in odd {
                     has(
-                        Kernel::Scores,
+                        Kernel::Scores(Precision::F32),
                         staged::score_tiles(seq, keys, &limits).overrides("DK"),
                     );
                 }
@@ -158,7 +158,7 @@ mod tests {
                         vec![("WG", staged::softmax_size(n, &limits) as f64)],
                     );
                     has(
-                        Kernel::WeightedSum,
+                        Kernel::WeightedSum(Precision::F32),
                         staged::sum_tiles(seq, n, &limits).overrides("TK"),
                     );
                     for dvp in [4, 36, 100, 132, 256] {

@@ -224,17 +224,6 @@ impl AttentionOp {
             });
         }
         let chosen = choose_kernel(config, &limits)?;
-        if config.precision == Precision::F16 && chosen == KernelChoice::Staged {
-            return Err(Error::F16NeedsFused {
-                why: if config.kernel == KernelChoice::Staged {
-                    "the operator's staged kernels were chosen".into()
-                } else {
-                    "this operator needs its staged kernels (intermediates kept, value heads \
-                     wider than the fused kernel takes, or a device it does not fit)"
-                        .into()
-                },
-            });
-        }
         let path = match chosen {
             KernelChoice::Fused => Path::Fused(Core::new(ctx, geometry, 0, max_q, max_kv).await?),
             _ => Path::Staged(

@@ -156,24 +156,6 @@ impl AttentionPlan {
             }
             layout.kernel = KernelChoice::Staged;
         }
-        if config.precision == Precision::F16 && layout.kernel == KernelChoice::Staged {
-            return Err(Error::F16NeedsFused {
-                why: if config.kernel == KernelChoice::Staged {
-                    "the staged kernels were chosen".into()
-                } else {
-                    format!(
-                        "this layer needs them ({})",
-                        if config.keep_intermediates {
-                            "intermediates are kept"
-                        } else if config.head_dim_v > crate::FUSED_MAX_HEAD_DIM_V {
-                            "its value heads are wider than the fused kernel takes"
-                        } else {
-                            "the device allows too few storage buffers for the fused kernel"
-                        }
-                    )
-                },
-            });
-        }
         check_sizes(config, &layout, &limits)?;
         let device = ctx.device();
         let (bufs, own) = scoped_async(device, "creating the plan's buffers", || {
