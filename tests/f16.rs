@@ -443,6 +443,21 @@ fn staged_kernels_in_f16_are_within_the_f16_bound() {
         let c = compare_bounded(&gpu, &cpu, &bound).unwrap();
         assert!(c.passed(), "layer {config:?}:\n{c}");
         worst = worst.max(c.worst_ratio);
+        if config.keep_intermediates {
+            // Read back as stored: the f16 output widened, and Q, V and the probabilities
+            // (computed in f32 from f16 Q and K) within f16's rounding of the reference's.
+            let kept = plan.read_intermediates().unwrap();
+            assert_eq!(kept.output, gpu);
+            let want = reference::run(&config, &weights, &inputs).unwrap();
+            for (name, got, want) in [
+                ("q", &kept.q, &want.q),
+                ("v", &kept.v, &want.v),
+                ("probs", &kept.probs, &want.probs),
+            ] {
+                let c = compare(got, want, Tolerance::F16).unwrap();
+                assert!(c.passed(), "kept {name}: {c}");
+            }
+        }
     }
     eprintln!(
         "f16 staged kernels: at most {worst:.3} of the f16 bound; kept probabilities at most \
