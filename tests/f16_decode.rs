@@ -427,3 +427,103 @@ fn f16_cache_refusals_are_named() {
         other => panic!("expected InvalidConfig, got {other:?}"),
     }
 }
+
+/// f16 decode steps (host appends rounded to f16 into the cache's staging memory, appends from
+/// f16 buffers, split-K with its combine) create no wgpu object after the first two.
+#[test]
+fn f16_decode_steps_allocate_nothing() {
+    if !f16_here(ctx()) {
+        return assert_refused_without_f16(ctx());
+    }
+    // A device of its own (tests running beside this one must not move its counters), with
+    // shader-f16.
+    let adapter = common::env_adapter();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: wgpu::Features::SHADER_F16,
+        required_limits: wgpu::Limits::default().or_worse_values_from(&adapter.limits()),
+        ..Default::default()
+    }))
+    .expect("a device with shader-f16");
+    let app = GpuContext::from_device(device.clone(), queue.clone());
+    let mut rng = Rng::new(51);
+    let (batch, h, kvh, d, capacity, steps) = (2, 4, 2, 8, 24, 16);
+    let mut cache =
+        KvCache::with_precision(&app, Precision::F16, batch, kvh, d, d, capacity).unwrap();
+    let op = AttentionOp::new(&app, &cache.operator_config(h, 1).with_splits(3)).unwrap();
+    let (new_k, new_v) = (
+        rng.tensor(&[batch, kvh, 1, d], 1.0),
+        rng.tensor(&[batch, kvh, 1, d], 1.0),
+    );
+    let f16_buffer = |t: &Tensor, usage| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: &Precision::F16.encode("t", t.shape(), t.data()).unwrap(),
+            usage,
+        })
+    };
+    let q_buf = f16_buffer(
+        &rng.tensor(&[batch, h, 1, d], 1.0),
+        wgpu::BufferUsages::STORAGE,
+    );
+    let (k_buf, v_buf) = (
+        f16_buffer(&new_k, wgpu::BufferUsages::COPY_SRC),
+        f16_buffer(&new_v, wgpu::BufferUsages::COPY_SRC),
+    );
+    let out_buf = storage_buffer(&device, batch * h * d * 2);
+    let bindings = op.bind_cache(&q_buf, &cache, &out_buf).unwrap();
+    let counters = || {
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let c = device.get_internal_counters().hal;
+        [
+            ("buffers", c.buffers.read()),
+            ("bind groups", c.bind_groups.read()),
+            ("compute pipelines", c.compute_pipelines.read()),
+            ("shader modules", c.shader_modules.read()),
+        ]
+    };
+    let mut step = |i: usize| {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        if i.is_multiple_of(2) {
+            cache
+                .append_buffers(&mut encoder, &k_buf, &v_buf, 1)
+                .unwrap();
+        } else {
+            cache.append_host(&mut encoder, &new_k, &new_v).unwrap();
+        }
+        op.encode(&mut encoder, &bindings, cache.lengths(1).unwrap())
+            .unwrap();
+        queue.submit([encoder.finish()]);
+        cache.recall();
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    };
+    step(0);
+    step(1);
+    let before = counters();
+    assert!(
+        before.iter().all(|(_, n)| *n > 0),
+        "counters are not counting: {before:?}"
+    );
+    for i in 2..steps {
+        step(i);
+    }
+    assert_eq!(
+        counters(),
+        before,
+        "an f16 decode step created wgpu objects"
+    );
+    // Every step appended the same token: the output is its value row, to f16's rounding.
+    let out = read_f16(&app, &out_buf, batch * h * d);
+    let v = Precision::F16
+        .round("v", new_v.shape(), new_v.data())
+        .unwrap();
+    for (r, row) in out.chunks(d).enumerate() {
+        let (b, kh) = (r / h, r % h / (h / kvh));
+        let want = &v[(b * kvh + kh) * d..(b * kvh + kh + 1) * d];
+        for (x, w) in row.iter().zip(want) {
+            assert!(
+                (x - w).abs() <= 2e-3 * w.abs() + 1e-6,
+                "row {r}: {row:?} vs {want:?}"
+            );
+        }
+    }
+}
