@@ -527,3 +527,56 @@ fn f16_decode_steps_allocate_nothing() {
         }
     }
 }
+
+/// `CombinePartials` of an f16 configuration reads f32 partials and stores the merged output
+/// in f16, into a buffer sized for f16 (half the f32 bytes).
+#[test]
+fn combine_partials_stores_an_f16_output() {
+    let ctx = ctx();
+    let config = OperatorConfig::new(1, 1, 1, 4, 1, 8)
+        .with_head_dim_v(3)
+        .with_scale(1.0)
+        .with_precision(Precision::F16);
+    if !f16_here(ctx) {
+        return assert_refused_without_f16(ctx);
+    }
+    // Two parts of keys, as (m, l, 0, 0, o0, o1, o2, 0): part 0's maximum 2.0 over weights
+    // summing to 1.5, part 1's 3.0 over 2.0; the merge is (e⁻¹ o₀ + o₁) / (1.5 e⁻¹ + 2).
+    let (o0, o1) = ([1.0f32, -2.0, 0.5], [4.0f32, 0.25, -1.0]);
+    let partials: Vec<f32> = [
+        [2.0, 1.5, 0.0, 0.0, o0[0], o0[1], o0[2], 0.0],
+        [3.0, 2.0, 0.0, 0.0, o1[0], o1[1], o1[2], 0.0],
+    ]
+    .concat();
+    let merge = wgpu_attention::CombinePartials::new(ctx, &config, 2).unwrap();
+    assert_eq!(merge.partials_bytes(1), 64);
+    let partials_buf = ctx
+        .device()
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&partials),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+    // Three f16 outputs: 6 bytes, a whole 8 with the padding word.
+    let out_buf = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 8,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let bindings = merge.bind(&partials_buf, &out_buf).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    merge.encode(&mut encoder, &bindings, 1).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    let gpu = read_f16(ctx, &out_buf, 3);
+    let w = (-1f64).exp();
+    for c in 0..3 {
+        let want = (w * o0[c] as f64 + o1[c] as f64) / (1.5 * w + 2.0);
+        assert!(
+            (gpu[c] as f64 - want).abs() <= want.abs() * 2f64.powi(-10) + 1e-6,
+            "column {c}: {} vs {want}",
+            gpu[c]
+        );
+        assert_eq!(half::f16::from_f32(gpu[c]).to_f32(), gpu[c]);
+    }
+}
