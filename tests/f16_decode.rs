@@ -1,10 +1,10 @@
 //! Split-K decode and the KV cache in f16 storage (`Precision::F16`): every decode step over an
 //! f16 cache (MHA, GQA, MQA; batch rows of different lengths; causal; several splits; host
-//! appends and copies from f16 buffers) against
-//! the f64 reference under the f16 error bound, split-K against the single-pass fused kernel
-//! (key mask, causal) in f16, scores past f16's range that must not overflow in decode, and the
-//! named refusals. On an adapter without shader-f16 (llvmpipe's OpenGL) each test checks the
-//! named error instead.
+//! appends and copies from f16 buffers) against the f64 reference under the f16 error bound,
+//! split-K against the single-pass fused kernel (key mask, causal) in f16, scores past f16's
+//! range that must not overflow in decode, f16 decode steps that allocate nothing,
+//! `CombinePartials` storing f16, and the named refusals. On an adapter without shader-f16
+//! (llvmpipe's OpenGL) each test checks the named error instead.
 
 mod common;
 
