@@ -10,8 +10,8 @@ mod common;
 use common::{Rng, ctx};
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionWeights, CachedAttention, CachedIo, CachedLayerConfig, Error, GpuContext, Tensor,
-    Tolerance, compare, reference,
+    AttentionConfig, AttentionInputs, AttentionWeights, CachedAttention, CachedIo,
+    CachedLayerConfig, Error, GpuContext, Tensor, Tolerance, compare, reference,
 };
 
 const D_MODEL: usize = 20;
@@ -89,13 +89,14 @@ fn steps_equal_the_causal_forward(
     chunk: usize,
     biases: bool,
     projection: bool,
+    (d, dv): (usize, usize),
 ) {
     let what = format!(
-        "{heads}/{kv_heads} heads, prompt {prompt}, chunks of {chunk}, biases {biases}, \
-         projection {projection}"
+        "{heads}/{kv_heads} heads of {d}/{dv}, prompt {prompt}, chunks of {chunk}, biases \
+         {biases}, projection {projection}"
     );
     let mut rng = Rng::new((heads * 1000 + kv_heads * 100 + chunk * 10 + prompt) as u64);
-    let (batch, d, dv, rewind) = (2, 8, 12, 4);
+    let (batch, rewind) = (2, 4);
     let new_tokens = 64usize.next_multiple_of(chunk);
     let capacity = prompt + new_tokens;
     let mut config = CachedLayerConfig::new(
@@ -171,22 +172,52 @@ fn steps_equal_the_causal_forward(
 
 #[test]
 fn one_token_at_a_time_equals_the_causal_forward() {
-    steps_equal_the_causal_forward(4, 4, 9, 1, true, true);
-    steps_equal_the_causal_forward(4, 2, 9, 1, false, true);
-    steps_equal_the_causal_forward(4, 1, 9, 1, true, false);
+    steps_equal_the_causal_forward(4, 4, 9, 1, true, true, (8, 12));
+    steps_equal_the_causal_forward(4, 2, 9, 1, false, true, (8, 12));
+    steps_equal_the_causal_forward(4, 1, 9, 1, true, false, (8, 12));
 }
 
 #[test]
 fn chunks_of_seven_equal_the_causal_forward() {
-    steps_equal_the_causal_forward(4, 2, 9, 7, true, true);
-    steps_equal_the_causal_forward(2, 2, 9, 7, false, false);
-    steps_equal_the_causal_forward(6, 2, 9, 7, true, true);
+    steps_equal_the_causal_forward(4, 2, 9, 7, true, true, (8, 12));
+    steps_equal_the_causal_forward(2, 2, 9, 7, false, false, (8, 12));
+    steps_equal_the_causal_forward(6, 2, 9, 7, true, true, (8, 12));
+}
+
+#[test]
+fn heads_of_widths_not_multiples_of_four_are_stored_without_their_padding() {
+    // The projections compute heads padded to whole vec4 and store only the real columns.
+    steps_equal_the_causal_forward(4, 2, 9, 3, true, true, (6, 5));
 }
 
 #[test]
 fn a_prompt_longer_than_decode_takes_runs_the_prefill_kernels() {
     // 20 tokens: past split-K decode's 16, so the prompt runs the prefill kernels on the cache.
-    steps_equal_the_causal_forward(4, 2, 20, 1, true, true);
+    steps_equal_the_causal_forward(4, 2, 20, 1, true, true, (8, 12));
+}
+
+#[test]
+fn the_cached_layer_reference_equals_the_layer_reference_for_mha() {
+    // Two routes apart: the layer's own f64 loops, and the cached layer's projections with
+    // reference::operator. Equal heads counts (the layer has no kv_heads), causal, biases,
+    // output projection.
+    let mut rng = Rng::new(30);
+    let (batch, seq, heads, d, dv, d_out) = (2, 11, 3, 6, 5, 7);
+    let cached = CachedLayerConfig::new(batch, D_MODEL, heads, heads, d, seq, seq)
+        .with_head_dim_v(dv)
+        .with_output_projection(d_out);
+    let w = weights(&mut rng, &cached, true);
+    let x = rng.tensor(&[batch, seq, D_MODEL], 1.0);
+    let layer = AttentionConfig::new(batch, seq, D_MODEL, heads, d)
+        .with_head_dim_v(dv)
+        .with_output_projection(d_out)
+        .causal();
+    let want = reference::run(&layer, &w, &AttentionInputs::new(x.clone()))
+        .unwrap()
+        .output;
+    let got = reference::cached_layer(&cached, &w, &x).unwrap();
+    let cmp = compare(&got, &want, Tolerance::F32).unwrap();
+    assert!(cmp.passed(), "{cmp}");
 }
 
 /// A small layer of `capacity` tokens, steps of up to 9.
