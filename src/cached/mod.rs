@@ -28,7 +28,7 @@ use projection::{Projection, scratch};
 
 use crate::context::GpuContext;
 use crate::error::{Error, Result, Shape};
-use crate::gpu::{buffer, check_storage, map_and_read, scoped};
+use crate::gpu::{buffer, check_storage, map_and_read, scoped, scoped_async};
 use crate::kernels::gemm::{Load, Store};
 use crate::kernels::{ChunkTable, pad4};
 use crate::operator::{
@@ -270,30 +270,33 @@ impl CachedAttention {
         };
         let device = ctx.device();
         let rows = c.batch * step;
-        let out_elements = rows * c.output_shape(1).iter().product::<usize>() / c.batch;
-        let (q, heads_buf, own) = scoped(device, "creating the cached layer's buffers", || {
-            let output = scratch(device, "cached layer output", out_elements);
-            let x = scratch(device, "cached layer x", rows * c.d_model);
-            (
-                scratch(device, "cached layer q", rows * c.heads * c.head_dim),
-                c.d_out
-                    .map(|_| scratch(device, "cached layer heads", rows * c.heads * c.head_dim_v)),
-                OwnIo {
-                    staging: buffer(
-                        device,
-                        "cached layer read-back",
-                        output.size(),
-                        wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    ),
-                    belt: wgpu::util::StagingBelt::new(
-                        device.clone(),
-                        x.size().next_multiple_of(256),
-                    ),
-                    x,
-                    output,
-                },
-            )
-        })?;
+        let out_elements = c.output_shape(step).iter().product();
+        let (q, heads_buf, own) =
+            scoped_async(device, "creating the cached layer's buffers", || {
+                let output = scratch(device, "cached layer output", out_elements);
+                let x = scratch(device, "cached layer x", rows * c.d_model);
+                (
+                    scratch(device, "cached layer q", rows * c.heads * c.head_dim),
+                    c.d_out.map(|_| {
+                        scratch(device, "cached layer heads", rows * c.heads * c.head_dim_v)
+                    }),
+                    OwnIo {
+                        staging: buffer(
+                            device,
+                            "cached layer read-back",
+                            output.size(),
+                            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        ),
+                        belt: wgpu::util::StagingBelt::new(
+                            device.clone(),
+                            x.size().next_multiple_of(256),
+                        ),
+                        x,
+                        output,
+                    },
+                )
+            })
+            .await?;
         Ok(CachedAttention {
             ctx: ctx.clone(),
             config: config.clone(),
@@ -402,6 +405,25 @@ impl CachedAttention {
     /// Errors, before anything is recorded: `n` is 0 or past `max_step`, a row would pass the
     /// cache's capacity ([`Error::KvCacheFull`]), or a step longer than
     /// [`crate::DECODE_MAX_Q_LEN`] over rows of different lengths.
+    ///
+    /// ```no_run
+    /// # use wgpu_attention::*;
+    /// # fn demo(ctx: &GpuContext, weights: &AttentionWeights, x: &wgpu::Buffer,
+    /// #         out: &wgpu::Buffer) -> Result<(), Error> {
+    /// // 32 query heads over 8 key/value heads of 128 (w_k, w_v: [4096, 8 * 128]), 4096 tokens
+    /// // of context, prompts in steps of up to 512 tokens, an output projection to 4096.
+    /// let config = CachedLayerConfig::new(1, 4096, 32, 8, 128, 4096, 512)
+    ///     .with_output_projection(4096);
+    /// let mut layer = CachedAttention::new(ctx, &config, weights)?;
+    /// let bindings = layer.bind(CachedIo { x, output: out })?;
+    /// // The prompt (x holds its 300 tokens), then a token a step (x holds the new one).
+    /// for n in std::iter::once(300).chain(std::iter::repeat_n(1, 64)) {
+    ///     let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    ///     layer.encode_step(&mut encoder, &bindings, n)?;
+    ///     ctx.queue().submit([encoder.finish()]);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn encode_step(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,

@@ -32,7 +32,7 @@ pub(super) struct Projection {
 }
 
 /// What a projection computes for a step of `n` tokens: A's layout and where the product goes.
-pub(super) type Shape<'a> = &'a dyn Fn(u32) -> (Load, Store);
+pub(super) type StepShape<'a> = &'a dyn Fn(u32) -> (Load, Store);
 
 impl Projection {
     /// `w` `[k, cols]` (columns in groups of `group` padded to `pad4(group)`: heads) with
@@ -48,12 +48,12 @@ impl Projection {
         batch: usize,
         max_step: usize,
         cache: bool,
-        shape: Shape<'_>,
+        shape: StepShape<'_>,
     ) -> Result<Self> {
         let limits = ctx.limits();
         let (packed_w, packed_b) = pack(w, b, group);
         let k = w.shape()[0] as u32;
-        let cols = (packed_b.len()) as u32;
+        let cols = packed_b.len() as u32;
         // Decode's steps have a few rows: tiles for them waste no work on empty rows; longer
         // steps (a prompt) get tiles for the longest.
         let short = max_step.min(crate::DECODE_MAX_Q_LEN);
