@@ -399,16 +399,7 @@ fn steps_allocate_nothing() {
             output: &out,
         })
         .unwrap();
-    let counters = || {
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let c = device.get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-        ]
-    };
+    let counters = || common::object_counts(&device);
     // Steps alternate between the app's buffers and host data through the layer's own (the
     // belt's first chunk is made by the first host step).
     let step = |layer: &mut CachedAttention, i: usize| {
