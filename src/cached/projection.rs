@@ -18,8 +18,8 @@ const PARAMS_BYTES: u64 = 64;
 /// `n` up to the layer's step size.
 #[derive(Debug)]
 pub(super) struct Projection {
-    /// Pipelines by the largest step they serve, ascending: tiles sized for decode's few rows
-    /// and, where steps can be longer, for the longest.
+    /// Pipelines by the largest step they serve, ascending: tiles sized for one token, for
+    /// split-K decode's longest step and for the longest.
     pipelines: Vec<(usize, Pipeline)>,
     /// The parameters the kernel reads (`UNIFORM | COPY_DST`).
     params: wgpu::Buffer,
@@ -54,13 +54,10 @@ impl Projection {
         let (packed_w, packed_b) = pack(w, b, group);
         let k = w.shape()[0] as u32;
         let cols = packed_b.len() as u32;
-        // Decode's steps have a few rows: tiles for them waste no work on empty rows; longer
-        // steps (a prompt) get tiles for the longest.
-        let short = max_step.min(crate::DECODE_MAX_Q_LEN);
-        let mut classes = vec![short];
-        if max_step > short {
-            classes.push(max_step);
-        }
+        // Tiles by step size, so that short steps waste little work on empty rows: one token
+        // (decode), up to split-K decode's longest, and the longest (a prompt).
+        let mut classes = vec![1, max_step.min(crate::DECODE_MAX_Q_LEN), max_step];
+        classes.dedup();
         let mut pipelines = Vec::new();
         let mut table = Vec::with_capacity(max_step * PARAMS_BYTES as usize);
         let mut grids = Vec::with_capacity(max_step);
