@@ -220,6 +220,34 @@ fn the_cached_layer_reference_equals_the_layer_reference_for_mha() {
     assert!(cmp.passed(), "{cmp}");
 }
 
+#[test]
+fn a_bidirectional_step_equals_the_last_rows_of_the_forward_so_far() {
+    // Without causal masking a step's tokens also see each other: its output is the last
+    // rows of the forward over the sequence up to the step's end (not of the whole sequence).
+    let mut rng = Rng::new(35);
+    let config = CachedLayerConfig::new(1, D_MODEL, 4, 2, 8, 30, 9)
+        .with_output_projection(8)
+        .with_causal(false);
+    let w = weights(&mut rng, &config, true);
+    let mut layer = CachedAttention::new(ctx(), &config, &w).unwrap();
+    let x = rng.tensor(&[1, 30, D_MODEL], 1.0);
+    let mut end = 0;
+    for n in [9, 7, 1, 7] {
+        let step = Tensor::new([1, n, D_MODEL], tokens(&x, end, n)).unwrap();
+        let got = layer.step(&step).unwrap();
+        end += n;
+        let so_far = Tensor::new([1, end, D_MODEL], tokens(&x, 0, end)).unwrap();
+        let want = reference::cached_layer(&config, &w, &so_far).unwrap();
+        check_step(
+            &format!("{n} tokens to {end}"),
+            &got,
+            &[want],
+            &[end - n],
+            n,
+        );
+    }
+}
+
 /// A small layer of `capacity` tokens, steps of up to 9.
 fn small(rng: &mut Rng, capacity: usize) -> (CachedLayerConfig, AttentionWeights) {
     let config = CachedLayerConfig::new(1, D_MODEL, 2, 1, 4, capacity, 9).with_output_projection(8);
