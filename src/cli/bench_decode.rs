@@ -10,9 +10,9 @@ use clap::Args;
 use serde::Serialize;
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionOp, DeviceLimits, GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo,
-    OperatorPath, Precision, Random, Tensor, Tolerance, ceiling, compare, compare_bounded,
-    reference,
+    AttentionOp, AttentionWeights, CachedAttention, CachedIo, CachedLayerConfig, DeviceLimits,
+    GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, Precision,
+    Random, Tensor, Tolerance, ceiling, compare, compare_bounded, reference,
 };
 
 use super::bench::BenchArgs;
@@ -39,6 +39,11 @@ pub struct DecodeArgs {
     /// Skip the chunked-prefill row of `--decode`.
     #[arg(long)]
     pub no_prefill: bool,
+    /// Also time the whole cached layer's step at each `--kv-len` of `--decode`
+    /// (CachedAttention: the projections writing K and V into the cache, split-K decode, the
+    /// output projection; d_model = heads x head_dim).
+    #[arg(long)]
+    pub layer: bool,
 }
 
 fn positive(s: &str) -> Result<usize, String> {
@@ -74,6 +79,9 @@ pub struct DecodeRow {
     /// On an f16 row of `--precision both`: its split-K time per token over the f32 row's at
     /// the same `kv_len` (below 1: f16 is faster).
     pub f16_f32_time_ratio: Option<f64>,
+    /// With `--layer`: the whole cached layer's step, median milliseconds per token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_ms_per_token: Option<f64>,
 }
 
 /// The chunked-prefill row: `q_len` new tokens over `kv_len` keys, causal, as `Auto` runs it.
@@ -208,6 +216,58 @@ fn time_op(
     Ok(median(samples))
 }
 
+/// Median seconds of one step of one token of a cached layer (d_model = heads x head_dim,
+/// output projection, random weights) whose rows hold `kv - 1` tokens: each timed submission
+/// resets the lengths, then runs the step. Its results are checked by tests/cached_layer.rs,
+/// not here (the reference of a 4096-token layer forward is minutes of f64 on the CPU).
+fn time_layer(
+    ctx: &GpuContext,
+    rng: &mut Random,
+    (batch, heads, kv_heads, d): (usize, usize, usize, usize),
+    kv: usize,
+    warmup: usize,
+    repeats: u32,
+) -> Result<f64, CliError> {
+    let d_model = heads * d;
+    let config = CachedLayerConfig::new(batch, d_model, heads, kv_heads, d, kv, 1)
+        .with_output_projection(d_model);
+    let s = 1.0 / (d_model as f32).sqrt();
+    let weights = AttentionWeights::new(
+        rng.tensor([d_model, heads * d], s)?,
+        rng.tensor([d_model, kv_heads * d], s)?,
+        rng.tensor([d_model, kv_heads * d], s)?,
+    )
+    .with_output_projection(rng.tensor([heads * d, d_model], s)?, None);
+    let mut layer = CachedAttention::new(ctx, &config, &weights)?;
+    let (x, output) = layer.io_buffers();
+    ctx.queue().write_buffer(
+        &x,
+        0,
+        bytemuck::cast_slice(rng.tensor([batch, d_model], 1.0)?.data()),
+    );
+    let bindings = layer.bind(CachedIo {
+        x: &x,
+        output: &output,
+    })?;
+    let (device, queue) = (ctx.device(), ctx.queue());
+    let before = vec![kv - 1; batch];
+    let mut samples = Vec::new();
+    for r in 0..warmup + repeats as usize {
+        let start = Instant::now();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        layer.cache_mut().set_lengths(&mut encoder, &before)?;
+        layer.encode_step(&mut encoder, &bindings, 1)?;
+        queue.submit([encoder.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(wgpu_attention::Error::from)?;
+        if r >= warmup {
+            samples.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(samples))
+}
+
 pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
     let ctx = adapter.context(DeviceLimits::Adapter)?;
     let info = ctx.adapter_info().clone();
@@ -273,6 +333,14 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
             if precision == Precision::F32 {
                 f32_ms = Some(ms);
             }
+            // The cached layer (f32) is timed beside the f32 row.
+            let layer_ms_per_token = if args.decode.layer && precision == Precision::F32 {
+                let shape = (batch, heads, kv_heads, d);
+                let t = time_layer(&ctx, &mut rng, shape, kv, args.warmup, args.repeats)?;
+                Some(t * 1e3)
+            } else {
+                None
+            };
             rows.push(DecodeRow {
                 kv_len: kv,
                 precision: precision.name(),
@@ -286,6 +354,7 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
                 f16_f32_time_ratio: f32_ms
                     .filter(|_| precision == Precision::F16)
                     .map(|f| ms / f),
+                layer_ms_per_token,
             });
         }
     }
@@ -409,6 +478,15 @@ fn print_table(r: &DecodeReport) {
             row.single_pass_ms_per_token / row.ms_per_token,
             row.max_abs_error,
             ratio
+        );
+    }
+    for row in r.decode.iter().filter(|r| r.layer_ms_per_token.is_some()) {
+        println!(
+            "cached layer step at kv_len {} (d_model {}: projections into the cache, split-K \
+             decode, output projection): {:.3} ms per token",
+            row.kv_len,
+            r.heads * r.head_dim,
+            row.layer_ms_per_token.unwrap_or(0.0)
         );
     }
     if let Some(p) = &r.chunked_prefill {

@@ -34,6 +34,10 @@ pub(crate) use submit::{Piece, Work, submissions};
 pub enum Kernel {
     /// `gemm.wgsl`: projection GEMM with bias, its storage in f32 or f16 (f32 arithmetic).
     Gemm(Precision),
+    /// `gemm.wgsl` storing K or V straight into a KV cache, each batch row's new tokens from
+    /// its current length, read from the cache's table of row lengths (binding 5): the cached
+    /// layer's projection.
+    GemmCache(Precision),
     /// `scores.wgsl`: the staged path's unscaled `Q K^T`, Q and K stored in f32 or f16 (the
     /// scores are f32 either way).
     Scores(Precision),
@@ -173,6 +177,8 @@ impl Kernel {
         let mut all = vec![
             Kernel::Gemm(Precision::F32),
             Kernel::Gemm(Precision::F16),
+            Kernel::GemmCache(Precision::F32),
+            Kernel::GemmCache(Precision::F16),
             Kernel::Scores(Precision::F32),
             Kernel::Scores(Precision::F16),
             Kernel::Softmax,
@@ -201,7 +207,7 @@ impl Kernel {
     /// The file name under `shaders/`.
     pub fn file_name(self) -> &'static str {
         match self {
-            Kernel::Gemm(_) => "gemm.wgsl",
+            Kernel::Gemm(_) | Kernel::GemmCache(_) => "gemm.wgsl",
             Kernel::Scores(_) => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum(_) => "weighted_sum.wgsl",
@@ -231,6 +237,7 @@ impl Kernel {
                 if io.bias { "bias" } else { "no bias" },
                 if io.lse { ", saving lse" } else { "" },
             ),
+            Kernel::GemmCache(_) => format!("{} (into a KV cache)", self.file_name()),
             Kernel::DecodeSplit { mask, .. } => format!(
                 "{} ({})",
                 self.file_name(),
@@ -250,6 +257,7 @@ impl Kernel {
     pub fn precision(self) -> Precision {
         match self {
             Kernel::Gemm(precision)
+            | Kernel::GemmCache(precision)
             | Kernel::Scores(precision)
             | Kernel::WeightedSum(precision) => precision,
             Kernel::Fused(io) => io.precision,
@@ -270,7 +278,7 @@ impl Kernel {
     #[doc(hidden)]
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
-            Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
+            Kernel::Gemm(_) | Kernel::GemmCache(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores(_) | Kernel::Softmax | Kernel::WeightedSum(_) => {
                 &staged::StagedParams::LAYOUT
             }
@@ -314,7 +322,7 @@ impl Kernel {
     pub fn bindings(self) -> Vec<Binding> {
         use Access::*;
         let storage: Vec<(u32, Access)> = match self {
-            Kernel::Gemm(_) => numbered(&[Read, Read, Read, ReadWrite]),
+            Kernel::Gemm(_) | Kernel::GemmCache(_) => numbered(&[Read, Read, Read, ReadWrite]),
             // q, k, scores.
             Kernel::Scores(_) => numbered(&[Read, Read, ReadWrite]),
             // key_mask, bias, scores in and probabilities out.
@@ -366,7 +374,7 @@ impl Kernel {
             Kernel::Scores(_) | Kernel::Softmax | Kernel::WeightedSum(_) => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine(_) => 3..4,
-            Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
+            Kernel::Gemm(_) | Kernel::GemmCache(_) | Kernel::StreamRead => 0..0,
             Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 after_storage..after_storage + 2
             }
@@ -378,9 +386,14 @@ impl Kernel {
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
             }));
         }
-        if let Kernel::DecodeSplit { .. } = self {
+        match self {
             // Each batch row's key count.
-            bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT));
+            Kernel::DecodeSplit { .. } => {
+                bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT))
+            }
+            // Each batch row's length in the cache, where its new tokens go.
+            Kernel::GemmCache(_) => bindings.push(Binding::uniform(5, &decode::RowLengths::LAYOUT)),
+            _ => {}
         }
         bindings.push(CHUNK_BINDING);
         bindings

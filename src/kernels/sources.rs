@@ -65,8 +65,18 @@ impl Kernel {
             Precision::F16 => vec!["f16.wgsl", "dispatch.wgsl"],
         };
         match self {
-            Kernel::Gemm(Precision::F32) => files.extend(["tiles.wgsl", "gemm_io_f32.wgsl"]),
-            Kernel::Gemm(Precision::F16) => files.extend(["tiles.wgsl", "gemm_io_f16.wgsl"]),
+            Kernel::Gemm(p) | Kernel::GemmCache(p) => files.extend([
+                "tiles.wgsl",
+                match p {
+                    Precision::F32 => "gemm_io_f32.wgsl",
+                    Precision::F16 => "gemm_io_f16.wgsl",
+                },
+                if let Kernel::GemmCache(_) = self {
+                    "gemm_rows_cache.wgsl"
+                } else {
+                    "gemm_rows_packed.wgsl"
+                },
+            ]),
             Kernel::Scores(precision) => files.extend([
                 "tiles.wgsl",
                 "score_tile.wgsl",
@@ -134,6 +144,8 @@ fn shader_file(name: &str) -> &'static str {
         "staged_io_v_out_f16.wgsl",
         "gemm_io_f32.wgsl",
         "gemm_io_f16.wgsl",
+        "gemm_rows_packed.wgsl",
+        "gemm_rows_cache.wgsl",
         "gemm.wgsl",
         "scores.wgsl",
         "softmax.wgsl",
