@@ -35,15 +35,16 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
         .flat_map(|kernel| {
             let sets = match kernel {
                 Kernel::Gemm(_) => super::gemm::override_sets(limits),
-                Kernel::Scores => super::staged::score_override_sets(limits),
+                Kernel::GemmCache(_) => super::gemm::cache_override_sets(limits),
+                Kernel::Scores(_) => super::staged::score_override_sets(limits),
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
-                Kernel::WeightedSum => super::staged::sum_override_sets(limits),
+                Kernel::WeightedSum(_) => super::staged::sum_override_sets(limits),
                 Kernel::Fused(_) => super::fused_tiles::shared_override_sets(limits),
                 Kernel::FusedRows(_) => super::fused_tiles::row_override_sets(limits),
                 Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
                 Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
                 Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
-                Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
+                Kernel::DecodeCombine(_) => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
                 Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
@@ -141,25 +142,25 @@ mod tests {
             for seq in odd {
                 for keys in odd {
                     has(
-                        Kernel::Scores,
+                        Kernel::Scores(Precision::F32),
                         staged::score_tiles(seq, keys, &limits).overrides("DK"),
                     );
                 }
                 for n in odd4 {
                     has(
                         Kernel::Gemm(Precision::F32),
-                        gemm::overrides(gemm::tiles(seq, n, &limits), true),
+                        gemm::overrides(gemm::tiles(seq, n, &limits), true, false),
                     );
                     has(
                         Kernel::Gemm(Precision::F16),
-                        gemm::overrides(gemm::tiles(seq, n, &limits), false),
+                        gemm::overrides(gemm::tiles(seq, n, &limits), false, false),
                     );
                     has(
                         Kernel::Softmax,
                         vec![("WG", staged::softmax_size(n, &limits) as f64)],
                     );
                     has(
-                        Kernel::WeightedSum,
+                        Kernel::WeightedSum(Precision::F32),
                         staged::sum_tiles(seq, n, &limits).overrides("TK"),
                     );
                     for dvp in [4, 36, 100, 132, 256] {
@@ -173,7 +174,7 @@ mod tests {
             // The combine and the read ceiling have one workgroup size.
             for kernel in Kernel::all()
                 .into_iter()
-                .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
+                .filter(|&k| !matches!(k, Kernel::DecodeCombine(_) | Kernel::StreamRead))
             {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 // The D pass has one workgroup shape.

@@ -86,12 +86,7 @@ pub fn op_ctx(config: &wgpu_attention::OperatorConfig) -> &'static GpuContext {
         Err(wgpu_attention::Error::LimitExceeded {
             limit: "max_storage_buffers_per_shader_stage",
             ..
-        })
-        // An f16 operator the downlevel profile would send to the staged kernels, which are
-        // f32 only (tests/f16.rs checks that refusal by name).
-        | Err(wgpu_attention::Error::F16NeedsFused { .. }) => {
-            WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default()))
-        }
+        }) => WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default())),
         _ => ctx(),
     }
 }
@@ -154,6 +149,51 @@ pub fn app_device(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu
         ..Default::default()
     }))
     .expect("a device")
+}
+
+/// Copies `buffer` to a mappable one and reads it as f32, the way an application would.
+pub fn read_buffer(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Vec<f32> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("app read-back"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    queue.submit([encoder.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec()
+}
+
+/// The wgpu objects a device has made so far (after waiting for its work), by kind: what the
+/// no-allocation tests compare before and after a call.
+pub fn object_counts(device: &wgpu::Device) -> [(&'static str, isize); 5] {
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let c = device.get_internal_counters().hal;
+    [
+        ("buffers", c.buffers.read()),
+        ("bind groups", c.bind_groups.read()),
+        ("compute pipelines", c.compute_pipelines.read()),
+        ("shader modules", c.shader_modules.read()),
+        ("bind group layouts", c.bind_group_layouts.read()),
+    ]
+}
+
+/// Repeats each of the `kv_heads` heads of a head-major `[b, kv_heads, n, d]` tensor for the
+/// `heads / kv_heads` query heads it serves: the MHA equivalent of a GQA call.
+pub fn repeat_heads(t: &Tensor, heads: usize) -> Tensor {
+    let [b, kv_heads, n, d] = t.shape().try_into().unwrap();
+    let group = heads / kv_heads;
+    let mut data = Vec::with_capacity(b * heads * n * d);
+    for bi in 0..b {
+        for h in 0..heads {
+            let at = (bi * kv_heads + h / group) * n * d;
+            data.extend_from_slice(&t.data()[at..at + n * d]);
+        }
+    }
+    Tensor::new([b, heads, n, d], data).unwrap()
 }
 
 pub fn t(shape: &[usize], data: &[f32]) -> Tensor {
