@@ -186,10 +186,17 @@ fn f16_steps_within_the_bound(
     let (batch, rewind) = (2, 4);
     let new_tokens = 16usize.next_multiple_of(chunk);
     let capacity = prompt + new_tokens;
-    let mut config =
-        CachedLayerConfig::new(batch, D_MODEL, heads, kv_heads, d, capacity, prompt.max(chunk))
-            .with_head_dim_v(dv)
-            .with_precision(Precision::F16);
+    let mut config = CachedLayerConfig::new(
+        batch,
+        D_MODEL,
+        heads,
+        kv_heads,
+        d,
+        capacity,
+        prompt.max(chunk),
+    )
+    .with_head_dim_v(dv)
+    .with_precision(Precision::F16);
     if projection {
         config = config.with_output_projection(16);
     }
