@@ -128,7 +128,9 @@ pub fn cached_layer(
 /// decode's partials stay f32 and their merge is covered as the softmax's rescales are.
 ///
 /// ```
-/// use wgpu_attention::{compare_bounded, reference, AttentionWeights, CachedLayerConfig, Tensor};
+/// use wgpu_attention::{
+///     compare_bounded, reference, AttentionWeights, CachedLayerConfig, Precision, Tensor,
+/// };
 /// // Two query heads over one key/value head of width 1.
 /// let config = CachedLayerConfig::new(1, 1, 2, 1, 1, 8, 8).with_scale(1.0);
 /// let w = |v: Vec<f32>| Tensor::new([1, v.len()], v).unwrap();
@@ -138,7 +140,13 @@ pub fn cached_layer(
 /// let bound = reference::cached_layer_error_bound(&config, &weights, &x).unwrap();
 /// assert_eq!(bound.shape(), exact.shape());
 /// assert!(compare_bounded(&exact, &exact, &bound).unwrap().passed());
-/// assert!(bound.data().iter().all(|&b| b > 0.0 && b < 1e-5), "{:?}", bound.data());
+/// assert!(bound.data().iter().all(|&b| b > 0.0 && b < 1e-4), "{:?}", bound.data());
+/// // f16 storage: each stored value may be one f16 ulp off, far more than f32's roundings.
+/// let f16 = config.with_precision(Precision::F16);
+/// let f16_bound = reference::cached_layer_error_bound(&f16, &weights, &x).unwrap();
+/// for (h, s) in f16_bound.data().iter().zip(bound.data()) {
+///     assert!(*h > 10.0 * s, "f16 {h} vs f32 {s}");
+/// }
 /// ```
 pub fn cached_layer_error_bound(
     config: &CachedLayerConfig,
