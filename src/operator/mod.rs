@@ -48,6 +48,7 @@ mod combine;
 mod config;
 mod core;
 mod decode;
+pub(crate) mod grad_kernels;
 mod kv_cache;
 mod lengths;
 mod run;

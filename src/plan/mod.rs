@@ -594,9 +594,10 @@ impl AttentionPlan {
         let qkv = read(&self.bufs.qkv)?;
         let rows = b * h * n;
         let (dp, dvp) = (l.dp as usize, l.dvp as usize);
+        let (ko, vo) = (l.k_offset as usize, l.v_offset as usize);
         let q = pack::unpad_rows(&qkv[..rows * dp], dp, dk);
-        let k = pack::unpad_rows(&qkv[rows * dp..2 * rows * dp], dp, dk);
-        let v = pack::unpad_rows(&qkv[2 * rows * dp..], dvp, dv);
+        let k = pack::unpad_rows(&qkv[ko..ko + rows * dp], dp, dk);
+        let v = pack::unpad_rows(&qkv[vo..vo + rows * dvp], dvp, dv);
         // keep_intermediates always resolves to the staged path, which has score buffers.
         let (scores, probs) = self.scores.as_ref().ok_or_else(|| {
             Error::InvalidConfig("the fused kernel stores no scores or probabilities".into())
