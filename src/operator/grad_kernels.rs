@@ -17,10 +17,6 @@ pub(crate) enum GradStage {
     Q,
 }
 
-impl GradStage {
-    pub const ALL: [GradStage; 3] = [GradStage::Prep, GradStage::Kv, GradStage::Q];
-}
-
 /// The compiled kernels and their tiles for one head geometry.
 #[derive(Debug)]
 pub(crate) struct GradKernels {

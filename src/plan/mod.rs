@@ -5,6 +5,7 @@
 //! [`AttentionPlan::encode`] (dispatches) → read back ([`AttentionPlan::run`]) → compare
 //! ([`crate::compare()`]).
 
+mod backward;
 mod buffers;
 mod pack;
 mod steps;
@@ -13,6 +14,7 @@ mod timed;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+pub use backward::{LayerBackwardBindings, LayerBackwardIo};
 use buffers::{OwnIo, PlanBuffers};
 use steps::{Piece, Res, Stamps, Step};
 
@@ -109,6 +111,11 @@ pub struct AttentionPlan {
     memory_bytes: u64,
     /// Timestamp queries, made by the first [`AttentionPlan::time_stages`].
     timer: Option<GpuTimer>,
+    /// The backward's steps and buffers, with gradients.
+    backward: Option<backward::LayerBackward>,
+    /// Whether the weights have q/k/v biases and an output bias (which gradients to give).
+    has_qkv_bias: bool,
+    has_b_o: bool,
 }
 
 impl AttentionPlan {
@@ -133,6 +140,12 @@ impl AttentionPlan {
     ) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         weights.validate(config)?;
+        // The backward kernels are f32 only: refused before anything of the device is asked.
+        if config.precision == Precision::F16 && config.gradients {
+            return Err(Error::F16NeedsFused {
+                why: "gradients were asked for, and the backward kernels store f32".into(),
+            });
+        }
         config.precision.check_device(ctx)?;
         // Rounded (and range-checked, by tensor and index) before packing, so that storing
         // the packed weights in f16 cannot fail or produce an infinity.
@@ -146,12 +159,13 @@ impl AttentionPlan {
         // output), within every device's limit; the check stays so that a kernel that grows
         // one is refused by name. `Auto` then takes the staged kernels, which bind at most four.
         if layout.kernel == KernelChoice::Fused
-            && let Err(e) = Kernel::Fused(FusedGeometry::for_layer(&layout, config.precision).io()).check_storage_buffers(
+            && let Err(e) = Kernel::Fused(FusedGeometry::for_plan(&layout, config).io()).check_storage_buffers(
                 &limits,
                 "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
             )
         {
-            if config.kernel != KernelChoice::Auto {
+            // Gradients need the fused kernel's logsumexp: no staged fallback.
+            if config.kernel != KernelChoice::Auto || config.gradients {
                 return Err(e);
             }
             layout.kernel = KernelChoice::Staged;
@@ -183,7 +197,15 @@ impl AttentionPlan {
             )
         })
         .await?;
-        let (steps, scores) = steps::build(ctx, config, &layout, &bufs).await?;
+        let steps::Built {
+            steps,
+            scores,
+            core,
+        } = steps::build(ctx, config, &layout, &bufs).await?;
+        let backward = match &core {
+            Some(core) => Some(backward::LayerBackward::new(ctx, &layout, &bufs, core).await?),
+            None => None,
+        };
         let chunks = ctx.kernels().chunks().await?;
         let own_bindings = make_bindings(
             device,
@@ -208,7 +230,9 @@ impl AttentionPlan {
             // probabilities are one buffer.
             all.sort();
             all.dedup();
-            all.iter().map(|b| b.size()).sum()
+            let lse = bufs.lse.as_ref().map_or(0, |b| b.size());
+            all.iter().map(|b| b.size()).sum::<u64>()
+                + backward.as_ref().map_or(0, |b| b.memory_bytes - lse)
         };
         Ok(AttentionPlan {
             ctx: ctx.clone(),
@@ -224,6 +248,9 @@ impl AttentionPlan {
             own_bindings,
             memory_bytes,
             timer: None,
+            backward,
+            has_qkv_bias: weights.b_q.is_some(),
+            has_b_o: weights.b_o.is_some(),
         })
     }
 
@@ -685,31 +712,51 @@ async fn make_bindings(
 ) -> Result<AttentionBindings> {
     let [x, key_mask, output] = io;
     let groups = scoped_async(device, "binding buffers", || {
-        steps
-            .iter()
-            .map(|step| {
-                let Step::Dispatch(d) = step else {
-                    return None;
-                };
-                let resources = std::iter::once(d.params.as_entire_binding()).chain(
-                    d.resources.iter().map(|r| match r {
-                        Res::X => x.as_entire_binding(),
-                        Res::KeyMask => key_mask.as_entire_binding(),
-                        Res::Output => output.as_entire_binding(),
-                        Res::Own(b) => b.as_entire_binding(),
-                        Res::Lengths(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: b,
-                            offset: 0,
-                            size: wgpu::BufferSize::new(
-                                size_of::<crate::kernels::fused::Len>() as u64
-                            ),
-                        }),
-                    }),
-                );
-                Some(d.pipeline.bind_group(device, d.stage.label(), resources))
-            })
-            .collect()
+        bind_groups(device, steps, |r| match r {
+            Res::X => Some(x),
+            Res::KeyMask => Some(key_mask),
+            Res::Output => Some(output),
+            _ => None,
+        })
     })
     .await?;
     Ok(AttentionBindings { plan, groups })
+}
+
+/// One bind group per dispatch of `steps`, each resource the plan's own or the application's
+/// buffer `app` gives for it; a dispatch whose buffer `app` lacks gets none (recording it
+/// is then refused).
+fn bind_groups<'a>(
+    device: &wgpu::Device,
+    steps: &[Step],
+    app: impl Fn(&Res) -> Option<&'a wgpu::Buffer>,
+) -> Vec<Option<wgpu::BindGroup>> {
+    steps
+        .iter()
+        .map(|step| {
+            let Step::Dispatch(d) = step else {
+                return None;
+            };
+            let mut resources = vec![d.params.as_entire_binding()];
+            for r in &d.resources {
+                resources.push(match r {
+                    Res::Own(b) => b.as_entire_binding(),
+                    Res::Lengths(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: b,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(size_of::<crate::kernels::fused::Len>() as u64),
+                    }),
+                    Res::Range(b, offset, size) => {
+                        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: b,
+                            offset: *offset,
+                            size: wgpu::BufferSize::new(*size),
+                        })
+                    }
+                    other => app(other)?.as_entire_binding(),
+                });
+            }
+            Some(d.pipeline.bind_group(device, d.label, resources))
+        })
+        .collect()
 }
