@@ -6,6 +6,10 @@
 #[path = "cli_run/operator.rs"]
 mod operator;
 
+// Layer files that also hold `grad_out`: the layer's backward.
+#[path = "cli_run/layer_grad.rs"]
+mod layer_grad;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -44,7 +44,7 @@ pub fn choose_tensors<'k>(
     let layer_only: Vec<&str> = names
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "key_mask" && layer.iter().any(|(k, _)| k == n))
+        .filter(|n| *n != "key_mask" && *n != "grad_out" && layer.iter().any(|(k, _)| k == n))
         .collect();
     if let Some(other) = layer_only.first() {
         return Err(format!(
