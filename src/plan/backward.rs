@@ -15,22 +15,20 @@
 //!    last row: a bias is the weight of an input that is always 1).
 //!
 //! The packed gradients (`[d_model + 1, qkv_width]` and `[heads · head_dim_v + 1, d_out]`) are
-//! what [`AttentionPlan::encode_backward`] writes; [`AttentionPlan::unpack_grads`] turns them
-//! into the weights' own shapes.
+//! what [`AttentionPlan::encode_backward`] writes; [`AttentionPlan::unpack_grads`] (in
+//! `grads.rs`, with the host-tensor [`AttentionPlan::run_with_grad`]) turns them into the
+//! weights' own shapes.
 
 use super::steps::{self, CoreTables, Dispatch, Piece, Res, Step, gemm_step};
 use super::{AttentionPlan, buffers::PlanBuffers};
 use crate::context::GpuContext;
-use crate::error::{Error, Result, Shape};
-use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
+use crate::error::{Error, Result};
+use crate::gpu::{STORAGE, buffer, check_storage, scoped, scoped_async};
 use crate::kernels::gemm::{ReadA, ReadB, Store, spec_with};
 use crate::kernels::{Layout, fold_grid, pad4};
 use crate::operator::grad_kernels::{self, GradKernels, GradStage};
 use crate::precision::Precision;
-use crate::reference::LayerGrads;
 use crate::stage::Stage;
-use crate::tensor::{Tensor, unravel};
-use crate::weights::AttentionInputs;
 
 /// The application's buffers for one backward call of an [`AttentionPlan`] built with
 /// [`crate::AttentionConfig::with_gradients`]: the forward's (bound with the same buffers for x, the
@@ -76,29 +74,29 @@ pub struct LayerBackwardBindings {
 /// The backward's steps and buffers, made with the plan.
 #[derive(Debug)]
 pub(super) struct LayerBackward {
-    steps: Vec<Step>,
+    pub steps: Vec<Step>,
     whole: Vec<Piece>,
     /// lse and D per query row, then the key mask (`shaders/attention_bwd.wgsl`).
     aux: wgpu::Buffer,
-    own: OwnGrads,
-    own_bindings: Option<LayerBackwardBindings>,
+    pub own: OwnGrads,
+    pub own_bindings: Option<LayerBackwardBindings>,
     /// Bytes of every buffer the backward added to the plan.
     pub memory_bytes: u64,
 }
 
 /// The buffers [`AttentionPlan::run_with_grad`] uploads `∂L/∂out` to and reads back from.
 #[derive(Debug)]
-struct OwnGrads {
-    grad_out: wgpu::Buffer,
-    grad_x: wgpu::Buffer,
-    grad_w_qkv: wgpu::Buffer,
-    grad_w_o: Option<wgpu::Buffer>,
-    staging: wgpu::Buffer,
-    belt: wgpu::util::StagingBelt,
+pub(super) struct OwnGrads {
+    pub grad_out: wgpu::Buffer,
+    pub grad_x: wgpu::Buffer,
+    pub grad_w_qkv: wgpu::Buffer,
+    pub grad_w_o: Option<wgpu::Buffer>,
+    pub staging: wgpu::Buffer,
+    pub belt: wgpu::util::StagingBelt,
 }
 
 /// Sizes in f32 elements of the three gradient buffers: dx, packed dW_qkv, packed dW_o.
-fn grad_lens(l: &Layout, has_w_o: bool) -> [u64; 3] {
+pub(super) fn grad_lens(l: &Layout, has_w_o: bool) -> [u64; 3] {
     let hv = (l.heads * l.head_dim_v) as u64;
     [
         l.tokens() * l.d_model as u64,
@@ -391,7 +389,7 @@ impl LayerBackward {
 }
 
 impl AttentionPlan {
-    fn backward_part(&self) -> Result<&LayerBackward> {
+    pub(super) fn backward_part(&self) -> Result<&LayerBackward> {
         self.backward.as_ref().ok_or_else(|| {
             Error::InvalidConfig(
                 "the plan was built without gradients: build it from \
@@ -484,7 +482,7 @@ impl AttentionPlan {
         Ok(())
     }
 
-    fn record_backward(
+    pub(super) fn record_backward(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         bw: &LayerBackward,
@@ -511,214 +509,10 @@ impl AttentionPlan {
             None,
         );
     }
-
-    /// The forward and then the backward on host tensors, for tests and tools: the output and
-    /// the gradients of x and of every weight and bias the layer has, for
-    /// `grad_out = ∂L/∂out`. Blocks until done; the second and later calls create nothing.
-    /// Runs as one submission (an application's large layers record
-    /// [`AttentionPlan::encode_backward`] into their own encoders).
-    pub fn run_with_grad(
-        &mut self,
-        inputs: &AttentionInputs,
-        grad_out: &Tensor,
-    ) -> Result<(Tensor, LayerGrads)> {
-        self.backward_part()?;
-        let shape = self.config.output_shape();
-        if grad_out.shape() != shape {
-            return Err(Error::shape("grad_out", &shape, grad_out.shape()));
-        }
-        grad_out.check_finite("grad_out")?;
-        let out = self.run(inputs)?;
-        let ctx = self.ctx.clone();
-        let _device = ctx.kernels().exclusive();
-        if self
-            .backward
-            .as_ref()
-            .is_some_and(|b| b.own_bindings.is_none())
-        {
-            let bw = self.backward_part()?;
-            let (own, grads) = (&self.own, &bw.own);
-            let bindings = make_groups(
-                ctx.device(),
-                self.id,
-                &bw.steps,
-                LayerBackwardIo {
-                    x: &own.x,
-                    key_mask: None,
-                    output: &own.output,
-                    grad_out: &grads.grad_out,
-                    grad_x: &grads.grad_x,
-                    grad_w_qkv: &grads.grad_w_qkv,
-                    grad_w_o: grads.grad_w_o.as_ref(),
-                },
-                self.layout.has_mask.then_some(&own.key_mask),
-            )?;
-            if let Some(b) = self.backward.as_mut() {
-                b.own_bindings = Some(bindings);
-            }
-        }
-        let lens = grad_lens(&self.layout, self.bufs.w_o.is_some());
-        let (device, queue) = (ctx.device().clone(), ctx.queue().clone());
-        scoped(&device, "running the layer backward", || {
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("layer backward"),
-            });
-            let Some(bw) = self.backward.as_mut() else {
-                return;
-            };
-            let bytes: &[u8] = bytemuck::cast_slice(grad_out.data());
-            if let Some(size) = wgpu::BufferSize::new(bytes.len() as u64) {
-                bw.own
-                    .belt
-                    .write_buffer(&mut encoder, &bw.own.grad_out, 0, size)
-                    .copy_from_slice(bytes);
-            }
-            bw.own.belt.finish();
-            let Some(bw) = self.backward.as_ref() else {
-                return;
-            };
-            if let Some(bindings) = &bw.own_bindings {
-                self.record_backward(&mut encoder, bw, bindings);
-            }
-            let mut at = 0;
-            let sources = [Some(&bw.own.grad_x), Some(&bw.own.grad_w_qkv)]
-                .into_iter()
-                .chain([bw.own.grad_w_o.as_ref()]);
-            for (src, n) in sources.zip(lens) {
-                if let Some(src) = src {
-                    encoder.copy_buffer_to_buffer(src, 0, &bw.own.staging, at, n * 4);
-                }
-                at += (n * 4).next_multiple_of(16);
-            }
-            queue.submit([encoder.finish()]);
-            if let Some(bw) = self.backward.as_mut() {
-                bw.own.belt.recall();
-            }
-        })?;
-        let bw = self.backward_part()?;
-        let [dx, dw, dwo] = map_and_read(&device, &bw.own.staging, |bytes| {
-            let mut at = 0usize;
-            lens.map(|n| {
-                let n = n as usize * 4;
-                let v = bytemuck::cast_slice::<u8, f32>(&bytes[at..at + n]).to_vec();
-                at += n.next_multiple_of(16);
-                v
-            })
-        })?;
-        let grads = self.unpack_grads(&dx, &dw, self.bufs.w_o.is_some().then_some(&dwo[..]))?;
-        Ok((out, grads))
-    }
-
-    /// The gradients in the weights' own shapes, from what [`AttentionPlan::encode_backward`]
-    /// wrote into [`LayerBackwardIo::grad_x`], [`LayerBackwardIo::grad_w_qkv`] and
-    /// [`LayerBackwardIo::grad_w_o`] (read back as f32). Bias gradients are present where the
-    /// plan's weights have biases; a non-finite gradient is an error naming where it is.
-    pub fn unpack_grads(
-        &self,
-        grad_x: &[f32],
-        grad_w_qkv: &[f32],
-        grad_w_o: Option<&[f32]>,
-    ) -> Result<LayerGrads> {
-        let l = &self.layout;
-        let c = &self.config;
-        let lens = grad_lens(l, self.bufs.w_o.is_some());
-        let wanted = |name: &'static str, data: &[f32], n: u64| -> Result<()> {
-            if (data.len() as u64) < n {
-                return Err(Error::shape(name, &[n as usize], &[data.len()]));
-            }
-            Ok(())
-        };
-        wanted("grad_x", grad_x, lens[0])?;
-        wanted("grad_w_qkv", grad_w_qkv, lens[1])?;
-        let checked = |name: &str, shape: Vec<usize>, d: Vec<f32>| -> Result<Tensor> {
-            if let Some(at) = d.iter().position(|x| !x.is_finite()) {
-                return Err(Error::NonFiniteOutput {
-                    index: Shape(unravel(&shape, at)),
-                    value: d[at],
-                    hint: format!(
-                        "in {name}: a product passed f32's range (3.4e38): scale the inputs, \
-                         weights or grad_out down"
-                    ),
-                });
-            }
-            Tensor::new(shape, d)
-        };
-        let (dm, h, width) = (c.d_model, c.heads, l.qkv_width() as usize);
-        // Section s's columns of the packed rows `rows`: head hd's first `d` of `dpad`.
-        let section = |rows: std::ops::Range<usize>, col0: usize, d: usize, dpad: usize| {
-            rows.flat_map(move |r| {
-                (0..h).flat_map(move |hd| (0..d).map(move |c| r * width + col0 + hd * dpad + c))
-            })
-            .map(|at| grad_w_qkv[at])
-            .collect::<Vec<f32>>()
-        };
-        let (dp, dvp) = (l.dp as usize, l.dvp as usize);
-        let sections = [
-            (0, c.head_dim, dp),
-            (h * dp, c.head_dim, dp),
-            (2 * h * dp, c.head_dim_v, dvp),
-        ];
-        let names = [
-            ("grad_w_q", "grad_b_q"),
-            ("grad_w_k", "grad_b_k"),
-            ("grad_w_v", "grad_b_v"),
-        ];
-        let has_bias = self.has_qkv_bias;
-        let mut w = Vec::new();
-        let mut b = Vec::new();
-        for ((col0, d, dpad), (wn, bn)) in sections.into_iter().zip(names) {
-            w.push(checked(wn, vec![dm, h * d], section(0..dm, col0, d, dpad))?);
-            b.push(if has_bias {
-                Some(checked(
-                    bn,
-                    vec![h * d],
-                    section(dm..dm + 1, col0, d, dpad),
-                )?)
-            } else {
-                None
-            });
-        }
-        let (w_o, b_o) = match grad_w_o {
-            Some(g) if self.bufs.w_o.is_some() => {
-                wanted("grad_w_o", g, lens[2])?;
-                let (hv, d_out) = (h * c.head_dim_v, l.d_out as usize);
-                let w_o = checked("grad_w_o", vec![hv, d_out], g[..hv * d_out].to_vec())?;
-                let b_o = if self.has_b_o {
-                    Some(checked(
-                        "grad_b_o",
-                        vec![d_out],
-                        g[hv * d_out..(hv + 1) * d_out].to_vec(),
-                    )?)
-                } else {
-                    None
-                };
-                (Some(w_o), b_o)
-            }
-            _ => (None, None),
-        };
-        let [w_q, w_k, w_v]: [Tensor; 3] = w.try_into().map_err(|_| Error::ForeignBindings)?;
-        let [b_q, b_k, b_v]: [Option<Tensor>; 3] =
-            b.try_into().map_err(|_| Error::ForeignBindings)?;
-        Ok(LayerGrads {
-            x: checked(
-                "grad_x",
-                c.x_shape().to_vec(),
-                grad_x[..lens[0] as usize].to_vec(),
-            )?,
-            w_q,
-            w_k,
-            w_v,
-            b_q,
-            b_k,
-            b_v,
-            w_o,
-            b_o,
-        })
-    }
 }
 
 /// One bind group per backward dispatch, on the application's buffers and the plan's own.
-fn make_groups(
+pub(super) fn make_groups(
     device: &wgpu::Device,
     plan: u64,
     steps: &[Step],
@@ -727,7 +521,7 @@ fn make_groups(
 ) -> Result<LayerBackwardBindings> {
     let grad_w_o = io.grad_w_o;
     let groups = scoped(device, "binding the layer backward's buffers", || {
-        super::bind_groups(device, steps, |r| match r {
+        super::bind::bind_groups(device, steps, |r| match r {
             Res::X => Some(io.x),
             Res::Output => Some(io.output),
             Res::GradOut => Some(io.grad_out),
