@@ -42,9 +42,10 @@ use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_as
 use crate::kernels::{Pipeline, fold_grid};
 use crate::tensor::{Tensor, unravel};
 
-use super::config::{OperatorConfig, OperatorInputs};
+use super::config::OperatorConfig;
 use super::core::Core;
 use super::grad_kernels::{self, GradKernels, GradStage as Stage};
+use super::inputs::OperatorInputs;
 use super::{AttentionOp, Lengths};
 
 /// The gradients of a loss with respect to the operator's Q, K and V, each shaped (and laid
