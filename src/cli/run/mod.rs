@@ -226,6 +226,12 @@ pub fn main(
     } else {
         println!("check      every tensor, against the full f64 reference");
     }
+    if layer.grad_out.is_some() {
+        println!(
+            "backward   the file holds `grad_out`: every gradient is computed on the GPU and \
+             checked, each element against the f64 reference backward"
+        );
+    }
     let estimate = Estimate::new(&ctx, &layer, rows.as_ref());
     if estimate.worth_telling() {
         println!("estimate   {estimate}; Ctrl-C stops cleanly");
@@ -351,7 +357,14 @@ impl Estimate {
         let flops = 2.0 * b * h * n * n * width
             + 2.0 * b * n * c.d_model as f64 * h * (2 * c.head_dim + c.head_dim_v) as f64;
         let rate = Self::rate(ctx);
-        let check_work = rows.map_or(b * h * n * n * width, |r| r.work);
+        let mut check_work = rows.map_or(b * h * n * n * width, |r| r.work);
+        // The backward costs about 2.5 forwards on the GPU, and its reference runs in full.
+        let flops = if layer.grad_out.is_some() {
+            check_work += 3.0 * b * h * n * n * width;
+            3.5 * flops
+        } else {
+            flops
+        };
         Estimate {
             gpu_seconds: flops / rate,
             check_seconds: check_work / REFERENCE_RATE,
