@@ -1,7 +1,8 @@
 //! The layer's backward on the GPU (`AttentionPlan` with gradients): dx and every weight and
 //! bias gradient against the f64 reference (`reference::layer_backward`) with and without
 //! biases and an output projection, causal and key-padding masked; zeros (not NaN) where a
-//! sequence's keys are all masked; nothing allocated by repeated calls; named refusals.
+//! sequence's keys are all masked; nothing allocated by repeated calls; memory linear in the
+//! sequence; named refusals.
 
 mod common;
 
@@ -325,4 +326,28 @@ fn gradients_are_refused_by_name_where_they_cannot_run() {
         let err = plan.run_with_grad(&x, &wrong).unwrap_err();
         assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     }
+}
+
+#[test]
+fn the_backwards_memory_grows_linearly_with_the_sequence() {
+    // What gradients add to a plan (logsumexp, scratch, dQKV, dA, the gradient buffers) at
+    // three lengths: linear in seq (nothing seq x seq), up to the 256-byte section alignment.
+    let added = |seq: usize| -> Option<f64> {
+        let config = AttentionConfig::new(1, seq, 16, 2, 8)
+            .causal()
+            .with_output_projection(16);
+        let w = weights(&config, true, true, &mut Rng::new(10));
+        let plain = AttentionPlan::new(ctx(), &config, &w).unwrap();
+        let grads = grad_plan(ctx(), &config.clone().with_gradients(), &w)?;
+        Some((grads.gpu_memory_bytes() - plain.gpu_memory_bytes()) as f64)
+    };
+    let (Some(a), Some(b), Some(c)) = (added(256), added(512), added(1024)) else {
+        return;
+    };
+    let (step1, step2) = (b - a, c - b);
+    assert!(step1 > 0.0, "{a} {b} {c}");
+    assert!(
+        (step2 / step1 - 2.0).abs() < 0.01,
+        "doubling the sequence twice added {step1} then {step2} bytes: not linear"
+    );
 }
