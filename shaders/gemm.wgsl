@@ -13,24 +13,36 @@
 //   0  params  uniform             GemmParams, below
 //   1  a       storage, read       A, read as A_MODE says:
 //        0 (strided)     A[m, k] = a[m a_sm + k a_sk] for m < a_rows, 1 for a_rows <= m < M
-//                        (the ones row; a_rows = M without it); row-major [M, K] is
-//                        (a_sm, a_sk) = (K, 1), its transpose (1, lda)
-//        1 (head-major)  A[m, k] at the head-major qkv offset of row m, column k (below)
+//                        (the ones row; a_rows = M without it); row-major [M, K] (x, or the
+//                        concatenated heads) is (a_sm, a_sk) = (K, 1), its transpose (1, lda)
+//        1 (head-major)  A[m, k] at the head-major offset of row m, column k (below, with
+//                        seq_stride = seq and S = W): the layer's dQ | dK | dV, or the
+//                        operator's heads [b, heads, seq, width] (one section) read as the
+//                        concatenated [M, heads * width] without a transpose pass
 //   2  b       storage, read       B, as vec4 (size a multiple of 16 bytes), read as B_MODE says:
-//        0 (vec4 rows)   vec4 [K, N/4] row-major; the padding columns hold zeros
+//        0 (vec4 rows)   vec4 [K, N/4] row-major; N is a multiple of 4, the padding columns
+//                        hold zeros
 //        1 (strided)     B[k, n] = b[k b_sk + n b_sn] for n < b_cols, 0 past it (scalars)
-//        2 (head-major)  B[k, n] at the head-major qkv offset of row k, column n
+//        2 (head-major)  B[k, n] at the head-major offset of row k, column n (as A's)
 //   3  bias    storage, read       vec4 [N/4] (zeros where the layer has no bias)
 //   4  c       storage, read_write laid out as HEAD_SPLIT says:
 //        false  row-major [M, ldc]; only columns n < n_store are written
-//        true   the head-major qkv buffer, as below
+//        true   head-major: column n belongs to Q (n < H*Wqk), K (next H*Wqk) or V (last H*Wv);
+//               within its section, head h = col / W and d = col % W (W the padded width), and
+//               row m = b * seq + t lands at
+//                   offset + ((b * H + h) * seq_stride + row_start(b) + t) * S + d
+//               for d < S (S = store_qk or store_v, the stored width: padding columns are not
+//               written). This fuses the split into heads into the store, so no transpose pass
+//               is needed. The layer's qkv buffer: seq_stride = seq, S = W, row_start 0. A KV
+//               cache (gemm_rows_cache.wgsl): seq_stride = capacity, S = the head width, and
+//               row_start(b) = batch row b's length before the append, read on the GPU.
+//   5  row_len uniform             RowLengths (gemm_rows_cache.wgsl only; see there)
 //
-// The head-major qkv layout: column n belongs to Q (n < H*Wqk), K (next H*Wqk) or V (last
-// H*Wv); within its section, head h = col / W and d = col % W, and row m = b * seq + t lies at
-// offset + ((b * H + h) * seq + t) * W + d. Storing this way fuses the split into heads into
-// the projection, and reading it lets the gradients of Q, K and V (which the attention's
-// backward writes in the same layout) feed the weight gradients directly. Widths are
-// multiples of 4, so four neighbouring columns stay inside one head.
+// Reading the head-major layout lets the gradients of Q, K and V (which the attention's
+// backward writes in the qkv buffer's layout) feed the weight gradients directly.
+//
+// row_start(b) comes from an include ahead of this file: gemm_rows_packed.wgsl (0) or
+// gemm_rows_cache.wgsl (a KV cache row's length).
 //
 // Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns 8 TY rows by 4 TX NV columns of
 // C; each invocation 8 rows by NV vec4 column groups (tx + TX c), in named registers. Tiles of
@@ -61,6 +73,9 @@ struct GemmParams {
     width_v: u32,
     k_offset: u32,
     v_offset: u32,
+    seq_stride: u32,
+    store_qk: u32,
+    store_v: u32,
     a_sm: u32,
     a_sk: u32,
     a_rows: u32,
@@ -68,6 +83,7 @@ struct GemmParams {
     b_sn: u32,
     b_cols: u32,
     _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: GemmParams;
@@ -80,7 +96,9 @@ var<workgroup> a_tile: array<vec4<f32>, 8u * TY * (TK / 4u + 1u)>;
 // b_tile[kk * TX * NV + g]: B[k0 + kk, column group g of the tile].
 var<workgroup> b_tile: array<vec4<f32>, TK * TX * NV>;
 
-// Where element (row m, column n) of the head-major qkv layout lies.
+// Where element (row m, column n) of the head-major layout lies, read as written by the
+// layer's projection (seq_stride = seq, every column stored): widths are multiples of 4, so
+// four neighbouring columns stay inside one head.
 fn head_major(m: u32, n: u32) -> u32 {
     let qk_cols = p.heads * p.width_qk;
     var offset = 0u;
@@ -150,11 +168,30 @@ fn store4(m: u32, n4: u32, v: vec4<f32>) {
     }
     let n = n4 * 4u;
     if (HEAD_SPLIT) {
-        let idx = head_major(m, n);
-        store_c(idx, v.x);
-        store_c(idx + 1u, v.y);
-        store_c(idx + 2u, v.z);
-        store_c(idx + 3u, v.w);
+        let qk_cols = p.heads * p.width_qk;
+        var offset = 0u;
+        var width = p.width_qk;
+        var stored = p.store_qk;
+        var col = n;
+        if (n >= 2u * qk_cols) {
+            offset = p.v_offset;
+            width = p.width_v;
+            stored = p.store_v;
+            col = n - 2u * qk_cols;
+        } else if (n >= qk_cols) {
+            offset = p.k_offset;
+            col = n - qk_cols;
+        }
+        // Widths are multiples of 4, so the four columns stay inside one head.
+        let h = col / width;
+        let d = col % width;
+        let bt = m / p.seq;
+        let t = row_start(bt) + m % p.seq;
+        let idx = offset + ((bt * p.heads + h) * p.seq_stride + t) * stored + d;
+        if (d < stored) { store_c(idx, v.x); }
+        if (d + 1u < stored) { store_c(idx + 1u, v.y); }
+        if (d + 2u < stored) { store_c(idx + 2u, v.z); }
+        if (d + 3u < stored) { store_c(idx + 3u, v.w); }
     } else {
         let idx = m * p.ldc + n;
         if (n < p.n_store) { store_c(idx, v.x); }

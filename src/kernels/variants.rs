@@ -35,6 +35,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
         .flat_map(|kernel| {
             let sets = match kernel {
                 Kernel::Gemm(_) => super::gemm::override_sets(limits),
+                Kernel::GemmCache(_) => super::gemm::cache_override_sets(limits),
                 Kernel::Scores => super::staged::score_override_sets(limits),
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
                 Kernel::WeightedSum => super::staged::sum_override_sets(limits),

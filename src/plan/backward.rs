@@ -24,7 +24,7 @@ use super::{AttentionPlan, buffers::PlanBuffers};
 use crate::context::GpuContext;
 use crate::error::{Error, Result};
 use crate::gpu::{STORAGE, buffer, check_storage, scoped, scoped_async};
-use crate::kernels::gemm::{ReadA, ReadB, Store, spec_with};
+use crate::kernels::gemm::{Load, ReadB, Store, spec_with};
 use crate::kernels::{Layout, fold_grid, pad4};
 use crate::operator::grad_kernels::{self, GradKernels, GradStage};
 use crate::precision::Precision;
@@ -193,7 +193,7 @@ impl LayerBackward {
                             t,
                             pad4(hv),
                             l.d_out,
-                            ReadA::Strided {
+                            Load::Strided {
                                 sm: l.d_out,
                                 sk: 1,
                                 rows: t,
@@ -223,7 +223,7 @@ impl LayerBackward {
                             hv + 1,
                             l.d_out_pad,
                             t,
-                            ReadA::Strided {
+                            Load::Strided {
                                 sm: 1,
                                 sk: hv,
                                 rows: hv,
@@ -321,7 +321,7 @@ impl LayerBackward {
                     t,
                     pad4(dm),
                     nq,
-                    ReadA::HeadMajor(hm),
+                    Load::Qkv(hm),
                     ReadB::Strided {
                         sk: 1,
                         sn: nq,
@@ -352,7 +352,7 @@ impl LayerBackward {
                     dm + 1,
                     nq,
                     t,
-                    ReadA::Strided {
+                    Load::Strided {
                         sm: 1,
                         sk: dm,
                         rows: dm,
