@@ -50,6 +50,7 @@ mod core;
 mod decode;
 mod kv_cache;
 mod lengths;
+mod memory;
 mod run;
 mod tune;
 
