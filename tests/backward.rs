@@ -145,6 +145,14 @@ fn gradients_match_the_reference_over_masks_bias_causal_and_gqa() {
     );
     // A head of 64, the common size, over a few blocks of keys and queries.
     check(&base(2, 1, 64, 40, 40).causal(), 40, 40, 11);
+    // A head of 32: two invocations a row, each scoring eight walked rows (ROWS = 8) under
+    // WebGPU's default limits; partial blocks and padding.
+    check(
+        &base(2, 2, 32, 24, 40).causal().with_key_padding_mask(),
+        21,
+        37,
+        12,
+    );
 }
 
 /// The forward of an operator built with gradients saves each row's logsumexp, in the units
