@@ -1,13 +1,16 @@
 //! Generating with a KV cache: a small random attention layer (4 query heads over 2 key/value
-//! heads of width 8, GQA) prefills a 20-token prompt, then decodes 64 steps of one token each.
-//! The projections run on the host here; the new tokens' K and V are appended to the cache
-//! through its staging belt, and the attention reads the cache on the GPU. Every step is
-//! checked against the f64 reference of the same cache step.
+//! heads of width 8, GQA, with biases and an output projection) prefills a 20-token prompt,
+//! then generates 64 tokens one at a time, each new token's input being the previous step's
+//! output (RMS-normalised), as a model's next token comes from its last.
+//!
+//! Everything runs on the GPU in the application's own encoder: `CachedAttention` projects the
+//! new tokens, writes their keys and values straight into its cache, attends and projects out.
+//! Every step is checked against the f64 reference of the whole sequence so far.
 //!
 //! Run: `cargo run --example decode` (pick a backend with WGPU_BACKEND=vulkan|metal|dx12|gl).
 
 use wgpu_attention::{
-    AttentionOp, GpuContext, KvCache, Lengths, OperatorConfig, OperatorIo, Tensor, Tolerance,
+    AttentionWeights, CachedAttention, CachedIo, CachedLayerConfig, GpuContext, Tensor, Tolerance,
     compare, reference,
 };
 
@@ -31,37 +34,9 @@ impl Rng {
         x as f32 / (1u64 << 23) as f32 - 1.0
     }
 
-    fn matrix(&mut self, rows: usize, cols: usize, scale: f32) -> Vec<f32> {
-        (0..rows * cols).map(|_| self.next() * scale).collect()
-    }
-}
-
-/// `x [n, D_MODEL] · w [D_MODEL, heads * HEAD_DIM]`, head-major `[1, heads, n, HEAD_DIM]`.
-fn project(x: &[f32], w: &[f32], heads: usize) -> Tensor {
-    let n = x.len() / D_MODEL;
-    let cols = heads * HEAD_DIM;
-    let mut out = vec![0f32; heads * n * HEAD_DIM];
-    for t in 0..n {
-        for c in 0..cols {
-            let s: f32 = (0..D_MODEL)
-                .map(|i| x[t * D_MODEL + i] * w[i * cols + c])
-                .sum();
-            let (h, d) = (c / HEAD_DIM, c % HEAD_DIM);
-            out[(h * n + t) * HEAD_DIM + d] = s;
-        }
-    }
-    Tensor::new([1, heads, n, HEAD_DIM], out).expect("shape")
-}
-
-/// The cache's contents as the host knows them, `[1, KV_HEADS, CAPACITY, HEAD_DIM]`.
-fn mirror(t: &mut [f32], new: &Tensor, at: usize) {
-    let n = new.shape()[2];
-    for h in 0..KV_HEADS {
-        for i in 0..n {
-            let dst = (h * CAPACITY + at + i) * HEAD_DIM;
-            let src = (h * n + i) * HEAD_DIM;
-            t[dst..dst + HEAD_DIM].copy_from_slice(&new.data()[src..src + HEAD_DIM]);
-        }
+    fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(shape, (0..n).map(|_| self.next() * scale).collect()).expect("shape")
     }
 }
 
@@ -83,109 +58,88 @@ fn read(ctx: &GpuContext, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
     bytemuck::cast_slice(&staging.get_mapped_range(..).expect("mapped"))[..len].to_vec()
 }
 
+/// The next token's input: a step's last output row scaled to unit RMS (a layer norm without
+/// its weights).
+fn next_input(out: &[f32]) -> Vec<f32> {
+    let last = &out[out.len() - D_MODEL..];
+    let rms = (last.iter().map(|v| v * v).sum::<f32>() / D_MODEL as f32).sqrt();
+    last.iter().map(|v| v / rms.max(1e-6)).collect()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
     let ctx = GpuContext::from_env()?;
     let (device, queue) = (ctx.device(), ctx.queue());
     println!("adapter: {}", ctx.adapter_info().name);
     let mut rng = Rng(0x5eed);
-    let w_scale = 1.0 / (D_MODEL as f32).sqrt();
-    let wq = rng.matrix(D_MODEL, HEADS * HEAD_DIM, w_scale);
-    let wk = rng.matrix(D_MODEL, KV_HEADS * HEAD_DIM, w_scale);
-    let wv = rng.matrix(D_MODEL, KV_HEADS * HEAD_DIM, w_scale);
-
-    let mut cache = KvCache::new(&ctx, 1, KV_HEADS, HEAD_DIM, HEAD_DIM, CAPACITY)?;
-    // Prefill: all prompt tokens at once over the cache, rows of one length, the fused kernel.
-    let prefill_config = OperatorConfig::new(1, HEADS, KV_HEADS, HEAD_DIM, PROMPT, CAPACITY)
-        .with_kv_capacity(CAPACITY)
-        .causal();
-    let prefill = AttentionOp::new(&ctx, &prefill_config)?;
-    // Decode: one token a step, split-K, each row's length from the cache.
-    let step_config = cache.operator_config(HEADS, 1).causal();
-    let step = AttentionOp::new(&ctx, &step_config)?;
-    println!("decode splits the keys into {:?} ranges", step.splits());
-
-    let storage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-    let make = |elements: usize| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: (elements * 4).next_multiple_of(16) as u64,
-            usage: storage,
-            mapped_at_creation: false,
-        })
-    };
-    let q_buf = make(HEADS * PROMPT * HEAD_DIM);
-    let out_buf = make(HEADS * PROMPT * HEAD_DIM);
-    let prefill_bindings = prefill.bind(OperatorIo {
-        q: &q_buf,
-        k: cache.k(),
-        v: cache.v(),
-        key_mask: None,
-        bias: None,
-        out: &out_buf,
+    let s = 1.0 / (D_MODEL as f32).sqrt();
+    let weights = AttentionWeights::new(
+        rng.tensor(&[D_MODEL, HEADS * HEAD_DIM], s),
+        rng.tensor(&[D_MODEL, KV_HEADS * HEAD_DIM], s),
+        rng.tensor(&[D_MODEL, KV_HEADS * HEAD_DIM], s),
+    )
+    .with_qkv_bias(
+        rng.tensor(&[HEADS * HEAD_DIM], 0.1),
+        rng.tensor(&[KV_HEADS * HEAD_DIM], 0.1),
+        rng.tensor(&[KV_HEADS * HEAD_DIM], 0.1),
+    )
+    .with_output_projection(
+        rng.tensor(&[HEADS * HEAD_DIM, D_MODEL], s),
+        Some(rng.tensor(&[D_MODEL], 0.1)),
+    );
+    // Steps of up to the prompt's length: the prompt in one step (the prefill kernels, as it
+    // is longer than split-K decode's 16), then one token a step (split-K decode).
+    let config = CachedLayerConfig::new(1, D_MODEL, HEADS, KV_HEADS, HEAD_DIM, CAPACITY, PROMPT)
+        .with_output_projection(D_MODEL);
+    let mut layer = CachedAttention::new(&ctx, &config, &weights)?;
+    println!("decode splits the keys into {:?} ranges", layer.splits());
+    let (x_buf, out_buf) = layer.io_buffers();
+    let bindings = layer.bind(CachedIo {
+        x: &x_buf,
+        output: &out_buf,
     })?;
-    let step_bindings = step.bind_cache(&q_buf, &cache, &out_buf)?;
-    let mut k_host = vec![0f32; KV_HEADS * CAPACITY * HEAD_DIM];
-    let mut v_host = k_host.clone();
 
+    // Every token's input so far: the reference recomputes the whole sequence each step.
+    let mut inputs: Vec<f32> = rng.tensor(&[PROMPT, D_MODEL], 1.0).data().to_vec();
     let mut worst = 0f64;
     for s in 0..=STEPS {
-        // Step 0 is the prompt; each later step one new token.
         let n = if s == 0 { PROMPT } else { 1 };
-        let at = cache.lens()[0];
-        let x = rng.matrix(n, D_MODEL, 1.0);
-        let (q, k, v) = (
-            project(&x, &wq, HEADS),
-            project(&x, &wk, KV_HEADS),
-            project(&x, &wv, KV_HEADS),
-        );
-        mirror(&mut k_host, &k, at);
-        mirror(&mut v_host, &v, at);
-        queue.write_buffer(&q_buf, 0, bytemuck::cast_slice(q.data()));
+        let new = &inputs[inputs.len() - n * D_MODEL..];
+        queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(new));
         let mut encoder = device.create_command_encoder(&Default::default());
-        cache.append_host(&mut encoder, &k, &v)?;
-        let (op, bindings, lengths) = if s == 0 {
-            let lengths = Lengths {
-                q_len: PROMPT,
-                kv_len: PROMPT,
-            };
-            (&prefill, &prefill_bindings, lengths)
-        } else {
-            (&step, &step_bindings, cache.lengths(1)?)
-        };
-        op.encode(&mut encoder, bindings, lengths)?;
+        layer.encode_step(&mut encoder, &bindings, n)?;
         queue.submit([encoder.finish()]);
-        cache.recall();
-        let gpu = Tensor::new(
-            [1, HEADS, n, HEAD_DIM],
-            read(&ctx, &out_buf, HEADS * n * HEAD_DIM),
-        )?;
-        let shape = [1, KV_HEADS, CAPACITY, HEAD_DIM];
-        let cpu = reference::cache_step(
-            &step_config,
-            &q,
-            &Tensor::new(shape, k_host.clone())?,
-            &Tensor::new(shape, v_host.clone())?,
-            cache.lens(),
+        let gpu = Tensor::new([1, n, D_MODEL], read(&ctx, &out_buf, n * D_MODEL))?;
+
+        let len = inputs.len() / D_MODEL;
+        let all = Tensor::new([1, len, D_MODEL], inputs.clone())?;
+        let forward = reference::cached_layer(&config, &weights, &all)?;
+        let cpu = Tensor::new(
+            [1, n, D_MODEL],
+            forward.data()[(len - n) * D_MODEL..].to_vec(),
         )?;
         let cmp = compare(&gpu, &cpu, Tolerance::F32)?;
         if !cmp.passed() {
-            return Err(format!("step {s} (cache length {}): {cmp}", cache.lens()[0]).into());
+            return Err(
+                format!("step {s} (cache length {}): {cmp}", layer.cache().lens()[0]).into(),
+            );
         }
         worst = worst.max(cmp.max_abs);
         if s == 0 || s % 16 == 0 {
             println!(
-                "step {s:>2}: {n:>2} token(s), cache holds {:>2}, out[0, 0, last, ..4] = {:?}, \
+                "step {s:>2}: {n:>2} token(s), cache holds {:>2}, out[0, last, ..4] = {:?}, \
                  max |gpu - ref| {:.1e}",
-                cache.lens()[0],
-                &gpu.data()[(n - 1) * HEAD_DIM..(n - 1) * HEAD_DIM + 4],
+                layer.cache().lens()[0],
+                &gpu.data()[(n - 1) * D_MODEL..(n - 1) * D_MODEL + 4],
                 cmp.max_abs
             );
         }
+        if s < STEPS {
+            inputs.extend(next_input(gpu.data()));
+        }
     }
     println!(
-        "prefill of {PROMPT} and {STEPS} decode steps all match the f64 reference (largest \
+        "prefill of {PROMPT} and {STEPS} generated tokens all match the f64 reference (largest \
          error {worst:.1e})"
     );
     Ok(())

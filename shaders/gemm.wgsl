@@ -14,10 +14,23 @@
 //   3  bias    storage, read       vec4 [N/4] (zeros where the layer has no bias)
 //   4  c       storage, read_write laid out as HEAD_SPLIT says:
 //        false  row-major [M, ldc]; only columns n < n_store are written
-//        true   the head-major qkv buffer: column n belongs to Q (n < H*Wqk), K (next H*Wqk) or
-//               V (last H*Wv); within its section, head h = col / W and d = col % W, and row
-//               m = b * seq + t lands at offset + ((b * H + h) * seq + t) * W + d. This fuses the
-//               split into heads into the store, so no transpose pass is needed.
+//        true   head-major: column n belongs to Q (n < H*Wqk), K (next H*Wqk) or V (last H*Wv);
+//               within its section, head h = col / W and d = col % W (W the padded width), and
+//               row m = b * seq + t lands at
+//                   offset + ((b * H + h) * seq_stride + row_start(b) + t) * S + d
+//               for d < S (S = store_qk or store_v, the stored width: padding columns are not
+//               written). This fuses the split into heads into the store, so no transpose pass
+//               is needed. The layer's qkv buffer: seq_stride = seq, S = W, row_start 0. A KV
+//               cache (gemm_rows_cache.wgsl): seq_stride = capacity, S = the head width, and
+//               row_start(b) = batch row b's length before the append, read on the GPU.
+//   5  row_len uniform             RowLengths (gemm_rows_cache.wgsl only; see there)
+//
+// A_HEAD_MAJOR false reads A row-major [M, K]; true reads it head-major [b, heads, seq, width]
+// with m = b * seq + t and k = h * width + d (width = width_v): the attention operator's heads,
+// read by the output projection as the concatenated [M, heads * width] without a transpose pass.
+//
+// row_start(b) comes from an include ahead of this file: gemm_rows_packed.wgsl (0) or
+// gemm_rows_cache.wgsl (a KV cache row's length).
 //
 // Tiling (tiles.wgsl): a workgroup of TX x TY invocations owns 8 TY rows by 4 TX NV columns of
 // C; each invocation 8 rows by NV vec4 column groups (tx + TX c), in named registers. Tiles of
@@ -31,6 +44,7 @@ override TY: u32 = 8u;
 override NV: u32 = 2u;
 override TK: u32 = 16u; // a multiple of 4
 override HEAD_SPLIT: bool = false;
+override A_HEAD_MAJOR: bool = false;
 
 struct GemmParams {
     m: u32,
@@ -46,9 +60,9 @@ struct GemmParams {
     width_v: u32,
     k_offset: u32,
     v_offset: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    seq_stride: u32,
+    store_qk: u32,
+    store_v: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: GemmParams;
@@ -63,6 +77,11 @@ var<workgroup> b_tile: array<vec4<f32>, TK * TX * NV>;
 
 fn a_at(m: u32, k: u32) -> f32 {
     if (m < p.m && k < p.k) {
+        if (A_HEAD_MAJOR) {
+            let h = k / p.width_v;
+            let at = ((m / p.seq) * p.heads + h) * p.seq + m % p.seq;
+            return load_a(at * p.width_v + k % p.width_v);
+        }
         return load_a(m * p.k + k);
     }
     return 0.0;
@@ -86,10 +105,12 @@ fn store4(m: u32, n4: u32, v: vec4<f32>) {
         let qk_cols = p.heads * p.width_qk;
         var offset = 0u;
         var width = p.width_qk;
+        var stored = p.store_qk;
         var col = n;
         if (n >= 2u * qk_cols) {
             offset = p.v_offset;
             width = p.width_v;
+            stored = p.store_v;
             col = n - 2u * qk_cols;
         } else if (n >= qk_cols) {
             offset = p.k_offset;
@@ -99,12 +120,12 @@ fn store4(m: u32, n4: u32, v: vec4<f32>) {
         let h = col / width;
         let d = col % width;
         let bt = m / p.seq;
-        let t = m % p.seq;
-        let idx = offset + ((bt * p.heads + h) * p.seq + t) * width + d;
-        store_c(idx, v.x);
-        store_c(idx + 1u, v.y);
-        store_c(idx + 2u, v.z);
-        store_c(idx + 3u, v.w);
+        let t = row_start(bt) + m % p.seq;
+        let idx = offset + ((bt * p.heads + h) * p.seq_stride + t) * stored + d;
+        if (d < stored) { store_c(idx, v.x); }
+        if (d + 1u < stored) { store_c(idx + 1u, v.y); }
+        if (d + 2u < stored) { store_c(idx + 2u, v.z); }
+        if (d + 3u < stored) { store_c(idx + 3u, v.w); }
     } else {
         let idx = m * p.ldc + n;
         if (n < p.n_store) { store_c(idx, v.x); }

@@ -68,6 +68,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cached;
 pub mod ceiling;
 pub mod compare;
 pub mod config;
@@ -88,6 +89,7 @@ pub mod tensor;
 pub mod timing;
 pub mod weights;
 
+pub use cached::{CachedAttention, CachedBindings, CachedIo, CachedLayerConfig};
 pub use compare::{Comparison, Rule, Tolerance, compare, compare_bounded};
 pub use config::{AttentionConfig, FUSED_MAX_HEAD_DIM_V, KernelChoice, OutputProjection};
 pub use context::{AdapterOptions, DeviceLimits, GpuContext, enumerate_adapters};

@@ -272,12 +272,16 @@ fn bench_decode_writes_its_rows_and_ceilings_as_json() {
             "2",
             "--warmup",
             "1",
+            "--layer",
         ])
         .arg("--json")
         .arg(&json)
         .assert()
         .success()
         .stdout(predicate::str::contains("split ms/tok"))
+        .stdout(predicate::str::contains(
+            "cached layer step at kv_len 200 (d_model 32",
+        ))
         .stdout(predicate::str::contains(
             "chunked prefill: 512 queries over 4096 keys",
         ));
@@ -293,7 +297,12 @@ fn bench_decode_writes_its_rows_and_ceilings_as_json() {
     assert_eq!(rows.len(), 2);
     for (row, kv) in rows.iter().zip([64, 200]) {
         assert_eq!(row["kv_len"], kv);
-        for key in ["ms_per_token", "kv_bytes_per_s", "single_pass_ms_per_token"] {
+        for key in [
+            "ms_per_token",
+            "kv_bytes_per_s",
+            "single_pass_ms_per_token",
+            "layer_ms_per_token",
+        ] {
             assert!(row[key].as_f64().unwrap() > 0.0, "{key}: {row}");
         }
         assert_eq!(row["passed"], true);

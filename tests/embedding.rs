@@ -35,22 +35,6 @@ fn layer(rng: &mut Rng) -> (AttentionConfig, AttentionWeights, AttentionInputs) 
     (config, weights, inputs)
 }
 
-/// Copies `buffer` to a mappable one and reads it, the way an application would.
-fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Vec<f32> {
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("app read-back"),
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    queue.submit([encoder.finish()]);
-    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
-    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec()
-}
-
 /// The application's own compute kernel: `dst = src * factor`. Factors that are powers of two
 /// keep every value exact, so the layer's results can be checked through it.
 const APP_SHADER: &str = r#"
@@ -194,7 +178,7 @@ fn records_into_the_apps_encoder_between_the_apps_own_passes() {
         ("first", &first, &results[0]),
         ("second", &second, &results[1]),
     ] {
-        let gpu: Vec<f32> = read(&device, &queue, result)
+        let gpu: Vec<f32> = common::read_buffer(&device, &queue, result)
             .iter()
             .map(|v| v / 4.0)
             .collect();
@@ -212,19 +196,7 @@ fn a_second_call_allocates_nothing() {
     let ctx = &own;
     let (config, weights, inputs) = layer(&mut Rng::new(5));
     let mut plan = AttentionPlan::new(ctx, &config, &weights).unwrap();
-    let counters = || {
-        ctx.device()
-            .poll(wgpu::PollType::wait_indefinitely())
-            .unwrap();
-        let c = ctx.device().get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-            ("bind group layouts", c.bind_group_layouts.read()),
-        ]
-    };
+    let counters = || common::object_counts(ctx.device());
     let first = plan.run(&inputs).unwrap();
     let after_first = counters();
     // Counters must be live: a plan holds buffers and pipelines, so they cannot read zero.

@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::{Rng, ctx, op_ctx};
+use common::{Rng, ctx, op_ctx, repeat_heads};
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionOp, BiasShape, Error, GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo,
-    QkvLayout, Tensor, Tolerance, compare, reference,
+    AttentionOp, BiasShape, Error, GpuContext, KernelChoice, Lengths, OperatorConfig,
+    OperatorInputs, OperatorIo, QkvLayout, Tensor, Tolerance, compare, reference,
 };
 
 fn check(config: &OperatorConfig, inputs: &OperatorInputs, gpu: &Tensor) {
@@ -24,21 +24,6 @@ fn run(config: &OperatorConfig, inputs: &OperatorInputs) -> Tensor {
     let out = op.run(inputs).unwrap();
     check(config, inputs, &out);
     out
-}
-
-/// Repeats each of the `kv_heads` heads of a head-major `[1, kv_heads, n, d]` tensor for the
-/// `heads / kv_heads` query heads it serves.
-fn repeat_heads(t: &Tensor, heads: usize) -> Tensor {
-    let [b, kv_heads, n, d] = t.shape().try_into().unwrap();
-    let group = heads / kv_heads;
-    let mut data = Vec::with_capacity(b * heads * n * d);
-    for bi in 0..b {
-        for h in 0..heads {
-            let at = (bi * kv_heads + h / group) * n * d;
-            data.extend_from_slice(&t.data()[at..at + n * d]);
-        }
-    }
-    Tensor::new([b, heads, n, d], data).unwrap()
 }
 
 #[test]
@@ -398,35 +383,36 @@ fn bad_configurations_and_inputs_are_named_errors() {
     );
 }
 
-/// Reads a buffer back the way an application would.
-fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    queue.submit([encoder.finish()]);
-    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
-    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    let data: Vec<f32> = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
-    data[..len].to_vec()
+#[test]
+fn fused_calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
+    calls_of_other_lengths_allocate_nothing(KernelChoice::Fused, 8);
 }
 
 #[test]
-fn calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
+fn staged_calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
+    calls_of_other_lengths_allocate_nothing(KernelChoice::Staged, 28);
+}
+
+/// Calls of four lengths on the application's own buffers, recorded into one encoder, then the
+/// operator's own runs: after the first round nothing is created, and every output matches the
+/// reference. The staged kernel keeps its intermediates, so each call also copies its scores
+/// aside and normalises them in the one score matrix.
+fn calls_of_other_lengths_allocate_nothing(kernel: KernelChoice, seed: u64) {
     // A device of its own: tests running beside this one must not move its counters.
     let (device, queue) = common::app_device(|_| {});
     let app = GpuContext::from_device(device.clone(), queue.clone());
     let (b, h, kvh, d) = (1, 4, 2, 8);
     let (max_q, max_kv) = (12, 40);
-    let config = OperatorConfig::new(b, h, kvh, d, max_q, max_kv)
+    let mut config = OperatorConfig::new(b, h, kvh, d, max_q, max_kv)
         .causal()
-        .with_key_padding_mask();
+        .with_key_padding_mask()
+        .with_kernel(kernel);
+    if kernel == KernelChoice::Staged {
+        config = config.with_intermediates();
+    }
     let mut op = AttentionOp::new(&app, &config).unwrap();
-    let mut rng = Rng::new(8);
+    assert_eq!(op.kernel(), kernel);
+    let mut rng = Rng::new(seed);
     let storage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
     // Each call's tensors packed at its own lengths, in buffers sized for the maxima.
@@ -486,16 +472,7 @@ fn calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
             .unwrap()
         })
         .collect();
-    let counters = || {
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let c = device.get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-        ]
-    };
+    let counters = || common::object_counts(&device);
     // The buffers made with contents stage them through temporaries that the next submission
     // frees: submit nothing once, so that they are gone before counting.
     queue.submit([]);
@@ -517,7 +494,7 @@ fn calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
         "a call of another length created wgpu objects"
     );
     for ((x, set), &(nq, _)) in inputs.iter().zip(&sets).zip(&calls) {
-        let out = read(&device, &queue, &set[4], b * h * nq * d);
+        let out = common::read_buffer(&device, &queue, &set[4])[..b * h * nq * d].to_vec();
         let gpu = Tensor::new([b, h, nq, d], out).unwrap();
         check(&config, x, &gpu);
     }

@@ -2,16 +2,16 @@
 //! matrix) and the choice between them and the fused kernel: the operator's cases (GQA against
 //! MHA on repeated K/V, cross-attention, end-aligned causal masking, every bias broadcast,
 //! fully masked rows) on the staged kernels, random shapes on both kernels against the f64
-//! reference, the probabilities read back, no allocation when lengths change, and a device with
-//! four storage buffers per stage running the staged kernels where `Auto` picks them.
+//! reference, the probabilities read back, bounded submissions, and a device with four storage
+//! buffers per stage running the staged kernels where `Auto` picks them. (No allocation at
+//! changing lengths is checked for both kernels in tests/operator.rs.)
 
 mod common;
 
-use common::{Rng, ctx};
-use wgpu::util::DeviceExt;
+use common::{Rng, ctx, repeat_heads};
 use wgpu_attention::{
-    AttentionOp, BiasShape, Error, GpuContext, KernelChoice, Lengths, OperatorConfig,
-    OperatorInputs, OperatorIo, QkvLayout, Tensor, Tolerance, compare, reference,
+    AttentionOp, BiasShape, Error, GpuContext, KernelChoice, OperatorConfig, OperatorInputs,
+    QkvLayout, Tensor, Tolerance, compare, reference,
 };
 
 fn staged(config: OperatorConfig) -> OperatorConfig {
@@ -58,20 +58,6 @@ fn run_either(config: &OperatorConfig, inputs: &OperatorInputs) -> Option<Tensor
     let cmp = compare(&out, &cpu, Tolerance::F32).unwrap();
     assert!(cmp.passed(), "{config:?}\n{cmp}");
     Some(out)
-}
-
-/// Repeats each kv head of a head-major `[b, kv_heads, n, d]` tensor for its query heads.
-fn repeat_heads(t: &Tensor, heads: usize) -> Tensor {
-    let [b, kv_heads, n, d] = t.shape().try_into().unwrap();
-    let group = heads / kv_heads;
-    let mut data = Vec::with_capacity(b * heads * n * d);
-    for bi in 0..b {
-        for h in 0..heads {
-            let at = (bi * kv_heads + h / group) * n * d;
-            data.extend_from_slice(&t.data()[at..at + n * d]);
-        }
-    }
-    Tensor::new([b, heads, n, d], data).unwrap()
 }
 
 #[test]
@@ -414,150 +400,6 @@ fn a_score_matrix_past_the_limits_is_a_named_error() {
         "{err}"
     );
     assert!(err.to_string().contains("KernelChoice::Fused"), "{err}");
-}
-
-/// Reads a buffer back the way an application would.
-fn read(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    queue.submit([encoder.finish()]);
-    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
-    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    let data: Vec<f32> = bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec();
-    data[..len].to_vec()
-}
-
-#[test]
-fn staged_calls_of_other_lengths_on_the_apps_buffers_allocate_nothing() {
-    // A device of its own: tests running beside this one must not move its counters.
-    let (device, queue) = common::app_device(|_| {});
-    let app = GpuContext::from_device(device.clone(), queue.clone());
-    let (b, h, kvh, d) = (1, 4, 2, 8);
-    let (max_q, max_kv) = (12, 40);
-    let config = OperatorConfig::new(b, h, kvh, d, max_q, max_kv)
-        .causal()
-        .with_key_padding_mask()
-        .with_intermediates();
-    let mut op = AttentionOp::new(&app, &config).unwrap();
-    assert_eq!(op.kernel(), KernelChoice::Staged);
-    let mut rng = Rng::new(28);
-    let storage =
-        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let calls = [(12, 40), (3, 17), (1, 40), (7, 7)];
-    let inputs: Vec<OperatorInputs> = calls
-        .iter()
-        .map(|&(nq, nk)| {
-            let m = (0..b * nk).map(|j| (j % 5 != 1) as u8 as f32).collect();
-            OperatorInputs::new(
-                rng.tensor(&[b, h, nq, d], 1.0),
-                rng.tensor(&[b, kvh, nk, d], 1.0),
-                rng.tensor(&[b, kvh, nk, d], 1.0),
-            )
-            .with_key_mask(Tensor::new([b, nk], m).unwrap())
-        })
-        .collect();
-    let buffer = |data: &[u8], bytes: usize| {
-        let mut contents = data.to_vec();
-        contents.resize(bytes, 0);
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: &contents,
-            usage: storage,
-        })
-    };
-    let sets: Vec<_> = inputs
-        .iter()
-        .map(|x| {
-            let mask: Vec<u32> = x
-                .key_mask
-                .as_ref()
-                .unwrap()
-                .data()
-                .iter()
-                .map(|&m| m as u32)
-                .collect();
-            [
-                buffer(bytemuck::cast_slice(x.q.data()), b * h * max_q * d * 4),
-                buffer(bytemuck::cast_slice(x.k.data()), b * kvh * max_kv * d * 4),
-                buffer(bytemuck::cast_slice(x.v.data()), b * kvh * max_kv * d * 4),
-                buffer(bytemuck::cast_slice(&mask), b * max_kv * 4),
-                buffer(&[], b * h * max_q * d * 4),
-            ]
-        })
-        .collect();
-    let bindings: Vec<_> = sets
-        .iter()
-        .map(|[q, k, v, m, out]| {
-            op.bind(OperatorIo {
-                q,
-                k,
-                v,
-                key_mask: Some(m),
-                bias: None,
-                out,
-            })
-            .unwrap()
-        })
-        .collect();
-    let counters = || {
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let c = device.get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-        ]
-    };
-    // Buffers made with contents stage through temporaries the next submission frees.
-    queue.submit([]);
-    let before = counters();
-    assert!(
-        before.iter().all(|(_, n)| *n > 0),
-        "counters are not counting: {before:?}"
-    );
-    // Every call of every length recorded into one encoder (each copying its scores aside and
-    // normalising them in the one score matrix), one submission.
-    let mut encoder = device.create_command_encoder(&Default::default());
-    for (&(q_len, kv_len), bind) in calls.iter().zip(&bindings) {
-        op.encode(&mut encoder, bind, Lengths { q_len, kv_len })
-            .unwrap();
-    }
-    queue.submit([encoder.finish()]);
-    assert_eq!(
-        counters(),
-        before,
-        "a call of another length created wgpu objects"
-    );
-    for ((x, set), &(nq, _)) in inputs.iter().zip(&sets).zip(&calls) {
-        let out = read(&device, &queue, &set[4], b * h * nq * d);
-        let gpu = Tensor::new([b, h, nq, d], out).unwrap();
-        let cmp = compare(
-            &gpu,
-            &reference::operator(&config, x).unwrap(),
-            Tolerance::F32,
-        )
-        .unwrap();
-        assert!(cmp.passed(), "{cmp}");
-    }
-    // The operator's own run at changing lengths: after one round (which fills the upload
-    // belt), further rounds create nothing either.
-    let first: Vec<Tensor> = inputs.iter().map(|x| op.run(x).unwrap()).collect();
-    let after_first = counters();
-    for (x, expected) in inputs.iter().zip(&first) {
-        assert_eq!(&op.run(x).unwrap(), expected, "same inputs, same bits");
-    }
-    assert_eq!(
-        counters(),
-        after_first,
-        "a run of another length created wgpu objects"
-    );
 }
 
 #[test]

@@ -8,8 +8,9 @@ use clap::Args;
 use serde::Serialize;
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
-    AttentionOp, DeviceLimits, GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo,
-    OperatorPath, Random, Tensor, Tolerance, ceiling, compare, reference,
+    AttentionOp, AttentionWeights, CachedAttention, CachedIo, CachedLayerConfig, DeviceLimits,
+    GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, Random, Tensor,
+    Tolerance, ceiling, compare, reference,
 };
 
 use super::bench::BenchArgs;
@@ -33,6 +34,11 @@ pub struct DecodeArgs {
     /// Skip the chunked-prefill row of `--decode`.
     #[arg(long)]
     pub no_prefill: bool,
+    /// Also time the whole cached layer's step at each `--kv-len` of `--decode`
+    /// (CachedAttention: the projections writing K and V into the cache, split-K decode, the
+    /// output projection; d_model = heads x head_dim).
+    #[arg(long)]
+    pub layer: bool,
 }
 
 fn positive(s: &str) -> Result<usize, String> {
@@ -62,6 +68,9 @@ pub struct DecodeRow {
     pub max_abs_error: f64,
     /// Whether split-K passed the f32 tolerance against the reference.
     pub passed: bool,
+    /// With `--layer`: the whole cached layer's step, median milliseconds per token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_ms_per_token: Option<f64>,
 }
 
 /// The chunked-prefill row: `q_len` new tokens over `kv_len` keys, causal, as `Auto` runs it.
@@ -185,6 +194,58 @@ fn time_op(
     Ok(median(samples))
 }
 
+/// Median seconds of one step of one token of a cached layer (d_model = heads x head_dim,
+/// output projection, random weights) whose rows hold `kv - 1` tokens: each timed submission
+/// resets the lengths, then runs the step. Its results are checked by tests/cached_layer.rs,
+/// not here (the reference of a 4096-token layer forward is minutes of f64 on the CPU).
+fn time_layer(
+    ctx: &GpuContext,
+    rng: &mut Random,
+    (batch, heads, kv_heads, d): (usize, usize, usize, usize),
+    kv: usize,
+    warmup: usize,
+    repeats: u32,
+) -> Result<f64, CliError> {
+    let d_model = heads * d;
+    let config = CachedLayerConfig::new(batch, d_model, heads, kv_heads, d, kv, 1)
+        .with_output_projection(d_model);
+    let s = 1.0 / (d_model as f32).sqrt();
+    let weights = AttentionWeights::new(
+        rng.tensor([d_model, heads * d], s)?,
+        rng.tensor([d_model, kv_heads * d], s)?,
+        rng.tensor([d_model, kv_heads * d], s)?,
+    )
+    .with_output_projection(rng.tensor([heads * d, d_model], s)?, None);
+    let mut layer = CachedAttention::new(ctx, &config, &weights)?;
+    let (x, output) = layer.io_buffers();
+    ctx.queue().write_buffer(
+        &x,
+        0,
+        bytemuck::cast_slice(rng.tensor([batch, d_model], 1.0)?.data()),
+    );
+    let bindings = layer.bind(CachedIo {
+        x: &x,
+        output: &output,
+    })?;
+    let (device, queue) = (ctx.device(), ctx.queue());
+    let before = vec![kv - 1; batch];
+    let mut samples = Vec::new();
+    for r in 0..warmup + repeats as usize {
+        let start = Instant::now();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        layer.cache_mut().set_lengths(&mut encoder, &before)?;
+        layer.encode_step(&mut encoder, &bindings, 1)?;
+        queue.submit([encoder.finish()]);
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(wgpu_attention::Error::from)?;
+        if r >= warmup {
+            samples.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(samples))
+}
+
 pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
     let ctx = adapter.context(DeviceLimits::Adapter)?;
     let info = ctx.adapter_info().clone();
@@ -227,6 +288,13 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
         let gpu = check.run(&inputs)?;
         let cpu = reference::operator(&base, &inputs)?;
         let cmp = compare(&gpu, &cpu, Tolerance::F32)?;
+        let layer_ms_per_token = if args.decode.layer {
+            let shape = (batch, heads, kv_heads, d);
+            let t = time_layer(&ctx, &mut rng, shape, kv, args.warmup, args.repeats)?;
+            Some(t * 1e3)
+        } else {
+            None
+        };
         rows.push(DecodeRow {
             kv_len: kv,
             ms_per_token: t_split * 1e3,
@@ -236,6 +304,7 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
             single_pass_kv_bytes_per_s: kv_bytes(kv) as f64 / t_single,
             max_abs_error: cmp.max_abs,
             passed: cmp.passed(),
+            layer_ms_per_token,
         });
     }
     let chunked_prefill = if args.decode.no_prefill {
@@ -343,6 +412,15 @@ fn print_table(r: &DecodeReport) {
             gb(row.single_pass_kv_bytes_per_s),
             row.single_pass_ms_per_token / row.ms_per_token,
             row.max_abs_error
+        );
+    }
+    for row in r.decode.iter().filter(|r| r.layer_ms_per_token.is_some()) {
+        println!(
+            "cached layer step at kv_len {} (d_model {}: projections into the cache, split-K \
+             decode, output projection): {:.3} ms per token",
+            row.kv_len,
+            r.heads * r.head_dim,
+            row.layer_ms_per_token.unwrap_or(0.0)
         );
     }
     if let Some(p) = &r.chunked_prefill {

@@ -33,6 +33,10 @@ pub(crate) use submit::{Piece, Work, submissions};
 pub enum Kernel {
     /// `gemm.wgsl`: projection GEMM with bias, its storage in f32 or f16 (f32 arithmetic).
     Gemm(Precision),
+    /// `gemm.wgsl` storing K or V straight into a KV cache, each batch row's new tokens from
+    /// its current length, read from the cache's table of row lengths (binding 5): the cached
+    /// layer's projection.
+    GemmCache(Precision),
     /// `scores.wgsl`: the staged path's unscaled `Q K^T`.
     Scores,
     /// `softmax.wgsl`: the staged path's scaled, biased, masked, stable row softmax in place.
@@ -166,6 +170,8 @@ impl Kernel {
         let mut all = vec![
             Kernel::Gemm(Precision::F32),
             Kernel::Gemm(Precision::F16),
+            Kernel::GemmCache(Precision::F32),
+            Kernel::GemmCache(Precision::F16),
             Kernel::Scores,
             Kernel::Softmax,
             Kernel::WeightedSum,
@@ -184,7 +190,7 @@ impl Kernel {
     /// The file name under `shaders/`.
     pub fn file_name(self) -> &'static str {
         match self {
-            Kernel::Gemm(_) => "gemm.wgsl",
+            Kernel::Gemm(_) | Kernel::GemmCache(_) => "gemm.wgsl",
             Kernel::Scores => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
             Kernel::WeightedSum => "weighted_sum.wgsl",
@@ -214,6 +220,7 @@ impl Kernel {
                 if io.bias { "bias" } else { "no bias" },
                 if io.lse { ", saving lse" } else { "" },
             ),
+            Kernel::GemmCache(_) => format!("{} (into a KV cache)", self.file_name()),
             Kernel::DecodeSplit { mask } => format!(
                 "{} ({})",
                 self.file_name(),
@@ -231,7 +238,7 @@ impl Kernel {
     /// and writes (f32 arithmetic either way). The staged kernels store f32 only.
     pub fn precision(self) -> Precision {
         match self {
-            Kernel::Gemm(precision) => precision,
+            Kernel::Gemm(precision) | Kernel::GemmCache(precision) => precision,
             Kernel::Fused(io) => io.precision,
             _ => Precision::F32,
         }
@@ -302,8 +309,18 @@ impl Kernel {
             Precision::F16 => vec!["f16.wgsl", "dispatch.wgsl"],
         };
         match self {
-            Kernel::Gemm(Precision::F32) => files.extend(["tiles.wgsl", "gemm_io_f32.wgsl"]),
-            Kernel::Gemm(Precision::F16) => files.extend(["tiles.wgsl", "gemm_io_f16.wgsl"]),
+            Kernel::Gemm(p) | Kernel::GemmCache(p) => files.extend([
+                "tiles.wgsl",
+                match p {
+                    Precision::F32 => "gemm_io_f32.wgsl",
+                    Precision::F16 => "gemm_io_f16.wgsl",
+                },
+                if let Kernel::GemmCache(_) = self {
+                    "gemm_rows_cache.wgsl"
+                } else {
+                    "gemm_rows_packed.wgsl"
+                },
+            ]),
             Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl", "staged_io.wgsl"]),
             Kernel::Softmax => files.extend(["staged_io.wgsl"]),
             Kernel::WeightedSum => files.extend(["tiles.wgsl", "staged_io.wgsl"]),
@@ -328,7 +345,7 @@ impl Kernel {
     #[doc(hidden)]
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
-            Kernel::Gemm(_) => &gemm::GemmParams::LAYOUT,
+            Kernel::Gemm(_) | Kernel::GemmCache(_) => &gemm::GemmParams::LAYOUT,
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
             // The backward reads the forward's parameters (the same buffer).
             Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
@@ -370,7 +387,7 @@ impl Kernel {
     pub fn bindings(self) -> Vec<Binding> {
         use Access::*;
         let storage: Vec<(u32, Access)> = match self {
-            Kernel::Gemm(_) => numbered(&[Read, Read, Read, ReadWrite]),
+            Kernel::Gemm(_) | Kernel::GemmCache(_) => numbered(&[Read, Read, Read, ReadWrite]),
             // q, k, scores.
             Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
             // key_mask, bias, scores in and probabilities out.
@@ -420,7 +437,7 @@ impl Kernel {
             Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
             Kernel::DecodeCombine => 3..4,
-            Kernel::Gemm(_) | Kernel::StreamRead => 0..0,
+            Kernel::Gemm(_) | Kernel::GemmCache(_) | Kernel::StreamRead => 0..0,
             Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 after_storage..after_storage + 2
             }
@@ -432,9 +449,14 @@ impl Kernel {
                 ..Binding::uniform(binding, &fused::Len::LAYOUT)
             }));
         }
-        if let Kernel::DecodeSplit { .. } = self {
+        match self {
             // Each batch row's key count.
-            bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT));
+            Kernel::DecodeSplit { .. } => {
+                bindings.push(Binding::uniform(8, &decode::RowLengths::LAYOUT))
+            }
+            // Each batch row's length in the cache, where its new tokens go.
+            Kernel::GemmCache(_) => bindings.push(Binding::uniform(5, &decode::RowLengths::LAYOUT)),
+            _ => {}
         }
         bindings.push(CHUNK_BINDING);
         bindings
@@ -478,6 +500,8 @@ fn shader_file(name: &str) -> &'static str {
         "staged_io.wgsl",
         "gemm_io_f32.wgsl",
         "gemm_io_f16.wgsl",
+        "gemm_rows_packed.wgsl",
+        "gemm_rows_cache.wgsl",
         "gemm.wgsl",
         "scores.wgsl",
         "softmax.wgsl",

@@ -35,6 +35,7 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
         .flat_map(|kernel| {
             let sets = match kernel {
                 Kernel::Gemm(_) => super::gemm::override_sets(limits),
+                Kernel::GemmCache(_) => super::gemm::cache_override_sets(limits),
                 Kernel::Scores => super::staged::score_override_sets(limits),
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
                 Kernel::WeightedSum => super::staged::sum_override_sets(limits),
@@ -147,11 +148,11 @@ mod tests {
                 for n in odd4 {
                     has(
                         Kernel::Gemm(Precision::F32),
-                        gemm::overrides(gemm::tiles(seq, n, &limits), true),
+                        gemm::overrides(gemm::tiles(seq, n, &limits), true, false),
                     );
                     has(
                         Kernel::Gemm(Precision::F16),
-                        gemm::overrides(gemm::tiles(seq, n, &limits), false),
+                        gemm::overrides(gemm::tiles(seq, n, &limits), false, false),
                     );
                     has(
                         Kernel::Softmax,

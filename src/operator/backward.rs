@@ -43,8 +43,9 @@ use crate::kernels::backward::{self, BackwardTiles, PREP_ROWS};
 use crate::kernels::{Kernel, Pipeline, fold_grid};
 use crate::tensor::{Tensor, unravel};
 
-use super::config::{OperatorConfig, OperatorInputs};
+use super::config::OperatorConfig;
 use super::core::Core;
+use super::inputs::OperatorInputs;
 use super::{AttentionOp, Lengths};
 
 /// The gradients of a loss with respect to the operator's Q, K and V, each shaped (and laid

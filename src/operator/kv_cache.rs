@@ -259,7 +259,7 @@ impl KvCache {
     }
 
     /// Checks that every row can take `tokens` more.
-    fn check_room(&self, tokens: usize) -> Result<()> {
+    pub(crate) fn check_room(&self, tokens: usize) -> Result<()> {
         for (row, &len) in self.lens.iter().enumerate() {
             if len + tokens > self.capacity {
                 return Err(Error::KvCacheFull {
@@ -387,7 +387,9 @@ impl KvCache {
         self.belt.recall();
     }
 
-    fn advance(&mut self, encoder: &mut wgpu::CommandEncoder, tokens: usize) {
+    /// Records the lengths' advance by `tokens` (written by the caller, whose commands come
+    /// first in `encoder`: the cached layer's projection writes K and V straight in).
+    pub(crate) fn advance(&mut self, encoder: &mut wgpu::CommandEncoder, tokens: usize) {
         for len in &mut self.lens {
             *len += tokens;
         }

@@ -48,6 +48,7 @@ mod combine;
 mod config;
 mod core;
 mod decode;
+mod inputs;
 mod kv_cache;
 mod lengths;
 mod memory;
@@ -56,9 +57,8 @@ mod tune;
 
 pub use backward::{BackwardBindings, BackwardIo, OperatorGrads};
 pub use combine::{CombineBindings, CombinePartials};
-pub use config::{
-    BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorInputs, OperatorPath, QkvLayout,
-};
+pub use config::{BiasShape, DECODE_MAX_Q_LEN, Lengths, OperatorConfig, OperatorPath, QkvLayout};
+pub use inputs::OperatorInputs;
 pub use kv_cache::KvCache;
 
 use self::core::LengthTable;

@@ -374,11 +374,13 @@ pub fn output_rows(
 
 mod backward;
 mod bound;
+mod cached_layer;
 mod layer_backward;
 mod operator;
 
 pub use backward::{EMPTY_ROW_LSE, OperatorGrads, operator_backward, operator_lse};
 pub use bound::{error_bound, operator_error_bound, output_row_bounds};
+pub use cached_layer::cached_layer;
 pub use layer_backward::{LayerGrads, layer_backward};
 pub use operator::{cache_step, operator, operator_probs};
 

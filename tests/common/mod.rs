@@ -156,6 +156,51 @@ pub fn app_device(adjust: impl FnOnce(&mut wgpu::Limits)) -> (wgpu::Device, wgpu
     .expect("a device")
 }
 
+/// Copies `buffer` to a mappable one and reads it as f32, the way an application would.
+pub fn read_buffer(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer) -> Vec<f32> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("app read-back"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    queue.submit([encoder.finish()]);
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.unwrap());
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    bytemuck::cast_slice(&staging.get_mapped_range(..).unwrap()).to_vec()
+}
+
+/// The wgpu objects a device has made so far (after waiting for its work), by kind: what the
+/// no-allocation tests compare before and after a call.
+pub fn object_counts(device: &wgpu::Device) -> [(&'static str, isize); 5] {
+    device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let c = device.get_internal_counters().hal;
+    [
+        ("buffers", c.buffers.read()),
+        ("bind groups", c.bind_groups.read()),
+        ("compute pipelines", c.compute_pipelines.read()),
+        ("shader modules", c.shader_modules.read()),
+        ("bind group layouts", c.bind_group_layouts.read()),
+    ]
+}
+
+/// Repeats each of the `kv_heads` heads of a head-major `[b, kv_heads, n, d]` tensor for the
+/// `heads / kv_heads` query heads it serves: the MHA equivalent of a GQA call.
+pub fn repeat_heads(t: &Tensor, heads: usize) -> Tensor {
+    let [b, kv_heads, n, d] = t.shape().try_into().unwrap();
+    let group = heads / kv_heads;
+    let mut data = Vec::with_capacity(b * heads * n * d);
+    for bi in 0..b {
+        for h in 0..heads {
+            let at = (bi * kv_heads + h / group) * n * d;
+            data.extend_from_slice(&t.data()[at..at + n * d]);
+        }
+    }
+    Tensor::new([b, heads, n, d], data).unwrap()
+}
+
 pub fn t(shape: &[usize], data: &[f32]) -> Tensor {
     Tensor::new(shape.to_vec(), data.to_vec()).unwrap()
 }
