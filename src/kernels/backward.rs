@@ -44,7 +44,7 @@ impl BackwardTiles {
 
     /// Tiles for heads `dp` (queries, keys) and `dvp` (values) wide, padded to multiples of
     /// 4: enough invocations per row (a power of two) that each holds at most 4 vec4 columns
-    /// (8 past 128 columns), rounded up to a power of two, then the most owned rows (up to 16)
+    /// (8 past 128 columns), rounded up to a power of two, then the most owned rows (up to 32)
     /// and walked rows (up to twice as many, 8 per invocation of a row, and 32) that fit the
     /// device's limits. Powers of two throughout
     /// and no dependence on the lengths keep the specialisations few (a handful per device),
@@ -64,7 +64,7 @@ impl BackwardTiles {
         let ds = w4.div_ceil(4).next_power_of_two().clamp(1, MAX_DS);
         let nc = w4.div_ceil(ds).max(1).next_power_of_two();
         let mut smallest = u32::MAX;
-        let mut bo = 16;
+        let mut bo = 32;
         while bo >= 1 {
             // The most walked rows per step the memory allows, up to 8 per invocation of a
             // row (the kernels' score registers) and twice the owned rows: every step ends in
