@@ -4,6 +4,7 @@
 //     M = max_s m_s,   w_s = exp(|scale| (m_s - M)),
 //     out[b, h, i, :] = sum_s w_s o_s / sum_s w_s l_s
 // over the splits with a key (m_s > LOWEST); a query with no key in any split gets zeros.
+// The partials are f32 whatever the storage precision; only the output's store differs.
 // m is in unscaled score units (the maximum of sign(scale) · Q·K, see decode_split.wgsl), so
 // |scale| is applied to differences only and no finite scale overflows.
 //
@@ -11,8 +12,10 @@
 //   0  p         uniform             CombineParams, below
 //   1  partials  storage, read       vec4 [batch, heads, q_len, splits, 1 + dvp4]: per entry
 //                                    (m, l, 0, 0) then o in dvp4 vec4
-//   2  out       storage, read_write f32 out [b, h, i, d] at o_offset + b (sb n + sbc)
-//                                    + h (sh n + shc) + i si + d, n = q_len
+//   2  out       storage, read_write out [b, h, i, d] at o_offset + b (sb n + sbc)
+//                                    + h (sh n + shc) + i si + d, n = q_len, written through
+//                                    store_out: f32, or f16 rounded once as it is stored
+//                                    (decode_io_out.wgsl or decode_io_out_f16.wgsl)
 //   3  lq        uniform, dynamic    Len: q_len
 //
 // One invocation per output vec4 (b, h, i, c4), WG per workgroup; each reads the splits' (m, l)
@@ -48,7 +51,6 @@ struct Len {
 
 @group(0) @binding(0) var<uniform> p: CombineParams;
 @group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<uniform> lq: Len;
 
 // exp(|scale| d) for d <= 0 (as decode_split.wgsl's).
@@ -95,7 +97,7 @@ fn main(
     let base = p.o_offset + b * (p.o_sb * q_len + p.o_sbc) + h * (p.o_sh * q_len + p.o_shc) + i * p.o_si;
     for (var e = 0u; e < 4u; e++) {
         if (4u * c4 + e < p.head_dim_v) {
-            out[base + 4u * c4 + e] = x[e];
+            store_out(base + 4u * c4 + e, x[e]);
         }
     }
 }

@@ -18,10 +18,12 @@
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p         uniform             DecodeParams, below
-//   1  q         storage, read       f32 read as vec4, Q [b, h, i, d] at q_offset + b (sb n + sbc)
-//                                    + h (sh n + shc) + i si + d, n = q_len (as fused_attention)
-//   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len
-//   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len
+//   1  q         storage, read       Q [b, h, i, d] at q_offset + b (sb n + sbc) + h (sh n + shc)
+//                                    + i si + d, n = q_len (as fused_attention), read as vec4
+//                                    through q_at: f32, or f16 widened to f32 as it is loaded
+//                                    (fused_io_qkv.wgsl or fused_io_qkv_f16.wgsl, by precision)
+//   2  k         storage, read       as q: K [b, kh, j, d], n = kv_len (k_at)
+//   3  v         storage, read       as q: V [b, kh, j, d], n = kv_len (v_at)
 //   4  key_mask  storage, read       u32 [batch, kv_len], 0 = padding (the mask variant only)
 //   5  partials  storage, read_write  vec4 [batch, heads, q_len, splits, 1 + dvp4]: per entry
 //                                    (m, l, 0, 0) then o in dvp4 vec4 (dvp4 = ceil(head_dim_v/4))
@@ -44,6 +46,8 @@
 //      · n (lanes = WG / dvp4 invocations share a column): each V vec4 is loaded once and feeds
 //      every row; consecutive invocations read consecutive vec4 of a value row.
 // At the end the lanes' outputs are summed through workgroup memory and written unnormalised.
+// With f16 storage only the loads change: scores, maxima, sums and outputs are f32 here, and so
+// are the partials, so no score can overflow f16's 65504.
 
 override WG: u32 = 128u;   // invocations; keys per block; at least dvp4
 override ROWS: u32 = 16u;  // packed query rows per workgroup, at most MAX_ROWS
@@ -102,9 +106,6 @@ struct Len {
 }
 
 @group(0) @binding(0) var<uniform> p: DecodeParams;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> partials: array<vec4<f32>>;
 @group(0) @binding(6) var<uniform> lq: Len;
 @group(0) @binding(7) var<uniform> lkv: Len;
@@ -140,21 +141,21 @@ fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
 
 // Four elements from element e on: one vec4 load when e is a multiple of 4, two otherwise.
 fn q4(e: u32) -> vec4<f32> {
-    let a = q[e / 4u];
+    let a = q_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, q[e / 4u + 1u], e % 4u);
+    return shifted(a, q_at(e / 4u + 1u), e % 4u);
 }
 
 fn k4(e: u32) -> vec4<f32> {
-    let a = k[e / 4u];
+    let a = k_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, k[e / 4u + 1u], e % 4u);
+    return shifted(a, k_at(e / 4u + 1u), e % 4u);
 }
 
 fn v4(e: u32) -> vec4<f32> {
-    let a = v[e / 4u];
+    let a = v_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, v[e / 4u + 1u], e % 4u);
+    return shifted(a, v_at(e / 4u + 1u), e % 4u);
 }
 
 // exp(|scale| d) for a difference d <= 0 of unscaled scores, through exp2, the scale applied

@@ -1,4 +1,4 @@
-// Contract: included ahead of fused_attention.wgsl, which reads Q, K and V only through q_at, k_at and v_at; binds 1 q, 2 k, 3 v; f16.wgsl comes first in the module.
+// Contract: included ahead of fused_attention.wgsl or decode_split.wgsl, which read Q, K and V only through q_at, k_at and v_at; binds 1 q, 2 k, 3 v; f16.wgsl comes first in the module.
 //
 // Not a kernel: fused_io_qkv.wgsl (Q, K and V in three buffers, the operator's, a KV cache) in
 // f16 storage (Precision::F16). Each vec4 is widened to f32 as it is loaded, so the kernel's

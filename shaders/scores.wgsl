@@ -10,9 +10,11 @@
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p    uniform             StagedParams (staged_io.wgsl)
-//   1  q    storage, read       f32 read as vec4 (size a multiple of 16 bytes), Q [b, h, i, d]
-//                               at q_offset + b (sb n + sbc) + h (sh n + shc) + i si + d, n = q_len
-//   2  k    storage, read       as q: K [b, kh, j, d], n = kv_len
+//   1  q    storage, read       read as vec4 through q_at (staged_io_qk.wgsl: f32, size a
+//                               multiple of 16 bytes; staged_io_qk_f16.wgsl: f16 widened to
+//                               f32 as it is loaded), Q [b, h, i, d] at q_offset + b (sb n +
+//                               sbc) + h (sh n + shc) + i si + d, n = q_len
+//   2  k    storage, read       as q (k_at): K [b, kh, j, d], n = kv_len
 //   3  s    storage, read_write f32 [batch, heads, q_len, kvp] (kvp = kv_len padded to 4)
 //   4  lq   uniform, dynamic    Len: q_len
 //   5  lkv  uniform, dynamic    Len: kv_len
@@ -29,8 +31,6 @@ override DK: u32 = 16u; // a multiple of 4
 override NV: u32 = 1u;  // tiles.wgsl's row helpers need it; the scores use none
 
 @group(0) @binding(0) var<uniform> p: StagedParams;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> s: array<f32>;
 @group(0) @binding(4) var<uniform> lq: Len;
 @group(0) @binding(5) var<uniform> lkv: Len;
@@ -41,15 +41,15 @@ var<workgroup> stage: array<vec4<f32>, (8u * TY + 8u * TX) * (DK / 4u + 1u)>;
 // The four elements from element e on, each read as vec4: one load when e is a multiple of 4
 // (every layer and every app tensor whose widths, strides and offsets are), two otherwise.
 fn q4(e: u32) -> vec4<f32> {
-    let a = q[e / 4u];
+    let a = q_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, q[e / 4u + 1u], e % 4u);
+    return shifted(a, q_at(e / 4u + 1u), e % 4u);
 }
 
 fn k4(e: u32) -> vec4<f32> {
-    let a = k[e / 4u];
+    let a = k_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, k[e / 4u + 1u], e % 4u);
+    return shifted(a, k_at(e / 4u + 1u), e % 4u);
 }
 
 // vec4 d4 of packed row r's query (score_tile.wgsl): zero past the rows and head_dim.

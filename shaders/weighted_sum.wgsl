@@ -9,10 +9,12 @@
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
 //   0  p      uniform             StagedParams (staged_io.wgsl)
 //   1  probs  storage, read       vec4<f32> [batch, heads, q_len, kvp / 4]
-//   2  v      storage, read       f32 read as vec4 (size a multiple of 16 bytes), V [b, kh, j, d]
-//                                 at v_offset + b (sb n + sbc) + kh (sh n + shc) + j si + d,
-//                                 n = kv_len
-//   3  out    storage, read_write f32 out [b, h, i, d], strides as for V with n = q_len
+//   2  v      storage, read       read as vec4 through v_at (staged_io_v_out.wgsl: f32, size a
+//                                 multiple of 16 bytes; staged_io_v_out_f16.wgsl: f16 widened
+//                                 to f32), V [b, kh, j, d] at v_offset + b (sb n + sbc) + kh
+//                                 (sh n + shc) + j si + d, n = kv_len
+//   3  out    storage, read_write out [b, h, i, d], strides as for V with n = q_len, written
+//                                 through store_out (f32, or f16 rounded once as stored)
 //   4  lq     uniform, dynamic    Len: q_len
 //   5  lkv    uniform, dynamic    Len: kv_len
 //
@@ -29,8 +31,6 @@ override TK: u32 = 16u; // a multiple of 4
 
 @group(0) @binding(0) var<uniform> p: StagedParams;
 @group(0) @binding(1) var<storage, read> probs: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> lq: Len;
 @group(0) @binding(5) var<uniform> lkv: Len;
 
@@ -40,9 +40,9 @@ var<workgroup> p_tile: array<vec4<f32>, 8u * TY * (TK / 4u + 1u)>;
 var<workgroup> v_tile: array<vec4<f32>, TK * TX * NV>;
 
 fn v4(e: u32) -> vec4<f32> {
-    let a = v[e / 4u];
+    let a = v_at(e / 4u);
     if (e % 4u == 0u) { return a; }
-    return shifted(a, v[e / 4u + 1u], e % 4u);
+    return shifted(a, v_at(e / 4u + 1u), e % 4u);
 }
 
 fn v_row(kk: u32, tx: u32) -> Row {
@@ -67,7 +67,7 @@ fn store_row(mat: u32, r: u32, g0: u32, tx: u32, x: Row) {
         let d0 = 4u * (g0 + tx + TX * c);
         for (var e = 0u; e < 4u; e++) {
             if (d0 + e < p.head_dim_v) {
-                out[base + d0 + e] = x4[e];
+                store_out(base + d0 + e, x4[e]);
             }
         }
     }

@@ -170,15 +170,15 @@ pub enum Error {
         adapter: String,
     },
 
-    /// f16 storage was asked for where other kernels than the fused one would run (the staged
-    /// kernels, split-K decode): they store in f32 only, and f16 runs on the fused kernel.
+    /// f16 storage was asked for where kernels that store f32 only would run: the backward
+    /// (an operator with gradients). The forward kernels (fused, staged, split-K decode) all
+    /// have f16 storage.
     #[error(
-        "f16 precision runs on the fused kernel only, but {why}: use f32 precision, or the \
-         fused kernel (no intermediates, value heads at most 256 wide, a device with 6 storage \
-         buffers per stage)"
+        "f16 precision runs on the forward kernels only, but {why}: use f32 precision, or \
+         drop the gradients"
     )]
     F16NeedsFused {
-        /// Why the staged kernels would run.
+        /// Why an f32-only kernel would run.
         why: String,
     },
 

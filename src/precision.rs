@@ -6,6 +6,11 @@
 //! softmax's running maximum and sum, its exponentials and the output accumulator. A score is
 //! therefore never rounded to f16 and cannot overflow its 65504, whatever the scale.
 //!
+//! Every forward kernel has f16 storage: the GEMM, the fused kernel, the staged kernels (whose
+//! score and probability matrices stay f32), split-K decode (whose partials stay f32) and the
+//! KV cache ([`crate::KvCache::with_precision`]). The backward stores f32 only: an f16
+//! operator with gradients is [`Error::F16NeedsFused`].
+//!
 //! Values are rounded to f16 once, on the host, when they are uploaded (round to nearest, ties to
 //! even, as `half` does it). A finite value past f16's range would become an infinity there; it is
 //! refused instead, naming the tensor and the index ([`Error::OutsideF16Range`]). bf16 data (the

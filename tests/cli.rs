@@ -311,6 +311,61 @@ fn bench_decode_writes_its_rows_and_ceilings_as_json() {
     assert!(report["chunked_prefill"]["ms"].as_f64().unwrap() > 0.0);
 }
 
+#[test]
+fn bench_decode_in_both_precisions_gives_f16_rows_their_time_ratio() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("d.json");
+    let run = program()
+        .args([
+            "bench",
+            "--decode",
+            "--precision",
+            "both",
+            "--kv-len",
+            "64",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "8",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-prefill",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .assert();
+    if !has_f16() {
+        run.failure()
+            .stderr(predicate::str::contains("lacks shader-f16"));
+        return;
+    }
+    run.success().stdout(predicate::str::contains("f16/f32"));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["decode"].as_array().unwrap();
+    let precisions: Vec<&str> = rows
+        .iter()
+        .map(|r| r["precision"].as_str().unwrap())
+        .collect();
+    assert_eq!(precisions, ["f32", "f16"]);
+    for row in rows {
+        assert_eq!(
+            (row["kv_len"].clone(), row["passed"].clone()),
+            (64.into(), true.into())
+        );
+        assert!(row["kv_bytes_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(rows[0]["f16_f32_time_ratio"].is_null());
+    // The ratio is of the two rows' own times.
+    let ratio = rows[1]["f16_f32_time_ratio"].as_f64().unwrap();
+    let want =
+        rows[1]["ms_per_token"].as_f64().unwrap() / rows[0]["ms_per_token"].as_f64().unwrap();
+    assert!((ratio - want).abs() <= 1e-9 * want, "{ratio} {want}");
+}
+
 /// Whether this machine's adapter runs f16 storage; without shader-f16 the f16 commands must
 /// fail with the named error instead.
 fn has_f16() -> bool {

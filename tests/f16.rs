@@ -240,7 +240,7 @@ fn layer_in_f16_is_within_the_f16_bound() {
 }
 
 /// What f16 cannot take is refused by name: a value past 65504 (naming the tensor and index),
-/// the staged kernels, and, on a device without shader-f16, f16 itself.
+/// gradients (the backward stores f32), and, on a device without shader-f16, f16 itself.
 #[test]
 fn f16_refusals_are_named() {
     let ctx = ctx();
@@ -289,30 +289,13 @@ fn f16_refusals_are_named() {
         }
         other => panic!("expected NonFiniteOutput, got {other:?}"),
     }
-    for staged in [
-        config.clone().with_kernel(KernelChoice::Staged),
-        config.clone().with_intermediates(),
-    ] {
-        match AttentionPlan::new(ctx, &staged, &fine) {
-            Err(e @ Error::F16NeedsFused { .. }) => {
-                assert!(e.to_string().contains("fused kernel only"), "{e}")
-            }
-            other => panic!("expected F16NeedsFused, got {other:?}"),
-        }
-    }
-    // Split-K decode stores f32: asked for by name in f16, it is refused by name.
-    let split = OperatorConfig::new(1, 2, 1, 8, 1, 64)
-        .with_precision(Precision::F16)
-        .with_path(wgpu_attention::OperatorPath::SplitK);
-    match AttentionOp::new(ctx, &split) {
-        Err(e @ Error::F16NeedsFused { .. }) => assert!(e.to_string().contains("split-K"), "{e}"),
-        other => panic!("expected F16NeedsFused, got {other:?}"),
-    }
-    // So is the backward.
+    // Split-K decode has f16 storage (tests/f16_decode.rs); the backward does not.
     let mut grads = OperatorConfig::new(1, 1, 1, 4, 2, 2).with_precision(Precision::F16);
     grads.gradients = true;
     match AttentionOp::new(ctx, &grads) {
-        Err(e @ Error::F16NeedsFused { .. }) => assert!(e.to_string().contains("backward"), "{e}"),
+        Err(e @ Error::F16NeedsFused { .. }) => {
+            assert!(e.to_string().contains("backward"), "{e}")
+        }
         other => panic!("expected F16NeedsFused, got {other:?}"),
     }
     let op_config = OperatorConfig::new(1, 1, 1, 4, 2, 2).with_precision(Precision::F16);
@@ -378,4 +361,106 @@ fn a_second_f16_call_allocates_nothing() {
             "a repeated f16 call created wgpu objects"
         );
     }
+}
+
+/// The staged kernels in f16 storage (Q, K, V and the output f16; scores and probabilities
+/// f32): the operator (GQA, causal, key mask, per-head bias, unaligned head widths) and the layer,
+/// each chosen by name and with intermediates kept, within the f16 bound; the kept
+/// probabilities (f32) within the f32 tolerance of the reference's on the f16-rounded inputs.
+#[test]
+fn staged_kernels_in_f16_are_within_the_f16_bound() {
+    let ctx = ctx();
+    let base = OperatorConfig::new(2, 4, 2, 6, 5, 33)
+        .with_head_dim_v(10)
+        .causal()
+        .with_key_padding_mask()
+        .with_bias(BiasShape {
+            per_batch: false,
+            per_head: true,
+        })
+        .with_precision(Precision::F16);
+    if !f16_here(ctx) {
+        return assert_no_shader_f16(AttentionOp::new(
+            ctx,
+            &base.clone().with_kernel(KernelChoice::Staged),
+        ));
+    }
+    let mut rng = Rng::new(41);
+    let (mut worst, mut worst_probs) = (0f64, 0f64);
+    for config in [
+        base.clone().with_kernel(KernelChoice::Staged),
+        base.clone().with_intermediates(),
+    ] {
+        let mut op = AttentionOp::new(ctx, &config).unwrap();
+        assert_eq!(op.kernel(), KernelChoice::Staged);
+        let mask: Vec<f32> = (0..2 * 33).map(|j| (j % 7 != 3) as u8 as f32).collect();
+        let inputs = OperatorInputs::new(
+            rng.tensor(&[2, 4, 5, 6], 2.0),
+            rng.tensor(&[2, 2, 33, 6], 2.0),
+            rng.tensor(&[2, 2, 33, 10], 3.0),
+        )
+        .with_key_mask(Tensor::new([2, 33], mask).unwrap())
+        .with_bias(rng.tensor(&[1, 4, 5, 33], 1.0));
+        let gpu = op.run(&inputs).unwrap();
+        assert_f16_values(&gpu);
+        let cpu = reference::operator(&config, &inputs).unwrap();
+        let bound = reference::operator_error_bound(&config, &inputs).unwrap();
+        let c = compare_bounded(&gpu, &cpu, &bound).unwrap();
+        assert!(c.passed(), "{config:?}:\n{c}");
+        worst = worst.max(c.worst_ratio);
+        if config.keep_intermediates {
+            let probs = op.read_probabilities().unwrap();
+            let cpu = reference::operator_probs(&config, &inputs).unwrap();
+            let c = compare(&probs, &cpu, Tolerance::F32).unwrap();
+            assert!(c.passed(), "probabilities: {c}");
+            worst_probs = c.worst_ratio;
+        }
+    }
+    // The layer's staged path reads the f16 projection's Q|K|V buffer and writes f16 heads.
+    let mut rng = Rng::new(42);
+    let (b, n, dm, h, d) = (1, 9, 16, 2, 8);
+    let w = 1.0 / (dm as f32).sqrt();
+    let weights = AttentionWeights::new(
+        rng.tensor(&[dm, h * d], w),
+        rng.tensor(&[dm, h * d], w),
+        rng.tensor(&[dm, h * d], w),
+    );
+    let inputs = AttentionInputs::new(rng.tensor(&[b, n, dm], 3.0));
+    for config in [
+        AttentionConfig::new(b, n, dm, h, d)
+            .with_kernel(KernelChoice::Staged)
+            .with_precision(Precision::F16),
+        AttentionConfig::new(b, n, dm, h, d)
+            .with_intermediates()
+            .with_precision(Precision::F16),
+    ] {
+        let mut plan = AttentionPlan::new(ctx, &config, &weights).unwrap();
+        assert_eq!(plan.kernel(), KernelChoice::Staged);
+        let gpu = plan.run(&inputs).unwrap();
+        assert_f16_values(&gpu);
+        let cpu = reference::run(&config, &weights, &inputs).unwrap().output;
+        let bound = reference::error_bound(&config, &weights, &inputs).unwrap();
+        let c = compare_bounded(&gpu, &cpu, &bound).unwrap();
+        assert!(c.passed(), "layer {config:?}:\n{c}");
+        worst = worst.max(c.worst_ratio);
+        if config.keep_intermediates {
+            // Read back as stored: the f16 output widened, and Q, V and the probabilities
+            // (computed in f32 from f16 Q and K) within f16's rounding of the reference's.
+            let kept = plan.read_intermediates().unwrap();
+            assert_eq!(kept.output, gpu);
+            let want = reference::run(&config, &weights, &inputs).unwrap();
+            for (name, got, want) in [
+                ("q", &kept.q, &want.q),
+                ("v", &kept.v, &want.v),
+                ("probs", &kept.probs, &want.probs),
+            ] {
+                let c = compare(got, want, Tolerance::F16).unwrap();
+                assert!(c.passed(), "kept {name}: {c}");
+            }
+        }
+    }
+    eprintln!(
+        "f16 staged kernels: at most {worst:.3} of the f16 bound; kept probabilities at most \
+         {worst_probs:.3} of Tolerance::F32"
+    );
 }

@@ -76,14 +76,28 @@ fn modules() -> Value {
 /// variants differ only in their bindings and loads (shaders/fused_io_*.wgsl), not in anything an
 /// override sizes, so each override set is built once with every binding, and each binding
 /// choice with the smallest and largest tiles; the product (800 pipelines per profile) made the
-/// check take minutes. naga (tests/shaders.rs) still translates the whole product.
+/// check take minutes. naga (tests/shaders.rs) still translates the whole product. The f16
+/// variants of split-K decode and of the staged scores and weighted sum likewise differ from
+/// their f32 ones only in their loads and stores (the `*_f16.wgsl` includes), so they too are
+/// built with their first and last override sets.
 fn checked(limits: &wgpu::Limits) -> Vec<Variant> {
     let all = variants(limits);
     let full = Kernel::Fused(FusedIo::ALL[0]);
+    let sampled = |k: Kernel| {
+        matches!(k, Kernel::Fused(_))
+            || matches!(
+                k,
+                Kernel::DecodeSplit {
+                    precision: wgpu_attention::Precision::F16,
+                    ..
+                } | Kernel::Scores(wgpu_attention::Precision::F16)
+                    | Kernel::WeightedSum(wgpu_attention::Precision::F16)
+            )
+    };
     all.iter()
         .filter(|v| {
             let same: Vec<&Variant> = all.iter().filter(|w| w.kernel == v.kernel).collect();
-            !matches!(v.kernel, Kernel::Fused(_))
+            !sampled(v.kernel)
                 || v.kernel == full
                 || std::ptr::eq(*same.first().unwrap(), *v)
                 || std::ptr::eq(*same.last().unwrap(), *v)

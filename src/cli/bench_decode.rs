@@ -1,6 +1,8 @@
 //! `wgpu-attention bench --decode`: one new token over a sweep of cached key counts, split-K
 //! against the single-pass fused kernel, judged against the adapter's copy bandwidth and
-//! streaming-read rate measured in the same run; and one chunked-prefill row.
+//! streaming-read rate measured in the same run; and one chunked-prefill row. With
+//! `--precision f16|both` the rows store Q, K, V and the output in f16 (half the K/V bytes
+//! a step reads), and `both` gives each `kv_len` an f32 and an f16 row and their time ratio.
 
 use std::time::Instant;
 
@@ -9,11 +11,12 @@ use serde::Serialize;
 use wgpu::util::DeviceExt;
 use wgpu_attention::{
     AttentionOp, AttentionWeights, CachedAttention, CachedIo, CachedLayerConfig, DeviceLimits,
-    GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, Random, Tensor,
-    Tolerance, ceiling, compare, reference,
+    GpuContext, Lengths, OperatorConfig, OperatorInputs, OperatorIo, OperatorPath, Precision,
+    Random, Tensor, Tolerance, ceiling, compare, compare_bounded, reference,
 };
 
 use super::bench::BenchArgs;
+use super::bench_precision::PrecisionArg;
 use super::{AdapterArgs, CliError};
 
 /// The decode sweep's own arguments (with `--heads`, `--head-dim`, `--batch`, `--warmup`,
@@ -23,6 +26,8 @@ pub struct DecodeArgs {
     /// Time decoding instead of the layer: one new token (q_len 1) over a KV cache of each
     /// `--kv-len`, split-K against the single-pass fused kernel, beside the adapter's copy
     /// bandwidth and streaming-read rate; plus a chunked prefill (512 queries over 4096 keys).
+    /// With `--precision f16` the rows store f16, with `both` each length is timed in both
+    /// (the chunked prefill in f16 only for `f16`).
     #[arg(long)]
     pub decode: bool,
     /// Cached keys per row for `--decode` [default: 1024,4096].
@@ -49,11 +54,13 @@ fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
-/// One `kv_len` of the decode sweep.
+/// One `kv_len` of the decode sweep, in one storage precision.
 #[derive(Debug, Serialize)]
 pub struct DecodeRow {
     /// Cached keys per row.
     pub kv_len: usize,
+    /// How Q, K, V and the output are stored: `f32` or `f16` (arithmetic is f32 either way).
+    pub precision: &'static str,
     /// Split-K: median milliseconds per token (one step: split and combine passes).
     pub ms_per_token: f64,
     /// Split-K: K and V bytes read per second.
@@ -66,8 +73,12 @@ pub struct DecodeRow {
     pub single_pass_kv_bytes_per_s: f64,
     /// Split-K's largest absolute error against the f64 reference.
     pub max_abs_error: f64,
-    /// Whether split-K passed the f32 tolerance against the reference.
+    /// Whether split-K passed its check against the reference: the f32 tolerance, or in f16
+    /// the f16 error bound (on the f16-rounded inputs).
     pub passed: bool,
+    /// On an f16 row of `--precision both`: its split-K time per token over the f32 row's at
+    /// the same `kv_len` (below 1: f16 is faster).
+    pub f16_f32_time_ratio: Option<f64>,
     /// With `--layer`: the whole cached layer's step, median milliseconds per token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_ms_per_token: Option<f64>,
@@ -80,6 +91,8 @@ pub struct PrefillRow {
     pub q_len: usize,
     /// Keys (cached and new).
     pub kv_len: usize,
+    /// How Q, K, V and the output are stored.
+    pub precision: &'static str,
     /// Median milliseconds per call.
     pub ms: f64,
     /// Milliseconds per new token.
@@ -131,28 +144,37 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(device: &wgpu::Device, inputs: &OperatorInputs, out_elements: usize) -> Self {
+    /// Q, K and V stored in `precision` (padded to whole vec4), and room for the output.
+    fn new(
+        device: &wgpu::Device,
+        inputs: &OperatorInputs,
+        out_elements: usize,
+        precision: Precision,
+    ) -> Result<Self, CliError> {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-        let init = |t: &Tensor| {
-            let mut data = t.data().to_vec();
-            data.resize(data.len().next_multiple_of(4), 0.0);
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: None,
-                contents: bytemuck::cast_slice(&data),
-                usage,
-            })
+        let init = |name: &str, t: &Tensor| -> Result<wgpu::Buffer, CliError> {
+            let mut bytes = precision.encode(name, t.shape(), t.data())?;
+            bytes.resize(bytes.len().next_multiple_of(16), 0);
+            Ok(
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: None,
+                    contents: &bytes,
+                    usage,
+                }),
+            )
         };
-        Buffers {
-            q: init(&inputs.q),
-            k: init(&inputs.k),
-            v: init(&inputs.v),
+        let out_bytes = out_elements as u64 * precision.bytes();
+        Ok(Buffers {
+            q: init("q", &inputs.q)?,
+            k: init("k", &inputs.k)?,
+            v: init("v", &inputs.v)?,
             out: device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
-                size: (out_elements * 4).next_multiple_of(16) as u64,
+                size: out_bytes.next_multiple_of(16),
                 usage,
                 mapped_at_creation: false,
             }),
-        }
+        })
     }
 
     fn io(&self) -> OperatorIo<'_> {
@@ -256,9 +278,16 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
     } else {
         args.decode.kv_len.clone()
     };
-    let kv_bytes = |kv: usize| (batch * kv_heads * kv * 2 * d * 4) as u64;
+    let precisions: &[Precision] = match args.precision {
+        PrecisionArg::F32 => &[Precision::F32],
+        PrecisionArg::F16 => &[Precision::F16],
+        PrecisionArg::Both => &[Precision::F32, Precision::F16],
+    };
+    // Bytes of K and V a step reads: half as many in f16.
+    let kv_bytes = |kv: usize, p: Precision| (batch * kv_heads * kv * 2 * d) as u64 * p.bytes();
     let largest = kv_lens.iter().copied().max().unwrap_or(1);
-    let ceiling_bytes = kv_bytes(largest);
+    // The ceilings move the largest f32 row's bytes (an f16 row's are half of them).
+    let ceiling_bytes = kv_bytes(largest, Precision::F32);
     let repeats = args.repeats as usize;
     eprintln!("measuring the copy and streaming-read ceilings on {ceiling_bytes} bytes...");
     let copy = ceiling::copy_bytes_per_s(&ctx, ceiling_bytes, repeats)?;
@@ -266,59 +295,87 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
     let mut rng = Random::new(1);
     let mut rows = Vec::new();
     for &kv in &kv_lens {
-        eprintln!("kv_len {kv}...");
         let inputs = OperatorInputs::new(
             rng.tensor([batch, heads, 1, d], 1.0)?,
             rng.tensor([batch, kv_heads, kv, d], 1.0)?,
             rng.tensor([batch, kv_heads, kv, d], 1.0)?,
         );
-        let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * d);
-        let base = OperatorConfig::new(batch, heads, kv_heads, d, 1, kv).causal();
-        let split = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
-        let single = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::Prefill))?;
-        let lengths = Lengths {
-            q_len: 1,
-            kv_len: kv,
-        };
-        let t_split = time_op(&ctx, &split, &buffers, lengths, args.warmup, args.repeats)?;
-        let t_single = time_op(&ctx, &single, &buffers, lengths, args.warmup, args.repeats)?;
-        // The figures count only if the answer is right: split-K's output against the f64
-        // reference (the op's own run, on its own copies of the same inputs).
-        let mut check = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
-        let gpu = check.run(&inputs)?;
-        let cpu = reference::operator(&base, &inputs)?;
-        let cmp = compare(&gpu, &cpu, Tolerance::F32)?;
-        let layer_ms_per_token = if args.decode.layer {
-            let shape = (batch, heads, kv_heads, d);
-            let t = time_layer(&ctx, &mut rng, shape, kv, args.warmup, args.repeats)?;
-            Some(t * 1e3)
-        } else {
-            None
-        };
-        rows.push(DecodeRow {
-            kv_len: kv,
-            ms_per_token: t_split * 1e3,
-            kv_bytes_per_s: kv_bytes(kv) as f64 / t_split,
-            splits: split.splits().unwrap_or(1),
-            single_pass_ms_per_token: t_single * 1e3,
-            single_pass_kv_bytes_per_s: kv_bytes(kv) as f64 / t_single,
-            max_abs_error: cmp.max_abs,
-            passed: cmp.passed(),
-            layer_ms_per_token,
-        });
+        let mut f32_ms = None;
+        for &precision in precisions {
+            eprintln!("kv_len {kv}, {precision}...");
+            let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * d, precision)?;
+            let base = OperatorConfig::new(batch, heads, kv_heads, d, 1, kv)
+                .causal()
+                .with_precision(precision);
+            let split = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
+            let single = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::Prefill))?;
+            let lengths = Lengths {
+                q_len: 1,
+                kv_len: kv,
+            };
+            let t_split = time_op(&ctx, &split, &buffers, lengths, args.warmup, args.repeats)?;
+            let t_single = time_op(&ctx, &single, &buffers, lengths, args.warmup, args.repeats)?;
+            // The figures count only if the answer is right: split-K's output against the f64
+            // reference (the op's own run, on its own copies of the same inputs); in f16
+            // under the f16 bound, the reference starting from the f16-rounded inputs.
+            let mut check = AttentionOp::new(&ctx, &base.clone().with_path(OperatorPath::SplitK))?;
+            let gpu = check.run(&inputs)?;
+            let cpu = reference::operator(&base, &inputs)?;
+            let cmp = match precision {
+                Precision::F32 => compare(&gpu, &cpu, Tolerance::F32)?,
+                Precision::F16 => compare_bounded(
+                    &gpu,
+                    &cpu,
+                    &reference::operator_error_bound(&base, &inputs)?,
+                )?,
+            };
+            let ms = t_split * 1e3;
+            if precision == Precision::F32 {
+                f32_ms = Some(ms);
+            }
+            // The cached layer (f32) is timed beside the f32 row.
+            let layer_ms_per_token = if args.decode.layer && precision == Precision::F32 {
+                let shape = (batch, heads, kv_heads, d);
+                let t = time_layer(&ctx, &mut rng, shape, kv, args.warmup, args.repeats)?;
+                Some(t * 1e3)
+            } else {
+                None
+            };
+            rows.push(DecodeRow {
+                kv_len: kv,
+                precision: precision.name(),
+                ms_per_token: ms,
+                kv_bytes_per_s: kv_bytes(kv, precision) as f64 / t_split,
+                splits: split.splits().unwrap_or(1),
+                single_pass_ms_per_token: t_single * 1e3,
+                single_pass_kv_bytes_per_s: kv_bytes(kv, precision) as f64 / t_single,
+                max_abs_error: cmp.max_abs,
+                passed: cmp.passed(),
+                f16_f32_time_ratio: f32_ms
+                    .filter(|_| precision == Precision::F16)
+                    .map(|f| ms / f),
+                layer_ms_per_token,
+            });
+        }
     }
     let chunked_prefill = if args.decode.no_prefill {
         None
     } else {
         let (q_len, kv) = (512, 4096);
-        eprintln!("chunked prefill: {q_len} queries over {kv} keys...");
+        let precision = match args.precision {
+            PrecisionArg::F16 => Precision::F16,
+            _ => Precision::F32,
+        };
+        eprintln!("chunked prefill: {q_len} queries over {kv} keys, {precision}...");
         let inputs = OperatorInputs::new(
             rng.tensor([batch, heads, q_len, d], 1.0)?,
             rng.tensor([batch, kv_heads, kv, d], 1.0)?,
             rng.tensor([batch, kv_heads, kv, d], 1.0)?,
         );
-        let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * q_len * d);
-        let config = OperatorConfig::new(batch, heads, kv_heads, d, q_len, kv).causal();
+        let buffers = Buffers::new(ctx.device(), &inputs, batch * heads * q_len * d, precision)?;
+        let config = OperatorConfig::new(batch, heads, kv_heads, d, q_len, kv)
+            .causal()
+            .with_precision(precision);
         let op = AttentionOp::new(&ctx, &config)?;
         let t = time_op(
             &ctx,
@@ -331,6 +388,7 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
         Some(PrefillRow {
             q_len,
             kv_len: kv,
+            precision: precision.name(),
             ms: t * 1e3,
             ms_per_token: t * 1e3 / q_len as f64,
         })
@@ -365,9 +423,9 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
     }
     if let Some(bad) = report.decode.iter().find(|r| !r.passed) {
         return Err(CliError::Mismatch(format!(
-            "split-K decode at kv_len {} is off the f64 reference by {:e}: the timings above \
-             are of a wrong answer",
-            bad.kv_len, bad.max_abs_error
+            "split-K decode at kv_len {} ({}) is off the f64 reference by {:e}: the timings \
+             above are of a wrong answer",
+            bad.kv_len, bad.precision, bad.max_abs_error
         )));
     }
     Ok(())
@@ -387,8 +445,9 @@ fn print_table(r: &DecodeReport) {
         gb(r.stream_bytes_per_s)
     );
     println!(
-        "{:>8} {:>7} {:>12} {:>9} {:>8} {:>8} {:>14} {:>9} {:>8} {:>10}",
+        "{:>8} {:>5} {:>7} {:>12} {:>9} {:>8} {:>8} {:>14} {:>9} {:>8} {:>10} {:>8}",
         "kv_len",
+        "prec",
         "splits",
         "split ms/tok",
         "K/V GB/s",
@@ -397,12 +456,18 @@ fn print_table(r: &DecodeReport) {
         "single ms/tok",
         "K/V GB/s",
         "speedup",
-        "max err"
+        "max err",
+        "f16/f32"
     );
     for row in &r.decode {
+        let ratio = row
+            .f16_f32_time_ratio
+            .map_or(String::new(), |x| format!("{x:.2}"));
         println!(
-            "{:>8} {:>7} {:>12.3} {:>9.2} {:>8.2} {:>8.2} {:>14.3} {:>9.2} {:>8.2} {:>10.2e}",
+            "{:>8} {:>5} {:>7} {:>12.3} {:>9.2} {:>8.2} {:>8.2} {:>14.3} {:>9.2} {:>8.2} {:>10.2e} \
+             {:>8}",
             row.kv_len,
+            row.precision,
             row.splits,
             row.ms_per_token,
             gb(row.kv_bytes_per_s),
@@ -411,7 +476,8 @@ fn print_table(r: &DecodeReport) {
             row.single_pass_ms_per_token,
             gb(row.single_pass_kv_bytes_per_s),
             row.single_pass_ms_per_token / row.ms_per_token,
-            row.max_abs_error
+            row.max_abs_error,
+            ratio
         );
     }
     for row in r.decode.iter().filter(|r| r.layer_ms_per_token.is_some()) {
@@ -425,9 +491,9 @@ fn print_table(r: &DecodeReport) {
     }
     if let Some(p) = &r.chunked_prefill {
         println!(
-            "chunked prefill: {} queries over {} keys (causal, Auto = fused): {:.1} ms, {:.3} \
+            "chunked prefill: {} queries over {} keys (causal, Auto = fused, {}): {:.1} ms, {:.3} \
              ms per token",
-            p.q_len, p.kv_len, p.ms, p.ms_per_token
+            p.q_len, p.kv_len, p.precision, p.ms, p.ms_per_token
         );
     }
 }

@@ -21,9 +21,9 @@ use super::{AdapterArgs, CliError};
 pub enum PrecisionArg {
     /// f32 storage (the default sweep, every kernel and the CPU path).
     F32,
-    /// f16 storage, f32 arithmetic: the fused kernel.
+    /// f16 storage, f32 arithmetic: the fused kernel (with `--decode`, split-K decode too).
     F16,
-    /// Both storages on the fused kernel, side by side, with the f16/f32 time ratio.
+    /// Both storages side by side, with the f16/f32 time ratio.
     Both,
 }
 

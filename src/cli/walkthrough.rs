@@ -20,8 +20,8 @@ pub struct WalkthroughArgs {
         allow_negative_numbers = true
     )]
     pub scale: f32,
-    /// Storage precision. With f16, steps 1 to 8 still show the staged kernels in f32 (f16
-    /// runs on the fused kernel, which keeps no intermediates), and a last step runs the whole
+    /// Storage precision. With f16, steps 1 to 8 still show the staged kernels in f32 (their
+    /// intermediates beside the reference's f32 ones), and a last step runs the whole
     /// layer with x, the weights, Q/K/V and the output stored in f16 (f32 arithmetic) and
     /// checks it against the reference under the f16 error bound.
     #[arg(long, value_enum, default_value_t = Precision::F32)]

@@ -11,6 +11,7 @@ pub(crate) mod decode;
 pub(crate) mod fused;
 pub(crate) mod gemm;
 pub(crate) mod layout;
+mod sources;
 pub(crate) mod staged;
 mod submit;
 pub(crate) mod tune;
@@ -37,12 +38,14 @@ pub enum Kernel {
     /// its current length, read from the cache's table of row lengths (binding 5): the cached
     /// layer's projection.
     GemmCache(Precision),
-    /// `scores.wgsl`: the staged path's unscaled `Q K^T`.
-    Scores,
+    /// `scores.wgsl`: the staged path's unscaled `Q K^T`, Q and K stored in f32 or f16 (the
+    /// scores are f32 either way).
+    Scores(Precision),
     /// `softmax.wgsl`: the staged path's scaled, biased, masked, stable row softmax in place.
     Softmax,
-    /// `weighted_sum.wgsl`: the staged path's `P V`, written through the output's strides.
-    WeightedSum,
+    /// `weighted_sum.wgsl`: the staged path's `P V`, written through the output's strides; V
+    /// and the output stored in f32 or f16 (the probabilities are f32 either way).
+    WeightedSum(Precision),
     /// `fused_attention.wgsl`: scores, online softmax and `P V` in one pass, in the variant
     /// that binds the given buffers.
     Fused(fused::FusedIo),
@@ -54,13 +57,17 @@ pub enum Kernel {
     /// `attention_bwd_q.wgsl`: the backward's dQ, a workgroup per query block.
     BackwardQ,
     /// `decode_split.wgsl`: split-K decode, partial (max, sum, output) per key range; with a
-    /// key-padding mask bound, or without (then 4 storage buffers).
+    /// key-padding mask bound, or without (then 4 storage buffers); Q, K and V stored in f32
+    /// or f16 (the partials are f32 either way).
     DecodeSplit {
         /// A key-padding mask is bound.
         mask: bool,
+        /// How Q, K and V are stored.
+        precision: Precision,
     },
-    /// `decode_combine.wgsl`: merges split-K partials into the output.
-    DecodeCombine,
+    /// `decode_combine.wgsl`: merges split-K partials (f32) into the output, stored in the
+    /// given precision.
+    DecodeCombine(Precision),
     /// `stream_read.wgsl`: sums a buffer with vec4 loads (the benchmark's read ceiling).
     StreamRead,
 }
@@ -172,18 +179,28 @@ impl Kernel {
             Kernel::Gemm(Precision::F16),
             Kernel::GemmCache(Precision::F32),
             Kernel::GemmCache(Precision::F16),
-            Kernel::Scores,
+            Kernel::Scores(Precision::F32),
+            Kernel::Scores(Precision::F16),
             Kernel::Softmax,
-            Kernel::WeightedSum,
+            Kernel::WeightedSum(Precision::F32),
+            Kernel::WeightedSum(Precision::F16),
         ];
         all.extend(fused::FusedIo::ALL.map(Kernel::Fused));
         all.extend([Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ]);
-        all.extend([
-            Kernel::DecodeSplit { mask: true },
-            Kernel::DecodeSplit { mask: false },
-            Kernel::DecodeCombine,
-            Kernel::StreamRead,
-        ]);
+        for precision in [Precision::F32, Precision::F16] {
+            all.extend([
+                Kernel::DecodeSplit {
+                    mask: true,
+                    precision,
+                },
+                Kernel::DecodeSplit {
+                    mask: false,
+                    precision,
+                },
+                Kernel::DecodeCombine(precision),
+            ]);
+        }
+        all.push(Kernel::StreamRead);
         all
     }
 
@@ -191,15 +208,15 @@ impl Kernel {
     pub fn file_name(self) -> &'static str {
         match self {
             Kernel::Gemm(_) | Kernel::GemmCache(_) => "gemm.wgsl",
-            Kernel::Scores => "scores.wgsl",
+            Kernel::Scores(_) => "scores.wgsl",
             Kernel::Softmax => "softmax.wgsl",
-            Kernel::WeightedSum => "weighted_sum.wgsl",
+            Kernel::WeightedSum(_) => "weighted_sum.wgsl",
             Kernel::Fused(_) => "fused_attention.wgsl",
             Kernel::BackwardPrep => "attention_bwd_prep.wgsl",
             Kernel::BackwardKv => "attention_bwd_kv.wgsl",
             Kernel::BackwardQ => "attention_bwd_q.wgsl",
             Kernel::DecodeSplit { .. } => "decode_split.wgsl",
-            Kernel::DecodeCombine => "decode_combine.wgsl",
+            Kernel::DecodeCombine(_) => "decode_combine.wgsl",
             Kernel::StreamRead => "stream_read.wgsl",
         }
     }
@@ -221,7 +238,7 @@ impl Kernel {
                 if io.lse { ", saving lse" } else { "" },
             ),
             Kernel::GemmCache(_) => format!("{} (into a KV cache)", self.file_name()),
-            Kernel::DecodeSplit { mask } => format!(
+            Kernel::DecodeSplit { mask, .. } => format!(
                 "{} ({})",
                 self.file_name(),
                 if mask { "mask" } else { "no mask" }
@@ -235,11 +252,16 @@ impl Kernel {
     }
 
     /// The storage precision of the variant: the element type of the storage buffers it reads
-    /// and writes (f32 arithmetic either way). The staged kernels store f32 only.
+    /// and writes (f32 arithmetic either way). The softmax, the backward and the benchmark's
+    /// read ceiling store f32 only.
     pub fn precision(self) -> Precision {
         match self {
-            Kernel::Gemm(precision) | Kernel::GemmCache(precision) => precision,
+            Kernel::Gemm(precision)
+            | Kernel::GemmCache(precision)
+            | Kernel::Scores(precision)
+            | Kernel::WeightedSum(precision) => precision,
             Kernel::Fused(io) => io.precision,
+            Kernel::DecodeSplit { precision, .. } | Kernel::DecodeCombine(precision) => precision,
             _ => Precision::F32,
         }
     }
@@ -252,107 +274,20 @@ impl Kernel {
         }
     }
 
-    /// The kernel's own WGSL file, as written.
-    pub fn file_source(self) -> &'static str {
-        shader_file(self.file_name())
-    }
-
-    /// The module compiled: the dispatch-chunk prologue of `shaders/dispatch.wgsl` ahead of
-    /// every kernel, the register-tile helpers of `shaders/tiles.wgsl` ahead of the kernels that
-    /// use them, the score tile of `shaders/score_tile.wgsl` ahead of the two that compute
-    /// scores, the staged kernels' shared geometry of `shaders/staged_io.wgsl` ahead of each of
-    /// them, and the fused kernel's binding includes (`shaders/fused_io_*.wgsl`) for its
-    /// variant.
-    /// Storage variants take their bindings and element access from `*_f16.wgsl` includes,
-    /// and f16 modules open with `shaders/f16.wgsl` (`enable f16;` must precede every
-    /// declaration).
-    pub fn source(self) -> &'static str {
-        self.composition().0
-    }
-
-    /// The files `source` joins, in order, as (file name, text), each followed there by a
-    /// newline, so that a compiler's line number can be traced to its file.
-    #[doc(hidden)]
-    pub fn parts(self) -> &'static [(&'static str, &'static str)] {
-        self.composition().1
-    }
-
-    /// The composed source and its parts, from one list of files per kernel; joined once per
-    /// kernel and process (a few dozen kilobytes in all), so every caller shares one string.
-    fn composition(self) -> (&'static str, &'static [(&'static str, &'static str)]) {
-        type Composed = (&'static str, &'static [(&'static str, &'static str)]);
-        static COMPOSED: std::sync::OnceLock<
-            std::sync::Mutex<std::collections::HashMap<Kernel, Composed>>,
-        > = std::sync::OnceLock::new();
-        let mut composed = COMPOSED
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *composed.entry(self).or_insert_with(|| {
-            let parts: Vec<(&'static str, &'static str)> = self
-                .files()
-                .into_iter()
-                .map(|f| (f, shader_file(f)))
-                .collect();
-            let source: String = parts.iter().map(|(_, text)| format!("{text}\n")).collect();
-            (
-                Box::leak(source.into_boxed_str()),
-                Box::leak(parts.into_boxed_slice()),
-            )
-        })
-    }
-
-    /// The files a kernel is composed of, its own last.
-    fn files(self) -> Vec<&'static str> {
-        let mut files = match self.precision() {
-            Precision::F32 => vec!["dispatch.wgsl"],
-            Precision::F16 => vec!["f16.wgsl", "dispatch.wgsl"],
-        };
-        match self {
-            Kernel::Gemm(p) | Kernel::GemmCache(p) => files.extend([
-                "tiles.wgsl",
-                match p {
-                    Precision::F32 => "gemm_io_f32.wgsl",
-                    Precision::F16 => "gemm_io_f16.wgsl",
-                },
-                if let Kernel::GemmCache(_) = self {
-                    "gemm_rows_cache.wgsl"
-                } else {
-                    "gemm_rows_packed.wgsl"
-                },
-            ]),
-            Kernel::Scores => files.extend(["tiles.wgsl", "score_tile.wgsl", "staged_io.wgsl"]),
-            Kernel::Softmax => files.extend(["staged_io.wgsl"]),
-            Kernel::WeightedSum => files.extend(["tiles.wgsl", "staged_io.wgsl"]),
-            Kernel::BackwardPrep => {}
-            Kernel::BackwardKv | Kernel::BackwardQ => files.push("attention_bwd.wgsl"),
-            Kernel::Fused(io) => {
-                files.extend(["tiles.wgsl", "score_tile.wgsl"]);
-                files.extend(io.files());
-            }
-            Kernel::DecodeSplit { mask } => files.push(if mask {
-                "decode_keys_mask.wgsl"
-            } else {
-                "decode_keys_all.wgsl"
-            }),
-            Kernel::DecodeCombine | Kernel::StreamRead => {}
-        }
-        files.push(self.file_name());
-        files
-    }
-
     /// The Rust layout of the uniform parameters at `@group(0) @binding(0)`.
     #[doc(hidden)]
     pub fn params_layout(self) -> &'static UniformLayout {
         match self {
             Kernel::Gemm(_) | Kernel::GemmCache(_) => &gemm::GemmParams::LAYOUT,
-            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => &staged::StagedParams::LAYOUT,
+            Kernel::Scores(_) | Kernel::Softmax | Kernel::WeightedSum(_) => {
+                &staged::StagedParams::LAYOUT
+            }
             // The backward reads the forward's parameters (the same buffer).
             Kernel::Fused(_) | Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 &fused::FusedParams::LAYOUT
             }
             Kernel::DecodeSplit { .. } => &decode::DecodeParams::LAYOUT,
-            Kernel::DecodeCombine => &decode::CombineParams::LAYOUT,
+            Kernel::DecodeCombine(_) => &decode::CombineParams::LAYOUT,
             Kernel::StreamRead => &decode::StreamParams::LAYOUT,
         }
     }
@@ -389,11 +324,11 @@ impl Kernel {
         let storage: Vec<(u32, Access)> = match self {
             Kernel::Gemm(_) | Kernel::GemmCache(_) => numbered(&[Read, Read, Read, ReadWrite]),
             // q, k, scores.
-            Kernel::Scores => numbered(&[Read, Read, ReadWrite]),
+            Kernel::Scores(_) => numbered(&[Read, Read, ReadWrite]),
             // key_mask, bias, scores in and probabilities out.
             Kernel::Softmax => numbered(&[Read, Read, ReadWrite]),
             // probabilities, v, out.
-            Kernel::WeightedSum => numbered(&[Read, Read, ReadWrite]),
+            Kernel::WeightedSum(_) => numbered(&[Read, Read, ReadWrite]),
             Kernel::Fused(io) => io
                 .storage()
                 .into_iter()
@@ -408,13 +343,15 @@ impl Kernel {
             // q, k, v, d_o, aux, bias, dq.
             Kernel::BackwardQ => numbered(&[Read, Read, Read, Read, Read, Read, ReadWrite]),
             // q, k, v, key_mask, partials.
-            Kernel::DecodeSplit { mask: true } => numbered(&[Read, Read, Read, Read, ReadWrite]),
+            Kernel::DecodeSplit { mask: true, .. } => {
+                numbered(&[Read, Read, Read, Read, ReadWrite])
+            }
             // q, k, v, partials.
-            Kernel::DecodeSplit { mask: false } => {
+            Kernel::DecodeSplit { mask: false, .. } => {
                 vec![(1, Read), (2, Read), (3, Read), (5, ReadWrite)]
             }
             // partials, out.
-            Kernel::DecodeCombine => numbered(&[Read, ReadWrite]),
+            Kernel::DecodeCombine(_) => numbered(&[Read, ReadWrite]),
             // src, out.
             Kernel::StreamRead => numbered(&[Read, ReadWrite]),
         };
@@ -434,9 +371,9 @@ impl Kernel {
         // The call's q_len (and kv_len), each at a dynamic offset into a table of lengths.
         let lengths = match self {
             Kernel::Fused(_) => 7..9,
-            Kernel::Scores | Kernel::Softmax | Kernel::WeightedSum => 4..6,
+            Kernel::Scores(_) | Kernel::Softmax | Kernel::WeightedSum(_) => 4..6,
             Kernel::DecodeSplit { .. } => 6..8,
-            Kernel::DecodeCombine => 3..4,
+            Kernel::DecodeCombine(_) => 3..4,
             Kernel::Gemm(_) | Kernel::GemmCache(_) | Kernel::StreamRead => 0..0,
             Kernel::BackwardPrep | Kernel::BackwardKv | Kernel::BackwardQ => {
                 after_storage..after_storage + 2
@@ -480,55 +417,6 @@ fn numbered(access: &[Access]) -> Vec<(u32, Access)> {
         .zip(1..)
         .map(|(a, b)| (b, a))
         .collect()
-}
-
-/// A file of `shaders/`, by name.
-fn shader_file(name: &str) -> &'static str {
-    macro_rules! files {
-        ($($file:literal),+ $(,)?) => {
-            match name {
-                $($file => include_str!(concat!("../../shaders/", $file)),)+
-                _ => unreachable!("{name} is not listed in kernels::shader_file"),
-            }
-        };
-    }
-    files!(
-        "f16.wgsl",
-        "dispatch.wgsl",
-        "tiles.wgsl",
-        "score_tile.wgsl",
-        "staged_io.wgsl",
-        "gemm_io_f32.wgsl",
-        "gemm_io_f16.wgsl",
-        "gemm_rows_packed.wgsl",
-        "gemm_rows_cache.wgsl",
-        "gemm.wgsl",
-        "scores.wgsl",
-        "softmax.wgsl",
-        "weighted_sum.wgsl",
-        "fused_io_qkv.wgsl",
-        "fused_io_qkv_packed.wgsl",
-        "fused_io_mask.wgsl",
-        "fused_io_no_mask.wgsl",
-        "fused_io_bias.wgsl",
-        "fused_io_no_bias.wgsl",
-        "fused_io_qkv_f16.wgsl",
-        "fused_io_qkv_packed_f16.wgsl",
-        "fused_io_out.wgsl",
-        "fused_io_out_f16.wgsl",
-        "fused_io_lse.wgsl",
-        "fused_io_no_lse.wgsl",
-        "fused_attention.wgsl",
-        "attention_bwd.wgsl",
-        "attention_bwd_prep.wgsl",
-        "attention_bwd_kv.wgsl",
-        "attention_bwd_q.wgsl",
-        "decode_keys_mask.wgsl",
-        "decode_keys_all.wgsl",
-        "decode_split.wgsl",
-        "decode_combine.wgsl",
-        "stream_read.wgsl",
-    )
 }
 
 /// Override values of one pipeline, as (name, value) pairs.

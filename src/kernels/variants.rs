@@ -36,14 +36,14 @@ pub fn variants(limits: &wgpu::Limits) -> Vec<Variant> {
             let sets = match kernel {
                 Kernel::Gemm(_) => super::gemm::override_sets(limits),
                 Kernel::GemmCache(_) => super::gemm::cache_override_sets(limits),
-                Kernel::Scores => super::staged::score_override_sets(limits),
+                Kernel::Scores(_) => super::staged::score_override_sets(limits),
                 Kernel::Softmax => super::staged::softmax_override_sets(limits),
-                Kernel::WeightedSum => super::staged::sum_override_sets(limits),
+                Kernel::WeightedSum(_) => super::staged::sum_override_sets(limits),
                 Kernel::Fused(_) => super::fused::override_sets(limits),
                 Kernel::BackwardPrep => vec![super::backward::prep_overrides()],
                 Kernel::BackwardKv | Kernel::BackwardQ => super::backward::override_sets(limits),
                 Kernel::DecodeSplit { .. } => super::decode::override_sets(limits),
-                Kernel::DecodeCombine => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
+                Kernel::DecodeCombine(_) => vec![vec![("WG", super::decode::COMBINE_WG as f64)]],
                 Kernel::StreamRead => vec![vec![("WG", super::decode::STREAM_WG as f64)]],
             };
             sets.into_iter().map(move |overrides| Variant {
@@ -141,7 +141,7 @@ mod tests {
             for seq in odd {
                 for keys in odd {
                     has(
-                        Kernel::Scores,
+                        Kernel::Scores(Precision::F32),
                         staged::score_tiles(seq, keys, &limits).overrides("DK"),
                     );
                 }
@@ -159,7 +159,7 @@ mod tests {
                         vec![("WG", staged::softmax_size(n, &limits) as f64)],
                     );
                     has(
-                        Kernel::WeightedSum,
+                        Kernel::WeightedSum(Precision::F32),
                         staged::sum_tiles(seq, n, &limits).overrides("TK"),
                     );
                     for dvp in [4, 36, 100, 132, 256] {
@@ -173,7 +173,7 @@ mod tests {
             // The combine and the read ceiling have one workgroup size.
             for kernel in Kernel::all()
                 .into_iter()
-                .filter(|&k| !matches!(k, Kernel::DecodeCombine | Kernel::StreamRead))
+                .filter(|&k| !matches!(k, Kernel::DecodeCombine(_) | Kernel::StreamRead))
             {
                 let n = all.iter().filter(|v| v.kernel == kernel).count();
                 // The D pass has one workgroup shape.

@@ -89,7 +89,8 @@ impl AttentionOp {
     /// Makes the bind group that ties this operator to a [`KvCache`] (its K, V and, with
     /// [`OperatorConfig::with_row_lengths`], its per-row lengths) and the application's query
     /// and output buffers. The cache must match the configuration: batch, kv heads, head
-    /// widths, head-major, and a capacity equal to the configuration's `kv_capacity`.
+    /// widths, precision, head-major, and a capacity equal to the configuration's
+    /// `kv_capacity`.
     pub fn bind_cache(
         &self,
         q: &wgpu::Buffer,
@@ -112,6 +113,14 @@ impl AttentionOp {
                      with the cache's shape: KvCache::operator_config)"
                 )));
             }
+        }
+        if c.precision != cache.precision() {
+            return Err(Error::InvalidConfig(format!(
+                "the KV cache stores {}, the operator {} (build the operator with the cache's \
+                 shape: KvCache::operator_config)",
+                cache.precision(),
+                c.precision
+            )));
         }
         if c.layout != QkvLayout::HeadMajor {
             return Err(Error::InvalidConfig(

@@ -26,6 +26,9 @@ use crate::kernels::{ChunkTable, Kernel, Pipeline, fold_grid};
 /// - `l = sum_j exp(|scale| (s_j - m))`,
 /// - `o = sum_j exp(|scale| (s_j - m)) v_j` (not divided by `l`).
 ///
+/// The partials are f32 whatever the configuration's precision; the output is stored in it
+/// (f16 rounded once, as it is written).
+///
 /// A part with no key to attend has `m = f32::MIN` (-3.402823e38), `l = 0`, `o = 0`. The
 /// output is `sum_p w_p o_p / sum_p w_p l_p`, `w_p = exp(|scale| (m_p - max_p m_p))`; a row
 /// with no key in any part gets zeros. Keeping `m` unscaled means no finite scale overflows.
@@ -40,6 +43,7 @@ pub struct CombinePartials {
     head_dim_v: usize,
     parts: usize,
     max_q_len: usize,
+    precision: crate::Precision,
     pipeline: Pipeline,
     params: wgpu::Buffer,
     lengths: LengthTable,
@@ -57,10 +61,12 @@ impl CombinePartials {
     /// The merge of `parts` partial results of the attention `config` describes: its batch,
     /// heads, value head width, `max_q_len`, scale (only its magnitude matters: the one the
     /// partials were made with) and output layout (`[batch, heads, q_len, head_dim_v]`
-    /// head-major, `[batch, q_len, heads * head_dim_v]` token-major).
+    /// head-major, `[batch, q_len, heads * head_dim_v]` token-major) and precision (the
+    /// output's storage; f16 needs the device's shader-f16).
     pub fn new(ctx: &GpuContext, config: &super::OperatorConfig, parts: usize) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         config.validate()?;
+        config.precision.check_device(ctx)?;
         if parts == 0 {
             return Err(Error::ZeroSize { name: "parts" });
         }
@@ -73,10 +79,10 @@ impl CombinePartials {
             QkvLayout::TokenMajor => Strides::token_major(h, w, 0),
         };
         let params = combine_params(batch as u32, h, w, parts as u32, scale, out);
-        let pipeline = pollster::block_on(
-            ctx.kernels()
-                .pipeline(Kernel::DecodeCombine, &[("WG", COMBINE_WG as f64)]),
-        )?;
+        let pipeline = pollster::block_on(ctx.kernels().pipeline(
+            Kernel::DecodeCombine(config.precision),
+            &[("WG", COMBINE_WG as f64)],
+        ))?;
         let chunks = pollster::block_on(ctx.kernels().chunks())?;
         let device = ctx.device();
         let (params, lengths) = scoped(device, "creating the partials' merge", || {
@@ -93,6 +99,7 @@ impl CombinePartials {
             head_dim_v,
             parts,
             max_q_len,
+            precision: config.precision,
             pipeline,
             params,
             lengths,
@@ -121,7 +128,9 @@ impl CombinePartials {
             self.partials_bytes(max),
             " (max_q_len)",
         )?;
-        let out_bytes = (self.batch * self.heads * max * self.head_dim_v * 4) as u64;
+        let out_bytes = (self.batch * self.heads * max * self.head_dim_v) as u64;
+        // An odd number of f16 outputs still fills a whole 4-byte word of a binding.
+        let out_bytes = (out_bytes * self.precision.bytes()).next_multiple_of(4);
         check_storage("out", out, out_bytes, " (max_q_len)")?;
         let device = self.ctx.device();
         let group = scoped(device, "binding the partials' merge", || {

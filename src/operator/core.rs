@@ -113,9 +113,13 @@ impl StagedCore {
         let [o_scores, o_softmax, o_sum] = tiles.overrides();
         let kernels = ctx.kernels();
         let pipelines = [
-            kernels.pipeline(Kernel::Scores, &o_scores).await?,
+            kernels
+                .pipeline(Kernel::Scores(geometry.precision), &o_scores)
+                .await?,
             kernels.pipeline(Kernel::Softmax, &o_softmax).await?,
-            kernels.pipeline(Kernel::WeightedSum, &o_sum).await?,
+            kernels
+                .pipeline(Kernel::WeightedSum(geometry.precision), &o_sum)
+                .await?,
         ];
         let device = ctx.device();
         let (params, lengths, absent, scores, probs) =

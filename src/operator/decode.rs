@@ -43,6 +43,7 @@ impl DecodeCore {
         let limits = ctx.limits();
         let kernel = Kernel::DecodeSplit {
             mask: config.key_padding_mask,
+            precision: config.precision,
         };
         kernel.check_storage_buffers(&limits, "; use OperatorPath::Prefill")?;
         let probe = config.decode_geometry(1);
@@ -70,7 +71,7 @@ impl DecodeCore {
         let split = kernels.pipeline(kernel, &tiles.overrides()).await?;
         let combine = kernels
             .pipeline(
-                Kernel::DecodeCombine,
+                Kernel::DecodeCombine(config.precision),
                 &[("WG", crate::kernels::decode::COMBINE_WG as f64)],
             )
             .await?;

@@ -6,11 +6,14 @@ use crate::error::{Error, Result};
 use crate::gpu::{STORAGE, buffer, scoped};
 use crate::kernels::decode::MAX_ROW_LENGTHS;
 use crate::operator::{Lengths, OperatorConfig};
+use crate::precision::{Precision, check_f16_range, write_f16};
 use crate::tensor::Tensor;
 use wgpu::util::DeviceExt;
 
-/// K and V of a decoding model, f32, head-major with a capacity:
-/// K `[batch, kv_heads, capacity, head_dim]`, V `[batch, kv_heads, capacity, head_dim_v]`.
+/// K and V of a decoding model, head-major with a capacity:
+/// K `[batch, kv_heads, capacity, head_dim]`, V `[batch, kv_heads, capacity, head_dim_v]`,
+/// stored in f32 ([`KvCache::new`]) or in f16 ([`KvCache::with_precision`]: half the bytes,
+/// and so half the reading, of every decode step; the kernels still compute in f32).
 ///
 /// Each batch row holds its own number of tokens (its *length*), its first tokens in place;
 /// [`KvCache::append_buffers`] and [`KvCache::append_host`] record the write of new tokens at
@@ -49,6 +52,7 @@ pub struct KvCache {
     head_dim: usize,
     head_dim_v: usize,
     capacity: usize,
+    precision: Precision,
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     row_lengths: wgpu::Buffer,
@@ -59,8 +63,8 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache of `batch` rows, `kv_heads` heads of K `head_dim` and V `head_dim_v`
-    /// wide, room for `capacity` tokens per row.
+    /// An empty f32 cache of `batch` rows, `kv_heads` heads of K `head_dim` and V
+    /// `head_dim_v` wide, room for `capacity` tokens per row.
     pub fn new(
         ctx: &GpuContext,
         batch: usize,
@@ -69,6 +73,43 @@ impl KvCache {
         head_dim_v: usize,
         capacity: usize,
     ) -> Result<Self> {
+        Self::with_precision(
+            ctx,
+            Precision::F32,
+            batch,
+            kv_heads,
+            head_dim,
+            head_dim_v,
+            capacity,
+        )
+    }
+
+    /// An empty cache as [`KvCache::new`]'s, its K and V stored in `precision`. With
+    /// [`Precision::F16`] the device needs shader-f16 ([`Error::NoShaderF16`] otherwise), the
+    /// head widths must be even (appends are copies of whole 4-byte words, so a token's f16
+    /// row must be one), host appends are rounded to f16 (a value past its range is
+    /// [`Error::OutsideF16Range`], naming `k` or `v` and the index) and appended buffers
+    /// hold f16.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{AttentionOp, GpuContext, KvCache, Precision};
+    /// let ctx = GpuContext::from_env()?;
+    /// let cache = KvCache::with_precision(&ctx, Precision::F16, 1, 8, 128, 128, 4096)?;
+    /// // The operator's configuration carries the cache's precision: Q and out are f16 too.
+    /// let op = AttentionOp::new(&ctx, &cache.operator_config(32, 1).causal())?;
+    /// assert_eq!(op.config().precision, Precision::F16);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn with_precision(
+        ctx: &GpuContext,
+        precision: Precision,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        head_dim_v: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        precision.check_device(ctx)?;
         for (name, v) in [
             ("batch", batch),
             ("kv_heads", kv_heads),
@@ -89,10 +130,21 @@ impl KvCache {
                 hint: "; use several caches".into(),
             });
         }
+        if precision == Precision::F16 {
+            for (name, w) in [("head_dim", head_dim), ("head_dim_v", head_dim_v)] {
+                if w % 2 != 0 {
+                    return Err(Error::InvalidConfig(format!(
+                        "an f16 KV cache needs an even {name}, not {w}: each token's row is \
+                         copied in whole 4-byte words (use f32, or pad the heads)"
+                    )));
+                }
+            }
+        }
         let limits = ctx.limits();
+        let e = precision.bytes();
         let elements = |w: usize| (batch * kv_heads * capacity) as u64 * w as u64;
         for (name, n) in [("k", elements(head_dim)), ("v", elements(head_dim_v))] {
-            let bytes = n * 4;
+            let bytes = n * e;
             if bytes > limits.max_storage_buffer_binding_size || n > u32::MAX as u64 {
                 return Err(Error::LimitExceeded {
                     limit: "max_storage_buffer_binding_size",
@@ -107,20 +159,20 @@ impl KvCache {
         let copy = STORAGE | wgpu::BufferUsages::COPY_DST;
         let table = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
         let numbers: Vec<u32> = (0..=capacity as u32).collect();
-        let step = (batch * kv_heads * (head_dim + head_dim_v) * 4) as u64;
+        let step = (batch * kv_heads * (head_dim + head_dim_v)) as u64 * e;
         let (k, v, row_lengths, numbers) = scoped(device, "creating the KV cache", || {
             (
                 // Read as vec4: the last element needs a whole vec4 to lie in.
                 buffer(
                     device,
                     "kv cache k",
-                    (elements(head_dim) * 4).next_multiple_of(16),
+                    (elements(head_dim) * e).next_multiple_of(16),
                     copy,
                 ),
                 buffer(
                     device,
                     "kv cache v",
-                    (elements(head_dim_v) * 4).next_multiple_of(16),
+                    (elements(head_dim_v) * e).next_multiple_of(16),
                     copy,
                 ),
                 device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -141,6 +193,7 @@ impl KvCache {
             head_dim,
             head_dim_v,
             capacity,
+            precision,
             k,
             v,
             row_lengths,
@@ -152,7 +205,8 @@ impl KvCache {
     }
 
     /// The configuration of an operator on this cache: `heads` query heads, calls of up to
-    /// `max_q_len` new tokens over up to `capacity` keys, per-row lengths (so at most
+    /// `max_q_len` new tokens over up to `capacity` keys, the cache's precision (Q and the
+    /// output are stored in it too), per-row lengths (so at most
     /// [`crate::DECODE_MAX_Q_LEN`] queries; a longer prefill takes an operator built without
     /// `with_row_lengths`, on rows of one length).
     pub fn operator_config(&self, heads: usize, max_q_len: usize) -> OperatorConfig {
@@ -167,6 +221,7 @@ impl KvCache {
         .with_head_dim_v(self.head_dim_v)
         .with_kv_capacity(self.capacity)
         .with_row_lengths()
+        .with_precision(self.precision)
     }
 
     /// Batch rows.
@@ -194,12 +249,17 @@ impl KvCache {
         self.capacity
     }
 
-    /// The K buffer, `[batch, kv_heads, capacity, head_dim]` f32.
+    /// How K and V are stored.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The K buffer, `[batch, kv_heads, capacity, head_dim]` in the cache's precision.
     pub fn k(&self) -> &wgpu::Buffer {
         &self.k
     }
 
-    /// The V buffer, `[batch, kv_heads, capacity, head_dim_v]` f32.
+    /// The V buffer, `[batch, kv_heads, capacity, head_dim_v]` in the cache's precision.
     pub fn v(&self) -> &wgpu::Buffer {
         &self.v
     }
@@ -287,13 +347,13 @@ impl KvCache {
 
     /// Where token `t` of head `h` of row `b` starts in K (`width` = head_dim) or V.
     fn at(&self, b: usize, h: usize, t: usize, width: usize) -> u64 {
-        ((((b * self.kv_heads + h) * self.capacity) + t) * width * 4) as u64
+        ((((b * self.kv_heads + h) * self.capacity) + t) * width) as u64 * self.precision.bytes()
     }
 
     /// Records the append of `tokens` new tokens to every row, copied from the application's
     /// buffers `k` `[batch, kv_heads, tokens, head_dim]` and `v` `[batch, kv_heads, tokens,
-    /// head_dim_v]` (f32, packed, `COPY_SRC` usage), each row's at its own length; advances
-    /// the lengths.
+    /// head_dim_v]` (in the cache's precision, packed, `COPY_SRC` usage), each row's at its
+    /// own length; advances the lengths.
     pub fn append_buffers(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -305,8 +365,9 @@ impl KvCache {
             return Err(Error::ZeroSize { name: "tokens" });
         }
         self.check_room(tokens)?;
+        let e = self.precision.bytes();
         for (name, src, width) in [("k", k, self.head_dim), ("v", v, self.head_dim_v)] {
-            let bytes = (self.batch * self.kv_heads * tokens * width * 4) as u64;
+            let bytes = (self.batch * self.kv_heads * tokens * width) as u64 * e;
             if !src.usage().contains(wgpu::BufferUsages::COPY_SRC) || src.size() < bytes {
                 return Err(Error::BadBuffer {
                     name,
@@ -327,10 +388,10 @@ impl KvCache {
                 {
                     encoder.copy_buffer_to_buffer(
                         src,
-                        (block * width * 4) as u64,
+                        (block * width) as u64 * e,
                         dst,
                         self.at(b, h, self.lens[b], width),
-                        (tokens * width * 4) as u64,
+                        (tokens * width) as u64 * e,
                     );
                 }
             }
@@ -341,8 +402,10 @@ impl KvCache {
 
     /// Records the append of new tokens from host tensors `k` `[batch, kv_heads, tokens,
     /// head_dim]` and `v` `[batch, kv_heads, tokens, head_dim_v]` through the cache's staging
-    /// belt (made once; its memory is reused once the GPU is done with it). Call
-    /// [`KvCache::recall`] after submitting `encoder`.
+    /// belt (made once; its memory is reused once the GPU is done with it), rounded to f16 as
+    /// they are written for an f16 cache (checked first: a value past f16's range is
+    /// [`Error::OutsideF16Range`] naming `k` or `v` and its index, and nothing is recorded).
+    /// Call [`KvCache::recall`] after submitting `encoder`.
     pub fn append_host(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -356,6 +419,9 @@ impl KvCache {
                 return Err(Error::shape(name, &expected, t.shape()));
             }
             t.check_finite(name)?;
+            if self.precision == Precision::F16 {
+                check_f16_range(name, t.shape(), t.data())?;
+            }
         }
         if tokens == 0 {
             return Err(Error::ZeroSize { name: "tokens" });
@@ -368,10 +434,17 @@ impl KvCache {
                     let src = &t.data()[block * width..(block + tokens) * width];
                     let at = self.at(b, h, self.lens[b], width);
                     let dst = if is_k { &self.k } else { &self.v };
-                    if let Some(size) = wgpu::BufferSize::new(src.len() as u64 * 4) {
-                        self.belt
-                            .write_buffer(encoder, dst, at, size)
-                            .copy_from_slice(bytemuck::cast_slice(src));
+                    let e = self.precision.bytes();
+                    if let Some(size) = wgpu::BufferSize::new(src.len() as u64 * e) {
+                        let mut view = self.belt.write_buffer(encoder, dst, at, size);
+                        match self.precision {
+                            Precision::F32 => view.copy_from_slice(bytemuck::cast_slice(src)),
+                            // Even widths: whole words, so write_f16 adds no padding.
+                            Precision::F16 => write_f16(src, |offset, bytes| {
+                                view.slice(offset..offset + bytes.len())
+                                    .copy_from_slice(bytes)
+                            }),
+                        }
                     }
                 }
             }

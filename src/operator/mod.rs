@@ -82,17 +82,17 @@ use crate::tensor::{Tensor, unravel};
 /// rounded up to a multiple of 16 bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct OperatorIo<'a> {
-    /// Queries, f32.
+    /// Queries, in the configuration's precision (f32 or f16).
     pub q: &'a wgpu::Buffer,
-    /// Keys, f32.
+    /// Keys, in the configuration's precision.
     pub k: &'a wgpu::Buffer,
-    /// Values, f32.
+    /// Values, in the configuration's precision.
     pub v: &'a wgpu::Buffer,
     /// Key-padding mask, u32 `[batch, kv_len]`, exactly when the configuration has one.
     pub key_mask: Option<&'a wgpu::Buffer>,
     /// Additive bias, f32, exactly when the configuration has one.
     pub bias: Option<&'a wgpu::Buffer>,
-    /// Where the output goes, f32.
+    /// Where the output goes, in the configuration's precision.
     pub out: &'a wgpu::Buffer,
 }
 
@@ -224,29 +224,7 @@ impl AttentionOp {
                 why: "gradients were asked for, and the backward kernels store f32".into(),
             });
         }
-        // Split-K decode stores f32 only: f16 calls of any length run the fused kernel, and
-        // asking for split-K in f16 is refused by name.
-        if config.precision == Precision::F16
-            && (config.path == OperatorPath::SplitK || config.row_lengths)
-        {
-            return Err(Error::F16NeedsFused {
-                why: "split-K decode was asked for (OperatorPath::SplitK or per-row lengths), \
-                      and its kernels store f32"
-                    .into(),
-            });
-        }
         let chosen = choose_kernel(config, &limits)?;
-        if config.precision == Precision::F16 && chosen == KernelChoice::Staged {
-            return Err(Error::F16NeedsFused {
-                why: if config.kernel == KernelChoice::Staged {
-                    "the operator's staged kernels were chosen".into()
-                } else {
-                    "this operator needs its staged kernels (intermediates kept, value heads \
-                     wider than the fused kernel takes, or a device it does not fit)"
-                        .into()
-                },
-            });
-        }
         let path = match chosen {
             KernelChoice::Fused => Path::Fused(Core::new(ctx, geometry, 0, max_q, max_kv).await?),
             _ => Path::Staged(
@@ -257,11 +235,11 @@ impl AttentionOp {
         // mask); asked for by name (SplitK, row lengths), it is refused by name there.
         let decode_fits = crate::kernels::Kernel::DecodeSplit {
             mask: config.key_padding_mask,
+            precision: config.precision,
         }
         .storage_buffers()
             <= limits.max_storage_buffers_per_shader_stage;
         let decode = if config.has_decode()
-            && config.precision == Precision::F32
             && (decode_fits || config.path == OperatorPath::SplitK || config.row_lengths)
         {
             let max_q = max_q.min(DECODE_MAX_Q_LEN as u32);

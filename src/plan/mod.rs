@@ -156,24 +156,6 @@ impl AttentionPlan {
             }
             layout.kernel = KernelChoice::Staged;
         }
-        if config.precision == Precision::F16 && layout.kernel == KernelChoice::Staged {
-            return Err(Error::F16NeedsFused {
-                why: if config.kernel == KernelChoice::Staged {
-                    "the staged kernels were chosen".into()
-                } else {
-                    format!(
-                        "this layer needs them ({})",
-                        if config.keep_intermediates {
-                            "intermediates are kept"
-                        } else if config.head_dim_v > crate::FUSED_MAX_HEAD_DIM_V {
-                            "its value heads are wider than the fused kernel takes"
-                        } else {
-                            "the device allows too few storage buffers for the fused kernel"
-                        }
-                    )
-                },
-            });
-        }
         check_sizes(config, &layout, &limits)?;
         let device = ctx.device();
         let (bufs, own) = scoped_async(device, "creating the plan's buffers", || {
@@ -591,7 +573,16 @@ impl AttentionPlan {
         let (b, h, n) = (l.batch as usize, l.heads as usize, l.seq as usize);
         let (dk, dv) = (l.head_dim as usize, l.head_dim_v as usize);
         let read = |buffer| read_f32(self.ctx.device(), self.ctx.queue(), buffer);
-        let qkv = read(&self.bufs.qkv)?;
+        // Q/K/V, the heads and the output are stored in the plan's precision (the scores and
+        // probabilities are f32 in either): f16 words are widened, two per 4 bytes read.
+        let stored = |buffer| -> Result<Vec<f32>> {
+            let words = read(buffer)?;
+            Ok(match self.config.precision {
+                Precision::F32 => words,
+                Precision::F16 => Precision::F16.decode(bytemuck::cast_slice(&words)),
+            })
+        };
+        let qkv = stored(&self.bufs.qkv)?;
         let rows = b * h * n;
         let (dp, dvp) = (l.dp as usize, l.dvp as usize);
         let q = pack::unpad_rows(&qkv[..rows * dp], dp, dk);
@@ -615,11 +606,14 @@ impl AttentionPlan {
             };
         }
         let probs = pack::unpad_rows(&read(probs)?, l.seq_pad as usize, n);
-        let output = read(&self.own.output)?;
-        let attention = match &self.bufs.attention {
-            Some(a) => read(a)?,
+        let mut output = stored(&self.own.output)?;
+        // An odd number of f16 values fills a last 4-byte word with one more.
+        output.truncate(self.config.output_shape().iter().product());
+        let mut attention = match &self.bufs.attention {
+            Some(a) => stored(a)?,
             None => output.clone(),
         };
+        attention.truncate(b * n * h * dv);
         Ok(Intermediates {
             q: Tensor::new([b, h, n, dk], q)?,
             k: Tensor::new([b, h, n, dk], k)?,

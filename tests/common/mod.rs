@@ -86,12 +86,7 @@ pub fn op_ctx(config: &wgpu_attention::OperatorConfig) -> &'static GpuContext {
         Err(wgpu_attention::Error::LimitExceeded {
             limit: "max_storage_buffers_per_shader_stage",
             ..
-        })
-        // An f16 operator the downlevel profile would send to the staged kernels, which are
-        // f32 only (tests/f16.rs checks that refusal by name).
-        | Err(wgpu_attention::Error::F16NeedsFused { .. }) => {
-            WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default()))
-        }
+        }) => WEBGPU.get_or_init(|| exact_limits(wgpu::Limits::default())),
         _ => ctx(),
     }
 }

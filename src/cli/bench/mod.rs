@@ -347,19 +347,12 @@ pub fn main(
     args: &BenchArgs,
     progress: &MultiProgress,
 ) -> Result<(), CliError> {
-    if args.precision != PrecisionArg::F32 {
-        if args.decode.decode {
-            return Err(CliError::Usage(
-                "--decode runs split-K decode, whose kernels store f32 only so far: f16 \
-                 decoding runs on the fused kernel (bench --precision both times it per \
-                 length); drop --precision or --decode"
-                    .into(),
-            ));
-        }
-        return super::bench_precision::main(adapter, args, args.precision, progress);
-    }
+    // Decoding takes --precision itself (f32, f16, or both side by side).
     if args.decode.decode {
         return super::bench_decode::main(adapter, args);
+    }
+    if args.precision != PrecisionArg::F32 {
+        return super::bench_precision::main(adapter, args, args.precision, progress);
     }
     // The sweep reaches past wgpu's portable defaults where the adapter allows.
     let ctx = adapter.context(DeviceLimits::Adapter)?;
