@@ -14,7 +14,8 @@
 //! Both gradient kernels recompute `P = exp(scale · q·k + bias - lse)`: nothing of size
 //! `q_len × kv_len` is stored. The only memory the backward allocates for a call on an
 //! application's buffers is `aux`, `4 (2 batch heads max_q_len + batch max_kv_len)` bytes
-//! ([`AttentionOp::backward_scratch_bytes`]).
+//! ([`AttentionOp::backward_scratch_bytes`]); with the application's buffers a backward call
+//! binds, [`AttentionOp::backward_memory_bytes`].
 //!
 //! # The saved logsumexp
 //!

@@ -52,6 +52,7 @@ pub(crate) mod grad_kernels;
 mod inputs;
 mod kv_cache;
 mod lengths;
+mod memory;
 mod run;
 mod tune;
 
