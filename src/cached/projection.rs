@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 use wgpu::util::DeviceExt;
 
 /// Bytes of one entry of the parameter table: `GemmParams`.
-const PARAMS_BYTES: u64 = 64;
+const PARAMS_BYTES: u64 = crate::kernels::gemm::GemmParams::LAYOUT.size as u64;
 
 /// The product `[batch * n, k] · [k, cols] + bias` of one step of `n` tokens, for every
 /// `n` up to the layer's step size.
