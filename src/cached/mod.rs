@@ -116,6 +116,11 @@ impl CachedAttention {
     /// Builds the layer and its empty cache: checks `config` and `weights`, uploads the
     /// weights, compiles (or reuses) every pipeline and makes the tables of every step size.
     /// Blocks until done.
+    ///
+    /// With [`crate::Precision::F16`] storage a device without shader-f16 is
+    /// [`Error::NoShaderF16`] (no emulation), an odd head width is the f16 cache's
+    /// [`Error::InvalidConfig`], and a weight past f16's range is [`Error::OutsideF16Range`]
+    /// naming the tensor and the index.
     pub fn new(
         ctx: &GpuContext,
         config: &CachedLayerConfig,
