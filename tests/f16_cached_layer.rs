@@ -115,6 +115,7 @@ struct Expected {
     want: Vec<Tensor>,
     bound: Vec<Tensor>,
     worst: f64,
+    worst_abs: f64,
 }
 
 impl Expected {
@@ -133,6 +134,7 @@ impl Expected {
                 .map(|x| reference::cached_layer_error_bound(&one_row, w, x).unwrap())
                 .collect(),
             worst: 0.0,
+            worst_abs: 0.0,
         }
     }
 
@@ -164,6 +166,7 @@ impl Expected {
             let c = compare_bounded(&keep(&g), &keep(&want), &keep(&bound)).unwrap();
             assert!(c.passed(), "{what}, batch row {b} at {at}: {c}");
             self.worst = self.worst.max(c.worst_ratio);
+            self.worst_abs = self.worst_abs.max(c.max_abs);
         }
     }
 }
@@ -251,7 +254,10 @@ fn f16_steps_within_the_bound(
         layer.cache().lens(),
         [prompt + steps * chunk, prompt - rewind + steps * chunk]
     );
-    eprintln!("{what}: at most {:.3} of the f16 bound", expected.worst);
+    eprintln!(
+        "{what}: max abs error {:.3e}, at most {:.3} of the f16 bound",
+        expected.worst_abs, expected.worst
+    );
     expected.worst
 }
 
