@@ -30,13 +30,15 @@ pub struct RunArgs {
     /// ...) are read too, in PyTorch's conventions. Or one call of the attention operator:
     /// `q` [batch, heads, q_len, head_dim], `k` [batch, kv_heads, kv_len, head_dim], `v`
     /// [batch, kv_heads, kv_len, head_dim_v], optionally `key_mask` [batch, kv_len] (nonzero =
-    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Floats are F32, F16 or
-    /// BF16 (read exactly). See docs/safetensors.md.
+    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Either kind may also
+    /// hold `grad_out` (shaped like `out`) to run the backward too. Floats are F32, F16 or BF16
+    /// (read exactly). See docs/safetensors.md.
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
     /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`;
-    /// [batch, heads, q_len, head_dim_v] for an operator call).
-    /// Written only if the GPU agrees with the CPU reference; an existing file is replaced
+    /// [batch, heads, q_len, head_dim_v] for an operator call), and with `grad_out` a
+    /// `grad_<name>` for every input tensor (`grad_x`, `grad_w_q`, ... or `grad_q`, `grad_k`,
+    /// `grad_v`). Written only if the GPU agrees with the CPU reference; an existing file is replaced
     /// atomically. Never the input file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
