@@ -15,7 +15,10 @@
 //
 // Work split: an invocation (s, o) of a DS x BO workgroup serves owned row o; its DS
 // invocations split that row's columns, invocation s holding vec4 columns s + DS c for
-// c < NC in registers (so DS NC vec4 cover the widest head).
+// c < NC in registers (so DS NC vec4 cover the widest head). In the score step of each walk
+// step of BW rows, invocation (s, o) forms q·k and dO·v of its owned row against walked rows
+// s, s + DS, ... (ROWS = BW / DS of them, at most 8, in registers), loading each vec4 of the
+// owned row once for all of them.
 
 const LOWEST: f32 = -3.402823e38;
 

@@ -27,7 +27,9 @@
 override DS: u32 = 4u;   // invocations per owned key, splitting its columns
 override NC: u32 = 4u;   // vec4 columns per invocation: DS NC >= the widest head's vec4s, NC <= 8
 override BO: u32 = 16u;  // keys owned per workgroup
-override BW: u32 = 8u;   // query rows per step of the walk
+override BW: u32 = 8u;   // query rows per step of the walk, at most 8 DS
+// Walked rows per invocation in the score step (rows s, s + DS, ...): at most 8.
+override ROWS: u32 = (BW + DS - 1u) / DS;
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -106,20 +108,30 @@ fn main(
                 walk_d[e] = d_of(b, h, ii);
             }
             workgroupBarrier();
-            for (var w = s; w < BW; w += DS) {
+            // Rows s, s + DS, ... of the step against key o: each vec4 of the key's K and V
+            // rows is loaded once and feeds every one of them (up to 8, in registers).
+            var sd = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+            var pd = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+            for (var c4 = 0u; c4 < w4; c4++) {
+                let kk = own_k[o * w4 + c4];
+                let vv = own_v[o * w4 + c4];
+                for (var r = 0u; r < ROWS; r++) {
+                    let w = min(s + DS * r, BW - 1u);
+                    sd[r] += dot(walk_q[w * w4 + c4], kk);
+                    pd[r] += dot(walk_do[w * w4 + c4], vv);
+                }
+            }
+            for (var r = 0u; r < ROWS; r++) {
+                let w = s + DS * r;
                 let i = i0 + w;
-                var sd = 0.0;
-                var pd = 0.0;
-                for (var c4 = 0u; c4 < w4; c4++) {
-                    sd += dot(walk_q[w * w4 + c4], own_k[o * w4 + c4]);
-                    pd += dot(walk_do[w * w4 + c4], own_v[o * w4 + c4]);
-                }
                 var pr = Pair(0.0, 0.0);
-                if (i < lq.n && present) {
-                    pr = pair(b, h, i, j, sd, pd, walk_lse[w], walk_d[w], true);
+                if (w < BW && i < lq.n && present) {
+                    pr = pair(b, h, i, j, sd[r], pd[r], walk_lse[w], walk_d[w], true);
                 }
-                p_t[w * BO + o] = pr.prob;
-                ds_t[w * BO + o] = pr.ds;
+                if (w < BW) {
+                    p_t[w * BO + o] = pr.prob;
+                    ds_t[w * BO + o] = pr.ds;
+                }
             }
             workgroupBarrier();
             for (var w = 0u; w < BW; w++) {

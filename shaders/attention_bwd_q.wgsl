@@ -22,7 +22,9 @@
 override DS: u32 = 4u;   // invocations per owned query, splitting its columns
 override NC: u32 = 4u;   // vec4 columns per invocation: DS NC >= the widest head's vec4s, NC <= 8
 override BO: u32 = 16u;  // queries owned per workgroup
-override BW: u32 = 8u;   // keys per step of the walk
+override BW: u32 = 8u;   // keys per step of the walk, at most 8 DS
+// Walked keys per invocation in the score step (keys s, s + DS, ...): at most 8.
+override ROWS: u32 = (BW + DS - 1u) / DS;
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -96,18 +98,28 @@ fn main(
             walk_ok[e] = u32(key_ok(b, j0 + e));
         }
         workgroupBarrier();
-        for (var w = s; w < BW; w += DS) {
-            var sd = 0.0;
-            var pd = 0.0;
-            for (var c4 = 0u; c4 < w4; c4++) {
-                sd += dot(own_q[o * w4 + c4], walk_k[w * w4 + c4]);
-                pd += dot(own_do[o * w4 + c4], walk_v[w * w4 + c4]);
+        // Keys s, s + DS, ... of the step against query o: each vec4 of the query's Q and
+        // dO rows is loaded once and feeds every one of them (up to 8, in registers).
+        var sd = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        var pd = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        for (var c4 = 0u; c4 < w4; c4++) {
+            let qq = own_q[o * w4 + c4];
+            let gg = own_do[o * w4 + c4];
+            for (var r = 0u; r < ROWS; r++) {
+                let w = min(s + DS * r, BW - 1u);
+                sd[r] += dot(qq, walk_k[w * w4 + c4]);
+                pd[r] += dot(gg, walk_v[w * w4 + c4]);
             }
+        }
+        for (var r = 0u; r < ROWS; r++) {
+            let w = s + DS * r;
             var pr = Pair(0.0, 0.0);
-            if (in_range && walk_ok[w] != 0u) {
-                pr = pair(b, h, i, j0 + w, sd, pd, lse, dd, true);
+            if (w < BW && in_range && walk_ok[w] != 0u) {
+                pr = pair(b, h, i, j0 + w, sd[r], pd[r], lse, dd, true);
             }
-            ds_t[o * BW + w] = pr.ds;
+            if (w < BW) {
+                ds_t[o * BW + w] = pr.ds;
+            }
         }
         workgroupBarrier();
         for (var w = 0u; w < BW; w++) {

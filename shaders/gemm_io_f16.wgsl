@@ -1,4 +1,4 @@
-// Contract: the includer (gemm.wgsl) reads and writes its storage only through load_a, load_b4, load_bias4 and store_c; f16.wgsl comes first in the module.
+// Contract: the includer (gemm.wgsl) reads and writes its storage only through load_a, load_b, load_b4, load_bias4 and store_c; f16.wgsl comes first in the module.
 //
 // gemm.wgsl's storage in f16 (Precision::F16): the same bindings and element indices as
 // gemm_io_f32.wgsl, holding f16. Every value is widened to f32 as it is loaded and the product
@@ -17,6 +17,11 @@
 
 fn load_a(i: u32) -> f32 {
     return f32(a[i]);
+}
+
+// Element i of b, for B read by index rather than as whole vec4 rows.
+fn load_b(i: u32) -> f32 {
+    return f32(b[i / 4u][i % 4u]);
 }
 
 fn load_b4(i: u32) -> vec4<f32> {

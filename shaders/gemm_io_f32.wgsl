@@ -1,4 +1,4 @@
-// Contract: the includer (gemm.wgsl) reads and writes its storage only through load_a, load_b4, load_bias4 and store_c.
+// Contract: the includer (gemm.wgsl) reads and writes its storage only through load_a, load_b, load_b4, load_bias4 and store_c.
 //
 // gemm.wgsl's storage in f32 (Precision::F32): the bindings, and element access in f32.
 //
@@ -14,6 +14,11 @@
 
 fn load_a(i: u32) -> f32 {
     return a[i];
+}
+
+// Element i of b, for B read by index rather than as whole vec4 rows.
+fn load_b(i: u32) -> f32 {
+    return (b[i / 4u][i % 4u]);
 }
 
 fn load_b4(i: u32) -> vec4<f32> {

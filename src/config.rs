@@ -91,6 +91,11 @@ pub struct AttentionConfig {
     /// How x, the weights, Q/K/V and the output are stored on the GPU (arithmetic is f32
     /// either way); see [`crate::precision`].
     pub precision: Precision,
+    /// The plan can run the layer's backward ([`crate::AttentionPlan::run_with_grad`],
+    /// [`crate::AttentionPlan::encode_backward`]): its forward then saves each query row's
+    /// logsumexp (`4 · batch · heads · seq` bytes), and the plan holds the backward's buffers.
+    /// Runs the fused kernel, in f32.
+    pub gradients: bool,
 }
 
 impl AttentionConfig {
@@ -117,6 +122,7 @@ impl AttentionConfig {
             kernel: KernelChoice::Auto,
             keep_intermediates: false,
             precision: Precision::F32,
+            gradients: false,
         }
     }
 
@@ -159,6 +165,12 @@ impl AttentionConfig {
     /// Stores tensors in `precision` (see [`crate::precision`]).
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
+        self
+    }
+
+    /// Makes the plan able to run the layer's backward (see [`AttentionConfig::gradients`]).
+    pub fn with_gradients(mut self) -> Self {
+        self.gradients = true;
         self
     }
 
@@ -234,6 +246,7 @@ impl AttentionConfig {
     /// memory grows with `seq` where the staged path's grows with `seq²`.
     pub fn resolved_kernel(&self) -> KernelChoice {
         match self.kernel {
+            KernelChoice::Auto if self.gradients => KernelChoice::Fused,
             KernelChoice::Auto
                 if self.keep_intermediates
                     || self.head_dim_v.div_ceil(4) * 4 > FUSED_MAX_HEAD_DIM_V =>
@@ -269,6 +282,13 @@ impl AttentionConfig {
             return Err(Error::InvalidConfig(
                 "the fused kernel never stores scores or probabilities, so intermediates cannot be \
                  kept: use KernelChoice::Staged (or Auto) to read them back"
+                    .into(),
+            ));
+        }
+        if self.gradients && (self.kernel == KernelChoice::Staged || self.keep_intermediates) {
+            return Err(Error::InvalidConfig(
+                "gradients need the fused kernel, whose forward saves the logsumexp the backward \
+                 reads: drop KernelChoice::Staged and with_intermediates()"
                     .into(),
             ));
         }

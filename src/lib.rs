@@ -102,7 +102,10 @@ pub use operator::{
     DECODE_MAX_Q_LEN, KvCache, Lengths, OperatorBindings, OperatorConfig, OperatorGrads,
     OperatorInputs, OperatorIo, OperatorPath, QkvLayout,
 };
-pub use plan::{AttentionBindings, AttentionIo, AttentionPlan, TimestampWrites};
+pub use plan::{
+    AttentionBindings, AttentionIo, AttentionPlan, LayerBackwardBindings, LayerBackwardIo,
+    TimestampWrites,
+};
 pub use precision::Precision;
 #[cfg(feature = "random")]
 pub use random::Random;

@@ -145,6 +145,14 @@ fn gradients_match_the_reference_over_masks_bias_causal_and_gqa() {
     );
     // A head of 64, the common size, over a few blocks of keys and queries.
     check(&base(2, 1, 64, 40, 40).causal(), 40, 40, 11);
+    // A head of 32: two invocations a row, each scoring eight walked rows (ROWS = 8) under
+    // WebGPU's default limits; partial blocks and padding.
+    check(
+        &base(2, 2, 32, 24, 40).causal().with_key_padding_mask(),
+        21,
+        37,
+        12,
+    );
 }
 
 /// The forward of an operator built with gradients saves each row's logsumexp, in the units
@@ -617,4 +625,81 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
         assert_eq!(op.run_backward(&x, &out, &lse, &g).unwrap(), first);
         assert_eq!(counters(), after_first, "run_backward created wgpu objects");
     }
+}
+
+/// Sequences of 4096 (8 heads of 64 over 2 key/value heads) and 16384 (one head of 16) are
+/// accepted under WebGPU's default limits, bound to an application's buffers and recorded
+/// (not run: the 16384 backward takes minutes on a software adapter), and the memory a
+/// backward call binds grows as the sequence does: four times the tokens, four times the bytes.
+#[test]
+fn long_sequences_fit_webgpus_default_limits_in_memory_linear_in_the_length() {
+    let (device, queue) = common::app_device(|_| {});
+    let app = GpuContext::from_device(device.clone(), queue);
+    assert_eq!(
+        app.limits(),
+        wgpu::Limits::default(),
+        "the adapter lacks WebGPU's defaults"
+    );
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let accepted = |heads: usize, kv_heads: usize, d: usize, n: usize| -> u64 {
+        let config = OperatorConfig::new(1, heads, kv_heads, d, n, n)
+            .causal()
+            .with_key_padding_mask()
+            .with_gradients();
+        let op = AttentionOp::new(&app, &config).unwrap();
+        let buffer = |elements: usize| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: (elements * 4).next_multiple_of(16) as u64,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let (q, out) = (buffer(heads * n * d), buffer(heads * n * d));
+        let (k, v) = (buffer(kv_heads * n * d), buffer(kv_heads * n * d));
+        let (grad_out, grad_q) = (buffer(heads * n * d), buffer(heads * n * d));
+        let (grad_k, grad_v) = (buffer(kv_heads * n * d), buffer(kv_heads * n * d));
+        let (mask, lse) = (buffer(n), buffer(heads * n));
+        let bindings = op
+            .bind_backward(BackwardIo {
+                q: &q,
+                k: &k,
+                v: &v,
+                key_mask: Some(&mask),
+                bias: None,
+                out: &out,
+                lse: &lse,
+                grad_out: &grad_out,
+                grad_q: &grad_q,
+                grad_k: &grad_k,
+                grad_v: &grad_v,
+            })
+            .unwrap();
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let lengths = Lengths {
+            q_len: n,
+            kv_len: n,
+        };
+        op.encode_backward(&mut encoder, &bindings, lengths)
+            .unwrap();
+        drop(encoder);
+        let bytes = op.backward_memory_bytes().unwrap();
+        // Exactly the buffers bound above and the scratch.
+        let bound: u64 = [
+            &q, &k, &v, &out, &lse, &grad_out, &grad_q, &grad_k, &grad_v, &mask,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum();
+        assert_eq!(bytes, bound + op.backward_scratch_bytes().unwrap());
+        bytes
+    };
+    let (small, large) = (accepted(8, 2, 64, 1024), accepted(8, 2, 64, 4096));
+    eprintln!("backward memory, 8 heads of 64: {small} bytes at 1024 tokens, {large} at 4096");
+    assert_eq!(large, 4 * small);
+    let (small, large) = (accepted(1, 1, 16, 4096), accepted(1, 1, 16, 16384));
+    eprintln!("backward memory, 1 head of 16: {small} bytes at 4096 tokens, {large} at 16384");
+    assert_eq!(large, 4 * small);
+    // One f32 score matrix would take 4 · 16384² bytes, a GiB: all of it is under 1% of that.
+    assert!(large * 100 < 4 * 16384 * 16384, "{large}");
 }

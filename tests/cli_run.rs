@@ -5,6 +5,13 @@
 // Files holding an operator's q, k, v rather than a layer.
 #[path = "cli_run/operator.rs"]
 mod operator;
+// Operator files that also hold `grad_out`: the backward.
+#[path = "cli_run/operator_grad.rs"]
+mod operator_grad;
+
+// Layer files that also hold `grad_out`: the layer's backward.
+#[path = "cli_run/layer_grad.rs"]
+mod layer_grad;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

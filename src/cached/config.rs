@@ -2,6 +2,7 @@
 //! of the weights and inputs against it.
 
 use crate::error::{Error, Result, Shape};
+use crate::precision::Precision;
 use crate::tensor::Tensor;
 use crate::weights::AttentionWeights;
 
@@ -47,6 +48,9 @@ pub struct CachedLayerConfig {
     pub scale: Option<f32>,
     /// Width of the output projection's output, when the layer has one.
     pub d_out: Option<usize>,
+    /// How x, the weights, Q, the cache and the output are stored (arithmetic is f32 with
+    /// either); [`Precision::F32`] by default.
+    pub precision: Precision,
 }
 
 impl CachedLayerConfig {
@@ -74,6 +78,7 @@ impl CachedLayerConfig {
             causal: true,
             scale: None,
             d_out: None,
+            precision: Precision::F32,
         }
     }
 
@@ -99,6 +104,22 @@ impl CachedLayerConfig {
     /// An output projection to `d_out` columns after the attention.
     pub fn with_output_projection(mut self, d_out: usize) -> Self {
         self.d_out = Some(d_out);
+        self
+    }
+
+    /// Stores x, the weights, Q, the KV cache and the output in `precision`.
+    /// [`Precision::F16`] halves the bytes a decoding step reads from the cache; it needs the
+    /// device's shader-f16 ([`Error::NoShaderF16`]) and even head widths (the f16 cache's
+    /// rule), and every weight and input value must fit f16 ([`Error::OutsideF16Range`]).
+    ///
+    /// ```
+    /// use wgpu_attention::{CachedLayerConfig, Precision};
+    /// let config = CachedLayerConfig::new(1, 4096, 32, 8, 128, 4096, 512)
+    ///     .with_precision(Precision::F16);
+    /// assert_eq!(config.precision.bytes(), 2);
+    /// ```
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
         self
     }
 
@@ -221,8 +242,9 @@ impl CachedLayerConfig {
         Ok(())
     }
 
-    /// Checks a step's input `x` `[batch, n, d_model]`, `1 <= n <= max_step`, finite; returns
-    /// `n`.
+    /// Checks a step's input `x` `[batch, n, d_model]`, `1 <= n <= max_step`, finite (and,
+    /// for f16 storage, within f16's range: [`Error::OutsideF16Range`] naming the index);
+    /// returns `n`.
     pub fn check_input(&self, x: &Tensor) -> Result<usize> {
         let n = match x.shape() {
             [b, n, d] if *b == self.batch && *d == self.d_model => *n,
@@ -232,7 +254,10 @@ impl CachedLayerConfig {
             }
         };
         self.check_step(n)?;
-        x.check_finite("x")?;
+        match self.precision {
+            Precision::F32 => x.check_finite("x")?,
+            Precision::F16 => crate::precision::check_f16_range("x", x.shape(), x.data())?,
+        }
         Ok(n)
     }
 

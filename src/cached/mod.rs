@@ -15,36 +15,44 @@
 //!
 //! Every pipeline, buffer and bind group is made when the layer is built (and by
 //! [`CachedAttention::bind`]); a step's size picks its parameters from tables made then, so a
-//! step writes, allocates and compiles nothing. f32 storage.
+//! step writes, allocates and compiles nothing.
+//!
+//! Storage is f32 or f16 ([`CachedLayerConfig::with_precision`]): with f16, x, the weights, Q,
+//! the cache and the output hold f16 values (the arithmetic stays f32), so a decoding step reads
+//! half the bytes of cache.
 
 mod config;
+mod host;
 mod projection;
 
 pub use config::CachedLayerConfig;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use host::OwnIo;
 use projection::{Projection, scratch};
 
 use crate::context::GpuContext;
-use crate::error::{Error, Result, Shape};
-use crate::gpu::{buffer, check_storage, map_and_read, scoped, scoped_async};
+use crate::error::{Error, Result};
+use crate::gpu::{buffer, check_storage, scoped, scoped_async};
 use crate::kernels::gemm::{Load, Store};
 use crate::kernels::{ChunkTable, pad4};
 use crate::operator::{
     AttentionOp, DECODE_MAX_Q_LEN, KvCache, Lengths, OperatorBindings, OperatorConfig, OperatorIo,
     OperatorPath,
 };
-use crate::tensor::{Tensor, unravel};
+use crate::precision::Precision;
 use crate::weights::AttentionWeights;
 
 /// The application's buffers for a cached layer's steps; each needs `STORAGE` usage and room
 /// for the layer's largest step (a step's tensors are packed at its own size, from the start).
+/// Their elements are of the layer's precision ([`CachedLayerConfig::precision`]): f32, or
+/// f16 (two bytes each).
 #[derive(Debug, Clone, Copy)]
 pub struct CachedIo<'a> {
-    /// The new tokens, f32 `[batch, n, d_model]`.
+    /// The new tokens, `[batch, n, d_model]`.
     pub x: &'a wgpu::Buffer,
-    /// Where the step's output goes, f32, in [`CachedLayerConfig::output_shape`].
+    /// Where the step's output goes, in [`CachedLayerConfig::output_shape`].
     pub output: &'a wgpu::Buffer,
 }
 
@@ -58,15 +66,6 @@ pub struct CachedBindings {
     output: Option<wgpu::BindGroup>,
     decode: OperatorBindings,
     prefill: Option<OperatorBindings>,
-}
-
-/// The layer's own input, output and read-back buffers, for [`CachedAttention::step`].
-#[derive(Debug)]
-struct OwnIo {
-    x: wgpu::Buffer,
-    output: wgpu::Buffer,
-    staging: wgpu::Buffer,
-    belt: wgpu::util::StagingBelt,
 }
 
 /// A self-attention layer with its KV cache (see the [module documentation](self)): each step
@@ -117,6 +116,11 @@ impl CachedAttention {
     /// Builds the layer and its empty cache: checks `config` and `weights`, uploads the
     /// weights, compiles (or reuses) every pipeline and makes the tables of every step size.
     /// Blocks until done.
+    ///
+    /// With [`crate::Precision::F16`] storage a device without shader-f16 is
+    /// [`Error::NoShaderF16`] (no emulation), an odd head width is the f16 cache's
+    /// [`Error::InvalidConfig`], and a weight past f16's range is [`Error::OutsideF16Range`]
+    /// naming the tensor and the index.
     pub fn new(
         ctx: &GpuContext,
         config: &CachedLayerConfig,
@@ -143,8 +147,13 @@ impl CachedAttention {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         config.check_weights(weights)?;
         let c = config;
-        let cache = KvCache::new(
+        let p = c.precision;
+        p.check_device(ctx)?;
+        // Rounded once here, so a value past f16's range is named before anything is built.
+        let rounded = weights.rounded_to(p)?;
+        let cache = KvCache::with_precision(
             ctx,
+            p,
             c.batch,
             c.kv_heads,
             c.head_dim,
@@ -178,7 +187,7 @@ impl CachedAttention {
             }
         };
         let (k_shape, v_shape) = (kv_shape(dp, d), kv_shape(dvp, dv));
-        let w = weights;
+        let w = &rounded;
         let (b, step) = (c.batch, c.max_step);
         let projections = [
             Projection::new(
@@ -190,6 +199,7 @@ impl CachedAttention {
                 b,
                 step,
                 false,
+                p,
                 &q_shape,
             )
             .await?,
@@ -202,6 +212,7 @@ impl CachedAttention {
                 b,
                 step,
                 true,
+                p,
                 &k_shape,
             )
             .await?,
@@ -214,6 +225,7 @@ impl CachedAttention {
                 b,
                 step,
                 true,
+                p,
                 &v_shape,
             )
             .await?,
@@ -243,6 +255,7 @@ impl CachedAttention {
                         b,
                         step,
                         false,
+                        p,
                         &o_shape,
                     )
                     .await?,
@@ -263,6 +276,7 @@ impl CachedAttention {
             let o = OperatorConfig::new(c.batch, c.heads, c.kv_heads, c.head_dim, step, c.capacity)
                 .with_head_dim_v(c.head_dim_v)
                 .with_kv_capacity(c.capacity)
+                .with_precision(p)
                 .with_path(OperatorPath::Prefill);
             Some(AttentionOp::new_async(ctx, &with_scale(o)).await?)
         } else {
@@ -273,12 +287,17 @@ impl CachedAttention {
         let out_elements = c.output_shape(step).iter().product();
         let (q, heads_buf, own) =
             scoped_async(device, "creating the cached layer's buffers", || {
-                let output = scratch(device, "cached layer output", out_elements);
-                let x = scratch(device, "cached layer x", rows * c.d_model);
+                let output = scratch(device, "cached layer output", out_elements, p);
+                let x = scratch(device, "cached layer x", rows * c.d_model, p);
                 (
-                    scratch(device, "cached layer q", rows * c.heads * c.head_dim),
+                    scratch(device, "cached layer q", rows * c.heads * c.head_dim, p),
                     c.d_out.map(|_| {
-                        scratch(device, "cached layer heads", rows * c.heads * c.head_dim_v)
+                        scratch(
+                            device,
+                            "cached layer heads",
+                            rows * c.heads * c.head_dim_v,
+                            p,
+                        )
                     }),
                     OwnIo {
                         staging: buffer(
@@ -346,18 +365,12 @@ impl CachedAttention {
             .output_shape(c.max_step)
             .iter()
             .product::<usize>();
-        check_storage(
-            "x",
-            io.x,
-            rows * c.d_model as u64 * 4,
-            " (the largest step)",
-        )?;
-        check_storage(
-            "output",
-            io.output,
-            out_elements as u64 * 4,
-            " (the largest step)",
-        )?;
+        let (e, sized_for) = match c.precision {
+            Precision::F32 => (4, " (the largest step)"),
+            Precision::F16 => (2, " (the largest step, f16 elements)"),
+        };
+        check_storage("x", io.x, rows * c.d_model as u64 * e, sized_for)?;
+        check_storage("output", io.output, out_elements as u64 * e, sized_for)?;
         // The operator writes the heads where the output projection reads them, or, without
         // one, straight into the output.
         let heads = self.heads.as_ref().unwrap_or(io.output);
@@ -490,60 +503,6 @@ impl CachedAttention {
         Ok(Some(lens[0] + n))
     }
 
-    /// Runs one step on host data: `x` `[batch, n, d_model]`, `1 <= n <= max_step`; returns
-    /// the step's output ([`CachedLayerConfig::output_shape`]). Uploads through a staging belt
-    /// made with the layer and reads back through its own buffer: after the first step this
-    /// allocates only the returned tensor on the host.
-    pub fn step(&mut self, x: &Tensor) -> Result<Tensor> {
-        let n = self.config.check_input(x)?;
-        // Refused before the upload is recorded (encode_step checks the same).
-        self.check_step(n)?;
-        let ctx = self.ctx.clone();
-        let _device = ctx.kernels().exclusive();
-        let (device, queue) = (ctx.device(), ctx.queue());
-        let shape = self.config.output_shape(n);
-        let out_bytes = shape.iter().product::<usize>() as u64 * 4;
-        let bindings = self
-            .own_bindings
-            .take()
-            .expect("bound when the layer was built");
-        let recorded = scoped(device, "running a cached layer step", || {
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("cached layer step"),
-            });
-            let bytes: &[u8] = bytemuck::cast_slice(x.data());
-            if let Some(size) = wgpu::BufferSize::new(bytes.len() as u64) {
-                self.own
-                    .belt
-                    .write_buffer(&mut encoder, &self.own.x, 0, size)
-                    .copy_from_slice(bytes);
-            }
-            self.own.belt.finish();
-            let recorded = self.encode_step(&mut encoder, &bindings, n);
-            encoder.copy_buffer_to_buffer(&self.own.output, 0, &self.own.staging, 0, out_bytes);
-            if recorded.is_ok() {
-                queue.submit([encoder.finish()]);
-            }
-            self.own.belt.recall();
-            recorded
-        });
-        self.own_bindings = Some(bindings);
-        recorded??;
-        let data = map_and_read(device, &self.own.staging, |bytes| {
-            bytemuck::cast_slice::<u8, f32>(&bytes[..out_bytes as usize]).to_vec()
-        })?;
-        if let Some(at) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteOutput {
-                index: Shape(unravel(&shape, at)),
-                value: data[at],
-                hint: "a product of the inputs and weights passed f32's range (3.4e38): scale \
-                       the inputs or weights down"
-                    .into(),
-            });
-        }
-        Tensor::new(shape, data)
-    }
-
     /// New buffers an application can bind as a [`CachedIo`] (x, output): `STORAGE |
     /// COPY_DST | COPY_SRC`, sized for the largest step. Made once, before the steps.
     pub fn io_buffers(&self) -> (wgpu::Buffer, wgpu::Buffer) {
@@ -551,8 +510,13 @@ impl CachedAttention {
         let out = c.output_shape(c.max_step).iter().product::<usize>();
         let device = self.ctx.device();
         (
-            scratch(device, "cached layer x", c.batch * c.max_step * c.d_model),
-            scratch(device, "cached layer output", out),
+            scratch(
+                device,
+                "cached layer x",
+                c.batch * c.max_step * c.d_model,
+                c.precision,
+            ),
+            scratch(device, "cached layer output", out, c.precision),
         )
     }
 

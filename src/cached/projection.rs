@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 use wgpu::util::DeviceExt;
 
 /// Bytes of one entry of the parameter table: `GemmParams`.
-const PARAMS_BYTES: u64 = 64;
+const PARAMS_BYTES: u64 = crate::kernels::gemm::GemmParams::LAYOUT.size as u64;
 
 /// The product `[batch * n, k] · [k, cols] + bias` of one step of `n` tokens, for every
 /// `n` up to the layer's step size.
@@ -37,7 +37,9 @@ pub(super) type StepShape<'a> = &'a dyn Fn(u32) -> (Load, Store);
 impl Projection {
     /// `w` `[k, cols]` (columns in groups of `group` padded to `pad4(group)`: heads) with
     /// optional bias `[cols]`, for steps of 1 to `max_step` tokens over `batch` rows; with
-    /// `cache` the K/V variant (rows stored from each batch row's length in the cache).
+    /// `cache` the K/V variant (rows stored from each batch row's length in the cache). The
+    /// weights are stored, and A read and C written, in `precision`; `w` and `b` must already
+    /// hold values of it (rounded by the caller, who names what does not fit).
     #[allow(clippy::too_many_arguments)]
     pub async fn new(
         ctx: &GpuContext,
@@ -48,6 +50,7 @@ impl Projection {
         batch: usize,
         max_step: usize,
         cache: bool,
+        precision: Precision,
         shape: StepShape<'_>,
     ) -> Result<Self> {
         let limits = ctx.limits();
@@ -74,7 +77,7 @@ impl Projection {
                     k,
                     load,
                     store,
-                    Precision::F32,
+                    precision,
                     cache,
                 );
                 grids.push(fold_grid(
@@ -88,6 +91,8 @@ impl Projection {
             let (kernel, overrides) = kernel.expect("every class serves at least one step size");
             pipelines.push((up_to, ctx.kernels().pipeline(kernel, &overrides).await?));
         }
+        let packed_w = precision.encode(label, &[packed_w.len()], &packed_w)?;
+        let packed_b = precision.encode(label, &[packed_b.len()], &packed_b)?;
         let device = ctx.device();
         let (params, table, weights, bias) = scoped_async(device, "creating a projection", || {
             (
@@ -102,8 +107,8 @@ impl Projection {
                     contents: &table,
                     usage: wgpu::BufferUsages::COPY_SRC,
                 }),
-                init_bytes(device, label, bytemuck::cast_slice(&packed_w)),
-                init_bytes(device, label, bytemuck::cast_slice(&packed_b)),
+                init_bytes(device, label, &packed_w),
+                init_bytes(device, label, &packed_b),
             )
         })
         .await?;
@@ -189,12 +194,17 @@ fn pack(w: &Tensor, b: Option<&Tensor>, group: usize) -> (Vec<f32>, Vec<f32>) {
     (out, bias)
 }
 
-/// A storage buffer for `elements` f32, rounded up to whole vec4 (read as vec4).
-pub(super) fn scratch(device: &wgpu::Device, label: &str, elements: usize) -> wgpu::Buffer {
+/// A storage buffer for `elements` in `precision`, rounded up to 16 bytes (read as vec4).
+pub(super) fn scratch(
+    device: &wgpu::Device,
+    label: &str,
+    elements: usize,
+    precision: Precision,
+) -> wgpu::Buffer {
     buffer(
         device,
         label,
-        (elements as u64 * 4).next_multiple_of(16),
+        (elements as u64 * precision.bytes()).next_multiple_of(16),
         STORAGE,
     )
 }

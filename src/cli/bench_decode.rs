@@ -41,7 +41,7 @@ pub struct DecodeArgs {
     pub no_prefill: bool,
     /// Also time the whole cached layer's step at each `--kv-len` of `--decode`
     /// (CachedAttention: the projections writing K and V into the cache, split-K decode, the
-    /// output projection; d_model = heads x head_dim).
+    /// output projection; d_model = heads x head_dim), in each precision of `--precision`.
     #[arg(long)]
     pub layer: bool,
 }
@@ -79,7 +79,8 @@ pub struct DecodeRow {
     /// On an f16 row of `--precision both`: its split-K time per token over the f32 row's at
     /// the same `kv_len` (below 1: f16 is faster).
     pub f16_f32_time_ratio: Option<f64>,
-    /// With `--layer`: the whole cached layer's step, median milliseconds per token.
+    /// With `--layer`: the whole cached layer's step stored in the row's precision, median
+    /// milliseconds per token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_ms_per_token: Option<f64>,
 }
@@ -217,20 +218,22 @@ fn time_op(
 }
 
 /// Median seconds of one step of one token of a cached layer (d_model = heads x head_dim,
-/// output projection, random weights) whose rows hold `kv - 1` tokens: each timed submission
-/// resets the lengths, then runs the step. Its results are checked by tests/cached_layer.rs,
-/// not here (the reference of a 4096-token layer forward is minutes of f64 on the CPU).
+/// output projection, random weights, stored in `precision`) whose rows hold `kv - 1` tokens:
+/// each timed submission resets the lengths, then runs the step. Its results are checked by
+/// tests/cached_layer.rs and tests/f16_cached_layer.rs, not here (the reference of a
+/// 4096-token layer forward is minutes of f64 on the CPU).
 fn time_layer(
     ctx: &GpuContext,
     rng: &mut Random,
     (batch, heads, kv_heads, d): (usize, usize, usize, usize),
-    kv: usize,
+    (kv, precision): (usize, Precision),
     warmup: usize,
     repeats: u32,
 ) -> Result<f64, CliError> {
     let d_model = heads * d;
     let config = CachedLayerConfig::new(batch, d_model, heads, kv_heads, d, kv, 1)
-        .with_output_projection(d_model);
+        .with_output_projection(d_model)
+        .with_precision(precision);
     let s = 1.0 / (d_model as f32).sqrt();
     let weights = AttentionWeights::new(
         rng.tensor([d_model, heads * d], s)?,
@@ -240,11 +243,9 @@ fn time_layer(
     .with_output_projection(rng.tensor([heads * d, d_model], s)?, None);
     let mut layer = CachedAttention::new(ctx, &config, &weights)?;
     let (x, output) = layer.io_buffers();
-    ctx.queue().write_buffer(
-        &x,
-        0,
-        bytemuck::cast_slice(rng.tensor([batch, d_model], 1.0)?.data()),
-    );
+    let token = rng.tensor([batch, d_model], 1.0)?;
+    ctx.queue()
+        .write_buffer(&x, 0, &precision.encode("x", token.shape(), token.data())?);
     let bindings = layer.bind(CachedIo {
         x: &x,
         output: &output,
@@ -333,10 +334,11 @@ pub fn main(adapter: &AdapterArgs, args: &BenchArgs) -> Result<(), CliError> {
             if precision == Precision::F32 {
                 f32_ms = Some(ms);
             }
-            // The cached layer (f32) is timed beside the f32 row.
-            let layer_ms_per_token = if args.decode.layer && precision == Precision::F32 {
+            // The cached layer, in the row's precision.
+            let layer_ms_per_token = if args.decode.layer {
                 let shape = (batch, heads, kv_heads, d);
-                let t = time_layer(&ctx, &mut rng, shape, kv, args.warmup, args.repeats)?;
+                let at = (kv, precision);
+                let t = time_layer(&ctx, &mut rng, shape, at, args.warmup, args.repeats)?;
                 Some(t * 1e3)
             } else {
                 None
@@ -480,13 +482,24 @@ fn print_table(r: &DecodeReport) {
             ratio
         );
     }
-    for row in r.decode.iter().filter(|r| r.layer_ms_per_token.is_some()) {
+    for row in &r.decode {
+        let Some(ms) = row.layer_ms_per_token else {
+            continue;
+        };
+        // Beside the f32 layer's time at the same length, when both were timed.
+        let ratio = r
+            .decode
+            .iter()
+            .find(|f| f.kv_len == row.kv_len && f.precision == "f32" && row.precision == "f16")
+            .and_then(|f| f.layer_ms_per_token)
+            .map_or(String::new(), |f| format!(" (f16/f32 {:.2})", ms / f));
         println!(
-            "cached layer step at kv_len {} (d_model {}: projections into the cache, split-K \
-             decode, output projection): {:.3} ms per token",
+            "cached layer step at kv_len {} in {} (d_model {}: projections into the cache, \
+             split-K decode, output projection): {:.3} ms per token{ratio}",
             row.kv_len,
+            row.precision,
             r.heads * r.head_dim,
-            row.layer_ms_per_token.unwrap_or(0.0)
+            ms
         );
     }
     if let Some(p) = &r.chunked_prefill {

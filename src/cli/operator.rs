@@ -1,5 +1,6 @@
 //! From the named tensors of an input file to one call of the attention operator: `q`, `k`,
-//! `v` head-major, an optional `key_mask` and `attn_bias`.
+//! `v` head-major, an optional `key_mask` and `attn_bias`, and an optional `grad_out` that asks
+//! for the backward too.
 //!
 //! Every size comes from the shapes (head counts too), and every shape is checked here against
 //! the others, so that a message names the two tensors that disagree and the axis, in the
@@ -11,15 +12,16 @@ use super::CliError;
 use super::files::{Kind, TensorFile};
 
 /// Every tensor name an operator file may hold, with how its dtype is accepted.
-pub const TENSORS: [(&str, Kind); 5] = [
+pub const TENSORS: [(&str, Kind); 6] = [
     ("q", Kind::Float),
     ("k", Kind::Float),
     ("v", Kind::Float),
     ("key_mask", Kind::Attend),
     ("attn_bias", Kind::Bias),
+    ("grad_out", Kind::Float),
 ];
 
-/// The names only an operator file holds (`key_mask` is a layer's too).
+/// The names only an operator file holds (`key_mask` and `grad_out` are a layer's too).
 pub const OWN: [&str; 4] = ["q", "k", "v", "attn_bias"];
 
 /// What each rank-4 tensor's axes mean, for messages.
@@ -44,7 +46,7 @@ pub fn choose_tensors<'k>(
     let layer_only: Vec<&str> = names
         .iter()
         .map(String::as_str)
-        .filter(|n| *n != "key_mask" && layer.iter().any(|(k, _)| k == n))
+        .filter(|n| !TENSORS.iter().any(|(k, _)| k == n) && layer.iter().any(|(k, _)| k == n))
         .collect();
     if let Some(other) = layer_only.first() {
         return Err(format!(
@@ -78,6 +80,8 @@ pub struct OperatorCall {
     pub inputs: OperatorInputs,
     /// The keys each batch row keeps, if there is a mask.
     pub kept: Option<Vec<usize>>,
+    /// `∂L/∂out`, shaped like the output, when the file asks for gradients.
+    pub grad_out: Option<Tensor>,
 }
 
 impl OperatorCall {
@@ -152,6 +156,7 @@ pub fn build(file: &mut TensorFile, options: &OperatorOptions) -> Result<Operato
     }
     let key_mask = take_mask(file, batch, kv_len)?;
     let bias = take_bias(file, batch, heads, q_len, kv_len)?;
+    let grad_out = take_grad_out(file, [batch, heads, q_len, head_dim_v])?;
     let mut config = OperatorConfig::new(batch, heads, kv_heads, head_dim, q_len, kv_len)
         .with_head_dim_v(head_dim_v);
     config.causal = options.causal;
@@ -161,6 +166,7 @@ pub fn build(file: &mut TensorFile, options: &OperatorOptions) -> Result<Operato
         per_batch: t.shape()[0] != 1,
         per_head: t.shape()[1] != 1,
     });
+    config.gradients = grad_out.is_some();
     let inputs = OperatorInputs {
         q,
         k,
@@ -178,6 +184,7 @@ pub fn build(file: &mut TensorFile, options: &OperatorOptions) -> Result<Operato
         config,
         inputs,
         kept,
+        grad_out,
     })
 }
 
@@ -202,6 +209,20 @@ fn require(file: &mut TensorFile, name: &str, what: &str, axes: &str) -> Result<
         )));
     }
     Ok(t)
+}
+
+/// `∂L/∂out`, if the file holds it: shaped like the output, `[batch, heads, q_len,
+/// head_dim_v]` (its finiteness was checked when the file was read).
+fn take_grad_out(file: &mut TensorFile, out: [usize; 4]) -> Result<Option<Tensor>, CliError> {
+    match file.take("grad_out") {
+        Some(g) if g.shape() != out => Err(file.error(format!(
+            "tensor `grad_out` has shape {}, expected {} ([batch, heads, q_len, head_dim_v], \
+             the shape of `out`: the gradient of the loss with respect to each output element)",
+            Shape(g.shape().to_vec()),
+            Shape(out.to_vec())
+        ))),
+        g => Ok(g),
+    }
 }
 
 /// The key mask as keep flags `[batch, kv_len]`, if the file holds one.

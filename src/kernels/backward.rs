@@ -16,6 +16,9 @@ const MAX_DS: u32 = 8;
 /// The widest head the gradient kernels take: `MAX_DS * MAX_NC` vec4 columns.
 pub(crate) const MAX_HEAD_DIM: u32 = 4 * MAX_DS * MAX_NC;
 
+/// The most walked rows per step.
+const MAX_BW: u32 = 32;
+
 /// Rows per workgroup of the D pass.
 pub(crate) const PREP_ROWS: u32 = 64;
 
@@ -41,8 +44,9 @@ impl BackwardTiles {
 
     /// Tiles for heads `dp` (queries, keys) and `dvp` (values) wide, padded to multiples of
     /// 4: enough invocations per row (a power of two) that each holds at most 4 vec4 columns
-    /// (8 past 128 columns), rounded up to a power of two, then the most owned rows (up to 16)
-    /// and walked rows (half as many) that fit the device's limits. Powers of two throughout
+    /// (8 past 128 columns), rounded up to a power of two, then the most owned rows (up to 32)
+    /// and walked rows (up to twice as many, 8 per invocation of a row, and 32) that fit the
+    /// device's limits. Powers of two throughout
     /// and no dependence on the lengths keep the specialisations few (a handful per device),
     /// at the cost of idle columns for head widths between powers of two and idle rows for
     /// calls of a few tokens (the backward is for training, on long sequences).
@@ -60,9 +64,12 @@ impl BackwardTiles {
         let ds = w4.div_ceil(4).next_power_of_two().clamp(1, MAX_DS);
         let nc = w4.div_ceil(ds).max(1).next_power_of_two();
         let mut smallest = u32::MAX;
-        let mut bo = 16;
+        let mut bo = 32;
         while bo >= 1 {
-            let mut bw = (bo / 2).max(1);
+            // The most walked rows per step the memory allows, up to 8 per invocation of a
+            // row (the kernels' score registers) and twice the owned rows: every step ends in
+            // barriers, so the more pairs each one serves, the less they cost.
+            let mut bw = (8 * ds).min(2 * bo).min(MAX_BW);
             while bw >= 1 {
                 let t = BackwardTiles { ds, nc, bo, bw };
                 smallest = smallest.min(t.workgroup_bytes());
@@ -93,6 +100,7 @@ impl BackwardTiles {
             ("NC", self.nc as f64),
             ("BO", self.bo as f64),
             ("BW", self.bw as f64),
+            ("ROWS", self.bw.div_ceil(self.ds) as f64),
             ("HAS_MASK", mask as u8 as f64),
             ("HAS_BIAS", bias as u8 as f64),
         ]
@@ -139,7 +147,7 @@ mod tests {
                 for dvp in [4, dp] {
                     let t = BackwardTiles::choose(dp, dvp, &limits).unwrap();
                     assert!(4 * t.ds * t.nc >= dp, "{dp}: {t:?}");
-                    assert!(t.nc <= MAX_NC && t.bw <= t.bo);
+                    assert!(t.nc <= MAX_NC && t.bw <= 2 * t.bo && t.bw <= 8 * t.ds);
                     assert!(t.workgroup_bytes() <= limits.max_compute_workgroup_storage_size);
                 }
             }

@@ -282,6 +282,24 @@ impl FusedGeometry {
         }
     }
 
+    /// The layer's geometry as its plan runs it: [`FusedGeometry::for_layer`], or with
+    /// gradients Q, K and V bound as three ranges of the qkv buffer (each from offset 0) and
+    /// the logsumexp saved, which the backward's kernels read through the same parameters.
+    pub fn for_plan(l: &Layout, config: &crate::config::AttentionConfig) -> Self {
+        let g = Self::for_layer(l, config.precision);
+        if !config.gradients {
+            return g;
+        }
+        FusedGeometry {
+            packed_qkv: false,
+            lse: true,
+            q: Strides::head_major(l.heads, l.dp, 0),
+            k: Strides::head_major(l.heads, l.dp, 0),
+            v: Strides::head_major(l.heads, l.dvp, 0),
+            ..g
+        }
+    }
+
     /// What the kernel binds for this geometry.
     pub fn io(&self) -> FusedIo {
         FusedIo {

@@ -6,6 +6,9 @@ use crate::config::{AttentionConfig, KernelChoice};
 use crate::error::{Error, Result};
 use crate::kernels::pad4;
 
+/// Elements (f32) between section starts of the qkv buffer: 256 bytes.
+pub(crate) const SECTION_ALIGN: u64 = 64;
+
 /// Sizes and offsets the kernels agree on, in f32 elements, checked to fit u32 indexing.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Layout {
@@ -58,7 +61,11 @@ impl Layout {
         let rows = batch as u64 * heads as u64 * seq as u64;
         let q_len = rows * dp as u64;
         let v_len = rows * dvp as u64;
-        let qkv_len = 2 * q_len + v_len;
+        // Sections start on 256-byte boundaries (WebGPU's largest storage offset alignment),
+        // so that the backward can bind Q, K and V, and their gradients, as ranges of one
+        // buffer each, without two writable bindings overlapping.
+        let section = |len: u64| len.next_multiple_of(SECTION_ALIGN);
+        let qkv_len = 2 * section(q_len) + v_len;
         let seq_pad = pad4(seq);
         let scores_len = rows * seq_pad as u64;
         Ok(Layout {
@@ -75,8 +82,8 @@ impl Layout {
             d_out_pad: pad4(d_out),
             q_offset: 0,
             // Offsets are checked by the buffer-size checks (every length fits u32 there).
-            k_offset: q_len.min(u32::MAX as u64) as u32,
-            v_offset: (2 * q_len).min(u32::MAX as u64) as u32,
+            k_offset: section(q_len).min(u32::MAX as u64) as u32,
+            v_offset: (2 * section(q_len)).min(u32::MAX as u64) as u32,
             qkv_len,
             scores_len,
             scale: config.scale_value(),
@@ -89,6 +96,18 @@ impl Layout {
     /// Columns of the packed `[w_q | w_k | w_v]` weight, each head padded.
     pub fn qkv_width(&self) -> u32 {
         self.heads * (2 * self.dp + self.dvp)
+    }
+
+    /// The qkv buffer's layout as the GEMM reads and writes it.
+    pub fn head_major(&self) -> crate::kernels::gemm::HeadMajor {
+        crate::kernels::gemm::HeadMajor {
+            seq: self.seq,
+            heads: self.heads,
+            width_qk: self.dp,
+            width_v: self.dvp,
+            k_offset: self.k_offset,
+            v_offset: self.v_offset,
+        }
     }
 
     pub fn tokens(&self) -> u64 {

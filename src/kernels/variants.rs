@@ -149,11 +149,11 @@ mod tests {
                 for n in odd4 {
                     has(
                         Kernel::Gemm(Precision::F32),
-                        gemm::overrides(gemm::tiles(seq, n, &limits), true, false),
+                        gemm::overrides(gemm::tiles(seq, n, &limits), gemm::FORWARD[1]),
                     );
                     has(
                         Kernel::Gemm(Precision::F16),
-                        gemm::overrides(gemm::tiles(seq, n, &limits), false, false),
+                        gemm::overrides(gemm::tiles(seq, n, &limits), gemm::BACKWARD[1]),
                     );
                     has(
                         Kernel::Softmax,

@@ -14,7 +14,8 @@
 //! Both gradient kernels recompute `P = exp(scale · q·k + bias - lse)`: nothing of size
 //! `q_len × kv_len` is stored. The only memory the backward allocates for a call on an
 //! application's buffers is `aux`, `4 (2 batch heads max_q_len + batch max_kv_len)` bytes
-//! ([`AttentionOp::backward_scratch_bytes`]).
+//! ([`AttentionOp::backward_scratch_bytes`]); with the application's buffers a backward call
+//! binds, [`AttentionOp::backward_memory_bytes`].
 //!
 //! # The saved logsumexp
 //!
@@ -39,12 +40,12 @@
 
 use crate::error::{Error, Result, Shape};
 use crate::gpu::{STORAGE, buffer, check_storage, map_and_read, scoped, scoped_async};
-use crate::kernels::backward::{self, BackwardTiles, PREP_ROWS};
-use crate::kernels::{Kernel, Pipeline, fold_grid};
+use crate::kernels::{Pipeline, fold_grid};
 use crate::tensor::{Tensor, unravel};
 
 use super::config::OperatorConfig;
 use super::core::Core;
+use super::grad_kernels::{self, GradKernels, GradStage as Stage};
 use super::inputs::OperatorInputs;
 use super::{AttentionOp, Lengths};
 
@@ -121,11 +122,7 @@ struct OwnGrads {
 /// The backward's pipelines, tiles and scratch, made with the operator.
 #[derive(Debug)]
 pub(crate) struct Backward {
-    prep: Pipeline,
-    kv: Pipeline,
-    q: Pipeline,
-    kv_tiles: BackwardTiles,
-    q_tiles: BackwardTiles,
+    kernels: GradKernels,
     /// lse and D per query row, then the key mask: see `shaders/attention_bwd.wgsl`.
     aux: wgpu::Buffer,
     /// Four bytes bound as the bias where there is none: the kernels never read it.
@@ -134,35 +131,18 @@ pub(crate) struct Backward {
     own_bindings: Option<BackwardBindings>,
 }
 
-/// The three stages of a backward call, in order.
-#[derive(Debug, Clone, Copy)]
-enum Stage {
-    Prep,
-    Kv,
-    Q,
-}
-
 impl Backward {
     /// Compiles (or reuses) the three kernels and makes the scratch buffer and the buffers of
     /// `run_backward`.
     pub async fn new(ctx: &crate::GpuContext, config: &OperatorConfig) -> Result<Self> {
-        let limits = ctx.limits();
-        for kernel in [Kernel::BackwardPrep, Kernel::BackwardKv, Kernel::BackwardQ] {
-            kernel.check_storage_buffers(&limits, "; the attention backward")?;
-        }
-        let tiles = backward::tiles(config.head_dim as u32, config.head_dim_v as u32, &limits)?;
-        let (kv_tiles, q_tiles) = (tiles, tiles);
-        let (mask, bias) = (config.key_padding_mask, config.bias.is_some());
-        let cache = ctx.kernels();
-        let prep = cache
-            .pipeline(Kernel::BackwardPrep, &backward::prep_overrides())
-            .await?;
-        let kv = cache
-            .pipeline(Kernel::BackwardKv, &kv_tiles.overrides(mask, bias))
-            .await?;
-        let q = cache
-            .pipeline(Kernel::BackwardQ, &q_tiles.overrides(mask, bias))
-            .await?;
+        let kernels = GradKernels::new(
+            ctx,
+            config.head_dim as u32,
+            config.head_dim_v as u32,
+            config.key_padding_mask,
+            config.bias.is_some(),
+        )
+        .await?;
         let device = ctx.device();
         let [q_n, k_n, v_n, out_n, _, _] = config.max_elements();
         let rows = (config.batch * config.heads * config.max_q_len) as u64;
@@ -196,11 +176,7 @@ impl Backward {
         })
         .await?;
         Ok(Backward {
-            prep,
-            kv,
-            q,
-            kv_tiles,
-            q_tiles,
+            kernels,
             aux,
             absent,
             own,
@@ -215,42 +191,37 @@ impl Backward {
 
     /// Workgroups of each stage for a call.
     fn workgroups(&self, config: &OperatorConfig, lengths: Lengths, stage: Stage) -> u32 {
-        let (b, h, kvh) = (
-            config.batch as u32,
-            config.heads as u32,
-            config.kv_heads as u32,
-        );
+        let heads = [config.batch, config.heads, config.kv_heads].map(|n| n as u32);
         let (nq, nk) = (lengths.q_len as u32, lengths.kv_len as u32);
-        match stage {
-            Stage::Prep => (b * h * nq).div_ceil(PREP_ROWS),
-            Stage::Kv => b * kvh * nk.div_ceil(self.kv_tiles.bo),
-            Stage::Q => b * h * nq.div_ceil(self.q_tiles.bo),
-        }
+        self.kernels.workgroups(heads, nq, nk, stage)
     }
 
     fn pipeline(&self, stage: Stage) -> &Pipeline {
-        match stage {
-            Stage::Prep => &self.prep,
-            Stage::Kv => &self.kv,
-            Stage::Q => &self.q,
-        }
+        self.kernels.pipeline(stage)
     }
 }
 
 /// Bytes of the backward's scratch buffer: lse and D for every query row, then the key mask.
 fn scratch_bytes(config: &OperatorConfig) -> u64 {
-    let rows = (config.batch * config.heads * config.max_q_len) as u64;
-    let keys = (config.batch * config.max_kv_len) as u64;
-    4 * (2 * rows + keys)
+    let [b, h, q, kv] = [
+        config.batch,
+        config.heads,
+        config.max_q_len,
+        config.max_kv_len,
+    ]
+    .map(|n| n as u64);
+    grad_kernels::scratch_bytes(b, h, q, kv)
 }
 
-/// The arithmetic of a backward call: per visited (query, key) pair, the dK/dV kernel forms
-/// q·k, dO·v and adds to dK and dV; the dQ kernel forms q·k and dO·v again and adds to dQ.
+/// The arithmetic of a backward call (see [`grad_kernels::flops`]).
 fn backward_flops(config: &OperatorConfig, lengths: Lengths) -> f64 {
     let pairs = (config.batch * config.heads) as f64 * lengths.q_len as f64 * lengths.kv_len as f64;
-    let (d, dv) = (config.head_dim as f64, config.head_dim_v as f64);
-    let visited = if config.causal { 0.5 } else { 1.0 };
-    pairs * visited * (2.0 * (2.0 * d + 2.0 * dv) + 2.0 * (2.0 * d + dv))
+    grad_kernels::flops(
+        pairs,
+        config.causal,
+        config.head_dim as f64,
+        config.head_dim_v as f64,
+    )
 }
 
 fn make_groups(
@@ -273,12 +244,12 @@ fn make_groups(
             op,
             prep: group(
                 "attention backward: D",
-                &bw.prep,
+                bw.pipeline(Stage::Prep),
                 &[io.out, io.grad_out, io.lse, &bw.aux],
             ),
             kv: group(
                 "attention backward: dK, dV",
-                &bw.kv,
+                bw.pipeline(Stage::Kv),
                 &[
                     io.q,
                     io.k,
@@ -292,7 +263,7 @@ fn make_groups(
             ),
             q: group(
                 "attention backward: dQ",
-                &bw.q,
+                bw.pipeline(Stage::Q),
                 &[io.q, io.k, io.v, io.grad_out, &bw.aux, bias, io.grad_q],
             ),
             key_mask: io.key_mask.cloned(),
@@ -434,7 +405,7 @@ impl AttentionOp {
         if copy_mask && let Some(mask) = &bindings.key_mask {
             let rows = (self.config.batch * self.config.heads * lengths.q_len) as u64;
             let bytes = (self.config.batch * lengths.kv_len * 4) as u64;
-            encoder.copy_buffer_to_buffer(mask, 0, &bw.aux, 8 * rows, bytes);
+            encoder.copy_buffer_to_buffer(mask, 0, &bw.aux, grad_kernels::mask_offset(rows), bytes);
         }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("attention backward"),

@@ -48,9 +48,11 @@ mod combine;
 mod config;
 mod core;
 mod decode;
+pub(crate) mod grad_kernels;
 mod inputs;
 mod kv_cache;
 mod lengths;
+mod memory;
 mod run;
 mod tune;
 

@@ -22,6 +22,9 @@ pub(super) struct PlanBuffers {
     pub qkv: wgpu::Buffer,
     /// The concatenated heads, when an output projection follows them.
     pub attention: Option<wgpu::Buffer>,
+    /// Each query row's logsumexp, f32 `[batch, heads, seq]`, saved by the forward when the
+    /// layer has gradients.
+    pub lse: Option<wgpu::Buffer>,
 }
 
 impl PlanBuffers {
@@ -47,7 +50,12 @@ impl PlanBuffers {
             let len = l.tokens() * (l.heads * l.head_dim_v) as u64;
             buffer(device, "attention", len * p.bytes(), STORAGE)
         });
+        let lse = config.gradients.then(|| {
+            let rows = l.tokens() * l.heads as u64;
+            buffer(device, "lse", (rows * 4).next_multiple_of(16), STORAGE)
+        });
         PlanBuffers {
+            lse,
             w_qkv: store("w_qkv", &w),
             b_qkv: store("b_qkv", &b),
             w_o,
@@ -63,6 +71,7 @@ impl PlanBuffers {
             all.extend([w, b]);
         }
         all.extend(&self.attention);
+        all.extend(&self.lse);
         all
     }
 }

@@ -5,7 +5,10 @@
 //! [`AttentionPlan::encode`] (dispatches) → read back ([`AttentionPlan::run`]) → compare
 //! ([`crate::compare()`]).
 
+mod backward;
+mod bind;
 mod buffers;
+mod grads;
 mod pack;
 mod steps;
 mod timed;
@@ -13,8 +16,10 @@ mod timed;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+pub use backward::{LayerBackwardBindings, LayerBackwardIo};
+use bind::{make_bindings, warm_up};
 use buffers::{OwnIo, PlanBuffers};
-use steps::{Piece, Res, Stamps, Step};
+use steps::{Piece, Stamps, Step};
 
 use crate::config::{AttentionConfig, KernelChoice};
 use crate::context::GpuContext;
@@ -109,6 +114,11 @@ pub struct AttentionPlan {
     memory_bytes: u64,
     /// Timestamp queries, made by the first [`AttentionPlan::time_stages`].
     timer: Option<GpuTimer>,
+    /// The backward's steps and buffers, with gradients.
+    backward: Option<backward::LayerBackward>,
+    /// Whether the weights have q/k/v biases and an output bias (which gradients to give).
+    has_qkv_bias: bool,
+    has_b_o: bool,
 }
 
 impl AttentionPlan {
@@ -133,6 +143,12 @@ impl AttentionPlan {
     ) -> Result<Self> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         weights.validate(config)?;
+        // The backward kernels are f32 only: refused before anything of the device is asked.
+        if config.precision == Precision::F16 && config.gradients {
+            return Err(Error::F16NeedsFused {
+                why: "gradients were asked for, and the backward kernels store f32".into(),
+            });
+        }
         config.precision.check_device(ctx)?;
         // Rounded (and range-checked, by tensor and index) before packing, so that storing
         // the packed weights in f16 cannot fail or produce an infinity.
@@ -146,12 +162,13 @@ impl AttentionPlan {
         // output), within every device's limit; the check stays so that a kernel that grows
         // one is refused by name. `Auto` then takes the staged kernels, which bind at most four.
         if layout.kernel == KernelChoice::Fused
-            && let Err(e) = Kernel::Fused(FusedGeometry::for_layer(&layout, config.precision).io()).check_storage_buffers(
+            && let Err(e) = Kernel::Fused(FusedGeometry::for_plan(&layout, config).io()).check_storage_buffers(
                 &limits,
                 "; use the staged kernels (KernelChoice::Staged, or Auto), which bind at most 4",
             )
         {
-            if config.kernel != KernelChoice::Auto {
+            // Gradients need the fused kernel's logsumexp: no staged fallback.
+            if config.kernel != KernelChoice::Auto || config.gradients {
                 return Err(e);
             }
             layout.kernel = KernelChoice::Staged;
@@ -165,7 +182,15 @@ impl AttentionPlan {
             )
         })
         .await?;
-        let (steps, scores) = steps::build(ctx, config, &layout, &bufs).await?;
+        let steps::Built {
+            steps,
+            scores,
+            core,
+        } = steps::build(ctx, config, &layout, &bufs).await?;
+        let backward = match &core {
+            Some(core) => Some(backward::LayerBackward::new(ctx, &layout, &bufs, core).await?),
+            None => None,
+        };
         let chunks = ctx.kernels().chunks().await?;
         let own_bindings = make_bindings(
             device,
@@ -190,7 +215,9 @@ impl AttentionPlan {
             // probabilities are one buffer.
             all.sort();
             all.dedup();
-            all.iter().map(|b| b.size()).sum()
+            let lse = bufs.lse.as_ref().map_or(0, |b| b.size());
+            all.iter().map(|b| b.size()).sum::<u64>()
+                + backward.as_ref().map_or(0, |b| b.memory_bytes - lse)
         };
         Ok(AttentionPlan {
             ctx: ctx.clone(),
@@ -206,6 +233,9 @@ impl AttentionPlan {
             own_bindings,
             memory_bytes,
             timer: None,
+            backward,
+            has_qkv_bias: weights.b_q.is_some(),
+            has_b_o: weights.b_o.is_some(),
         })
     }
 
@@ -585,9 +615,10 @@ impl AttentionPlan {
         let qkv = stored(&self.bufs.qkv)?;
         let rows = b * h * n;
         let (dp, dvp) = (l.dp as usize, l.dvp as usize);
+        let (ko, vo) = (l.k_offset as usize, l.v_offset as usize);
         let q = pack::unpad_rows(&qkv[..rows * dp], dp, dk);
-        let k = pack::unpad_rows(&qkv[rows * dp..2 * rows * dp], dp, dk);
-        let v = pack::unpad_rows(&qkv[2 * rows * dp..], dvp, dv);
+        let k = pack::unpad_rows(&qkv[ko..ko + rows * dp], dp, dk);
+        let v = pack::unpad_rows(&qkv[vo..vo + rows * dvp], dvp, dv);
         // keep_intermediates always resolves to the staged path, which has score buffers.
         let (scores, probs) = self.scores.as_ref().ok_or_else(|| {
             Error::InvalidConfig("the fused kernel stores no scores or probabilities".into())
@@ -624,85 +655,4 @@ impl AttentionPlan {
             output: Tensor::new(self.config.output_shape().to_vec(), output)?,
         })
     }
-}
-
-/// Runs one workgroup of every pipeline that this device has not run yet, each in a
-/// submission of its own, on the plan's own buffers (their contents are overwritten by any
-/// real run). A driver that compiles at first dispatch then compiles here, one pipeline per
-/// submission, and never inside a submission of real work.
-async fn warm_up(
-    ctx: &GpuContext,
-    steps: &[Step],
-    own: &AttentionBindings,
-    chunks: &ChunkTable,
-) -> Result<()> {
-    let (device, queue) = (ctx.device(), ctx.queue());
-    for (i, step) in steps.iter().enumerate() {
-        let Step::Dispatch(d) = step else { continue };
-        if !ctx.kernels().first_use(&d.pipeline.pipeline) {
-            continue;
-        }
-        let piece = Piece {
-            step: i,
-            grid: [1, 1, 1],
-            chunks: 0..1,
-        };
-        scoped_async(device, "running a new pipeline once", || {
-            let mut encoder = device.create_command_encoder(&Default::default());
-            let recorded = steps::record(
-                &mut encoder,
-                steps,
-                &own.groups,
-                chunks,
-                std::slice::from_ref(&piece),
-                None,
-            );
-            queue.submit([encoder.finish()]);
-            recorded
-        })
-        .await??;
-        // On the web the browser compiles when the pipeline is created; there is nothing to
-        // wait for, and no blocking wait is allowed.
-        #[cfg(not(target_arch = "wasm32"))]
-        device.poll(wgpu::PollType::wait_indefinitely())?;
-    }
-    Ok(())
-}
-
-/// One bind group per dispatch, on `io` = (x, key_mask, output) and the plan's own buffers.
-async fn make_bindings(
-    device: &wgpu::Device,
-    plan: u64,
-    steps: &[Step],
-    io: [&wgpu::Buffer; 3],
-) -> Result<AttentionBindings> {
-    let [x, key_mask, output] = io;
-    let groups = scoped_async(device, "binding buffers", || {
-        steps
-            .iter()
-            .map(|step| {
-                let Step::Dispatch(d) = step else {
-                    return None;
-                };
-                let resources = std::iter::once(d.params.as_entire_binding()).chain(
-                    d.resources.iter().map(|r| match r {
-                        Res::X => x.as_entire_binding(),
-                        Res::KeyMask => key_mask.as_entire_binding(),
-                        Res::Output => output.as_entire_binding(),
-                        Res::Own(b) => b.as_entire_binding(),
-                        Res::Lengths(b) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: b,
-                            offset: 0,
-                            size: wgpu::BufferSize::new(
-                                size_of::<crate::kernels::fused::Len>() as u64
-                            ),
-                        }),
-                    }),
-                );
-                Some(d.pipeline.bind_group(device, d.stage.label(), resources))
-            })
-            .collect()
-    })
-    .await?;
-    Ok(AttentionBindings { plan, groups })
 }

@@ -22,12 +22,22 @@ pub(super) enum Res {
     Own(wgpu::Buffer),
     /// A table of lengths, bound one entry wide at the dispatch's dynamic offsets.
     Lengths(wgpu::Buffer),
+    /// `size` bytes of one of the plan's buffers from byte `offset` (a section of qkv).
+    Range(wgpu::Buffer, u64, u64),
+    /// The backward's caller buffers: `∂L/∂out`, and where `∂L/∂x`, the packed
+    /// `∂L/∂[W_q | W_k | W_v]` and `∂L/∂W_o` go.
+    GradOut,
+    GradX,
+    GradWqkv,
+    GradWo,
 }
 
 /// One kernel dispatch of the plan, ready but for its bind group.
 #[derive(Debug)]
 pub(super) struct Dispatch {
     pub stage: Stage,
+    /// The debug group's name: the stage's, or the backward product's.
+    pub label: &'static str,
     pub pipeline: Pipeline,
     pub params: wgpu::Buffer,
     pub workgroups: u32,
@@ -72,6 +82,73 @@ pub(super) struct Stamps<'a> {
     pub end: Option<u32>,
 }
 
+/// One dispatch of a kernel that reads no lengths (the GEMM), with its own parameters.
+pub(super) async fn gemm_step(
+    ctx: &GpuContext,
+    stage: Stage,
+    label: &'static str,
+    spec: DispatchSpec,
+    resources: Vec<Res>,
+) -> Result<Step> {
+    let limits = ctx.limits();
+    let pipeline = ctx.kernels().pipeline(spec.kernel, &spec.overrides).await?;
+    let grid = fold_grid(
+        spec.workgroups,
+        limits.max_compute_workgroups_per_dimension,
+        label,
+    )?;
+    let params = scoped_async(ctx.device(), "creating uniform parameters", || {
+        init_uniform(ctx.device(), label, &spec.params)
+    })
+    .await?;
+    Ok(Step::Dispatch(Dispatch {
+        stage,
+        label,
+        pipeline,
+        params,
+        workgroups: spec.workgroups,
+        grid,
+        flops: spec.flops,
+        resources,
+        offsets: Vec::new(),
+    }))
+}
+
+/// The fused attention core of a plan with gradients, which the backward's kernels share:
+/// its parameters (the strides of Q, K, V and O), its table of lengths and the offsets of a
+/// call at the layer's length.
+#[derive(Debug)]
+pub(super) struct CoreTables {
+    pub params: wgpu::Buffer,
+    pub lengths: wgpu::Buffer,
+    pub offsets: Vec<u32>,
+}
+
+/// What [`build`] makes.
+pub(super) struct Built {
+    pub steps: Vec<Step>,
+    /// The staged path's (scores, probabilities) buffers.
+    pub scores: Option<(wgpu::Buffer, wgpu::Buffer)>,
+    /// The fused core's tables, when the layer has gradients.
+    pub core: Option<CoreTables>,
+}
+
+/// The bytes of each of Q, K and V in the qkv buffer (and of each gradient in dqkv), from
+/// their 256-byte aligned offsets.
+pub(super) fn sections(l: &Layout, buffer: &wgpu::Buffer) -> [Res; 3] {
+    let rows = l.batch as u64 * l.heads as u64 * l.seq as u64;
+    let qk = rows * l.dp as u64 * 4;
+    [
+        Res::Range(buffer.clone(), l.q_offset as u64 * 4, qk),
+        Res::Range(buffer.clone(), l.k_offset as u64 * 4, qk),
+        Res::Range(
+            buffer.clone(),
+            l.v_offset as u64 * 4,
+            rows * l.dvp as u64 * 4,
+        ),
+    ]
+}
+
 /// Every dispatch of the plan, in order: the projection, the attention (staged or fused), the
 /// output projection; and the staged path's (scores, probabilities) buffers.
 pub(super) async fn build(
@@ -79,30 +156,11 @@ pub(super) async fn build(
     config: &AttentionConfig,
     l: &Layout,
     bufs: &PlanBuffers,
-) -> Result<(Vec<Step>, Option<(wgpu::Buffer, wgpu::Buffer)>)> {
+) -> Result<Built> {
     let limits = ctx.limits();
     let own = |b: &wgpu::Buffer| Res::Own(b.clone());
-    let dispatch = async |stage: Stage, spec: DispatchSpec, resources: Vec<Res>| -> Result<Step> {
-        let pipeline = ctx.kernels().pipeline(spec.kernel, &spec.overrides).await?;
-        let grid = fold_grid(
-            spec.workgroups,
-            limits.max_compute_workgroups_per_dimension,
-            stage.label(),
-        )?;
-        let params = scoped_async(ctx.device(), "creating uniform parameters", || {
-            init_uniform(ctx.device(), stage.label(), &spec.params)
-        })
-        .await?;
-        Ok(Step::Dispatch(Dispatch {
-            stage,
-            pipeline,
-            params,
-            workgroups: spec.workgroups,
-            grid,
-            flops: spec.flops,
-            resources,
-            offsets: Vec::new(),
-        }))
+    let dispatch = async |stage: Stage, spec: DispatchSpec, resources: Vec<Res>| {
+        gemm_step(ctx, stage, stage.label(), spec, resources).await
     };
     // The heads go straight to the output unless a projection follows.
     let heads_out = || match &bufs.attention {
@@ -116,14 +174,7 @@ pub(super) async fn build(
                 l.batch * l.seq,
                 l.qkv_width(),
                 l.d_model,
-                gemm::Store::HeadSplit {
-                    seq: l.seq,
-                    heads: l.heads,
-                    width_qk: l.dp,
-                    width_v: l.dvp,
-                    k_offset: l.k_offset,
-                    v_offset: l.v_offset,
-                },
+                gemm::Store::HeadSplit(l.head_major()),
                 config.precision,
                 &limits,
             ),
@@ -131,8 +182,9 @@ pub(super) async fn build(
         )
         .await?,
     ];
-    let geometry = FusedGeometry::for_layer(l, config.precision);
+    let geometry = FusedGeometry::for_plan(l, config);
     let mut scores = None;
+    let mut tables = None;
     if l.kernel == KernelChoice::Fused {
         // The operator's core, on the qkv buffer the projection wrote: one attention
         // kernel for the layer and the operator.
@@ -141,6 +193,7 @@ pub(super) async fn build(
         let lengths = || Res::Lengths(core.lengths.buffer.clone());
         steps.push(Step::Dispatch(Dispatch {
             stage: Stage::FusedAttention,
+            label: Stage::FusedAttention.label(),
             pipeline: core.pipeline.clone(),
             params: core.params.clone(),
             workgroups,
@@ -150,14 +203,27 @@ pub(super) async fn build(
                 Stage::FusedAttention.label(),
             )?,
             flops: core.geometry.flops(l.seq, l.seq),
-            // The packed variant: Q, K and V in one binding, a mask only if there is one.
-            resources: [own(&bufs.qkv)]
-                .into_iter()
-                .chain(l.has_mask.then_some(Res::KeyMask))
-                .chain([heads_out(), lengths(), lengths()])
-                .collect(),
+            // The packed variant: Q, K and V in one binding, a mask only if there is one. With
+            // gradients, Q, K and V as three ranges of it, and the logsumexp saved.
+            resources: match &bufs.lse {
+                None => vec![own(&bufs.qkv)],
+                Some(_) => sections(l, &bufs.qkv).to_vec(),
+            }
+            .into_iter()
+            .chain(l.has_mask.then_some(Res::KeyMask))
+            .chain([heads_out()])
+            .chain(bufs.lse.as_ref().map(own))
+            .chain([lengths(), lengths()])
+            .collect(),
             offsets: core.offsets(l.seq, l.seq).to_vec(),
         }));
+        if bufs.lse.is_some() {
+            tables = Some(CoreTables {
+                params: core.params.clone(),
+                lengths: core.lengths.buffer.clone(),
+                offsets: core.offsets(l.seq, l.seq).to_vec(),
+            });
+        }
     } else {
         // The operator's staged core, on the same qkv buffer: its three kernels, with the
         // scores copied aside before the softmax overwrites them when they are to be read.
@@ -192,6 +258,7 @@ pub(super) async fn build(
             resources.extend([lengths(), lengths()]);
             steps.push(Step::Dispatch(Dispatch {
                 stage: stages[k],
+                label: stages[k].label(),
                 pipeline: core.pipelines[k].clone(),
                 params: core.params.clone(),
                 workgroups: workgroups[k],
@@ -227,7 +294,11 @@ pub(super) async fn build(
             .await?,
         );
     }
-    Ok((steps, scores))
+    Ok(Built {
+        steps,
+        scores,
+        core: tables,
+    })
 }
 
 /// Each step whole: what [`super::AttentionPlan::encode`] records.
@@ -291,7 +362,7 @@ pub(super) fn record(
             let (Step::Dispatch(d), Some(group)) = (&steps[piece.step], &groups[piece.step]) else {
                 return Err(Error::ForeignBindings);
             };
-            pass.push_debug_group(d.stage.label());
+            pass.push_debug_group(d.label);
             pass.set_pipeline(&d.pipeline.pipeline);
             pass.set_bind_group(0, group, &d.offsets);
             let [x, y, z] = piece.grid;

@@ -1,11 +1,13 @@
 //! The f64 reference of the cached layer ([`crate::CachedAttention`]): its projections in f64
-//! loops, and the attention by [`super::operator`] (the one attention reference).
+//! loops, and the attention by [`super::operator`] (the one attention reference); and its
+//! error bound, the layer's ([`super::error_bound`]) for the MHA layer it equals.
 
 use crate::cached::CachedLayerConfig;
+use crate::config::AttentionConfig;
 use crate::error::{Error, Result};
 use crate::operator::{OperatorConfig, OperatorInputs};
 use crate::tensor::Tensor;
-use crate::weights::AttentionWeights;
+use crate::weights::{AttentionInputs, AttentionWeights};
 
 /// The cached layer over a whole sequence at once: `x` `[batch, seq, d_model]` projected to
 /// Q, K and V (f64 sums, stored as f32 as the GPU stores them), attended by [`super::operator`]
@@ -16,6 +18,11 @@ use crate::weights::AttentionWeights;
 /// positions, however the sequence was cut into steps: row `t` sees tokens `0..=t` either
 /// way. (For a non-causal layer, a step of `n` tokens equals the last `n` rows of this forward
 /// over the sequence up to the step's end.) The cache's capacity and step size are not used.
+///
+/// With [`crate::Precision::F16`] storage, `x` and the weights are first rounded to f16, as the
+/// GPU stores them (a value past f16's range is [`Error::OutsideF16Range`]); everything after
+/// is as for f32, the f16 stores of Q, K, V, the heads and the output being left to
+/// [`cached_layer_error_bound`].
 ///
 /// ```
 /// use wgpu_attention::{reference, AttentionWeights, CachedLayerConfig, Tensor};
@@ -45,6 +52,13 @@ pub fn cached_layer(
         }
     };
     x.check_finite("x")?;
+    let (weights, x) = (
+        &weights.rounded_to(c.precision)?,
+        &Tensor::new(
+            x.shape().to_vec(),
+            c.precision.round("x", x.shape(), x.data())?,
+        )?,
+    );
     // `x @ w + b`, head-major `[batch, hs, seq, width]`.
     let project = |w: &Tensor, b: &Option<Tensor>, hs: usize, width: usize| -> Result<Tensor> {
         let cols = hs * width;
@@ -100,4 +114,100 @@ pub fn cached_layer(
         }
     }
     Tensor::new([c.batch, seq, d_out], out)
+}
+
+/// The error bound of [`cached_layer`]'s output (in its shape), per element: how far a correct
+/// computation in f32 arithmetic with the configuration's storage can be from it, whatever
+/// steps the sequence was fed in.
+///
+/// It is the layer's bound ([`super::error_bound`], derived from the storage format's unit
+/// roundoff and each reduction's length) for the MHA layer that computes the same values: each
+/// query head given its own copy of its key/value head's columns of `w_k`, `w_v`, `b_k` and
+/// `b_v`. That layer sums the same products in the same reductions and stores the same
+/// tensors (Q, K, V, the heads, the output: one f16 store error each with f16 storage); split-K
+/// decode's partials stay f32 and their merge is covered as the softmax's rescales are.
+///
+/// ```
+/// use wgpu_attention::{
+///     compare_bounded, reference, AttentionWeights, CachedLayerConfig, Precision, Tensor,
+/// };
+/// // Two query heads over one key/value head of width 1.
+/// let config = CachedLayerConfig::new(1, 1, 2, 1, 1, 8, 8).with_scale(1.0);
+/// let w = |v: Vec<f32>| Tensor::new([1, v.len()], v).unwrap();
+/// let weights = AttentionWeights::new(w(vec![1.0, -1.0]), w(vec![1.0]), w(vec![2.0]));
+/// let x = Tensor::new([1, 3, 1], vec![0.5, 1.0, -2.0]).unwrap();
+/// let exact = reference::cached_layer(&config, &weights, &x).unwrap();
+/// let bound = reference::cached_layer_error_bound(&config, &weights, &x).unwrap();
+/// assert_eq!(bound.shape(), exact.shape());
+/// assert!(compare_bounded(&exact, &exact, &bound).unwrap().passed());
+/// assert!(bound.data().iter().all(|&b| b > 0.0 && b < 1e-4), "{:?}", bound.data());
+/// // f16 storage: each stored value may be one f16 ulp off, far more than f32's roundings.
+/// let f16 = config.with_precision(Precision::F16);
+/// let f16_bound = reference::cached_layer_error_bound(&f16, &weights, &x).unwrap();
+/// for (h, s) in f16_bound.data().iter().zip(bound.data()) {
+///     assert!(*h > 10.0 * s, "f16 {h} vs f32 {s}");
+/// }
+/// ```
+pub fn cached_layer_error_bound(
+    config: &CachedLayerConfig,
+    weights: &AttentionWeights,
+    x: &Tensor,
+) -> Result<Tensor> {
+    config.check_weights(weights)?;
+    let c = config;
+    let seq = match x.shape() {
+        [b, n, d] if *b == c.batch && *d == c.d_model && *n > 0 => *n,
+        s => {
+            let n = s.get(1).copied().unwrap_or(0).max(1);
+            return Err(Error::shape("x", &[c.batch, n, c.d_model], s));
+        }
+    };
+    let group = c.heads / c.kv_heads;
+    let widen = |t: &Tensor, width: usize| per_query_head(t, c.kv_heads, group, width);
+    let widen_opt =
+        |t: &Option<Tensor>, width: usize| t.as_ref().map(|t| widen(t, width)).transpose();
+    let mha = AttentionWeights {
+        w_k: widen(&weights.w_k, c.head_dim)?,
+        w_v: widen(&weights.w_v, c.head_dim_v)?,
+        b_k: widen_opt(&weights.b_k, c.head_dim)?,
+        b_v: widen_opt(&weights.b_v, c.head_dim_v)?,
+        ..weights.clone()
+    };
+    let mut layer = AttentionConfig::new(c.batch, seq, c.d_model, c.heads, c.head_dim)
+        .with_head_dim_v(c.head_dim_v)
+        .with_scale(c.scale_value())
+        .with_precision(c.precision);
+    if c.causal {
+        layer = layer.causal();
+    }
+    if let Some(d_out) = c.d_out {
+        layer = layer.with_output_projection(d_out);
+    }
+    let bound = super::error_bound(&layer, &mha, &AttentionInputs::new(x.clone()))?;
+    if c.d_out.is_some() {
+        return Ok(bound);
+    }
+    // The layer concatenates the heads per token; the cached layer writes them head-major.
+    let (h, dv) = (c.heads, c.head_dim_v);
+    let mut out = vec![0f32; bound.len()];
+    for (at, &e) in bound.data().iter().enumerate() {
+        let (col, t, b) = (at % (h * dv), at / (h * dv) % seq, at / (h * dv * seq));
+        out[((b * h + col / dv) * seq + t) * dv + col % dv] = e;
+    }
+    Tensor::new(c.output_shape(seq), out)
+}
+
+/// `t` (`[.., kv_heads * width]`, heads side by side) with each head's `width` columns
+/// repeated for each of the `group` query heads that read it: `[.., kv_heads * group * width]`.
+fn per_query_head(t: &Tensor, kv_heads: usize, group: usize, width: usize) -> Result<Tensor> {
+    let cols = kv_heads * width;
+    let mut out = Vec::with_capacity(t.len() * group);
+    for row in t.data().chunks(cols) {
+        for h in 0..kv_heads * group {
+            out.extend_from_slice(&row[h / group * width..][..width]);
+        }
+    }
+    let mut shape = t.shape().to_vec();
+    *shape.last_mut().expect("a weight has columns") *= group;
+    Tensor::new(shape, out)
 }

@@ -380,7 +380,7 @@ mod operator;
 
 pub use backward::{EMPTY_ROW_LSE, OperatorGrads, operator_backward, operator_lse};
 pub use bound::{error_bound, operator_error_bound, output_row_bounds};
-pub use cached_layer::cached_layer;
+pub use cached_layer::{cached_layer, cached_layer_error_bound};
 pub use layer_backward::{LayerGrads, layer_backward};
 pub use operator::{cache_step, operator, operator_probs};
 

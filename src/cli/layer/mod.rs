@@ -16,7 +16,7 @@ pub use names::WeightLayout;
 use names::{Layout, LayoutFrom, Names, resolve_names};
 
 /// Every tensor name the program reads, with how its dtype is accepted.
-pub const TENSORS: [(&str, Kind); 30] = [
+pub const TENSORS: [(&str, Kind); 31] = [
     ("x", Kind::Float),
     ("w_q", Kind::Float),
     ("w_k", Kind::Float),
@@ -47,6 +47,7 @@ pub const TENSORS: [(&str, Kind); 30] = [
     ("v_proj.weight", Kind::Float),
     ("v_proj.bias", Kind::Float),
     ("hidden_states", Kind::Float),
+    ("grad_out", Kind::Float),
 ];
 
 /// The names a key mask may have, each with its own convention (see [`Kind`]).
@@ -88,6 +89,11 @@ pub struct Layer {
     pub mask: Option<(&'static str, Vec<usize>)>,
     /// How the weights were read, for the report.
     pub layout: String,
+    /// How the file stores its weight matrices: their gradients are written the same way.
+    pub weight_layout: WeightLayout,
+    /// `∂L/∂out` as `[batch, seq, d_out]`, if the file holds `grad_out`: then the backward
+    /// runs too.
+    pub grad_out: Option<Tensor>,
 }
 
 /// One dimension of an expected shape: a size where it is known, and always its meaning.
@@ -234,6 +240,8 @@ pub fn build(file: &mut TensorFile, options: &LayerOptions) -> Result<Layer, Cli
     if let Some(w_o) = &w_o {
         config = config.with_output_projection(names.layout.width(w_o));
     }
+    let grad_out = take_grad_out(file, &config, unbatched)?;
+    config.gradients = grad_out.is_some();
     let weights = AttentionWeights {
         w_q: to_xw(w_q),
         w_k: to_xw(w_k),
@@ -269,7 +277,33 @@ pub fn build(file: &mut TensorFile, options: &LayerOptions) -> Result<Layer, Cli
         unbatched,
         mask,
         layout,
+        weight_layout: names.layout.layout,
+        grad_out,
     })
+}
+
+/// `grad_out` (`∂L/∂out`, shaped like the output the layer writes) as `[batch, seq, d_out]`,
+/// if the file holds it.
+fn take_grad_out(
+    file: &mut TensorFile,
+    config: &AttentionConfig,
+    unbatched: bool,
+) -> Result<Option<Tensor>, CliError> {
+    let [batch, seq, d_out] = config.output_shape();
+    let mut dims = vec![known(seq, "seq"), known(d_out, "d_out")];
+    if !unbatched {
+        dims.insert(0, known(batch, "batch"));
+    }
+    let expected = Expected {
+        name: "grad_out",
+        shown: "grad_out".into(),
+        dims,
+        layout: None,
+    };
+    match take(file, expected)? {
+        Some(g) if unbatched => Ok(Some(reshape(file, &g, vec![1, seq, d_out])?)),
+        g => Ok(g),
+    }
 }
 
 /// The head count: the one given, which must split both widths, or the only count that does.
@@ -488,7 +522,7 @@ fn reshape(file: &TensorFile, t: &Tensor, shape: Vec<usize>) -> Result<Tensor, C
 }
 
 /// `[rows, cols]` to `[cols, rows]`.
-fn transpose(t: &Tensor) -> Tensor {
+pub fn transpose(t: &Tensor) -> Tensor {
     let (rows, cols) = (t.shape()[0], t.shape()[1]);
     let data = (0..cols * rows)
         .map(|i| t.data()[(i % rows) * cols + i / rows])

@@ -18,6 +18,7 @@ use super::layer::{self, Layer, LayerOptions, WeightLayout};
 use super::operator;
 use super::{AdapterArgs, CliError};
 
+mod grads;
 mod op;
 
 /// Arguments of `wgpu-attention run`. The file format is described in docs/safetensors.md.
@@ -29,13 +30,15 @@ pub struct RunArgs {
     /// ...) are read too, in PyTorch's conventions. Or one call of the attention operator:
     /// `q` [batch, heads, q_len, head_dim], `k` [batch, kv_heads, kv_len, head_dim], `v`
     /// [batch, kv_heads, kv_len, head_dim_v], optionally `key_mask` [batch, kv_len] (nonzero =
-    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Floats are F32, F16 or
-    /// BF16 (read exactly). See docs/safetensors.md.
+    /// attend) and `attn_bias` [batch or 1, heads or 1, q_len, kv_len]. Either kind may also
+    /// hold `grad_out` (shaped like `out`) to run the backward too. Floats are F32, F16 or BF16
+    /// (read exactly). See docs/safetensors.md.
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
     /// Where to write `out` [batch, seq, d_out] as F32 (without the batch axis for a 2-D `x`;
-    /// [batch, heads, q_len, head_dim_v] for an operator call).
-    /// Written only if the GPU agrees with the CPU reference; an existing file is replaced
+    /// [batch, heads, q_len, head_dim_v] for an operator call), and with `grad_out` a
+    /// `grad_<name>` for every input tensor (`grad_x`, `grad_w_q`, ... or `grad_q`, `grad_k`,
+    /// `grad_v`). Written only if the GPU agrees with the CPU reference; an existing file is replaced
     /// atomically. Never the input file.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
@@ -199,6 +202,14 @@ pub fn main(
     }
     let mut layer = layer::build(&mut file, &args.layer_options())?;
     layer.config.precision = args.precision;
+    if layer.grad_out.is_some() && (args.intermediates || args.kernel == KernelChoice::Staged) {
+        return Err(CliError::Usage(
+            "the file holds `grad_out`, so the backward runs, and it needs the fused kernel \
+             (whose forward saves the logsumexp the backward reads): drop --intermediates and \
+             --kernel staged"
+                .into(),
+        ));
+    }
     if args.intermediates {
         refuse_huge_intermediates(&layer)?;
     }
@@ -217,6 +228,12 @@ pub fn main(
     } else {
         println!("check      every tensor, against the full f64 reference");
     }
+    if layer.grad_out.is_some() {
+        println!(
+            "backward   the file holds `grad_out`: every gradient is computed on the GPU and \
+             checked, each element against the f64 reference backward"
+        );
+    }
     let estimate = Estimate::new(&ctx, &layer, rows.as_ref());
     if estimate.worth_telling() {
         println!("estimate   {estimate}; Ctrl-C stops cleanly");
@@ -225,9 +242,9 @@ pub fn main(
     let gpu = run_gpu(&ctx, &layer, args);
     spinner.finish_and_clear();
     progress.remove(&spinner);
-    let gpu = gpu?;
+    let (gpu, gpu_grads) = gpu?;
     report_peak_memory("after the GPU");
-    let checked = match &rows {
+    let mut checked = match &rows {
         Some(rows) => {
             let (name, output) = gpu.into_iter().next().expect("the output comes first");
             let bar = if estimate.check_seconds > 2.0 {
@@ -251,13 +268,21 @@ pub fn main(
             check_all(&layer, gpu, cpu, rule)?
         }
     };
+    if let Some(g) = gpu_grads {
+        checked.extend(grads::check_layer(&layer, g, rule)?);
+    }
     print_results(&checked, layer.unbatched);
     if let Some(message) = failures(&checked) {
         return Err(CliError::Mismatch(message));
     }
     let tensors: Vec<(&str, Tensor)> = checked
         .into_iter()
-        .map(|c| (c.name, unbatch(c.gpu, layer.unbatched)))
+        .map(|c| {
+            (
+                c.name,
+                unbatch(c.gpu, layer.unbatched && grads::batched(c.name)),
+            )
+        })
         .collect();
     Output::write(&args.output, &tensors)?;
     let names: Vec<&str> = tensors.iter().map(|(name, _)| *name).collect();
@@ -334,7 +359,14 @@ impl Estimate {
         let flops = 2.0 * b * h * n * n * width
             + 2.0 * b * n * c.d_model as f64 * h * (2 * c.head_dim + c.head_dim_v) as f64;
         let rate = Self::rate(ctx);
-        let check_work = rows.map_or(b * h * n * n * width, |r| r.work);
+        let mut check_work = rows.map_or(b * h * n * n * width, |r| r.work);
+        // The backward costs about 2.5 forwards on the GPU, and its reference runs in full.
+        let flops = if layer.grad_out.is_some() {
+            check_work += 3.0 * b * h * n * n * width;
+            3.5 * flops
+        } else {
+            flops
+        };
         Estimate {
             gpu_seconds: flops / rate,
             check_seconds: check_work / REFERENCE_RATE,
@@ -367,21 +399,24 @@ impl std::fmt::Display for Estimate {
     }
 }
 
-/// The written tensors as computed on the GPU.
-fn run_gpu(
-    ctx: &GpuContext,
-    layer: &Layer,
-    args: &RunArgs,
-) -> Result<Vec<(&'static str, Tensor)>, CliError> {
+/// The written tensors as computed on the GPU, and the gradients when the file holds
+/// `grad_out`.
+type GpuResults = (Vec<(&'static str, Tensor)>, Option<reference::LayerGrads>);
+
+fn run_gpu(ctx: &GpuContext, layer: &Layer, args: &RunArgs) -> Result<GpuResults, CliError> {
     let intermediates = args.intermediates;
     let mut config = layer.config.clone().with_kernel(args.kernel);
     config.keep_intermediates = intermediates;
     let mut plan = AttentionPlan::new(ctx, &config, &layer.weights)?;
+    if let Some(grad_out) = &layer.grad_out {
+        let (output, grads) = plan.run_with_grad(&layer.inputs, grad_out)?;
+        return Ok((vec![("out", output)], Some(grads)));
+    }
     let output = plan.run(&layer.inputs)?;
     if intermediates {
-        Ok(written(plan.read_intermediates()?, true))
+        Ok((written(plan.read_intermediates()?, true), None))
     } else {
-        Ok(vec![("out", output)])
+        Ok((vec![("out", output)], None))
     }
 }
 
@@ -533,6 +568,7 @@ fn print_results(checked: &[Checked], unbatched: bool) {
         "tensor", "shape", "max abs err", "max rel err", "used"
     );
     for checked in checked {
+        let unbatched = unbatched && grads::batched(checked.name);
         let shape = unbatched_shape(checked.gpu.shape(), unbatched);
         println!(
             "{:<10} {:<16} {:>12.3e} {:>12.3e} {:>8.1}%  {}",

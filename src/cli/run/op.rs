@@ -4,7 +4,7 @@
 use indicatif::MultiProgress;
 use wgpu_attention::{
     AttentionOp, BiasShape, Comparison, DeviceLimits, GpuContext, KernelChoice, OperatorConfig,
-    OperatorInputs, Tensor, compare, compare_bounded, reference,
+    OperatorInputs, Tensor, Tolerance, compare, compare_bounded, reference,
 };
 
 use super::super::check::{CHECK_BUDGET, spread};
@@ -16,7 +16,8 @@ use super::{
     print_rule,
 };
 
-/// Runs the operator on `file`'s tensors, checks the output, and writes it if it passes.
+/// Runs the operator on `file`'s tensors (and its backward when the file holds `grad_out`),
+/// checks the output and every gradient, and writes them if all pass.
 pub fn main(
     adapter: &AdapterArgs,
     args: &RunArgs,
@@ -37,14 +38,19 @@ pub fn main(
     let ctx = adapter.context(DeviceLimits::Adapter)?;
     print_call(&ctx, &call);
     print_rule(rule);
+    if call.grad_out.is_some() {
+        print_gradient_rule(rule);
+    }
     let sample = Sample::choose(&call, args.check_all);
     println!("check      {}", sample.describe(&call));
     let c = &call.config;
-    let flops = 2.0
+    let forward_flops = 2.0
         * (c.batch * c.heads) as f64
         * call.q_len() as f64
         * call.kv_len() as f64
         * (c.head_dim + c.head_dim_v) as f64;
+    // The backward forms q·k and dO·v twice and adds to dQ, dK and dV: about 2.5 forwards.
+    let flops = forward_flops * if call.grad_out.is_some() { 3.5 } else { 1.0 };
     let estimate = Estimate {
         gpu_seconds: flops / Estimate::rate(&ctx),
         check_seconds: sample.work / REFERENCE_RATE,
@@ -53,24 +59,79 @@ pub fn main(
         println!("estimate   {estimate}; Ctrl-C stops cleanly");
     }
     let spinner = gpu_spinner(progress, estimate.gpu_seconds);
-    let gpu = AttentionOp::new(&ctx, &call.config).and_then(|mut op| op.run(&call.inputs));
+    let gpu = run_gpu(&ctx, &call);
     spinner.finish_and_clear();
     progress.remove(&spinner);
     let gpu = gpu?;
-    let comparison = sample.check(&call, &gpu, rule)?;
-    let checked = [Checked {
-        name: "out",
-        gpu,
-        comparison,
-    }];
+    let comparisons = sample.check(&call, &gpu, rule)?;
+    let checked: Vec<Checked> = gpu
+        .into_iter()
+        .zip(comparisons)
+        .map(|((name, gpu), comparison)| Checked {
+            name,
+            gpu,
+            comparison,
+        })
+        .collect();
     print_results(&checked, false);
     if let Some(message) = failures(&checked) {
         return Err(CliError::Mismatch(message));
     }
-    let [Checked { gpu, .. }] = checked;
-    Output::write(&args.output, &[("out", gpu)])?;
-    println!("wrote {} (out)", args.output.display());
+    let tensors: Vec<(&str, Tensor)> = checked.into_iter().map(|c| (c.name, c.gpu)).collect();
+    Output::write(&args.output, &tensors)?;
+    let names: Vec<&str> = tensors.iter().map(|(name, _)| *name).collect();
+    println!("wrote {} ({})", args.output.display(), names.join(", "));
     Ok(())
+}
+
+/// The tensors the GPU computed, by the names they are written under: `out`, then, when the
+/// call has `grad_out`, `grad_q`, `grad_k` and `grad_v` (the backward reads the logsumexp its
+/// own forward saved, as training would).
+fn run_gpu(ctx: &GpuContext, call: &OperatorCall) -> Result<Vec<(&'static str, Tensor)>, CliError> {
+    let mut op = AttentionOp::new(ctx, &call.config)?;
+    Ok(match &call.grad_out {
+        None => vec![("out", op.run(&call.inputs)?)],
+        Some(grad_out) => {
+            let (out, grads) = op.run_with_grad(&call.inputs, grad_out)?;
+            vec![
+                ("out", out),
+                ("grad_q", grads.q),
+                ("grad_k", grads.k),
+                ("grad_v", grads.v),
+            ]
+        }
+    })
+}
+
+/// How each gradient is judged: a gradient element sums terms of both signs over every key
+/// (or query), so its error follows the size of those terms, not its own size, and an
+/// element-relative rule would fail on cancellations f32 cannot avoid. Under the default rule
+/// every element is held to `GRAD_RTOL · max|reference| + GRAD_ATOL` of its tensor (of the
+/// checked group when the check samples), as tests/backward.rs holds the GPU's gradients.
+const GRAD_RTOL: f64 = 1e-4;
+/// See [`GRAD_RTOL`].
+const GRAD_ATOL: f64 = 1e-5;
+
+fn print_gradient_rule(rule: CheckRule) {
+    match rule {
+        CheckRule::Bound => println!(
+            "gradients  `grad_out` given: grad_q, grad_k, grad_v by the backward, each element \
+             within {GRAD_RTOL:e} * max|ref| + {GRAD_ATOL:e} of its tensor (f64 reference)"
+        ),
+        CheckRule::Fixed(_) => println!(
+            "gradients  `grad_out` given: grad_q, grad_k, grad_v by the backward, under the \
+             same fixed rule"
+        ),
+    }
+}
+
+/// The gradient rule for a tensor whose reference is `expected`.
+fn gradient_tolerance(expected: &Tensor) -> Tolerance {
+    let scale = expected
+        .data()
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64));
+    Tolerance::new(GRAD_RTOL * scale + GRAD_ATOL, 0.0)
 }
 
 /// The flags that only mean something for a layer, refused rather than ignored.
@@ -178,7 +239,8 @@ impl Sample {
             * group
             * call.q_len() as f64
             * call.kv_len() as f64
-            * (c.head_dim + c.head_dim_v) as f64;
+            * (c.head_dim + c.head_dim_v) as f64
+            * if call.grad_out.is_some() { 3.5 } else { 1.0 };
         let total = c.batch * c.kv_heads;
         let all_work = total as f64 * per_group;
         let count = if check_all || all_work <= CHECK_BUDGET {
@@ -201,14 +263,24 @@ impl Sample {
     fn describe(&self, call: &OperatorCall) -> String {
         let c = &call.config;
         if self.all {
+            let what = if call.grad_out.is_some() {
+                "every output row and gradient"
+            } else {
+                "every output row"
+            };
             return format!(
-                "every output row, against the f64 reference ({:.1e} multiply-adds)",
+                "{what}, against the f64 reference ({:.1e} multiply-adds)",
                 self.work
             );
         }
+        let gradients = if call.grad_out.is_some() {
+            ", with their gradients"
+        } else {
+            ""
+        };
         format!(
-            "the query heads of {} of {} (batch row, key/value head) groups, evenly spread \
-             (every one would take {:.1e} multiply-adds, over the check's budget of \
+            "the query heads of {} of {} (batch row, key/value head) groups{gradients}, evenly \
+             spread (every one would take {:.1e} multiply-adds, over the check's budget of \
              {CHECK_BUDGET:.0e}; --check-all checks them all)",
             self.groups.len(),
             c.batch * c.kv_heads,
@@ -216,33 +288,27 @@ impl Sample {
         )
     }
 
-    /// The GPU's output against the reference, over the sampled groups.
+    /// The GPU's tensors (`out`, then the gradients if any) against the reference, over the
+    /// sampled groups: one comparison per tensor, in order.
     fn check(
         &self,
         call: &OperatorCall,
-        gpu: &Tensor,
+        gpu: &[(&'static str, Tensor)],
         rule: CheckRule,
-    ) -> Result<Comparison, CliError> {
-        let judge = |config: &OperatorConfig,
-                     inputs: &OperatorInputs,
-                     gpu: &Tensor|
-         -> Result<Comparison, CliError> {
-            let expected = reference::operator(config, inputs)?;
-            Ok(match rule {
-                CheckRule::Bound => compare_bounded(
-                    gpu,
-                    &expected,
-                    &reference::operator_error_bound(config, inputs)?,
-                )?,
-                CheckRule::Fixed(tolerance) => compare(gpu, &expected, tolerance)?,
-            })
-        };
+    ) -> Result<Vec<Comparison>, CliError> {
+        let gpu: Vec<&Tensor> = gpu.iter().map(|(_, t)| t).collect();
         if self.all {
-            return judge(&call.config, &call.inputs, gpu);
+            return judge(
+                &call.config,
+                &call.inputs,
+                call.grad_out.as_ref(),
+                &gpu,
+                rule,
+            );
         }
         let c = &call.config;
         let group = c.heads / c.kv_heads;
-        let mut worst: Option<Comparison> = None;
+        let mut worst: Vec<Comparison> = Vec::new();
         for &(b, kh) in &self.groups {
             let heads = kh * group..(kh + 1) * group;
             let bias_heads = |s: BiasShape| if s.per_head { heads.clone() } else { 0..1 };
@@ -272,25 +338,71 @@ impl Sample {
                     _ => None,
                 },
             };
-            let mut comparison = judge(&config, &inputs, &slab(gpu, b, heads)?)?;
-            // Point back into the whole output: [0, g, i, c] of this group is [b, kh*group + g].
-            for element in [
-                &mut comparison.max_abs_at,
-                &mut comparison.max_rel_at,
-                &mut comparison.worst_at,
-            ] {
-                if let [_, g, ..] = element.index[..] {
-                    element.index[0] = b;
-                    element.index[1] = kh * group + g;
+            let grad_out = match &call.grad_out {
+                Some(g) => Some(slab(g, b, heads.clone())?),
+                None => None,
+            };
+            // out and grad_q hold the group's query heads, grad_k and grad_v its kv head.
+            let first_heads = [heads.start, heads.start, kh, kh];
+            let counts = [group, group, 1, 1];
+            let sliced = gpu
+                .iter()
+                .zip(first_heads.iter().zip(counts))
+                .map(|(t, (&h, n))| slab(t, b, h..h + n))
+                .collect::<Result<Vec<Tensor>, CliError>>()?;
+            let sliced: Vec<&Tensor> = sliced.iter().collect();
+            let comparisons = judge(&config, &inputs, grad_out.as_ref(), &sliced, rule)?;
+            for (n, mut comparison) in comparisons.into_iter().enumerate() {
+                // Point back into the whole tensor: [0, h, ...] of the slab is [b, first + h].
+                for element in [
+                    &mut comparison.max_abs_at,
+                    &mut comparison.max_rel_at,
+                    &mut comparison.worst_at,
+                ] {
+                    if let [_, h, ..] = element.index[..] {
+                        element.index[0] = b;
+                        element.index[1] = first_heads[n] + h;
+                    }
+                }
+                match worst.get_mut(n) {
+                    Some(w) => *w = merge(w.clone(), comparison),
+                    None => worst.push(comparison),
                 }
             }
-            worst = Some(match worst {
-                None => comparison,
-                Some(w) => merge(w, comparison),
-            });
         }
-        Ok(worst.expect("a sample holds at least one group"))
+        Ok(worst)
     }
+}
+
+/// One call's (or one group's) tensors against the reference: `out` under `rule`, and with
+/// `grad_out` the gradients of Q, K and V, under the gradient rule unless `rule` is fixed.
+fn judge(
+    config: &OperatorConfig,
+    inputs: &OperatorInputs,
+    grad_out: Option<&Tensor>,
+    gpu: &[&Tensor],
+    rule: CheckRule,
+) -> Result<Vec<Comparison>, CliError> {
+    let expected = reference::operator(config, inputs)?;
+    let mut comparisons = vec![match rule {
+        CheckRule::Bound => compare_bounded(
+            gpu[0],
+            &expected,
+            &reference::operator_error_bound(config, inputs)?,
+        )?,
+        CheckRule::Fixed(tolerance) => compare(gpu[0], &expected, tolerance)?,
+    }];
+    if let Some(grad_out) = grad_out {
+        let grads = reference::operator_backward(config, inputs, grad_out)?;
+        for (gpu, expected) in gpu[1..].iter().zip([&grads.q, &grads.k, &grads.v]) {
+            let tolerance = match rule {
+                CheckRule::Bound => gradient_tolerance(expected),
+                CheckRule::Fixed(tolerance) => tolerance,
+            };
+            comparisons.push(compare(gpu, expected, tolerance)?);
+        }
+    }
+    Ok(comparisons)
 }
 
 /// Two groups' comparisons as one: counts added, the worst of each figure kept.
