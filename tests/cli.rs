@@ -280,7 +280,7 @@ fn bench_decode_writes_its_rows_and_ceilings_as_json() {
         .success()
         .stdout(predicate::str::contains("split ms/tok"))
         .stdout(predicate::str::contains(
-            "cached layer step at kv_len 200 (d_model 32",
+            "cached layer step at kv_len 200 in f32 (d_model 32",
         ))
         .stdout(predicate::str::contains(
             "chunked prefill: 512 queries over 4096 keys",
