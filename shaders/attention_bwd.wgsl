@@ -1,4 +1,4 @@
-// Contract: the includer binds p (FusedParams), lq and lkv (Len), and q, k, v, d_o (vec4 arrays), aux and bias (f32 arrays), and declares overrides DS and NC; the host sets HAS_MASK and HAS_BIAS.
+// Contract: the host puts fused_params.wgsl and unaligned.wgsl ahead of this file; the includer binds p (FusedParams), lq and lkv (Len), and q, k, v, d_o (vec4 arrays), aux and bias (f32 arrays), and declares overrides DS and NC; the host sets HAS_MASK and HAS_BIAS.
 //
 // What the two gradient kernels of the attention backward (attention_bwd_kv.wgsl and
 // attention_bwd_q.wgsl) share: the forward's parameters and length table (the same uniform
@@ -27,58 +27,6 @@ const LOWEST: f32 = -3.402823e38;
 override HAS_MASK: bool = false;
 override HAS_BIAS: bool = false;
 
-struct FusedParams {
-    batch: u32,
-    kv_heads: u32,
-    group: u32,
-    head_dim: u32,
-    head_dim_v: u32,
-    dp4: u32,
-    dvp4: u32,
-    causal: u32,
-    // Bias broadcast: the bias's batch index step (in q_len kv_len blocks; 0 = broadcast)
-    // and head index step (0 or 1).
-    bias_b: u32,
-    bias_h: u32,
-    scale: f32,
-    q_offset: u32,
-    q_sb: u32,
-    q_sbc: u32,
-    q_sh: u32,
-    q_shc: u32,
-    q_si: u32,
-    k_offset: u32,
-    k_sb: u32,
-    k_sbc: u32,
-    k_sh: u32,
-    k_shc: u32,
-    k_si: u32,
-    v_offset: u32,
-    v_sb: u32,
-    v_sbc: u32,
-    v_sh: u32,
-    v_shc: u32,
-    v_si: u32,
-    o_offset: u32,
-    o_sb: u32,
-    o_sbc: u32,
-    o_sh: u32,
-    o_shc: u32,
-    o_si: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
-    _pad4: u32,
-}
-
-struct Len {
-    n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 // Where row i of query head h (Q, O, dO, dQ) or key j of kv head kh (K, dK; V, dV) starts.
 fn q_row(b: u32, h: u32, i: u32) -> u32 {
     return p.q_offset + b * (p.q_sb * lq.n + p.q_sbc) + h * (p.q_sh * lq.n + p.q_shc) + i * p.q_si;
@@ -94,23 +42,6 @@ fn k_row(b: u32, kh: u32, j: u32) -> u32 {
 
 fn v_row(b: u32, kh: u32, j: u32) -> u32 {
     return p.v_offset + b * (p.v_sb * lkv.n + p.v_sbc) + kh * (p.v_sh * lkv.n + p.v_shc) + j * p.v_si;
-}
-
-// Elements s .. s + 3 (s = 1, 2, 3) of the eight in a, b.
-fn shifted(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
-    switch s {
-        case 1u: { return vec4<f32>(a.yzw, b.x); }
-        case 2u: { return vec4<f32>(a.zw, b.xy); }
-        default: { return vec4<f32>(a.w, b.xyz); }
-    }
-}
-
-// Zeroes the columns of vec4 c4 at or past `width`.
-fn clip(x: vec4<f32>, c4: u32, width: u32) -> vec4<f32> {
-    if (4u * c4 + 4u <= width) {
-        return x;
-    }
-    return select(vec4<f32>(0.0), x, vec4<u32>(4u * c4) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(width));
 }
 
 // Vec4 c4 of the row starting at element `row` of each tensor, zero past its width: one load

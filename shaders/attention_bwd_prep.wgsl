@@ -5,7 +5,7 @@
 //     aux[row] = lse[row], aux[R + row] = Σ_c dO[b, h, i, c] O[b, h, i, c].
 //
 // Bindings (group 0; group 1 is dispatch.wgsl's chunk index):
-//   0  p      uniform             FusedParams (the forward's: the output's strides)
+//   0  p      uniform             FusedParams (fused_params.wgsl; the forward's: the output's strides)
 //   1  o      storage, read       f32 as vec4, the forward's output O [b, h, i, c]
 //   2  d_o    storage, read       f32 as vec4, dO, laid out as O
 //   3  lse    storage, read       f32 [batch, heads, q_len], saved by the forward
@@ -15,58 +15,6 @@
 
 override WG: u32 = 64u;  // rows per workgroup
 
-struct FusedParams {
-    batch: u32,
-    kv_heads: u32,
-    group: u32,
-    head_dim: u32,
-    head_dim_v: u32,
-    dp4: u32,
-    dvp4: u32,
-    causal: u32,
-    // Bias broadcast: the bias's batch index step (in q_len kv_len blocks; 0 = broadcast)
-    // and head index step (0 or 1).
-    bias_b: u32,
-    bias_h: u32,
-    scale: f32,
-    q_offset: u32,
-    q_sb: u32,
-    q_sbc: u32,
-    q_sh: u32,
-    q_shc: u32,
-    q_si: u32,
-    k_offset: u32,
-    k_sb: u32,
-    k_sbc: u32,
-    k_sh: u32,
-    k_shc: u32,
-    k_si: u32,
-    v_offset: u32,
-    v_sb: u32,
-    v_sbc: u32,
-    v_sh: u32,
-    v_shc: u32,
-    v_si: u32,
-    o_offset: u32,
-    o_sb: u32,
-    o_sbc: u32,
-    o_sh: u32,
-    o_shc: u32,
-    o_si: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
-    _pad4: u32,
-}
-
-struct Len {
-    n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(0) var<uniform> p: FusedParams;
 @group(0) @binding(1) var<storage, read> o: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> d_o: array<vec4<f32>>;
@@ -74,15 +22,6 @@ struct Len {
 @group(0) @binding(4) var<storage, read_write> aux: array<f32>;
 @group(0) @binding(5) var<uniform> lq: Len;
 @group(0) @binding(6) var<uniform> lkv: Len;
-
-// Elements s .. s + 3 (s = 1, 2, 3) of the eight in a, b.
-fn shifted(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
-    switch s {
-        case 1u: { return vec4<f32>(a.yzw, b.x); }
-        case 2u: { return vec4<f32>(a.zw, b.xy); }
-        default: { return vec4<f32>(a.w, b.xyz); }
-    }
-}
 
 fn load(buf_is_o: bool, e: u32) -> vec4<f32> {
     var a: vec4<f32>;

@@ -122,42 +122,6 @@ var<workgroup> row_l: array<f32, ROWS>;
 // The row's key count and the split's key range, made uniform for the loop bounds.
 var<workgroup> keys_n: u32;
 
-// Elements s .. s + 3 (s = 1, 2, 3) of the eight in a, b.
-fn shifted(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
-    switch s {
-        case 1u: { return vec4<f32>(a.yzw, b.x); }
-        case 2u: { return vec4<f32>(a.zw, b.xy); }
-        default: { return vec4<f32>(a.w, b.xyz); }
-    }
-}
-
-// Zeroes the columns of vec4 d4 at or past `width`.
-fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
-    if (4u * d4 + 4u <= width) {
-        return x;
-    }
-    return select(vec4<f32>(0.0), x, vec4<u32>(4u * d4) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(width));
-}
-
-// Four elements from element e on: one vec4 load when e is a multiple of 4, two otherwise.
-fn q4(e: u32) -> vec4<f32> {
-    let a = q_at(e / 4u);
-    if (e % 4u == 0u) { return a; }
-    return shifted(a, q_at(e / 4u + 1u), e % 4u);
-}
-
-fn k4(e: u32) -> vec4<f32> {
-    let a = k_at(e / 4u);
-    if (e % 4u == 0u) { return a; }
-    return shifted(a, k_at(e / 4u + 1u), e % 4u);
-}
-
-fn v4(e: u32) -> vec4<f32> {
-    let a = v_at(e / 4u);
-    if (e % 4u == 0u) { return a; }
-    return shifted(a, v_at(e / 4u + 1u), e % 4u);
-}
-
 // exp(|scale| d) for a difference d <= 0 of unscaled scores, through exp2, the scale applied
 // before log2 e so that a scale near f32::MAX gives at worst -inf; a zero exponent gives exactly
 // 1 (exp2(-0.0) came back NaN on a CPU Vulkan driver).

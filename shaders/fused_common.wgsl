@@ -1,68 +1,15 @@
-// Contract: the includer declares the io functions q_at, k_at, v_at, key_kept, bias_value and HAS_BIAS (fused_io_*.wgsl), and sets k_head and v_head before loading keys or values.
+// Contract: the includer declares the io functions q_at, k_at, v_at, key_kept, bias_value and HAS_BIAS (fused_io_*.wgsl), includes fused_params.wgsl, unaligned.wgsl and qkv_unaligned.wgsl, and sets k_head and v_head before loading keys or values.
 //
 // Not a kernel: what the fused attention kernels (fused_attention.wgsl, fused_rows.wgsl) share:
-// their uniform parameters and lengths, where a packed row lives, loads of Q, K and V at any
-// width and stride, the causal key limit, the bias row, and the overflow-safe exponential. The
-// host puts this file after the io includes and ahead of each fused kernel.
+// the bindings of their parameters and lengths, where a packed row lives, loads of K and V
+// rows, the causal key limit, the bias row, and the overflow-safe exponential. The host puts
+// this file after the io includes and the shared parts above, ahead of each fused kernel.
 //
 // Bindings (group 0): 0 p: uniform FusedParams; 7 lq, 8 lkv: uniform Len at dynamic offsets
 // (the call's q_len and kv_len). See fused_attention.wgsl's header for the layout they describe.
 
 const LOWEST: f32 = -3.402823e38;
 const LOG2E: f32 = 1.4426950408889634;
-
-struct FusedParams {
-    batch: u32,
-    kv_heads: u32,
-    group: u32,
-    head_dim: u32,
-    head_dim_v: u32,
-    dp4: u32,
-    dvp4: u32,
-    causal: u32,
-    // Bias broadcast: the bias's batch index step (in q_len kv_len blocks; 0 = broadcast)
-    // and head index step (0 or 1).
-    bias_b: u32,
-    bias_h: u32,
-    scale: f32,
-    q_offset: u32,
-    q_sb: u32,
-    q_sbc: u32,
-    q_sh: u32,
-    q_shc: u32,
-    q_si: u32,
-    k_offset: u32,
-    k_sb: u32,
-    k_sbc: u32,
-    k_sh: u32,
-    k_shc: u32,
-    k_si: u32,
-    v_offset: u32,
-    v_sb: u32,
-    v_sbc: u32,
-    v_sh: u32,
-    v_shc: u32,
-    v_si: u32,
-    o_offset: u32,
-    o_sb: u32,
-    o_sbc: u32,
-    o_sh: u32,
-    o_shc: u32,
-    o_si: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
-    _pad4: u32,
-}
-
-// One length, at a dynamic offset into the plan's table of lengths.
-struct Len {
-    n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
 
 @group(0) @binding(0) var<uniform> p: FusedParams;
 @group(0) @binding(7) var<uniform> lq: Len;
@@ -77,45 +24,6 @@ struct RowAt {
 
 fn row_at(mat: u32, r: u32) -> RowAt {
     return RowAt(mat / p.kv_heads, (mat % p.kv_heads) * p.group + r / lq.n, r % lq.n);
-}
-
-// Elements s .. s + 3 (s = 1, 2, 3) of the eight in a, b.
-fn shifted(a: vec4<f32>, b: vec4<f32>, s: u32) -> vec4<f32> {
-    switch s {
-        case 1u: { return vec4<f32>(a.yzw, b.x); }
-        case 2u: { return vec4<f32>(a.zw, b.xy); }
-        default: { return vec4<f32>(a.w, b.xyz); }
-    }
-}
-
-// Zeroes the columns of vec4 d4 at or past `width` (only the last vec4 of a width that is not
-// a multiple of 4 has any).
-fn clip(x: vec4<f32>, d4: u32, width: u32) -> vec4<f32> {
-    if (4u * d4 + 4u <= width) {
-        return x;
-    }
-    return select(vec4<f32>(0.0), x, vec4<u32>(4u * d4) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(width));
-}
-
-// The four elements from element e on, each read as vec4: one load when e is a multiple of 4
-// (every layer and every app tensor whose widths, strides and offsets are), two otherwise,
-// so that any head width and stride works.
-fn q4(e: u32) -> vec4<f32> {
-    let a = q_at(e / 4u);
-    if (e % 4u == 0u) { return a; }
-    return shifted(a, q_at(e / 4u + 1u), e % 4u);
-}
-
-fn k4(e: u32) -> vec4<f32> {
-    let a = k_at(e / 4u);
-    if (e % 4u == 0u) { return a; }
-    return shifted(a, k_at(e / 4u + 1u), e % 4u);
-}
-
-fn v4(e: u32) -> vec4<f32> {
-    let a = v_at(e / 4u);
-    if (e % 4u == 0u) { return a; }
-    return shifted(a, v_at(e / 4u + 1u), e % 4u);
 }
 
 // Where this workgroup's kv head starts in K and V (element offsets), set once by main.

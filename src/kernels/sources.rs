@@ -95,16 +95,18 @@ impl Kernel {
                     Precision::F16 => "staged_io_v_out_f16.wgsl",
                 },
             ]),
-            Kernel::BackwardPrep => {}
-            Kernel::BackwardKv | Kernel::BackwardQ => files.push("attention_bwd.wgsl"),
+            Kernel::BackwardPrep => files.extend(["fused_params.wgsl", "unaligned.wgsl"]),
+            Kernel::BackwardKv | Kernel::BackwardQ => {
+                files.extend(["fused_params.wgsl", "unaligned.wgsl", "attention_bwd.wgsl"])
+            }
             Kernel::Fused(io) => {
                 files.extend(["tiles.wgsl", "score_tile.wgsl"]);
                 files.extend(io.files());
-                files.push("fused_common.wgsl");
+                files.extend(FUSED_COMMON);
             }
             Kernel::FusedRows(io) => {
                 files.extend(io.files());
-                files.push("fused_common.wgsl");
+                files.extend(FUSED_COMMON);
             }
             // Q, K and V through the fused kernel's loads (the same slots, the same q_at).
             Kernel::DecodeSplit { mask, precision } => files.extend([
@@ -117,6 +119,8 @@ impl Kernel {
                 } else {
                     "decode_keys_all.wgsl"
                 },
+                "unaligned.wgsl",
+                "qkv_unaligned.wgsl",
             ]),
             Kernel::DecodeCombine(Precision::F32) => files.push("decode_io_out.wgsl"),
             Kernel::DecodeCombine(Precision::F16) => files.push("decode_io_out_f16.wgsl"),
@@ -126,6 +130,15 @@ impl Kernel {
         files
     }
 }
+
+/// What both fused kernels include after their io files: the forward's parameters, unaligned
+/// vec4 loads (of any tensor, then of Q, K and V), and their shared geometry and masks.
+const FUSED_COMMON: [&str; 4] = [
+    "fused_params.wgsl",
+    "unaligned.wgsl",
+    "qkv_unaligned.wgsl",
+    "fused_common.wgsl",
+];
 
 /// A file of `shaders/`, by name.
 fn shader_file(name: &str) -> &'static str {
@@ -140,6 +153,9 @@ fn shader_file(name: &str) -> &'static str {
     files!(
         "f16.wgsl",
         "dispatch.wgsl",
+        "fused_params.wgsl",
+        "unaligned.wgsl",
+        "qkv_unaligned.wgsl",
         "tiles.wgsl",
         "score_tile.wgsl",
         "staged_io.wgsl",
