@@ -7,51 +7,12 @@
 
 mod common;
 
+use common::cached::{D_MODEL, tokens, weights};
 use common::{Rng, ctx};
-use wgpu::util::DeviceExt;
 use wgpu_attention::{
     AttentionConfig, AttentionInputs, AttentionWeights, CachedAttention, CachedIo,
-    CachedLayerConfig, Error, GpuContext, Tensor, Tolerance, compare, reference,
+    CachedLayerConfig, Error, Tensor, Tolerance, compare, reference,
 };
-
-const D_MODEL: usize = 20;
-
-/// Random weights for `config`: scaled so that projections stay of order 1.
-fn weights(rng: &mut Rng, c: &CachedLayerConfig, biases: bool) -> AttentionWeights {
-    let s = 1.0 / (c.d_model as f32).sqrt();
-    let (q, k, v) = (
-        c.heads * c.head_dim,
-        c.kv_heads * c.head_dim,
-        c.kv_heads * c.head_dim_v,
-    );
-    let mut w = AttentionWeights::new(
-        rng.tensor(&[c.d_model, q], s),
-        rng.tensor(&[c.d_model, k], s),
-        rng.tensor(&[c.d_model, v], s),
-    );
-    if biases {
-        w = w.with_qkv_bias(
-            rng.tensor(&[q], 0.5),
-            rng.tensor(&[k], 0.5),
-            rng.tensor(&[v], 0.5),
-        );
-    }
-    if let Some(d_out) = c.d_out {
-        let heads = c.heads * c.head_dim_v;
-        let b_o = biases.then(|| rng.tensor(&[d_out], 0.5));
-        w = w.with_output_projection(
-            rng.tensor(&[heads, d_out], 1.0 / (heads as f32).sqrt()),
-            b_o,
-        );
-    }
-    w
-}
-
-/// Tokens `from .. from + n` of a `[1, seq, d]` sequence, as `[1, n, d]` data.
-fn tokens(x: &Tensor, from: usize, n: usize) -> Vec<f32> {
-    let d = x.shape()[2];
-    x.data()[from * d..(from + n) * d].to_vec()
-}
 
 /// Output rows `from .. from + n` of batch row `b` of a step's or forward's output, in either
 /// output layout (`[batch, seq, d_out]` or head-major `[batch, heads, seq, dv]`).
@@ -406,58 +367,10 @@ fn a_long_step_over_rows_of_different_lengths_is_a_named_error() {
 fn steps_allocate_nothing() {
     // A device of its own: tests running beside this one must not move its counters.
     let (device, queue) = common::app_device(|_| {});
-    let app = GpuContext::from_device(device.clone(), queue.clone());
-    let mut rng = Rng::new(34);
     let config = CachedLayerConfig::new(2, D_MODEL, 4, 2, 8, 40, 9).with_output_projection(8);
-    let w = weights(&mut rng, &config, true);
-    let mut layer = CachedAttention::new(&app, &config, &w).unwrap();
-    let token = rng.tensor(&[2, 1, D_MODEL], 1.0);
-    // Sized for the largest step, as binding checks; each step reads its first token per row.
-    let mut padded = token.data().to_vec();
-    padded.resize(2 * 9 * D_MODEL, 0.0);
-    let x = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: None,
-        contents: bytemuck::cast_slice(&padded),
-        usage: wgpu::BufferUsages::STORAGE,
-    });
-    let (_, out) = layer.io_buffers();
-    let bindings = layer
-        .bind(CachedIo {
-            x: &x,
-            output: &out,
-        })
-        .unwrap();
-    let counters = || common::object_counts(&device);
-    // Steps alternate between the app's buffers and host data through the layer's own (the
-    // belt's first chunk is made by the first host step).
-    let step = |layer: &mut CachedAttention, i: usize| {
-        if i.is_multiple_of(2) {
-            let mut encoder = device.create_command_encoder(&Default::default());
-            layer.encode_step(&mut encoder, &bindings, 1).unwrap();
-            queue.submit([encoder.finish()]);
-        } else {
-            layer.step(&token).unwrap();
-        }
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    };
-    step(&mut layer, 0);
-    step(&mut layer, 1);
-    let before = counters();
-    assert!(
-        before.iter().all(|(_, n)| *n > 0),
-        "counters are not counting: {before:?}"
-    );
-    for i in 2..30 {
-        step(&mut layer, i);
-    }
-    assert_eq!(
-        counters(),
-        before,
-        "a cached layer step created wgpu objects"
-    );
-    // Every step fed the same token: the last one's output is the forward's last row over 30
+    let (w, token, last) = common::cached::steps_allocate_nothing(&device, &queue, &config, 34, 30);
+    // Every step fed the same token: the last one's output is the forward's last row over 31
     // copies of it.
-    let last = layer.step(&token).unwrap();
     let repeated: Vec<f32> = (0..2)
         .flat_map(|b| {
             let row = tokens(

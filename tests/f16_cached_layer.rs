@@ -9,14 +9,12 @@
 
 mod common;
 
+use common::cached::{D_MODEL, tokens, weights};
 use common::{Rng, ctx};
-use wgpu::util::DeviceExt;
 use wgpu_attention::{
     AttentionWeights, CachedAttention, CachedIo, CachedLayerConfig, Error, GpuContext, Precision,
     Tensor, compare_bounded, reference,
 };
-
-const D_MODEL: usize = 20;
 
 /// Whether f16 runs here; panics if the adapter has shader-f16 and the context did not get it
 /// (a context that silently drops the feature would turn every f16 test into an error check).
@@ -43,43 +41,6 @@ fn assert_refused_without_f16(ctx: &GpuContext) {
         }
         other => panic!("expected NoShaderF16, got {other:?}"),
     }
-}
-
-/// Random weights for `config`, scaled so that projections stay of order 1.
-fn weights(rng: &mut Rng, c: &CachedLayerConfig, biases: bool) -> AttentionWeights {
-    let s = 1.0 / (c.d_model as f32).sqrt();
-    let (q, k, v) = (
-        c.heads * c.head_dim,
-        c.kv_heads * c.head_dim,
-        c.kv_heads * c.head_dim_v,
-    );
-    let mut w = AttentionWeights::new(
-        rng.tensor(&[c.d_model, q], s),
-        rng.tensor(&[c.d_model, k], s),
-        rng.tensor(&[c.d_model, v], s),
-    );
-    if biases {
-        w = w.with_qkv_bias(
-            rng.tensor(&[q], 0.5),
-            rng.tensor(&[k], 0.5),
-            rng.tensor(&[v], 0.5),
-        );
-    }
-    if let Some(d_out) = c.d_out {
-        let heads = c.heads * c.head_dim_v;
-        let b_o = biases.then(|| rng.tensor(&[d_out], 0.5));
-        w = w.with_output_projection(
-            rng.tensor(&[heads, d_out], 1.0 / (heads as f32).sqrt()),
-            b_o,
-        );
-    }
-    w
-}
-
-/// Tokens `from .. from + n` of a `[1, seq, d]` sequence.
-fn tokens(x: &Tensor, from: usize, n: usize) -> Vec<f32> {
-    let d = x.shape()[2];
-    x.data()[from * d..(from + n) * d].to_vec()
 }
 
 /// Output rows `from .. from + n` of batch row `b`, in either output layout (`[batch, seq,
@@ -364,62 +325,12 @@ fn f16_steps_allocate_nothing() {
         ..Default::default()
     }))
     .expect("a device with shader-f16");
-    let app = GpuContext::from_device(device.clone(), queue.clone());
-    let mut rng = Rng::new(62);
     let config = CachedLayerConfig::new(2, D_MODEL, 4, 2, 8, 40, 9)
         .with_output_projection(8)
         .with_precision(Precision::F16);
-    let w = weights(&mut rng, &config, true);
-    let mut layer = CachedAttention::new(&app, &config, &w).unwrap();
-    let token = rng.tensor(&[2, 1, D_MODEL], 1.0);
-    // The application's x in f16, sized for the largest step; each step reads its first
-    // token per row.
-    let mut padded = token.data().to_vec();
-    padded.resize(2 * 9 * D_MODEL, 0.0);
-    let x = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: None,
-        contents: &Precision::F16
-            .encode("x", &[padded.len()], &padded)
-            .unwrap(),
-        usage: wgpu::BufferUsages::STORAGE,
-    });
-    let (_, out) = layer.io_buffers();
-    let bindings = layer
-        .bind(CachedIo {
-            x: &x,
-            output: &out,
-        })
-        .unwrap();
-    let counters = || common::object_counts(&device);
-    // Steps alternate between the app's buffers and host data through the layer's own.
-    let step = |layer: &mut CachedAttention, i: usize| {
-        if i.is_multiple_of(2) {
-            let mut encoder = device.create_command_encoder(&Default::default());
-            layer.encode_step(&mut encoder, &bindings, 1).unwrap();
-            queue.submit([encoder.finish()]);
-        } else {
-            layer.step(&token).unwrap();
-        }
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-    };
-    step(&mut layer, 0);
-    step(&mut layer, 1);
-    let before = counters();
-    assert!(
-        before.iter().all(|(_, n)| *n > 0),
-        "counters are not counting: {before:?}"
-    );
-    for i in 2..20 {
-        step(&mut layer, i);
-    }
-    assert_eq!(
-        counters(),
-        before,
-        "an f16 cached layer step created wgpu objects"
-    );
+    let (w, token, last) = common::cached::steps_allocate_nothing(&device, &queue, &config, 62, 20);
     // Every step fed the same token: the last output is the forward's last row over 21
     // copies of it.
-    let last = layer.step(&token).unwrap();
     let seqs: Vec<Tensor> = (0..2)
         .map(|b| {
             let row = token.data()[b * D_MODEL..(b + 1) * D_MODEL].to_vec();

@@ -2,6 +2,7 @@
 //! example's tensors, and seeded N(0,1)-like data.
 #![allow(dead_code)]
 
+pub mod cached;
 pub mod cases;
 
 use std::sync::OnceLock;
