@@ -292,6 +292,21 @@ impl KernelCache {
         })
     }
 
+    /// Drops the cache's hold on the pipeline of `kernel` with `overrides` (a plan that uses it
+    /// keeps it alive). The autotuner forgets the candidates that lost, so that their compiled
+    /// code (tens of MB each on a CPU driver) does not stay for the life of the device; a
+    /// later plan that wants one compiles it again.
+    pub fn forget(&self, kernel: Kernel, overrides: &[(&'static str, f64)]) {
+        let key = PipelineKey {
+            kernel,
+            overrides: overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
+        };
+        let mut state = self.lock();
+        if let Some(pipeline) = state.pipelines.remove(&key) {
+            state.used.remove(&pipeline);
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
         // A poisoned lock only means another thread panicked mid-insert; the maps stay valid.
         self.state.lock().unwrap_or_else(|e| e.into_inner())

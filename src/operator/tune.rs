@@ -165,11 +165,22 @@ async fn fastest(
             }
         }
         log::debug!("autotune {t:?}: {:.3} ms", fastest * 1e3);
-        if best.is_none_or(|(s, _)| fastest < s) {
-            best = Some((fastest, t));
+        drop((group, pipeline));
+        match best {
+            Some((s, loser)) if fastest < s => {
+                forget(ctx, io, loser);
+                best = Some((fastest, t));
+            }
+            Some(_) => forget(ctx, io, t),
+            None => best = Some((fastest, t)),
         }
     }
     Ok(best.map_or(candidates[0], |(_, t)| t))
+}
+
+/// Lets a losing candidate's pipeline go (a plan already using it keeps it).
+fn forget(ctx: &GpuContext, io: FusedIo, t: FusedTiles) {
+    ctx.kernels().forget(t.kernel(io), &t.overrides());
 }
 
 /// The trial problem for `g`: its heads and widths, causal or not, head-major in buffers of
