@@ -30,20 +30,20 @@ use wgpu::util::DeviceExt;
 ///
 /// ```no_run
 /// use wgpu_attention::{AttentionOp, GpuContext, KvCache, Tensor};
-/// let ctx = GpuContext::from_env()?;
+/// # fn demo(ctx: &GpuContext, q: &wgpu::Buffer, out: &wgpu::Buffer)
+/// #     -> Result<(), wgpu_attention::Error> {
 /// // One sequence, 8 kv heads of 128, up to 4096 tokens.
-/// let mut cache = KvCache::new(&ctx, 1, 8, 128, 128, 4096)?;
-/// // 32 query heads, up to 16 new tokens a step, causal.
-/// let op = AttentionOp::new(&ctx, &cache.operator_config(32, 16).causal())?;
-/// # let (q, out): (wgpu::Buffer, wgpu::Buffer) = todo!();
-/// let bindings = op.bind_cache(&q, &cache, &out)?;
+/// let mut cache = KvCache::new(ctx, 1, 8, 128, 128, 4096)?;
+/// // 32 query heads, up to 16 new tokens a step, causal; the application's q and out.
+/// let op = AttentionOp::new(ctx, &cache.operator_config(32, 16).causal())?;
+/// let bindings = op.bind_cache(q, &cache, out)?;
 /// let mut encoder = ctx.device().create_command_encoder(&Default::default());
 /// let (k, v) = (Tensor::zeros([1, 8, 1, 128]), Tensor::zeros([1, 8, 1, 128]));
 /// cache.append_host(&mut encoder, &k, &v)?;
 /// op.encode(&mut encoder, &bindings, cache.lengths(1)?)?;
 /// ctx.queue().submit([encoder.finish()]);
 /// cache.recall();
-/// # Ok::<(), wgpu_attention::Error>(())
+/// # Ok(()) }
 /// ```
 #[derive(Debug)]
 pub struct KvCache {
