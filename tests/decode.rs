@@ -348,16 +348,7 @@ fn decode_steps_allocate_nothing() {
     let (q_buf, k_buf, v_buf) = (init(&q), init(&new_k), init(&new_v));
     let out_buf = storage_buffer(&device, batch * h * d * 4);
     let bindings = op.bind_cache(&q_buf, &cache, &out_buf).unwrap();
-    let counters = || {
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let c = device.get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-        ]
-    };
+    let counters = || common::object_counts(&device);
     // Steps alternate between the app's buffers and host data (the belt's first chunk is made
     // by the first host append).
     let mut step = |i: usize| {

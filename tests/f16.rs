@@ -335,24 +335,14 @@ fn a_second_f16_call_allocates_nothing() {
         return assert_no_shader_f16(AttentionPlan::new(&own, &config, &weights));
     }
     let mut plan = AttentionPlan::new(&own, &config, &weights).unwrap();
-    let counters = || {
-        own.device()
-            .poll(wgpu::PollType::wait_indefinitely())
-            .unwrap();
-        let c = own.device().get_internal_counters().hal;
-        [
-            c.buffers.read(),
-            c.bind_groups.read(),
-            c.compute_pipelines.read(),
-        ]
-    };
+    let counters = || common::object_counts(own.device());
     let first = plan.run(&inputs).unwrap();
     let cpu = reference::run(&config, &weights, &inputs).unwrap().output;
     let bound = reference::error_bound(&config, &weights, &inputs).unwrap();
     let c = compare_bounded(&first, &cpu, &bound).unwrap();
     assert!(c.passed(), "{c}");
     let after_first = counters();
-    assert!(after_first.iter().all(|&n| n > 0), "{after_first:?}");
+    assert!(after_first.iter().all(|(_, n)| *n > 0), "{after_first:?}");
     for _ in 0..2 {
         assert_eq!(plan.run(&inputs).unwrap(), first);
         assert_eq!(

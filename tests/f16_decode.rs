@@ -471,16 +471,7 @@ fn f16_decode_steps_allocate_nothing() {
     );
     let out_buf = storage_buffer(&device, batch * h * d * 2);
     let bindings = op.bind_cache(&q_buf, &cache, &out_buf).unwrap();
-    let counters = || {
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let c = device.get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-        ]
-    };
+    let counters = || common::object_counts(&device);
     let mut step = |i: usize| {
         let mut encoder = device.create_command_encoder(&Default::default());
         if i.is_multiple_of(2) {

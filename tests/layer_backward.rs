@@ -236,16 +236,7 @@ fn repeated_backward_calls_on_the_apps_buffers_allocate_nothing() {
             grad_w_o: Some(&dwo),
         })
         .unwrap();
-    let counters = || {
-        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let c = device.get_internal_counters().hal;
-        [
-            ("buffers", c.buffers.read()),
-            ("bind groups", c.bind_groups.read()),
-            ("compute pipelines", c.compute_pipelines.read()),
-            ("shader modules", c.shader_modules.read()),
-        ]
-    };
+    let counters = || common::object_counts(&device);
     queue.submit([]);
     let before = counters();
     assert!(
