@@ -43,6 +43,7 @@
 //! A query with no key to attend (all masked) gets zeros.
 
 mod backward;
+mod backward_host;
 mod bind;
 mod combine;
 mod config;
